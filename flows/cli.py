@@ -1,0 +1,229 @@
+"""The ``atr`` command line.
+
+Every subcommand takes ``--home DIR`` (or ``$ATR_HOME``, default ``./.atr``).
+Errors a user can cause end in one ``error: ...`` line and exit code 2; the
+full traceback is shown only with ``--verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Sequence
+
+DESCRIPTION = """\
+Adaptive visual-token reduction for LLaVA-NeXT (arXiv 2503.16660), as a pipeline.
+
+Stages write content-hashed directories under $ATR_HOME/stages/, so running the
+same command twice reuses the first result (a cache hit does no model work).
+Every run is recorded in $ATR_HOME/results.duckdb (query it with `atr query`)
+and in MLflow ($MLFLOW_TRACKING_URI, default sqlite:///$ATR_HOME/mlflow.db).
+"""
+
+EPILOG = """\
+examples:
+  atr prepare-model --model tiny
+  atr extract --model tiny --images synthetic:docs --limit 256
+  atr extract --model llava-hf/llava-v1.6-mistral-7b-hf --images /data/coco/train2017 --limit 100000 --crops base
+  atr query "SELECT stage, cached, round(seconds, 2) AS s FROM stage_runs ORDER BY started_at DESC LIMIT 5"
+"""
+
+MODEL_HELP = ("model: a preset (tiny), a local directory saved with save_pretrained, or a Hugging Face id "
+              "such as llava-hf/llava-v1.6-mistral-7b-hf (must be in the local HF cache when offline)")
+
+
+class UserError(Exception):
+    """Printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options valid before and after the subcommand. SUPPRESS keeps a subparser's
+    # unset option from overwriting a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS,
+                        help="pipeline home holding stages, results.duckdb, mlflow.db "
+                             "(default: $ATR_HOME or ./.atr)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Prefect logs and full tracebacks")
+
+    parser = argparse.ArgumentParser(prog="atr", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare-model", parents=[common], help="build or register a LLaVA-NeXT model (cached)",
+                       description="Build a preset with save_pretrained into a content-hashed stage directory, "
+                                   "or register a local/HF model after checking that from_pretrained loads it.")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
+
+    p = sub.add_parser("extract", parents=[common], help="extract vision-encoder features into WebDataset shards",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the model's image processor and vision tower over an image source and "
+                                   "store, per image, the per-crop tensors LLaVA-NeXT feeds its projector "
+                                   "(vision_feature_layer, CLS dropped) as fp16 feat.npy (crops x L x C) in "
+                                   "feats-%%06d.tar shards, plus a json with crop grid, crop boxes and (synthetic "
+                                   "images) a per-token glyph mask. Interrupted runs resume; identical runs are "
+                                   "cache hits.")
+    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
+    p.add_argument("--images", default="synthetic:docs",
+                   help="image source: synthetic:docs (text-like), synthetic:scenes (shapes), or a folder of "
+                        "jpg/png/webp searched recursively (default: synthetic:docs)")
+    p.add_argument("--limit", type=int, default=256,
+                   help="number of images; a folder is sampled deterministically (by --seed) when it holds more "
+                        "(default: 256; 0 = the whole folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed for synthetic images and folder sampling (default: 0)")
+    p.add_argument("--crops", choices=["all", "base"], default="all",
+                   help="all AnyRes crops (base + grid), or only the base crop as in the paper's selector "
+                        "training (default: all)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per vision-tower batch (default: 16)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
+
+    p = sub.add_parser("query", parents=[common], help="run a read-only SQL query on the results store",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Open $ATR_HOME/results.duckdb read-only and print the result. Tables: runs, "
+                                   "stage_runs, selector_metrics, eval_scores, eval_samples, bench_results. "
+                                   "Statements that write are refused.",
+                       epilog='example:\n  atr query "SELECT * FROM stage_runs" --csv')
+    p.add_argument("sql", help="one SELECT statement")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="print JSON (list of objects)")
+    fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="print CSV with a header")
+
+    p = sub.add_parser("clean", parents=[common], help="remove the pipeline home (or only stale .tmp work dirs)",
+                       description="Delete $ATR_HOME entirely, or with --tmp only the unfinished .tmp stage "
+                                   "directories no running process holds.")
+    p.add_argument("--tmp", action="store_true", help="only remove stale .tmp stage directories")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.home = getattr(args, "home", None)
+    args.verbose = getattr(args, "verbose", False)
+    from storage.home import Home
+
+    home = Home.resolve(args.home)
+    try:
+        if args.command == "query":
+            return cmd_query(home, args)
+        if args.command == "clean":
+            return cmd_clean(home, args)
+        from . import runtime
+
+        runtime.configure(home, verbose=args.verbose)
+        handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract}[args.command]
+        return handler(home, args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place user errors become one line
+        if args.verbose or not _is_user_error(exc):
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from pipeline.config import ConfigError
+    from pipeline.presets import ModelLoadError
+
+    names = {"BadImage", "ShardError", "StageError", "QueryError"}
+    return isinstance(exc, (UserError, ConfigError, ModelLoadError, FileNotFoundError, ValueError)) or \
+        type(exc).__name__ in names
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def cmd_prepare_model(home, args) -> int:
+    from .extract import run_prepare_model
+
+    t0 = time.perf_counter()
+    from prefect import flow
+
+    @flow(name="prepare-model")
+    def prepare_model_flow():
+        from .records import RunRecorder
+
+        recorder = RunRecorder(home, "prepare-model", {"model": args.model})
+        try:
+            result = run_prepare_model(home, args.model)
+            recorder.stage(result)
+        except BaseException as exc:
+            recorder.finish(exc)
+            raise
+        recorder.finish()
+        return result
+
+    result = prepare_model_flow()
+    d = result.manifest.get("describe", {})
+    print(f"prepare-model {'cached' if result.cached else 'built'}: {result.model_dir}")
+    print(f"  key {result.key}  tokens/crop {d.get('tokens_per_crop')}  C {d.get('vision_hidden')}  "
+          f"layer {d.get('vision_feature_layer')}  pinpoints {d.get('grid_pinpoints')}  "
+          f"({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def cmd_extract(home, args) -> int:
+    from pipeline.config import ExtractConfig
+
+    from . import progress
+    from .extract import extract_flow
+
+    cfg = ExtractConfig(images=args.images, limit=args.limit or None, seed=args.seed, crops=args.crops,
+                        batch_size=args.batch_size, shard_size=args.shard_size)
+    t0 = time.perf_counter()
+    progress.enable(True)
+    out = extract_flow(str(home.root), args.model, cfg.to_dict())
+    wall = time.perf_counter() - t0
+    ext = out["stages"][-1]
+    m = ext["manifest"]
+    c = m["counts"]
+    f = m["features"]
+    state = "cached" if ext["cached"] else "computed"
+    rate = m.get("images_per_second")
+    print(f"extract {state} in {ext['seconds']:.2f}s (wall {wall:.1f}s): {c['samples']} samples in "
+          f"{c['shards']} shards, {c['skipped']} skipped; features {f['dtype']} (crops, {f['tokens_per_crop']}, "
+          f"{f['feature_dim']})" + (f"; {rate:.1f} images/s" if rate and not ext["cached"] else ""))
+    print(f"  output  {ext['path']}")
+    print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
+    return 0
+
+
+def cmd_query(home, args) -> int:
+    from storage.results import format_rows, query
+
+    columns, rows = query(home.results_db, args.sql)
+    sys.stdout.write(format_rows(columns, rows, args.fmt or "table"))
+    return 0
+
+
+def cmd_clean(home, args) -> int:
+    import shutil
+
+    from storage.stages import clean_tmp
+
+    if args.tmp:
+        removed = clean_tmp(home)
+        print(f"removed {len(removed)} stale .tmp stage directories")
+        return 0
+    if not home.root.exists():
+        print(f"nothing to clean: {home.root} does not exist")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"refusing to delete {home.root} without --yes (no terminal to ask)")
+        if input(f"delete {home.root} and everything in it? [y/N] ").strip().lower() not in ("y", "yes"):
+            return 1
+    shutil.rmtree(home.root)
+    print(f"removed {home.root}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Prefect flows for prepare-model and extract.
+
+The extract flow maps one task per shard. Every task's Prefect cache key is the
+stage's content hash (plus the shard index), the same hash that names the
+output directory, so Prefect's cache and the file cache agree. When a stage
+directory has been deleted, the task refreshes its Prefect cache entry instead
+of trusting it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from pipeline.config import ExtractConfig
+from storage.home import Home
+from storage.stages import StageDir
+
+from . import progress
+from .records import RunRecorder
+from .stages import (ExtractPlan, StageResult, extract_shard, finish_extract, plan_extract,
+                     prepare_model, prepare_model_key, shard_done)
+
+
+def _key_from_params(_ctx, params: dict[str, Any]) -> str:
+    return params["cache_key"]
+
+
+@task(name="prepare-model", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
+def prepare_model_task(home: str, model: str, cache_key: str) -> dict[str, Any]:
+    result = prepare_model(Home.resolve(home), model)
+    return _result_dict(result)
+
+
+@task(name="extract-shard", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
+def extract_shard_task(home: str, plan: ExtractPlan, index: int, cache_key: str) -> dict[str, Any]:
+    return extract_shard(Home.resolve(home), plan, index, on_images=progress.advance)
+
+
+def _result_dict(r: StageResult) -> dict[str, Any]:
+    return {"stage": r.stage, "key": r.key, "path": str(r.path), "cached": r.cached,
+            "seconds": r.seconds, "manifest": r.manifest}
+
+
+def _result(d: dict[str, Any]) -> StageResult:
+    return StageResult(d["stage"], d["key"], Path(d["path"]), d["cached"], d["seconds"], d["manifest"])
+
+
+def run_prepare_model(home: Home, model: str) -> StageResult:
+    """The prepare-model stage as a cached Prefect task."""
+    key, _, _ = prepare_model_key(model)
+    t0 = time.perf_counter()
+    complete = StageDir(home, "prepare-model", key).is_complete()
+    out = _result(prepare_model_task.with_options(refresh_cache=not complete)(str(home.root), model, key))
+    # Prefect may have answered from its cache; the stage is cached iff it was complete before.
+    out.cached, out.seconds = complete, time.perf_counter() - t0
+    return out
+
+
+def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig) -> StageResult:
+    """The extract stage: one Prefect task per missing shard, then the manifest."""
+    t0 = time.perf_counter()
+    plan = plan_extract(model_stage, config)
+    sd = StageDir(home, "extract", plan.key)
+    if sd.is_complete():
+        return StageResult("extract", plan.key, sd.path, True, time.perf_counter() - t0, sd.manifest())
+    with sd.lock():
+        if sd.is_complete():
+            return StageResult("extract", plan.key, sd.path, True, time.perf_counter() - t0, sd.manifest())
+        work = sd.begin()
+        done = sum(shard_done(work, i) for i in range(plan.n_shards))
+        with progress.bar(f"extract {config.images}", total=plan.n_items) as bar:
+            records = []
+            for i in range(plan.n_shards):
+                if shard_done(work, i):
+                    lo, hi = plan.shard_items(i)
+                    bar.advance(hi - lo)
+                cache_key = f"{plan.key}-{i:06d}"
+                records.append(extract_shard_task.with_options(refresh_cache=not shard_done(work, i))(
+                    str(home.root), plan, i, cache_key))
+        result = finish_extract(home, plan, records, time.perf_counter() - t0)
+        result.manifest["resumed_shards"] = done
+    return result
+
+
+@flow(name="extract", log_prints=False)
+def extract_flow(home: str, model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """prepare-model -> extract, recorded in DuckDB (runs, stage_runs) and MLflow."""
+    h = Home.resolve(home)
+    cfg = ExtractConfig.from_dict(config)
+    recorder = RunRecorder(h, "extract", {"model": model, "extract": cfg.to_dict()})
+    try:
+        model_stage = run_prepare_model(h, model)
+        recorder.stage(model_stage)
+        result = run_extract(h, model_stage, cfg)
+        m = result.manifest
+        recorder.stage(result, metrics={
+            "images_per_second": m.get("images_per_second") if not result.cached else None,
+            "samples": m["counts"]["samples"], "skipped": m["counts"]["skipped"]})
+    except BaseException as exc:
+        recorder.finish(exc)
+        raise
+    recorder.finish()
+    return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id,
+            "stages": [_result_dict(s) for s in recorder.stages]}

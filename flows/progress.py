@@ -1,0 +1,76 @@
+"""Rich progress bars for long stage work (images/s for extraction).
+
+Prefect tasks receive only paths and hashes, so the bar is process-local: the
+CLI turns it on, tasks in the same process advance it, and tasks elsewhere (a
+Dask worker) simply have none.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, SpinnerColumn,
+                           TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
+
+_active: Progress | None = None
+_bar: "Bar | None" = None
+_enabled = True
+
+
+class RateColumn(ProgressColumn):
+    """Items per second, e.g. ``41.3 images/s``."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:6.1f} {self.unit}/s" if speed else f"   ... {self.unit}/s", style="progress.data.speed")
+
+
+def enable(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+@contextmanager
+def bar(description: str, total: int | None, unit: str = "images") -> Iterator["Bar"]:
+    """A progress bar on stderr when it is a terminal or ATR_PROGRESS=1; otherwise a no-op."""
+    global _active
+    import os
+
+    show = _enabled and (sys.stderr.isatty() or os.environ.get("ATR_PROGRESS") == "1")
+    if not show or _active is not None:
+        yield Bar(None, None)
+        return
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TaskProgressColumn(), RateColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
+                        transient=False)
+    _active = progress
+    with progress:
+        task = progress.add_task(description, total=total)
+        global _bar
+        _bar = Bar(progress, task)
+        try:
+            yield _bar
+        finally:
+            _active, _bar = None, None
+
+
+def advance(n: int = 1) -> None:
+    """Advance the bar this process has open, if any."""
+    if _bar is not None:
+        _bar.advance(n)
+
+
+class Bar:
+    def __init__(self, progress: Progress | None, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, n)

@@ -1,0 +1,63 @@
+"""Recording a flow run into the DuckDB results store and MLflow.
+
+One ``RunRecorder`` per flow run: a ``runs`` row plus one ``stage_runs`` row per
+stage in DuckDB, and an MLflow parent run with a child run per stage (params =
+flat config, metrics = stage figures, artifact = the stage manifest). The run id
+is passed explicitly; nothing relies on MLflow's thread-local active run.
+"""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import canonical_json, content_hash
+from storage.home import Home
+from storage.results import ResultsStore
+from storage.stages import MANIFEST
+from storage.tracking import Tracker
+
+from .stages import StageResult
+
+
+class RunRecorder:
+    def __init__(self, home: Home, flow: str, config: dict[str, Any]):
+        self.home, self.flow, self.config = home, flow, config
+        self.run_id = uuid.uuid4().hex[:12]
+        self.store = ResultsStore(home.results_db)
+        self.tracker = Tracker(home.root)
+        self.config_hash = content_hash(config)
+        self.store.start_run(self.run_id, flow, self.config_hash, canonical_json(config))
+        self.mlflow_run_id = self.tracker.start_run(f"{flow}-{self.run_id}", params=config,
+                                                    tags={"atr.run_id": self.run_id, "atr.flow": flow})
+        self.stages: list[StageResult] = []
+
+    def stage(self, result: StageResult, metrics: dict[str, float] | None = None) -> None:
+        """Record one stage: a stage_runs row and an MLflow child run with its manifest."""
+        self.stages.append(result)
+        counts = result.manifest.get("counts")
+        self.store.record_stage_run(self.run_id, result.stage, result.key, result.cached, result.seconds,
+                                    str(result.path), counts)
+        child = self.tracker.start_run(
+            result.stage, parent_run_id=self.mlflow_run_id,
+            params={"stage": result.stage, "cache_key": result.key, "cached": result.cached,
+                    **({"config": result.manifest["config"]} if "config" in result.manifest else {})},
+            tags={"atr.run_id": self.run_id, "atr.stage": result.stage})
+        figures = {"seconds": result.seconds, "cached": float(result.cached), **(metrics or {})}
+        self.tracker.log_metrics(child, {k: float(v) for k, v in figures.items() if v is not None})
+        manifest = Path(result.path) / MANIFEST
+        if manifest.is_file():
+            self.tracker.log_artifact(child, manifest)
+        self.tracker.end_run(child)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        status = "failed" if error else "completed"
+        message = None
+        if error is not None:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if not isinstance(error, (ValueError, RuntimeError, OSError)):
+                message += "\n" + "".join(traceback.format_exception(error))[-2000:]
+        self.store.finish_run(self.run_id, status, mlflow_run_id=self.mlflow_run_id, error=message)
+        self.tracker.end_run(self.mlflow_run_id, "FAILED" if error else "FINISHED")

@@ -1,0 +1,130 @@
+"""Frozen, validated configs, hashed by their canonical JSON.
+
+Every stage's behaviour is a function of its config and its inputs' hashes, so a
+config must be (a) immutable, (b) checked once when built, and (c) reducible to
+a canonical JSON string: sorted keys, no whitespace, floats as repr. The stage
+cache key is a hash of that string (see ``storage.stages``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, ClassVar, Mapping
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix. ``str(exc)`` is one line naming the field."""
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, compact separators, dataclasses as dicts."""
+    return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def content_hash(obj: Any, length: int = 16) -> str:
+    """Hex sha256 prefix of ``canonical_json(obj)``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base for stage configs: frozen dataclass with ``validate`` and a content hash."""
+
+    kind: ClassVar[str] = "config"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden by subclasses
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_json(self) -> str:
+        return canonical_json(self)
+
+    def hash(self) -> str:
+        return content_hash({"kind": self.kind, "config": self})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Build from a plain dict; an unknown key is refused naming the closest valid one."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ConfigError(f"unknown {cls.kind} config key {key!r}{_closest_hint(key, names)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+def _closest_hint(key: str, names: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid keys: {', '.join(names)})"
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(message)
+
+
+CROPS = ("all", "base")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig(Config):
+    """What the extract stage computes from (model, image source).
+
+    crops: "all" keeps every AnyRes crop (base image first, then the grid in raster
+    order); "base" keeps only the base crop (the whole image resized to one crop),
+    which is what the selector is trained on in the paper.
+    """
+
+    kind: ClassVar[str] = "extract"
+
+    images: str = "synthetic:docs"
+    limit: int | None = 256
+    seed: int = 0
+    crops: str = "all"
+    batch_size: int = 16
+    shard_size: int = 64
+    dtype: str = "float16"
+
+    def validate(self) -> None:
+        check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
+              f"--limit must be a positive integer, got {self.limit!r}")
+        check(self.crops in CROPS, f"--crops must be one of {', '.join(CROPS)}, got {self.crops!r}")
+        check(isinstance(self.batch_size, int) and self.batch_size > 0,
+              f"--batch-size must be a positive integer, got {self.batch_size!r}")
+        check(isinstance(self.shard_size, int) and self.shard_size > 0,
+              f"--shard-size must be a positive integer, got {self.shard_size!r}")
+        check(self.dtype in ("float16",), f"feature dtype must be float16, got {self.dtype!r}")
+        check(bool(self.images), "--images must name a source (synthetic:docs, synthetic:scenes or a folder)")
+
+    def cache_relevant(self) -> dict[str, Any]:
+        """The fields that change the shard bytes. ``batch_size`` is deliberately
+        excluded: the vision tower runs per crop, so batching does not change
+        results beyond float round-off, and a user re-running with another batch
+        size expects a cache hit."""
+        d = self.to_dict()
+        d.pop("batch_size")
+        return d

@@ -1,0 +1,225 @@
+"""Model presets and the one loading path for every LLaVA-NeXT model.
+
+``tiny`` is a LLaVA-NeXT built from config with the real HF classes
+(``LlavaNextForConditionalGeneration`` = CLIP vision tower + Llama LM), a
+locally trained tokenizer and a ``LlavaNextProcessor`` whose AnyRes grid
+pinpoints give images of different aspect ratios different crop grids.
+It is saved with ``save_pretrained`` and always read back with
+``from_pretrained`` -- the same code path as ``llava-hf/llava-v1.6-*`` ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, check
+
+PRESET_VERSION = "1"  # bump when the tiny builder changes in a way that changes weights/tokenizer
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded. ``str(exc)`` is one line naming it and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyPreset(Config):
+    """Dimensions of the in-project tiny LLaVA-NeXT (all fields enter its hash)."""
+
+    kind = "tiny-preset"
+
+    name: str = "tiny"
+    seed: int = 0
+    crop_size: int = 64            # CLIP image_size: one AnyRes crop is crop_size x crop_size pixels
+    patch_size: int = 8            # -> (64/8)^2 = 64 tokens per crop
+    grid_pinpoints: tuple = ((64, 128), (128, 64), (128, 128), (64, 192), (192, 64))  # (height, width)
+    vision_hidden: int = 64        # C, the feature width the selector sees
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 384
+    vision_feature_layer: int = -2
+    version: str = PRESET_VERSION
+
+    def validate(self) -> None:
+        check(self.crop_size % self.patch_size == 0, "crop_size must be a multiple of patch_size")
+        check(self.vision_layers >= 2, "vision_layers must be >= 2 so vision_feature_layer=-2 is a real layer")
+        for h, w in self.grid_pinpoints:
+            check(h % self.crop_size == 0 and w % self.crop_size == 0,
+                  f"grid pinpoint {(h, w)} is not a multiple of crop_size {self.crop_size}")
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return (self.crop_size // self.patch_size) ** 2
+
+
+PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset()}
+
+
+def _tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
+    """Text the tiny tokenizer is trained on: prompts, glyph codes and colour/shape words."""
+    rng = random.Random(seed)
+    words = ("what is written in the image ? answer with the text . which colour is the large shape ? "
+             "red green blue yellow orange purple cyan magenta black white grey brown pink "
+             "square circle triangle rectangle ellipse the a of and question answer user assistant").split()
+    lines = []
+    for _ in range(n):
+        code = "".join(rng.choice(GLYPHS) for _ in range(rng.randint(1, 4)))
+        sentence = " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+        lines.append(f"USER: {IMAGE_TOKEN} {sentence} ASSISTANT: {code}")
+    return lines
+
+
+def build_tokenizer(preset: TinyPreset):
+    """Train a small BPE tokenizer locally (no download) and wrap it as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=preset.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(preset.seed), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def build_tiny(preset: TinyPreset):
+    """Build (model, processor) for ``preset`` with seeded random weights."""
+    import torch
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextProcessor)
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = build_tokenizer(preset)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden, intermediate_size=4 * preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
+        image_size=preset.crop_size, patch_size=preset.patch_size, projection_dim=preset.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=preset.text_hidden, intermediate_size=4 * preset.text_hidden,
+        num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_kv_heads, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_id,
+        image_grid_pinpoints=[list(p) for p in preset.grid_pinpoints],
+        vision_feature_layer=preset.vision_feature_layer, vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(preset.seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": preset.crop_size},
+        crop_size={"height": preset.crop_size, "width": preset.crop_size},
+        image_grid_pinpoints=[list(p) for p in preset.grid_pinpoints],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=preset.patch_size, vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def save_tiny(preset: TinyPreset, out_dir: Path) -> None:
+    """Build the preset and ``save_pretrained`` model + processor into ``out_dir``."""
+    model, processor = build_tiny(preset)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+def is_hub_id(spec: str) -> bool:
+    """``org/name`` that is not an existing local path."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+
+
+def resolve_hub_snapshot(repo_id: str) -> tuple[Path, str]:
+    """Local snapshot dir and commit of a hub model, from the HF cache or a download.
+
+    Honors ``HF_HUB_OFFLINE``; with no network and no cached copy this raises one
+    clear ``ModelLoadError`` line instead of a chain of HTTP tracebacks.
+    """
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        path = Path(snapshot_download(repo_id, local_files_only=offline,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as exc:  # noqa: BLE001 - hub errors are many; all end in one line
+        why = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else \
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'download failed'}"
+        raise ModelLoadError(f"cannot load model {repo_id!r}: {why}") from None
+    return path, path.name
+
+
+def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+    """``from_pretrained`` the LLaVA-NeXT model and its processor (PIL backend) from a local dir."""
+    import torch
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"cannot load model from {model_dir}: no config.json there")
+    try:
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
+    return model.to(device).eval(), processor
+
+
+def describe(model) -> dict[str, Any]:
+    """Facts about a loaded model that downstream stages record."""
+    cfg = model.config
+    vis = cfg.vision_config
+    return {
+        "model_type": cfg.model_type,
+        "vision_hidden": vis.hidden_size,
+        "crop_size": vis.image_size,
+        "patch_size": vis.patch_size,
+        "tokens_per_crop": (vis.image_size // vis.patch_size) ** 2,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "grid_pinpoints": cfg.image_grid_pinpoints,
+        "text_hidden": cfg.text_config.hidden_size,
+        "text_layers": cfg.text_config.num_hidden_layers,
+    }
+
+
+def preset_or_none(spec: str) -> TinyPreset | None:
+    return PRESETS.get(spec)
+
+
+def unknown_model_message(spec: str) -> str:
+    return (f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), a local directory "
+            f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
+
+
+__all__ = ["TinyPreset", "PRESETS", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny",
+           "load_model", "resolve_hub_snapshot", "is_hub_id", "describe", "preset_or_none"]

@@ -1,0 +1,180 @@
+"""WebDataset feature shards: a reproducible writer and a validating, pickle-free reader.
+
+A shard ``feats-%06d.tar`` holds, per sample, ``<key>.feat.npy`` (fp16 array of
+shape crops x L x C) and ``<key>.json`` (image id, size, crop grid, crop boxes,
+glyph mask). Writing goes to ``<name>.tmp`` and is renamed into place; the tar
+headers use a fixed mtime, user and mode, so equal samples give equal bytes.
+
+The reader never unpickles: it accepts only regular-file members named
+``<key>.feat.npy`` / ``<key>.json`` (no ``..``, no absolute paths), loads arrays
+with ``allow_pickle=False``, and checks dtype, shape and finiteness against the
+stage manifest. Anything else is a ``ShardError`` naming the shard and member.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import webdataset as wds
+
+SHARD_PATTERN = "feats-%06d.tar"
+ALLOWED_EXTENSIONS = ("feat.npy", "json")
+TAR_MTIME = 0  # fixed, so the bytes do not depend on when a shard was written
+
+
+class ShardError(ValueError):
+    """A shard or member that fails validation (one line: shard, member, reason)."""
+
+
+@dataclass(frozen=True)
+class FeatureSample:
+    key: str
+    features: np.ndarray          # (crops, L, C), the manifest's dtype
+    meta: dict[str, Any]
+
+
+def shard_name(index: int) -> str:
+    return SHARD_PATTERN % index
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+    """Write samples to ``path`` atomically; return ``{"name", "count", "bytes", "sha256"}``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        writer = wds.TarWriter(fh, user="atr", group="atr", mode=0o444, encoder=False, mtime=TAR_MTIME)
+        for key, features, meta in samples:
+            _check_key(key, path)
+            writer.write({"__key__": key, "feat.npy": encode_npy(features), "json": encode_json(meta)})
+        writer.close()
+        fh.flush()
+        os.fsync(fh.fileno())
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    size = tmp.stat().st_size
+    os.replace(tmp, path)
+    return {"name": path.name, "count": len(samples), "bytes": size, "sha256": digest}
+
+
+def _check_key(key: str, shard: Path) -> None:
+    if not key or "/" in key or "\\" in key or ".." in key or "." in key:
+        raise ShardError(f"{shard}: sample key {key!r} must not contain '.', '/' or '..'")
+
+
+def _split_member(name: str, shard: Path) -> tuple[str, str]:
+    if name.startswith("/") or ".." in name.split("/") or "/" in name or "\\" in name:
+        raise ShardError(f"{shard}: member {name!r} has an unsafe path")
+    key, dot, ext = name.partition(".")
+    if not dot or ext not in ALLOWED_EXTENSIONS:
+        raise ShardError(f"{shard}: member {name!r} has extension {ext or '(none)'!r}; "
+                         f"only {', '.join('.' + e for e in ALLOWED_EXTENSIONS)} are read (never pickle)")
+    return key, ext
+
+
+def _decode_npy(data: bytes, shard: Path, member: str) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as exc:
+        raise ShardError(f"{shard}: member {member!r} is not a plain numeric .npy ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any malformed npy header
+        raise ShardError(f"{shard}: member {member!r} is not a valid .npy ({type(exc).__name__})") from None
+    if array.dtype.kind not in "fiub":
+        raise ShardError(f"{shard}: member {member!r} has dtype {array.dtype}, expected a numeric array")
+    return array
+
+
+def iter_shard(path: Path, expect: dict[str, Any] | None = None) -> Iterator[FeatureSample]:
+    """Yield validated samples from one shard.
+
+    ``expect`` (from the manifest) may hold ``dtype``, ``tokens_per_crop`` (L),
+    ``feature_dim`` (C) and ``crops`` ("base" means exactly one crop).
+    """
+    path = Path(path)
+    expect = expect or {}
+    current: str | None = None
+    members: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    raise ShardError(f"{path}: member {member.name!r} is not a regular file")
+                key, ext = _split_member(member.name, path)
+                if key != current:
+                    if members:
+                        raise ShardError(f"{path}: sample {current!r} is missing a member")
+                    current = key
+                if ext in members:
+                    raise ShardError(f"{path}: member {member.name!r} appears twice")
+                fh = tar.extractfile(member)
+                members[ext] = fh.read() if fh is not None else b""
+                if len(members) == len(ALLOWED_EXTENSIONS):
+                    yield _decode_sample(path, key, members, expect)
+                    members = {}
+    except tarfile.TarError as exc:
+        raise ShardError(f"{path}: not a readable tar ({exc})") from None
+    except EOFError:
+        raise ShardError(f"{path}: truncated tar") from None
+    if members:
+        raise ShardError(f"{path}: sample {current!r} is missing a member (truncated shard?)")
+
+
+def _decode_sample(path: Path, key: str, members: dict[str, bytes], expect: dict[str, Any]) -> FeatureSample:
+    feat_member = f"{key}.feat.npy"
+    features = _decode_npy(members["feat.npy"], path, feat_member)
+    try:
+        meta = json.loads(members["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ShardError(f"{path}: member {key + '.json'!r} is not valid JSON") from None
+    if "dtype" in expect and str(features.dtype) != expect["dtype"]:
+        raise ShardError(f"{path}: member {feat_member!r} has dtype {features.dtype}, manifest says {expect['dtype']}")
+    if features.ndim != 3:
+        raise ShardError(f"{path}: member {feat_member!r} has shape {features.shape}, expected (crops, L, C)")
+    for axis, name in ((1, "tokens_per_crop"), (2, "feature_dim")):
+        if name in expect and features.shape[axis] != expect[name]:
+            raise ShardError(f"{path}: member {feat_member!r} has shape {features.shape}, "
+                             f"manifest says {name}={expect[name]}")
+    if expect.get("crops") == "base" and features.shape[0] != 1:
+        raise ShardError(f"{path}: member {feat_member!r} has {features.shape[0]} crops, manifest says base only")
+    if isinstance(meta, dict) and "crops" in meta and meta["crops"] != features.shape[0]:
+        raise ShardError(f"{path}: member {feat_member!r} has {features.shape[0]} crops, its json says {meta['crops']}")
+    if not np.isfinite(features).all():
+        raise ShardError(f"{path}: member {feat_member!r} holds NaN or inf values")
+    return FeatureSample(key=key, features=features, meta=meta)
+
+
+def manifest_expectations(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The per-sample checks a reader applies, taken from an extract manifest."""
+    shapes = manifest.get("features", {})
+    return {k: shapes[k] for k in ("dtype", "tokens_per_crop", "feature_dim") if k in shapes} | (
+        {"crops": manifest["config"]["crops"]} if "config" in manifest else {})
+
+
+def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[FeatureSample]:
+    """Every sample of an extract stage, shard by shard, validated against its manifest."""
+    stage_dir = Path(stage_dir)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise ShardError(f"{stage_dir}: manifest lists no shards")
+    missing = [s["name"] for s in shards if not (stage_dir / s["name"]).is_file()]
+    if missing:
+        raise ShardError(f"{stage_dir}: manifest lists shards that are absent: {', '.join(missing[:5])}")
+    expect = manifest_expectations(manifest)
+    for shard in shards:
+        yield from iter_shard(stage_dir / shard["name"], expect)
