@@ -143,6 +143,7 @@ def _one_line(exc: BaseException) -> str:
 def cmd_prepare_model(home, args) -> int:
     from .extract import run_prepare_model
 
+    _preflight(args.model)
     t0 = time.perf_counter()
     from prefect import flow
 
@@ -177,6 +178,7 @@ def cmd_extract(home, args) -> int:
 
     cfg = ExtractConfig(images=args.images, limit=args.limit or None, seed=args.seed, crops=args.crops,
                         batch_size=args.batch_size, shard_size=args.shard_size)
+    _preflight(args.model, cfg.images, cfg.seed)
     t0 = time.perf_counter()
     progress.enable(True)
     out = extract_flow(str(home.root), args.model, cfg.to_dict())
@@ -193,6 +195,17 @@ def cmd_extract(home, args) -> int:
     print(f"  output  {ext['path']}")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0
+
+
+def _preflight(model: str, images: str | None = None, seed: int = 0) -> None:
+    """Check user inputs before any flow starts, so mistakes end in one line, not a flow failure."""
+    from .stages import model_spec
+
+    model_spec(model)
+    if images is not None:
+        from pipeline.images import open_source
+
+        open_source(images, seed=seed)
 
 
 def cmd_query(home, args) -> int:

@@ -81,8 +81,7 @@ def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig) -> 
                 cache_key = f"{plan.key}-{i:06d}"
                 records.append(extract_shard_task.with_options(refresh_cache=not shard_done(work, i))(
                     str(home.root), plan, i, cache_key))
-        result = finish_extract(home, plan, records, time.perf_counter() - t0)
-        result.manifest["resumed_shards"] = done
+        result = finish_extract(home, plan, records, time.perf_counter() - t0, resumed_shards=done)
     return result
 
 

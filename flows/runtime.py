@@ -23,7 +23,8 @@ def configure(home: Home, verbose: bool = False) -> None:
     os.environ["ATR_HOME"] = str(home.root)
     os.environ.setdefault("PREFECT_HOME", str(home.prefect))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Prefect logs a failing flow's traceback at ERROR; the CLI prints its own one-line error instead.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(home.prefect / "results"))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

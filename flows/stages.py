@@ -220,7 +220,8 @@ def extract_shard(home: Home, plan: ExtractPlan, index: int,
     return info
 
 
-def finish_extract(home: Home, plan: ExtractPlan, records: list[dict[str, Any]], seconds: float) -> StageResult:
+def finish_extract(home: Home, plan: ExtractPlan, records: list[dict[str, Any]], seconds: float,
+                   resumed_shards: int = 0) -> StageResult:
     """Write the manifest (last) and move the stage into place."""
     import shutil
 
@@ -247,6 +248,7 @@ def finish_extract(home: Home, plan: ExtractPlan, records: list[dict[str, Any]],
         "shards": [{"name": r["name"], "count": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
                    for r in records],
         "seconds": seconds,
+        "resumed_shards": resumed_shards,
         "shard_seconds": work_seconds,
         "tower_seconds": tower,
         "images_per_second": images / work_seconds if work_seconds > 0 else None,

@@ -169,6 +169,7 @@ def resolve_hub_snapshot(repo_id: str) -> tuple[Path, str]:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     try:
         path = Path(snapshot_download(repo_id, local_files_only=offline,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - hub errors are many; all end in one line
         why = "offline (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache" if offline else \

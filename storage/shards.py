@@ -58,15 +58,20 @@ def encode_json(obj: Any) -> bytes:
 def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
     """Write samples to ``path`` atomically; return ``{"name", "count", "bytes", "sha256"}``."""
     path = Path(path)
+    for key, _, _ in samples:  # refuse bad keys before any byte is written
+        _check_key(key, path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        writer = wds.TarWriter(fh, user="atr", group="atr", mode=0o444, encoder=False, mtime=TAR_MTIME)
-        for key, features, meta in samples:
-            _check_key(key, path)
-            writer.write({"__key__": key, "feat.npy": encode_npy(features), "json": encode_json(meta)})
-        writer.close()
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            writer = wds.TarWriter(fh, user="atr", group="atr", mode=0o444, encoder=False, mtime=TAR_MTIME)
+            for key, features, meta in samples:
+                writer.write({"__key__": key, "feat.npy": encode_npy(features), "json": encode_json(meta)})
+            writer.close()
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written shard behind
+        raise
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     size = tmp.stat().st_size
     os.replace(tmp, path)
@@ -74,7 +79,7 @@ def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict[str, Any]]
 
 
 def _check_key(key: str, shard: Path) -> None:
-    if not key or "/" in key or "\\" in key or ".." in key or "." in key:
+    if not isinstance(key, str) or not key or "/" in key or "\\" in key or ".." in key or "." in key:
         raise ShardError(f"{shard}: sample key {key!r} must not contain '.', '/' or '..'")
 
 
@@ -82,6 +87,8 @@ def _split_member(name: str, shard: Path) -> tuple[str, str]:
     if name.startswith("/") or ".." in name.split("/") or "/" in name or "\\" in name:
         raise ShardError(f"{shard}: member {name!r} has an unsafe path")
     key, dot, ext = name.partition(".")
+    if not key:
+        raise ShardError(f"{shard}: member {name!r} has an empty sample key")
     if not dot or ext not in ALLOWED_EXTENSIONS:
         raise ShardError(f"{shard}: member {name!r} has extension {ext or '(none)'!r}; "
                          f"only {', '.join('.' + e for e in ALLOWED_EXTENSIONS)} are read (never pickle)")
@@ -95,6 +102,10 @@ def _decode_npy(data: bytes, shard: Path, member: str) -> np.ndarray:
         raise ShardError(f"{shard}: member {member!r} is not a plain numeric .npy ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - any malformed npy header
         raise ShardError(f"{shard}: member {member!r} is not a valid .npy ({type(exc).__name__})") from None
+    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for zip data
+        if hasattr(array, "close"):
+            array.close()
+        raise ShardError(f"{shard}: member {member!r} is not a .npy array ({type(array).__name__})")
     if array.dtype.kind not in "fiub":
         raise ShardError(f"{shard}: member {member!r} has dtype {array.dtype}, expected a numeric array")
     return array
@@ -110,6 +121,7 @@ def iter_shard(path: Path, expect: dict[str, Any] | None = None) -> Iterator[Fea
     expect = expect or {}
     current: str | None = None
     members: dict[str, bytes] = {}
+    seen: set[str] = set()
     try:
         with tarfile.open(path, mode="r|") as tar:
             for member in tar:
@@ -119,6 +131,9 @@ def iter_shard(path: Path, expect: dict[str, Any] | None = None) -> Iterator[Fea
                 if key != current:
                     if members:
                         raise ShardError(f"{path}: sample {current!r} is missing a member")
+                    if key in seen:
+                        raise ShardError(f"{path}: member {member.name!r} repeats sample {key!r}")
+                    seen.add(key)
                     current = key
                 if ext in members:
                     raise ShardError(f"{path}: member {member.name!r} appears twice")
@@ -127,12 +142,30 @@ def iter_shard(path: Path, expect: dict[str, Any] | None = None) -> Iterator[Fea
                 if len(members) == len(ALLOWED_EXTENSIONS):
                     yield _decode_sample(path, key, members, expect)
                     members = {}
+            end = tar.offset
     except tarfile.TarError as exc:
         raise ShardError(f"{path}: not a readable tar ({exc})") from None
     except EOFError:
         raise ShardError(f"{path}: truncated tar") from None
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from None
     if members:
         raise ShardError(f"{path}: sample {current!r} is missing a member (truncated shard?)")
+    _check_end_marker(path, end)
+
+
+def _check_end_marker(path: Path, end: int) -> None:
+    """``tarfile`` silently stops at a missing or garbled header, so a shard cut at a
+    member boundary would read as a shorter valid one. Require the zero block that
+    ends every tar we write."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(end)
+            block = fh.read(tarfile.BLOCKSIZE)
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from None
+    if block != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise ShardError(f"{path}: truncated or corrupt tar (no end-of-archive marker at offset {end})")
 
 
 def _decode_sample(path: Path, key: str, members: dict[str, bytes], expect: dict[str, Any]) -> FeatureSample:
@@ -142,6 +175,8 @@ def _decode_sample(path: Path, key: str, members: dict[str, bytes], expect: dict
         meta = json.loads(members["json"])
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ShardError(f"{path}: member {key + '.json'!r} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{path}: member {key + '.json'!r} holds {type(meta).__name__}, expected an object")
     if "dtype" in expect and str(features.dtype) != expect["dtype"]:
         raise ShardError(f"{path}: member {feat_member!r} has dtype {features.dtype}, manifest says {expect['dtype']}")
     if features.ndim != 3:
@@ -152,7 +187,7 @@ def _decode_sample(path: Path, key: str, members: dict[str, bytes], expect: dict
                              f"manifest says {name}={expect[name]}")
     if expect.get("crops") == "base" and features.shape[0] != 1:
         raise ShardError(f"{path}: member {feat_member!r} has {features.shape[0]} crops, manifest says base only")
-    if isinstance(meta, dict) and "crops" in meta and meta["crops"] != features.shape[0]:
+    if "crops" in meta and meta["crops"] != features.shape[0]:
         raise ShardError(f"{path}: member {feat_member!r} has {features.shape[0]} crops, its json says {meta['crops']}")
     if not np.isfinite(features).all():
         raise ShardError(f"{path}: member {feat_member!r} holds NaN or inf values")
@@ -161,9 +196,10 @@ def _decode_sample(path: Path, key: str, members: dict[str, bytes], expect: dict
 
 def manifest_expectations(manifest: dict[str, Any]) -> dict[str, Any]:
     """The per-sample checks a reader applies, taken from an extract manifest."""
-    shapes = manifest.get("features", {})
+    shapes = manifest.get("features") or {}
+    config = manifest.get("config") or {}
     return {k: shapes[k] for k in ("dtype", "tokens_per_crop", "feature_dim") if k in shapes} | (
-        {"crops": manifest["config"]["crops"]} if "config" in manifest else {})
+        {"crops": config["crops"]} if "crops" in config else {})
 
 
 def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[FeatureSample]:
@@ -172,9 +208,18 @@ def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[Feature
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise ShardError(f"{stage_dir}: manifest lists no shards")
+    for s in shards:
+        name = s.get("name") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not name or name != Path(name).name or name in (".", ".."):
+            raise ShardError(f"{stage_dir}: manifest shard entry {s!r} does not name a file in the stage")
     missing = [s["name"] for s in shards if not (stage_dir / s["name"]).is_file()]
     if missing:
         raise ShardError(f"{stage_dir}: manifest lists shards that are absent: {', '.join(missing[:5])}")
     expect = manifest_expectations(manifest)
     for shard in shards:
-        yield from iter_shard(stage_dir / shard["name"], expect)
+        path, count = stage_dir / shard["name"], 0
+        for sample in iter_shard(path, expect):
+            count += 1
+            yield sample
+        if isinstance(shard.get("count"), int) and count != shard["count"]:
+            raise ShardError(f"{path}: holds {count} samples, manifest says {shard['count']}")

@@ -44,13 +44,18 @@ def stage_key(stage: str, version: str, config: Any, inputs: dict[str, str]) -> 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + fsync + rename."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any]:
@@ -60,7 +65,7 @@ def read_manifest(stage_dir: Path) -> dict[str, Any]:
         raise StageError(f"{stage_dir}: no {MANIFEST} (not a complete stage output)")
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bytes that are not UTF-8
         raise StageError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("complete") is not True:
         raise StageError(f"{path}: manifest is not marked complete")
@@ -140,13 +145,15 @@ class StageDir:
 
 def find_stage(home: Home, stage: str, ref: str) -> StageDir:
     """Resolve a stage reference: a full key, a unique key prefix, or a path to a stage dir."""
-    path = Path(ref)
-    if path.is_dir() and (path / MANIFEST).exists():
-        return StageDir(home, path.parent.name, path.name) if path.parent.parent == home.stages \
+    path = Path(ref).expanduser()
+    if ref and path.is_dir() and (path / MANIFEST).exists():
+        path = path.resolve()
+        return StageDir(home, path.parent.name, path.name) if path.parent.parent == home.stages.resolve() \
             else _foreign(home, stage, path)
     parent = home.stages / stage
-    matches = sorted(p for p in parent.glob(f"{ref}*") if p.is_dir() and not p.name.endswith(".tmp")) \
-        if parent.is_dir() else []
+    # A plain prefix test, not a glob: a ref holding '/', '*' or '[' must not be a pattern.
+    matches = sorted(p for p in parent.iterdir() if p.name.startswith(ref) and p.is_dir()
+                     and not p.name.endswith(".tmp")) if ref and parent.is_dir() else []
     if len(matches) == 1:
         return StageDir(home, stage, matches[0].name)
     if not matches:

@@ -1,0 +1,72 @@
+"""Session set-up: offline, project-local Prefect, one Prefect test server, one tiny model.
+
+Environment variables are set before anything imports prefect, torch or
+huggingface_hub, because those read them at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atr-tests-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect" / "results")
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("ATR_HOME", None)
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url():
+    """One Prefect test server for the whole session; yields its API URL (for subprocesses too)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory):
+    from storage.home import Home
+
+    return Home.resolve(tmp_path_factory.mktemp("home")).ensure()
+
+
+@pytest.fixture(scope="session")
+def tiny_stage(session_home):
+    """The tiny preset, prepared once per session through the real prepare-model stage."""
+    from flows.stages import prepare_model
+
+    return prepare_model(session_home, "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_stage):
+    from pipeline.presets import load_model
+
+    return load_model(tiny_stage.model_dir)
+
+
+@pytest.fixture
+def cli_env(prefect_api_url, tmp_path):
+    """Environment for `atr` subprocesses: the session's Prefect server, a fresh home."""
+    env = dict(os.environ)
+    env["PREFECT_API_URL"] = prefect_api_url
+    env["ATR_HOME"] = str(tmp_path / "home")
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    return env

@@ -1,0 +1,113 @@
+"""The `atr` command line as a user runs it: help texts, one-line errors, read-only queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from flows.cli import build_parser, main
+from storage.results import ResultsStore
+
+from conftest import REPO
+
+SUBCOMMANDS = ["prepare-model", "extract", "query", "clean"]
+
+
+def test_help_explains_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert name in top
+    assert "ATR_HOME" in top and "examples:" in top
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "--home" in text
+        for action in build_parser()._subparsers._group_actions[0].choices[name]._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_console_script_is_installed():
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--crops {all,base}" in proc.stdout
+
+
+def test_home_option_before_or_after_the_subcommand(tmp_path, capsys):
+    for argv in (["--home", str(tmp_path / "a"), "clean", "--tmp"], ["clean", "--tmp", "--home", str(tmp_path / "b")]):
+        assert main(argv) == 0
+    assert "removed 0" in capsys.readouterr().out
+
+
+@pytest.fixture
+def store_home(tmp_path):
+    store = ResultsStore(tmp_path / "results.duckdb")
+    store.start_run("r1", "extract", "abc", "{}")
+    store.record_stage_run("r1", "extract", "k1", False, 1.5, "/x")
+    return tmp_path
+
+
+def test_query_prints_table_json_and_csv(store_home, capsys):
+    assert main(["query", "--home", str(store_home), "SELECT stage, cached, seconds FROM stage_runs"]) == 0
+    assert "extract" in capsys.readouterr().out
+    assert main(["query", "--home", str(store_home), "--json", "SELECT stage, seconds FROM stage_runs"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"stage": "extract", "seconds": 1.5}]
+    assert main(["query", "--home", str(store_home), "--csv", "SELECT stage, seconds FROM stage_runs"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["stage,seconds", "extract,1.5"]
+
+
+@pytest.mark.parametrize("sql", ["DELETE FROM runs", "INSERT INTO runs (run_id) VALUES ('x')",
+                                 "DROP TABLE runs", "CREATE TABLE t (a INT)", "UPDATE runs SET status = 'x'"])
+def test_query_refuses_writes(store_home, capsys, sql):
+    db = store_home / "results.duckdb"
+    before = db.read_bytes()
+    assert main(["query", "--home", str(store_home), sql]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "read-only" in err and "\n" not in err
+    assert db.read_bytes() == before
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+def test_query_errors_are_one_line(tmp_path, store_home, capsys):
+    assert main(["query", "--home", str(tmp_path / "nowhere"), "SELECT 1"]) == 2
+    assert "no results store" in capsys.readouterr().err
+    assert main(["query", "--home", str(store_home), "SELEC 1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+
+
+def test_extract_user_errors_are_one_line(tmp_path):
+    env = {**os.environ, "ATR_HOME": str(tmp_path / "home")}
+    cases = [
+        (["extract", "--images", "synthetic:nope", "--limit", "2"], "synthetic:nope"),
+        (["extract", "--images", str(tmp_path / "missing"), "--limit", "2"], "missing"),
+        (["extract", "--limit", "-3"], "--limit"),
+        (["extract", "--model", "nonsense-model", "--limit", "2"], "unknown model 'nonsense-model'"),
+    ]
+    for argv, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert not list((tmp_path / "home").rglob("*.tmp"))
+
+
+def test_clean_removes_the_home(tmp_path, capsys):
+    home = tmp_path / "h"
+    (home / "stages" / "extract" / "abc.tmp").mkdir(parents=True)
+    assert main(["clean", "--tmp", "--home", str(home)]) == 0
+    assert not (home / "stages" / "extract" / "abc.tmp").exists()
+    assert main(["clean", "--yes", "--home", str(home)]) == 0
+    assert not home.exists()
