@@ -61,6 +61,12 @@ def bar(description: str, total: int | None, unit: str = "images") -> Iterator["
             _active, _bar = None, None
 
 
+def describe(text: str) -> None:
+    """Replace the description of the bar this process has open, if any (e.g. the loss)."""
+    if _bar is not None and _bar.progress is not None:
+        _bar.progress.update(_bar.task, description=text)
+
+
 def advance(n: int = 1) -> None:
     """Advance the bar this process has open, if any."""
     if _bar is not None:

@@ -34,23 +34,30 @@ class RunRecorder:
                                                     tags={"atr.run_id": self.run_id, "atr.flow": flow})
         self.stages: list[StageResult] = []
 
-    def stage(self, result: StageResult, metrics: dict[str, float] | None = None) -> None:
-        """Record one stage: a stage_runs row and an MLflow child run with its manifest."""
+    def begin_stage(self, stage: str) -> str:
+        """Open the MLflow child run of a stage before it runs (for live training curves)."""
+        return self.tracker.start_run(stage, parent_run_id=self.mlflow_run_id,
+                                      tags={"atr.run_id": self.run_id, "atr.stage": stage})
+
+    def stage(self, result: StageResult, metrics: dict[str, float] | None = None, child: str | None = None,
+              artifacts: tuple[Path, ...] = ()) -> str:
+        """Record one stage: a stage_runs row, and an MLflow child run with params, figures,
+        the manifest and ``artifacts``. Returns the child run id."""
         self.stages.append(result)
         counts = result.manifest.get("counts")
         self.store.record_stage_run(self.run_id, result.stage, result.key, result.cached, result.seconds,
                                     str(result.path), counts)
-        child = self.tracker.start_run(
-            result.stage, parent_run_id=self.mlflow_run_id,
-            params={"stage": result.stage, "cache_key": result.key, "cached": result.cached,
-                    **({"config": result.manifest["config"]} if "config" in result.manifest else {})},
-            tags={"atr.run_id": self.run_id, "atr.stage": result.stage})
+        child = child or self.begin_stage(result.stage)
+        self.tracker.log_params(child, {"stage": result.stage, "cache_key": result.key, "cached": result.cached,
+                                        **({"config": result.manifest["config"]} if "config" in result.manifest
+                                           else {})})
         figures = {"seconds": result.seconds, "cached": float(result.cached), **(metrics or {})}
         self.tracker.log_metrics(child, {k: float(v) for k, v in figures.items() if v is not None})
-        manifest = Path(result.path) / MANIFEST
-        if manifest.is_file():
-            self.tracker.log_artifact(child, manifest)
+        for path in (Path(result.path) / MANIFEST, *artifacts):
+            if Path(path).exists():
+                self.tracker.log_artifact(child, Path(path))
         self.tracker.end_run(child)
+        return child
 
     def finish(self, error: BaseException | None = None) -> None:
         status = "failed" if error else "completed"

@@ -2,9 +2,12 @@
 
 * PREFECT_HOME lives under $ATR_HOME (project-local, nothing in ~/.prefect);
   Prefect's analytics are off.
-* Thread counts: torch gets at most the machine's cores, and worker processes
-  use OMP_WAIT_POLICY=PASSIVE -- with several torch processes on 2 shared CPUs,
-  spinning OpenMP threads were measured 15-100x slower.
+* Thread counts: torch gets at most the machine's cores. The one compute process
+  keeps OpenMP's default (spinning) wait policy: PASSIVE made selector training
+  1.7x slower here. Worker processes that run beside others (Dask workers,
+  parallel tests) must use ``WORKER_ENV`` (OMP_WAIT_POLICY=PASSIVE, 1 thread):
+  with several torch processes on 2 shared CPUs, spinning threads were measured
+  15-100x slower.
 * Hugging Face progress bars are off; our own progress bars report instead.
 """
 
@@ -30,7 +33,6 @@ def configure(home: Home, verbose: bool = False) -> None:
     # The temporary local server migrates a fresh database on first start; on a busy
     # 2-CPU machine that was seen to exceed Prefect's 20 s default.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,6 +43,9 @@ def configure(home: Home, verbose: bool = False) -> None:
     for name in ("alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     set_torch_threads()
+
+
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "ATR_TORCH_THREADS": "1"}
 
 
 def set_torch_threads() -> None:

@@ -20,7 +20,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -223,3 +223,45 @@ def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[Feature
             yield sample
         if isinstance(shard.get("count"), int) and count != shard["count"]:
             raise ShardError(f"{path}: holds {count} samples, manifest says {shard['count']}")
+
+
+def stream_crops(stage_dir: Path, manifest: dict[str, Any], keep_image: "Callable[[str], bool]",
+                 seed: int, buffer_size: int, repeat: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Per-crop ``(features (L, C), glyph_mask (L,) or None)`` from the shards, shuffled.
+
+    Shards are visited in a seeded random order each pass, every crop of every
+    sample whose image id passes ``keep_image`` enters a shuffle buffer of
+    ``buffer_size``, and a random buffer entry is emitted for each one added.
+    With ``repeat`` the stream cycles forever (pass p uses seed + p)."""
+    import random
+
+    shards = list(manifest.get("shards") or [])
+    epoch = 0
+    while True:
+        rng = random.Random(seed + epoch)
+        order = shards[:]
+        rng.shuffle(order)
+        buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
+        emitted = 0
+        for shard in order:
+            for sample in iter_features(stage_dir, {**manifest, "shards": [shard]}):
+                if not keep_image(str(sample.meta.get("image_id"))):
+                    continue
+                glyphs = sample.meta.get("glyph_mask")
+                for c in range(sample.features.shape[0]):
+                    crop = (sample.features[c], None if glyphs is None else np.asarray(glyphs[c], dtype=bool))
+                    if len(buffer) < buffer_size:
+                        buffer.append(crop)
+                        continue
+                    i = rng.randrange(buffer_size)
+                    yield buffer[i]
+                    emitted += 1
+                    buffer[i] = crop
+        rng.shuffle(buffer)
+        emitted += len(buffer)
+        yield from buffer
+        if not repeat:
+            return
+        if emitted == 0:
+            raise ShardError(f"{stage_dir}: no samples pass the split filter")
+        epoch += 1

@@ -18,7 +18,8 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(_SESSION_TMP / "prefect" / "results")
-os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# One torch process computes at a time in this suite (subprocess tests wait idle),
+# so OpenMP keeps its default wait policy; see flows/runtime.py.
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"

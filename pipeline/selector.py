@@ -1,0 +1,240 @@
+"""The paper's token selector and reconstructor (arXiv 2503.16660, section 4), in plain torch.
+
+Shapes: B crops per batch, L tokens per crop, C feature channels (d = C by default).
+
+    F      (B, L, C)  vision-encoder features of one crop each (projector inputs)
+    S(F)   (B, L)     keep-logits: 3 pre-LN Transformer layers + a linear head
+    M      (B, L)     hard binary mask, straight-through Gumbel-Softmax sample of S(F)
+    F_pr   (B, L, C)  M*F + (1-M)*E_mask, one shared learnable mask embedding
+    F_rec  (B, L, C)  R(F_pr): 3 pre-LN Transformer layers
+    loss              mean((F_rec - F)^2) + max(mean(M), p)      (Eq. 7, no weight)
+
+Features are standardized per channel with training-set statistics (stored as
+buffers), and the loss is taken in that standardized space. Both networks add
+learnable absolute positional embeddings: without them every masked slot would
+reconstruct identically. At inference ``keep_indices`` returns, per crop, the
+top-k token indices by logit (k = round(retention * L)) in raster order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config, check
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectorConfig(Config):
+    """Architecture and training choices. The paper leaves all but p open; the
+    defaults follow DESIGN.md (d = C, 16 heads, FFN 4d, pre-LN, tau = 1, AdamW 1e-4,
+    cosine with warm-up, per-channel standardization)."""
+
+    kind: ClassVar[str] = "selector"
+
+    retention: float = 0.25          # p, the target keep ratio of the loss
+    d_model: int | None = None       # None -> C (the encoder width)
+    n_heads: int = 16
+    ffn_mult: int = 4
+    selector_layers: int = 3
+    reconstructor_layers: int = 3
+    dropout: float = 0.0
+    temperature: float = 1.0         # Gumbel-Softmax tau
+    standardize: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    warmup_steps: int = 100
+    steps: int = 2000
+    batch_size: int = 64
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention!r}")
+        check(self.d_model is None or self.d_model > 0, f"d_model must be positive, got {self.d_model!r}")
+        check(self.n_heads > 0 and self.ffn_mult > 0, "n_heads and ffn_mult must be positive")
+        check(self.selector_layers > 0 and self.reconstructor_layers > 0, "layer counts must be positive")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
+        check(self.temperature > 0, f"temperature must be positive, got {self.temperature!r}")
+        check(self.lr > 0 and self.weight_decay >= 0, "lr must be positive and weight_decay >= 0")
+        check(self.steps > 0 and self.batch_size > 0 and self.warmup_steps >= 0,
+              "steps and batch_size must be positive, warmup_steps >= 0")
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"bad betas {self.betas!r}")
+
+
+def keep_count(retention: float, tokens: int) -> int:
+    """k = round(retention * L), at least 1."""
+    if not 0.0 < retention <= 1.0:
+        raise ValueError(f"retention must be in (0, 1], got {retention!r}")
+    return max(1, min(tokens, int(round(retention * tokens))))
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head self-attention within one crop. (B, L, d) -> (B, L, d)."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x)). (B, L, d) -> (B, L, d)."""
+
+    def __init__(self, d: int, n_heads: int, ffn_mult: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = SelfAttention(d, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Encoder(nn.Module):
+    """in-proj + positions + n blocks + final LN. (B, L, C) -> (B, L, d)."""
+
+    def __init__(self, c: int, d: int, tokens: int, layers: int, cfg: SelectorConfig):
+        super().__init__()
+        self.inp = nn.Identity() if c == d else nn.Linear(c, d)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, d))
+        nn.init.normal_(self.pos, std=0.02)
+        self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x) + self.pos
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x)
+
+
+class TokenSelector(nn.Module):
+    """Selector S + reconstructor R + mask embedding, trained end to end as an autoencoder.
+
+    ``tokens`` = L and ``channels`` = C are fixed at construction and checked on
+    every call, so a checkpoint is never applied to another encoder's features.
+    """
+
+    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int):
+        super().__init__()
+        d = cfg.d_model or channels
+        check(d % cfg.n_heads == 0, f"d_model {d} is not divisible by n_heads {cfg.n_heads}")
+        self.cfg, self.tokens, self.channels = cfg, tokens, channels
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+        self.selector = Encoder(channels, d, tokens, cfg.selector_layers, cfg)
+        self.head = nn.Linear(d, 1)
+        self.mask_embedding = nn.Parameter(torch.zeros(channels))
+        nn.init.normal_(self.mask_embedding, std=0.02)
+        self.reconstructor = Encoder(channels, d, tokens, cfg.reconstructor_layers, cfg)
+        self.out = nn.Identity() if d == channels else nn.Linear(d, channels)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel training-set mean and std (C,), used to standardize every input."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-6))
+
+    def _check(self, features: torch.Tensor) -> None:
+        if features.ndim != 3 or features.shape[1:] != (self.tokens, self.channels):
+            raise ValueError(f"features of shape {tuple(features.shape)} do not match this selector, which was "
+                             f"trained on (crops, L={self.tokens}, C={self.channels})")
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) raw -> (B, L, C) standardized (identity when cfg.standardize is off)."""
+        x = features.to(self.feature_mean.dtype)
+        return (x - self.feature_mean) / self.feature_std if self.cfg.standardize else x
+
+    def keep_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) raw features -> (B, L) keep-logits."""
+        self._check(features)
+        return self.head(self.selector(self.standardize(features))).squeeze(-1)
+
+    def sample_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, L) logits -> (B, L) hard {0,1} mask with straight-through Gumbel-Softmax gradients."""
+        two_class = torch.stack([logits, torch.zeros_like(logits)], dim=-1)  # [keep, drop]
+        return F.gumbel_softmax(two_class, tau=self.cfg.temperature, hard=True)[..., 0]
+
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) standardized features, (B, L) mask -> (B, L, C) reconstruction."""
+        m = mask.unsqueeze(-1).to(x.dtype)
+        f_pr = m * x + (1 - m) * self.mask_embedding
+        return self.out(self.reconstructor(f_pr))
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training step on (B, L, C) raw features: loss = MSE + max(mean(M), p)."""
+        self._check(features)
+        x = self.standardize(features)
+        logits = self.head(self.selector(x)).squeeze(-1)
+        mask = self.sample_mask(logits)
+        recon = self.reconstruct(x, mask)
+        mse = F.mse_loss(recon, x)
+        keep = mask.mean()
+        rate = torch.clamp(keep, min=self.cfg.retention)
+        return {"loss": mse + rate, "mse": mse.detach(), "keep": keep.detach(), "logits": logits}
+
+    @torch.no_grad()
+    def keep_indices(self, features: torch.Tensor, retention: float) -> torch.Tensor:
+        """(B, L, C) raw features -> (B, k) long: each crop's top-k tokens by logit, raster order."""
+        k = keep_count(retention, self.tokens)
+        logits = self.keep_logits(features)
+        return logits.topk(k, dim=-1).indices.sort(dim=-1).values
+
+    @torch.no_grad()
+    def reconstruction_error(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) raw features, (B, k) kept indices -> (B,) MSE of rebuilding all L tokens
+        from the kept ones (standardized space, mean over tokens and channels)."""
+        x = self.standardize(features)
+        mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, keep, 1.0)
+        return (self.reconstruct(x, mask) - x).pow(2).mean(dim=(1, 2))
+
+
+def random_indices(batch: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, k) uniformly random distinct tokens per crop, raster order."""
+    k = keep_count(retention, tokens)
+    scores = torch.rand(batch, tokens, generator=generator)
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def grid_order(side: int) -> torch.Tensor:
+    """(side*side,) token ranks of an ordered-dither (Bayer) matrix: the first k ranks
+    are spread evenly over the 2-D grid for every k."""
+    n = 1 << max(0, math.ceil(math.log2(max(side, 1))))
+    bayer = torch.zeros(1, 1, dtype=torch.long)
+    while bayer.shape[0] < n:
+        b = bayer * 4
+        bayer = torch.cat([torch.cat([b, b + 2], 1), torch.cat([b + 3, b + 1], 1)], 0)
+    return bayer[:side, :side].reshape(-1).argsort().argsort()
+
+
+def grid_indices(batch: int, tokens: int, retention: float) -> torch.Tensor:
+    """(B, k) a uniform-grid subsample (the same for every crop), raster order."""
+    side = int(round(math.sqrt(tokens)))
+    if side * side != tokens:
+        raise ValueError(f"uniform-grid subsampling needs a square token grid, got L={tokens}")
+    k = keep_count(retention, tokens)
+    chosen = grid_order(side).argsort()[:k].sort().values
+    return chosen.unsqueeze(0).expand(batch, k)

@@ -1,0 +1,224 @@
+"""Training loop for the token selector: AdamW, linear warm-up then cosine decay,
+callbacks for logging and checkpoints, NaN guard, exact resume from a state dict.
+
+Pure torch/numpy: data arrives as an iterator of (B, L, C) arrays, logging and
+checkpoint writing are callbacks supplied by the caller (``flows/``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, check
+from .selector import SelectorConfig, TokenSelector
+
+EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; ``str(exc)`` says at which step and what to try."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Config):
+    """The train stage: one selector per retention in ``retentions`` plus held-out evaluation.
+
+    eval_mode records how the held-out comparison uses the selectors: with one
+    retention, that selector's top-k is taken at every eval retention (the
+    paper's evaluation); with several, each eval retention uses the selector
+    trained at the nearest p ("per-retention", the paper's x-axis)."""
+
+    kind: ClassVar[str] = "train"
+
+    selector: SelectorConfig = SelectorConfig()
+    retentions: tuple = (0.25,)
+    held_out_percent: int = 10
+    shuffle_buffer: int = 2048
+    checkpoint_every: int = 250
+    log_every: int = 10
+    eval_retentions: tuple = EVAL_RETENTIONS
+    eval_seeds: int = 3
+
+    def validate(self) -> None:
+        check(len(self.retentions) > 0, "give at least one --retention")
+        for r in (*self.retentions, *self.eval_retentions):
+            check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
+        check(len(set(self.retentions)) == len(self.retentions), f"duplicate retentions {self.retentions!r}")
+        check(0 < self.held_out_percent < 100, f"held_out_percent must be in 1..99, got {self.held_out_percent!r}")
+        check(self.shuffle_buffer > 0 and self.checkpoint_every > 0 and self.log_every > 0,
+              "shuffle_buffer, checkpoint_every and log_every must be positive")
+        check(self.eval_seeds > 0, "eval_seeds must be positive")
+
+    @property
+    def eval_mode(self) -> str:
+        return "single-selector-top-k" if len(self.retentions) == 1 else "per-retention"
+
+    def selector_for(self, retention: float) -> SelectorConfig:
+        return dataclasses.replace(self.selector, retention=float(retention))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        if isinstance(data.get("selector"), Mapping):
+            data["selector"] = SelectorConfig.from_dict(data["selector"])
+        return super().from_dict(data)  # type: ignore[return-value]
+
+
+def is_held_out(image_id: str, percent: int) -> bool:
+    """Deterministic split by a hash of the image id: no image is in both splits."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % 100 < percent
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def channel_statistics(batches: Iterable[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and std over every token of (B, L, C) batches (float64 sums)."""
+    total, s1, s2 = 0, None, None
+    for batch in batches:
+        x = np.asarray(batch, dtype=np.float64).reshape(-1, batch.shape[-1])
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+        total += x.shape[0]
+    if not total:
+        raise ConfigError("no training features: the train split is empty")
+    mean = s1 / total
+    std = np.sqrt(np.maximum(s2 / total - mean * mean, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float(), total
+
+
+class Callback:
+    """Hooks the loop calls; override what you need."""
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, trainer: "Trainer") -> None: ...
+
+    def on_end(self, step: int, trainer: "Trainer") -> None: ...
+
+
+class Trainer:
+    """Owns model, optimizer and schedule for one selector; ``state()``/``load_state()`` round-trip
+    everything needed to resume (weights, AdamW moments, step, RNG)."""
+
+    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int, device: str = "cpu"):
+        torch.manual_seed(cfg.seed)
+        self.cfg, self.device = cfg, device
+        self.model = TokenSelector(cfg, tokens, channels).to(device)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "pos" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=tuple(cfg.betas))
+        self.step = 0
+
+    def _set_lr(self) -> float:
+        lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.cfg.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def fit(self, batches: Iterator[np.ndarray], callbacks: Iterable[Callback] = (),
+            checkpoint_every: int = 250, log_every: int = 10) -> TokenSelector:
+        """Train until ``cfg.steps``; raises ``TrainingDiverged`` on a non-finite loss."""
+        callbacks = list(callbacks)
+        self.model.train()
+        window: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        while self.step < self.cfg.steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ConfigError("the feature stream ended before training finished") from None
+            x = torch.as_tensor(np.asarray(batch), dtype=torch.float32, device=self.device)
+            lr = self._set_lr()
+            out = self.model(x)
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"training stopped: loss became {loss.item()} at step {self.step} "
+                    f"(retention {self.cfg.retention}, lr {lr:.2e}); lower --lr or check the features")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.step += 1
+            window.append({"loss": loss.item(), "mse": out["mse"].item(), "keep": out["keep"].item()})
+            if self.step % log_every == 0 or self.step == self.cfg.steps:
+                metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                metrics.update(lr=lr, seconds=time.perf_counter() - t0)
+                window = []
+                for cb in callbacks:
+                    cb.on_step(self.step, metrics)
+            if self.step % checkpoint_every == 0 and self.step < self.cfg.steps:
+                for cb in callbacks:
+                    cb.on_checkpoint(self.step, self)
+        self.model.eval()
+        for cb in callbacks:
+            cb.on_end(self.step, self)
+        return self.model
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, json-able meta) holding everything needed to resume."""
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for idx, slot in opt["state"].items():
+            for name, value in slot.items():
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        meta = {"step": self.step, "param_groups": [{k: v for k, v in g.items() if k != "params"} | {
+            "params": g["params"]} for g in opt["param_groups"]], "config": self.cfg.to_dict()}
+        return tensors, meta
+
+    def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_sd)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        self.optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in meta["param_groups"]]})
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        self.step = int(meta["step"])
+
+
+def selector_tensors(model: TokenSelector) -> dict[str, torch.Tensor]:
+    """The weights of a trained selector, for a safetensors checkpoint."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def selector_from_tensors(cfg: SelectorConfig, tokens: int, channels: int,
+                          tensors: Mapping[str, torch.Tensor]) -> TokenSelector:
+    model = TokenSelector(cfg, tokens, channels)
+    model.load_state_dict(dict(tensors))
+    return model.eval()
+
+
+def batched(items: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """Stack consecutive (L, C) arrays into (B, L, C) float32 batches (drops a short tail)."""
+    buf: list[np.ndarray] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield np.stack(buf).astype(np.float32)
+            buf = []
+
+
+def describe_meta(meta: Mapping[str, Any]) -> str:
+    return json.dumps(meta, sort_keys=True)
