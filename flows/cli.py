@@ -106,8 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default: 1e-4; 1e-3 for tiny)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 100; 50 for tiny)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    p.add_argument("--checkpoint-every", type=int, default=250,
+                   help="steps between resumable checkpoints (default: 250)")
     p.add_argument("--held-out-percent", type=int, default=10,
                    help="percent of images (by hash of image id) held out for evaluation (default: 10)")
+
+    from .mask import add_parser as add_mask_parser
+
+    add_mask_parser(sub, common, MODEL_HELP)
 
     p = sub.add_parser("query", parents=[common], help="run a read-only SQL query on the results store",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -144,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import runtime
 
         runtime.configure(home, verbose=args.verbose)
-        handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train}[args.command]
+        from .mask import cmd_mask
+
+        handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train,
+                   "mask": cmd_mask}[args.command]
         return handler(home, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -160,7 +169,7 @@ def _is_user_error(exc: BaseException) -> bool:
     from pipeline.config import ConfigError
     from pipeline.presets import ModelLoadError
 
-    names = {"BadImage", "ShardError", "StageError", "QueryError"}
+    names = {"BadImage", "ShardError", "StageError", "QueryError", "CheckpointError", "TrainingDiverged"}
     return isinstance(exc, (UserError, ConfigError, ModelLoadError, FileNotFoundError, ValueError)) or \
         type(exc).__name__ in names
 
@@ -254,7 +263,7 @@ def cmd_train(home, args) -> int:
     user_set = {k for k, v in user.items() if v is not None}
     selector = SelectorConfig(seed=args.seed, **{k: v for k, v in user.items() if v is not None})
     cfg = TrainConfig(selector=selector, retentions=parse_retentions(args.retention),
-                      held_out_percent=args.held_out_percent)
+                      held_out_percent=args.held_out_percent, checkpoint_every=args.checkpoint_every)
     extract = None
     if args.features is None:
         ext = ExtractConfig(images=args.images, limit=args.limit or None, crops=args.crops)

@@ -22,7 +22,7 @@ from prefect import flow, task
 
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.selector_eval import evaluate
-from pipeline.train import (Callback, TrainConfig, Trainer, batched, channel_statistics, is_held_out,
+from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, is_held_out,
                             selector_from_tensors, selector_tensors)
 from pipeline.selector import SelectorConfig
 from storage.checkpoints import load_checkpoint, save_checkpoint
@@ -152,8 +152,12 @@ def run_train(home: Home, features: StageResult, cfg: TrainConfig,
             with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
                 bar.advance(trainer.step)
                 callbacks.append(_Advance(bar, trainer.step))
-                model = trainer.fit(batched((f for f, _ in stream), scfg.batch_size), callbacks,
-                                    checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+                try:
+                    model = trainer.fit(batched((f for f, _ in stream), scfg.batch_size), callbacks,
+                                        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+                except TrainingDiverged:
+                    shutil.rmtree(work, ignore_errors=True)  # a diverged run is not worth resuming
+                    raise
             save_checkpoint(final, selector_tensors(model), {
                 "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
                 "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})

@@ -15,7 +15,7 @@ from storage.results import ResultsStore
 
 from conftest import REPO
 
-SUBCOMMANDS = ["prepare-model", "extract", "query", "clean"]
+SUBCOMMANDS = ["prepare-model", "extract", "train", "mask", "query", "clean"]
 
 
 def test_help_explains_every_subcommand(capsys):
