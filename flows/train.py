@@ -123,69 +123,68 @@ def run_train(home: Home, features: StageResult, cfg: TrainConfig,
         if sd.is_complete():
             return StageResult("train", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
         work = sd.begin()
-        fdir = Path(features.path)
-        pct = cfg.held_out_percent
-        mean, std, n_tokens = channel_statistics(
-            np.stack([f for f, _ in chunk]) for chunk in _chunks(_split_crops(fdir, fm, False, pct), 256))
-        encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
-                   "features_key": features.key, "tokens": tokens, "channels": channels}
-        selectors, timings = {}, {}
-        for p in cfg.retentions:
-            scfg = cfg.selector_for(p)
-            name = checkpoint_name(p)
-            final = work / f"{name}.safetensors"
-            if final.is_file():
-                tensors, _ = load_checkpoint(final, channels, tokens)
-                selectors[float(p)] = selector_from_tensors(scfg, tokens, channels, tensors)
-                continue
-            t1 = time.perf_counter()
-            trainer = Trainer(scfg, tokens, channels)
-            trainer.model.set_statistics(mean, std)
-            last = work / f"last-p{p:g}.safetensors"
-            if last.is_file():
-                tensors, meta = load_checkpoint(last)
-                trainer.load_state(tensors, meta)
-            stream = stream_crops(fdir, fm, lambda image_id: not is_held_out(image_id, pct),
-                                  seed=scfg.seed + trainer.step, buffer_size=cfg.shuffle_buffer)
-            callbacks = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last),
-                         *extra_callbacks(p)]
-            with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
-                bar.advance(trainer.step)
-                callbacks.append(_Advance(bar, trainer.step))
-                try:
+        try:
+            fdir = Path(features.path)
+            pct = cfg.held_out_percent
+            mean, std, n_tokens = channel_statistics(
+                np.stack([f for f, _ in chunk]) for chunk in _chunks(_split_crops(fdir, fm, False, pct), 256))
+            encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
+                       "features_key": features.key, "tokens": tokens, "channels": channels}
+            selectors, timings = {}, {}
+            for p in cfg.retentions:
+                scfg = cfg.selector_for(p)
+                name = checkpoint_name(p)
+                final = work / f"{name}.safetensors"
+                if final.is_file():
+                    tensors, _ = load_checkpoint(final, channels, tokens)
+                    selectors[float(p)] = selector_from_tensors(scfg, tokens, channels, tensors)
+                    continue
+                t1 = time.perf_counter()
+                trainer = Trainer(scfg, tokens, channels)
+                trainer.model.set_statistics(mean, std)
+                last = work / f"last-p{p:g}.safetensors"
+                if last.is_file():
+                    tensors, meta = load_checkpoint(last)
+                    trainer.load_state(tensors, meta)
+                stream = stream_crops(fdir, fm, lambda image_id: not is_held_out(image_id, pct),
+                                      seed=scfg.seed + trainer.step, buffer_size=cfg.shuffle_buffer)
+                callbacks = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last),
+                             *extra_callbacks(p)]
+                with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
+                    bar.advance(trainer.step)
+                    callbacks.append(_Advance(bar, trainer.step))
                     model = trainer.fit(batched((f for f, _ in stream), scfg.batch_size), callbacks,
                                         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
-                except TrainingDiverged:
-                    shutil.rmtree(work, ignore_errors=True)  # a diverged run is not worth resuming
-                    raise
-            save_checkpoint(final, selector_tensors(model), {
-                "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
-                "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
-            last.unlink(missing_ok=True)
-            last.with_suffix(".json").unlink(missing_ok=True)
-            selectors[float(p)] = model
-            timings[f"{p:g}"] = time.perf_counter() - t1
-        held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
-        if not held:
-            shutil.rmtree(work, ignore_errors=True)
-            raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
-        rows = evaluate(selectors, held, cfg.eval_retentions, seeds=cfg.eval_seeds)
-        write_json_atomic(work / "selector_metrics.json", rows)
-        from .plots import plot_selector_metrics
+                save_checkpoint(final, selector_tensors(model), {
+                    "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
+                    "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
+                last.unlink(missing_ok=True)
+                last.with_suffix(".json").unlink(missing_ok=True)
+                selectors[float(p)] = model
+                timings[f"{p:g}"] = time.perf_counter() - t1
+            held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
+            if not held:
+                raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
+            rows = evaluate(selectors, held, cfg.eval_retentions, seeds=cfg.eval_seeds)
+            write_json_atomic(work / "selector_metrics.json", rows)
+            from .plots import plot_selector_metrics
 
-        plot_selector_metrics(rows, work / "selector_metrics.png",
-                              title=f"held-out selector metrics ({len(held)} crops, L={tokens}, C={channels})")
-        curves = {f"{p:g}": json.loads((work / f"curves-p{p:g}.json").read_text())
-                  for p in cfg.retentions if (work / f"curves-p{p:g}.json").is_file()}
-        manifest = {
-            "config": cfg.to_dict(), "inputs": {"features": features.key}, "encoder": encoder,
-            "code_version": code_version(), "stage_version": TRAIN_VERSION, "eval_mode": cfg.eval_mode,
-            "checkpoints": {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions},
-            "statistics_tokens": n_tokens, "held_out_crops": len(held),
-            "counts": {"selectors": len(cfg.retentions), "held_out_crops": len(held)},
-            "train_seconds": timings, "final_loss": {p: (c[-1]["loss"] if c else None) for p, c in curves.items()},
-            "selector_metrics": rows, "seconds": time.perf_counter() - t0,
-        }
+            plot_selector_metrics(rows, work / "selector_metrics.png",
+                                  title=f"held-out selector metrics ({len(held)} crops, L={tokens}, C={channels})")
+            curves = {f"{p:g}": json.loads((work / f"curves-p{p:g}.json").read_text())
+                      for p in cfg.retentions if (work / f"curves-p{p:g}.json").is_file()}
+            manifest = {
+                "config": cfg.to_dict(), "inputs": {"features": features.key}, "encoder": encoder,
+                "code_version": code_version(), "stage_version": TRAIN_VERSION, "eval_mode": cfg.eval_mode,
+                "checkpoints": {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions},
+                "statistics_tokens": n_tokens, "held_out_crops": len(held),
+                "counts": {"selectors": len(cfg.retentions), "held_out_crops": len(held)},
+                "train_seconds": timings, "final_loss": {p: (c[-1]["loss"] if c else None) for p, c in curves.items()},
+                "selector_metrics": rows, "seconds": time.perf_counter() - t0,
+            }
+        except (ConfigError, TrainingDiverged):
+            shutil.rmtree(work, ignore_errors=True)  # user-fixable input: leave nothing half-written
+            raise
         path = sd.commit(manifest)
     return StageResult("train", key, path, False, time.perf_counter() - t0, read_manifest(path))
 

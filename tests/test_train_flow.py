@@ -175,3 +175,19 @@ def test_default_training_reaches_the_issue_figures(prefect_api_url, tmp_path):
           out["manifest"]["train_seconds"])
     assert sel["recon_mse"] <= 0.6 * rnd["recon_mse"]
     assert sel["glyph_coverage"] >= 2 * rnd["glyph_coverage"]
+
+
+def test_empty_feature_stage_is_refused_and_leaves_nothing(tmp_path, cli_env):
+    from storage.stages import StageDir
+
+    home = Home.resolve(tmp_path / "home")
+    sd = StageDir(home, "extract", "0123456789abcdef")
+    sd.begin()
+    sd.commit({"config": ExtractConfig().to_dict(), "inputs": {"model": "none", "images": "none"},
+               "features": {"dtype": "float16", "tokens_per_crop": 64, "feature_dim": 64},
+               "counts": {"images": 0, "samples": 0, "skipped": 0, "shards": 0}, "shards": []})
+    proc = _atr({**cli_env, "ATR_HOME": str(home.root)}, "train", "--features", "0123456789abcdef")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: no training features: the train split is empty"
+    assert not list((home.stages / "train").glob("*")) or not [
+        p for p in (home.stages / "train").iterdir() if p.is_dir()]
