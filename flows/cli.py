@@ -8,7 +8,6 @@ full traceback is shown only with ``--verbose``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Sequence

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import ConfigError, ExtractConfig, content_hash
+from pipeline.config import ConfigError, ExtractConfig
 from pipeline.presets import (PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
 from storage.home import Home
@@ -90,18 +90,25 @@ def prepare_model(home: Home, model: str) -> StageResult:
         work = sd.begin()
         manifest: dict[str, Any] = {"model": model, "kind": kind, "identity": identity,
                                     "code_version": code_version(), "stage_version": PREPARE_VERSION}
+        from pipeline.presets import describe, load_config
+
         if kind == "preset":
             preset = TinyPreset.from_dict(identity["preset"])
             save_tiny(preset, work)
             manifest["model_dir"] = None  # the stage dir itself
-            check_dir = work
+            loaded, _ = load_model(work)  # proves from_pretrained reads what we saved
+            manifest["describe"] = describe(loaded)
         else:
-            manifest["model_dir"] = identity["dir"]
-            check_dir = Path(identity["dir"])
-        from pipeline.presets import describe
+            # A user's model (7B on a GPU box): check config + processor load, not the weights.
+            from transformers import AutoProcessor
 
-        loaded, _ = load_model(check_dir)  # proves from_pretrained works before we call it done
-        manifest["describe"] = describe(loaded)
+            manifest["model_dir"] = identity["dir"]
+            manifest["describe"] = describe(load_config(identity["dir"]))
+            try:
+                AutoProcessor.from_pretrained(identity["dir"], backend="pil")
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelLoadError(f"cannot load the processor of {model}: "
+                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
         manifest["seconds"] = time.perf_counter() - t0
         path = sd.commit(manifest)
     return StageResult("prepare-model", key, path, False, time.perf_counter() - t0, read_manifest(path))
@@ -113,10 +120,13 @@ _MODEL_CACHE: dict[str, tuple[Any, Any]] = {}
 
 
 def cached_model(model_dir: str):
-    """Load each model once per process (shard tasks share it)."""
+    """Load each model once per process (shard tasks share it), on CUDA in fp16 when available."""
     if model_dir not in _MODEL_CACHE:
+        from pipeline.presets import default_device
+
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[model_dir] = load_model(model_dir)
+        device, dtype = default_device()
+        _MODEL_CACHE[model_dir] = load_model(model_dir, dtype=dtype, device=device)
     return _MODEL_CACHE[model_dir]
 
 
@@ -148,8 +158,11 @@ def plan_extract(model_stage: StageResult, config: ExtractConfig) -> ExtractPlan
     if not items:
         raise ConfigError(f"image source {config.images!r} yields no images")
     fingerprint = source.fingerprint(limit=config.limit)
+    from pipeline.presets import default_device
+
+    # Features computed on CUDA in fp16 differ from CPU fp32 ones, so where they ran is an input.
     key = stage_key("extract", EXTRACT_VERSION, config.cache_relevant(),
-                    {"model": model_stage.key, "images": fingerprint})
+                    {"model": model_stage.key, "images": fingerprint, "compute": "-".join(default_device())})
     return ExtractPlan(key, model_stage.key, str(model_stage.model_dir), fingerprint, config, len(items))
 
 
@@ -207,7 +220,7 @@ def extract_shard(home: Home, plan: ExtractPlan, index: int,
         if on_images:
             on_images(len(batch))
     info = {"index": index, "images": len(items), "samples": len(samples), "skipped": skipped,
-            "tower_seconds": tower_seconds, "seconds": 0.0,
+            "tower_seconds": tower_seconds, "seconds": 0.0, "device": str(next(model.parameters()).device),
             "tokens_per_crop": fx.tokens_per_crop, "feature_dim": fx.feature_dim}
     # The tar lands first, its record second; a shard counts as done only with both.
     (work / "_shards").mkdir(parents=True, exist_ok=True)
@@ -252,6 +265,7 @@ def finish_extract(home: Home, plan: ExtractPlan, records: list[dict[str, Any]],
         "shard_seconds": work_seconds,
         "tower_seconds": tower,
         "images_per_second": images / work_seconds if work_seconds > 0 else None,
+        "device": records[0].get("device"),
     }
     shutil.rmtree(sd.tmp / "_shards", ignore_errors=True)
     for leftover in sd.tmp.glob("*.tmp"):
@@ -264,7 +278,3 @@ def _warn(message: str) -> None:
     import sys
 
     print(f"warning: {message}", file=sys.stderr)
-
-
-def config_hash(obj: Any) -> str:
-    return content_hash(obj)

@@ -24,7 +24,6 @@ from pipeline.config import ConfigError, ExtractConfig
 from pipeline.selector_eval import evaluate
 from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, is_held_out,
                             selector_from_tensors, selector_tensors)
-from pipeline.selector import SelectorConfig
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
 from storage.shards import iter_features, stream_crops

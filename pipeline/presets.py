@@ -195,9 +195,34 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     return model.to(device).eval(), processor
 
 
-def describe(model) -> dict[str, Any]:
-    """Facts about a loaded model that downstream stages record."""
-    cfg = model.config
+def load_config(model_dir: str | os.PathLike):
+    """``from_pretrained`` only the config of a LLaVA-NeXT model dir (cheap: no weights)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(f"cannot load model from {model_dir}: no config.json there")
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
+    if getattr(cfg, "model_type", None) != "llava_next":
+        raise ModelLoadError(f"cannot use model from {model_dir}: model_type is {cfg.model_type!r}, "
+                             f"expected 'llava_next' (a LLaVA-NeXT / llava-v1.6 checkpoint)")
+    return cfg
+
+
+def default_device() -> tuple[str, str]:
+    """(device, dtype): CUDA in float16 when available, else CPU in float32."""
+    import torch
+
+    return ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
+
+
+def describe(model_or_config) -> dict[str, Any]:
+    """Facts about a model (or its config) that downstream stages record."""
+    cfg = getattr(model_or_config, "config", model_or_config)
     vis = cfg.vision_config
     return {
         "model_type": cfg.model_type,
@@ -213,14 +238,10 @@ def describe(model) -> dict[str, Any]:
     }
 
 
-def preset_or_none(spec: str) -> TinyPreset | None:
-    return PRESETS.get(spec)
-
-
 def unknown_model_message(spec: str) -> str:
     return (f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), a local directory "
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
 __all__ = ["TinyPreset", "PRESETS", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny",
-           "load_model", "resolve_hub_snapshot", "is_hub_id", "describe", "preset_or_none"]
+           "load_model", "resolve_hub_snapshot", "is_hub_id", "describe", "load_config", "default_device"]

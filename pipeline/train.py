@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import time
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -218,7 +217,3 @@ def batched(items: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray
         if len(buf) == batch_size:
             yield np.stack(buf).astype(np.float32)
             buf = []
-
-
-def describe_meta(meta: Mapping[str, Any]) -> str:
-    return json.dumps(meta, sort_keys=True)

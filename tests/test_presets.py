@@ -114,3 +114,12 @@ def test_bad_model_specs_fail_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         prepare_model(home, str(tmp_path / "empty"))
+
+
+def test_a_model_that_is_not_llava_next_is_refused(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=50).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ModelLoadError, match="model_type is 'llama', expected 'llava_next'"):
+        prepare_model(Home.resolve(tmp_path / "home"), str(tmp_path / "llama"))
