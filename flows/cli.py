@@ -174,8 +174,9 @@ def _is_user_error(exc: BaseException) -> bool:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from pipeline.config import first_line
+
+    return first_line(exc)
 
 
 def cmd_prepare_model(home, args) -> int:

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import first_line
+
 DEFAULT_OUT = "mask.png"
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pkl")
 
@@ -149,8 +151,7 @@ def compute(home, selector_ref: str, model: str, image, retention: float, seed: 
         cfg = SelectorConfig.from_dict(meta["config"])
         selector = selector_from_tensors(cfg, meta["tokens"], meta["channels"], tensors)
     except (KeyError, TypeError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{ckpt}: cannot build a selector from it ({first})") from None
+        raise CheckpointError(f"{ckpt}: cannot build a selector from it ({first_line(exc)})") from None
     warnings = []
     trained_on = (meta.get("encoder") or {}).get("model_key")
     if trained_on and trained_on != model_stage.key:

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import canonical_json, content_hash
+from pipeline.config import canonical_json, content_hash, first_line
 from storage.home import Home
 from storage.results import ResultsStore
 from storage.stages import MANIFEST
@@ -63,7 +63,7 @@ class RunRecorder:
         status = "failed" if error else "completed"
         message = None
         if error is not None:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            message = first_line(error)
             if not isinstance(error, (ValueError, RuntimeError, OSError)):
                 message += "\n" + "".join(traceback.format_exception(error))[-2000:]
         self.store.finish_run(self.run_id, status, mlflow_run_id=self.mlflow_run_id, error=message)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import ConfigError, ExtractConfig
+from pipeline.config import ConfigError, ExtractConfig, first_line
 from pipeline.presets import (PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
 from storage.home import Home
@@ -107,8 +107,7 @@ def prepare_model(home: Home, model: str) -> StageResult:
             try:
                 AutoProcessor.from_pretrained(identity["dir"], backend="pil")
             except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"cannot load the processor of {model}: "
-                                     f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}") from None
+                raise ModelLoadError(f"cannot load the processor of {model}: {first_line(exc)}") from None
         manifest["seconds"] = time.perf_counter() - t0
         path = sd.commit(manifest)
     return StageResult("prepare-model", key, path, False, time.perf_counter() - t0, read_manifest(path))

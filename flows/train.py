@@ -30,7 +30,7 @@ from storage.shards import iter_features, stream_crops
 from storage.stages import StageDir, code_version, find_stage, read_manifest, stage_key, write_json_atomic
 
 from . import progress
-from .extract import _key_from_params, run_extract, run_prepare_model
+from .extract import _key_from_params, _result, _result_dict, run_extract, run_prepare_model
 from .records import RunRecorder
 from .stages import StageResult
 
@@ -126,7 +126,7 @@ def run_train(home: Home, features: StageResult, cfg: TrainConfig,
             fdir = Path(features.path)
             pct = cfg.held_out_percent
             mean, std, n_tokens = channel_statistics(
-                np.stack([f for f, _ in chunk]) for chunk in _chunks(_split_crops(fdir, fm, False, pct), 256))
+                batched((f for f, _ in _split_crops(fdir, fm, False, pct)), 256, drop_last=False))
             encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
                        "features_key": features.key, "tokens": tokens, "channels": channels}
             selectors, timings = {}, {}
@@ -197,17 +197,6 @@ class _Advance(Callback):
         self.last = step
 
 
-def _chunks(items, size):
-    buf = []
-    for item in items:
-        buf.append(item)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
 @task(name="train", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
 def train_task(home: str, features_key: str, config: dict[str, Any], cache_key: str,
                mlflow_run_id: str | None = None) -> dict[str, Any]:
@@ -216,9 +205,7 @@ def train_task(home: str, features_key: str, config: dict[str, Any], cache_key: 
     cfg = TrainConfig.from_dict(config)
     extra = (lambda p: []) if mlflow_run_id is None else (lambda p: [MlflowCurves(_tracker(h), mlflow_run_id,
                                                                                    f"p{p:g}")])
-    r = run_train(h, features, cfg, extra)
-    return {"stage": r.stage, "key": r.key, "path": str(r.path), "cached": r.cached, "seconds": r.seconds,
-            "manifest": r.manifest}
+    return _result_dict(run_train(h, features, cfg, extra))
 
 
 def _tracker(home: Home):
@@ -270,9 +257,10 @@ def train_flow(home: str, config: dict[str, Any], features: str | None = None, m
         t0 = time.perf_counter()
         out = train_task.with_options(refresh_cache=not complete)(str(h.root), feat.key, cfg.to_dict(), key,
                                                                    mlflow_run_id=child)
+        result = _result(out)
         # A cache hit (ours or Prefect's) reports the lookup time, not the original training time.
-        seconds = time.perf_counter() - t0 if complete else out["seconds"]
-        result = StageResult("train", out["key"], Path(out["path"]), complete, seconds, out["manifest"])
+        if complete:
+            result.cached, result.seconds = True, time.perf_counter() - t0
         rows = result.manifest["selector_metrics"]
         _record_selector_metrics(recorder, result, rows)
         at = {r["strategy"]: r for r in rows if abs(r["retention"] - 0.25) < 1e-9}

@@ -81,6 +81,11 @@ def _closest_hint(key: str, names: list[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else f" (valid keys: {', '.join(names)})"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``condition``."""
     if not condition:

@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, check
+from .config import Config, ConfigError, check, first_line
 
 PRESET_VERSION = "1"  # bump when the tiny builder changes in a way that changes weights/tokenizer
 
@@ -190,8 +190,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
         model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype))
         processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from None
     return model.to(device).eval(), processor
 
 
@@ -205,8 +204,7 @@ def load_config(model_dir: str | os.PathLike):
     try:
         cfg = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model from {model_dir}: {first}") from None
+        raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from None
     if getattr(cfg, "model_type", None) != "llava_next":
         raise ModelLoadError(f"cannot use model from {model_dir}: model_type is {cfg.model_type!r}, "
                              f"expected 'llava_next' (a LLaVA-NeXT / llava-v1.6 checkpoint)")

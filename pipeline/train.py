@@ -209,11 +209,14 @@ def selector_from_tensors(cfg: SelectorConfig, tokens: int, channels: int,
     return model.eval()
 
 
-def batched(items: Iterator[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
-    """Stack consecutive (L, C) arrays into (B, L, C) float32 batches (drops a short tail)."""
+def batched(items: Iterable[np.ndarray], batch_size: int, drop_last: bool = True) -> Iterator[np.ndarray]:
+    """Stack consecutive (L, C) arrays into (B, L, C) float32 batches; the short tail is
+    dropped unless ``drop_last`` is False."""
     buf: list[np.ndarray] = []
     for item in items:
         buf.append(item)
         if len(buf) == batch_size:
             yield np.stack(buf).astype(np.float32)
             buf = []
+    if buf and not drop_last:
+        yield np.stack(buf).astype(np.float32)

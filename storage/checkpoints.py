@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.config import first_line
+
 from .stages import write_json_atomic
 
 
@@ -51,7 +53,7 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
     for key, want, what in (("channels", expect_channels, "C (encoder width)"),
                             ("tokens", expect_tokens, "L (tokens per crop)")):
         if want is not None and meta.get(key) != want:

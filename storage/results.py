@@ -25,6 +25,8 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipeline.config import first_line
+
 WRITE_LOCK_TIMEOUT_S = 30.0
 QUERY_LOCK_TIMEOUT_S = 2.0
 RUN_STATUSES = ("running", "completed", "failed")
@@ -359,10 +361,6 @@ class ResultsStore:
         conn.unregister("_atr_staged")
 
 
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def query(
     path: str | os.PathLike, sql: str, *, busy_timeout: float = QUERY_LOCK_TIMEOUT_S
 ) -> tuple[list[str], list[tuple]]:
@@ -385,7 +383,7 @@ def query(
     except duckdb.Error as err:
         if _is_lock_error(err):
             raise QueryError(f"results store busy ({path}): retry") from None
-        raise QueryError(_first_line(err)) from None
+        raise QueryError(first_line(err)) from None
     with conn:
         try:
             statements = conn.extract_statements(sql)
@@ -399,7 +397,7 @@ def query(
             cursor = conn.execute(sql)
             rows = cursor.fetchall()
         except duckdb.Error as err:
-            raise QueryError(_first_line(err)) from None
+            raise QueryError(first_line(err)) from None
         return [d[0] for d in cursor.description], rows
 
 
