@@ -23,13 +23,16 @@ and in MLflow ($MLFLOW_TRACKING_URI, default sqlite:///$ATR_HOME/mlflow.db).
 
 EPILOG = """\
 examples:
-  atr prepare-model --model tiny
+  atr prepare-model                      # tiny-trained: the shipped checkpoint, or trained here (~7 min)
+  atr ask --image card.png --question "What is written in the image?"
+  atr benchmark synthetic-ocr --split test -n 300 --out ocr-test.parquet
   atr extract --model tiny --images synthetic:docs --limit 256
   atr extract --model llava-hf/llava-v1.6-mistral-7b-hf --images /data/coco/train2017 --limit 100000 --crops base
   atr query "SELECT stage, cached, round(seconds, 2) AS s FROM stage_runs ORDER BY started_at DESC LIMIT 5"
 """
 
-MODEL_HELP = ("model: a preset (tiny), a local directory saved with save_pretrained, or a Hugging Face id "
+MODEL_HELP = ("model: a preset (tiny-trained: trained in-project and able to read; tiny: random weights, for "
+              "fast tests), a local directory saved with save_pretrained, or a Hugging Face id "
               "such as llava-hf/llava-v1.6-mistral-7b-hf (must be in the local HF cache when offline)")
 
 
@@ -51,10 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("prepare-model", parents=[common], help="build or register a LLaVA-NeXT model (cached)",
+    p = sub.add_parser("prepare-model", parents=[common], help="build, train or register a LLaVA-NeXT model (cached)",
                        description="Build a preset with save_pretrained into a content-hashed stage directory, "
-                                   "or register a local/HF model after checking that from_pretrained loads it.")
-    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
+                                   "or register a local/HF model after checking that from_pretrained loads it. "
+                                   "tiny-trained is copied from the checkpoint shipped in pipeline/assets when "
+                                   "its training config matches; otherwise (or with --retrain) it is trained "
+                                   "here on the synthetic benchmarks' train splits (CPU, about 7 minutes on 2 "
+                                   "cores) and evaluated on their test splits.")
+    p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
+    p.add_argument("--retrain", action="store_true",
+                   help="tiny-trained: train from scratch even if cached or shipped (reproduces the shipped one)")
+    p.add_argument("--seed", type=int, default=None, help="tiny-trained: training seed (default: 0)")
+    p.add_argument("--steps", type=int, default=None, help="tiny-trained: LM training steps (default: 2000)")
+    p.add_argument("--export", metavar="DIR", default=None,
+                   help="copy the prepared trained model (weights, processor, provenance.json) to DIR, e.g. "
+                        "pipeline/assets/tiny-trained to refresh the shipped checkpoint")
+
+    p = sub.add_parser("ask", parents=[common], help="answer a question about an image",
+                       description="Load the model (prepared and cached like prepare-model) and print its greedy "
+                                   "answer, through the processor's chat template and HF generate.",
+                       epilog='example:\n  atr ask --image card.png --question "What is written in the image?"',
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
+    p.add_argument("--image", required=True, help="image file (.png, .jpg, .webp)")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit (default: 16)")
+
+    p = sub.add_parser("benchmark", parents=[common], help="write a synthetic benchmark split as lmms-lab parquet",
+                       description="Generate synthetic-ocr or synthetic-scene deterministically from a seed and "
+                                   "write one split as parquet (columns question_id, question, answers, answer, "
+                                   "image{bytes,path}). Splits are disjoint by content. Cached under "
+                                   "$ATR_HOME/stages/benchmark/.")
+    p.add_argument("name", help="synthetic-ocr or synthetic-scene")
+    p.add_argument("--split", default="test", help="train, val or test (default: test)")
+    p.add_argument("-n", type=int, default=300, help="number of questions (default: 300)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--out", default=None, help="also copy the parquet file here")
 
     p = sub.add_parser("extract", parents=[common], help="extract vision-encoder features into WebDataset shards",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -152,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .mask import cmd_mask
 
         handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train,
-                   "mask": cmd_mask}[args.command]
+                   "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark}[args.command]
         return handler(home, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -179,20 +214,45 @@ def _one_line(exc: BaseException) -> str:
     return first_line(exc)
 
 
+def _tiny_world_overrides(args) -> dict | None:
+    """The training config for tiny-trained when --seed/--steps are given (None = the default)."""
+    if args.seed is None and args.steps is None:
+        return None
+    from pipeline.presets import TRAINED_PRESETS
+    from pipeline.tinyworld import TinyWorldConfig
+
+    if args.model not in TRAINED_PRESETS:
+        raise UserError(f"--seed/--steps train a preset ({', '.join(TRAINED_PRESETS)}); {args.model!r} is not one")
+    data = TinyWorldConfig().to_dict()
+    if args.seed is not None:
+        data["seed"] = args.seed
+    if args.steps is not None:
+        data["steps"] = args.steps
+    return TinyWorldConfig.from_dict(data).to_dict()
+
+
 def cmd_prepare_model(home, args) -> int:
+    from pipeline.presets import TRAINED_PRESETS
+
+    from . import progress
     from .extract import run_prepare_model
 
-    _preflight(args.model)
+    tiny_world = _tiny_world_overrides(args)
+    if args.retrain and args.model not in TRAINED_PRESETS:
+        raise UserError(f"--retrain applies to trained presets ({', '.join(TRAINED_PRESETS)}), not {args.model!r}")
+    _preflight(args.model, tiny_world=tiny_world)
     t0 = time.perf_counter()
+    progress.enable(True)
     from prefect import flow
 
     @flow(name="prepare-model")
     def prepare_model_flow():
         from .records import RunRecorder
 
-        recorder = RunRecorder(home, "prepare-model", {"model": args.model})
+        recorder = RunRecorder(home, "prepare-model", {"model": args.model, "retrain": args.retrain,
+                                                       "tiny_world": tiny_world})
         try:
-            result = run_prepare_model(home, args.model)
+            result = run_prepare_model(home, args.model, tiny_world, args.retrain)
             recorder.stage(result)
         except BaseException as exc:
             recorder.finish(exc)
@@ -206,6 +266,76 @@ def cmd_prepare_model(home, args) -> int:
     print(f"  key {result.key}  tokens/crop {d.get('tokens_per_crop')}  C {d.get('vision_hidden')}  "
           f"layer {d.get('vision_feature_layer')}  pinpoints {d.get('grid_pinpoints')}  "
           f"({time.perf_counter() - t0:.1f}s)")
+    m = result.manifest
+    if m.get("source"):
+        metrics = m.get("provenance", {}).get("metrics", {})
+        how = {"shipped": "copied from the shipped checkpoint", "trained": "trained here"}[m["source"]]
+        print(f"  {args.model}: {how}; training took {metrics.get('train_seconds', float('nan')):.0f}s"
+              f"{' (when shipped)' if m['source'] == 'shipped' else ''}"
+              + (f"; identical to the shipped checkpoint: {m['matches_shipped']}" if "matches_shipped" in m else ""))
+        _print_quality(m.get("quality", []))
+    if args.export:
+        from .stages import export_model
+
+        out = export_model(result.model_dir, args.export)
+        print(f"  exported to {out}")
+    return 0
+
+
+def _print_quality(rows: list[dict]) -> None:
+    """Test-split figures: accuracy per benchmark and strategy (random averaged over seeds)."""
+    if not rows:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test splits (exact match)")
+    for col in ("benchmark", "strategy", "retention", "accuracy", "seeds", "vs full", "chance", "visual tokens"):
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy") else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
+    full = {b: g[0]["accuracy"] for (b, s, _), g in groups.items() if s == "full"}
+    for (bench, strategy, retention), g in groups.items():
+        acc = sum(r["accuracy"] for r in g) / len(g)
+        rel = acc / full[bench] if full.get(bench) else float("nan")
+        table.add_row(bench, strategy, f"{retention:g}", f"{acc:.3f}", str(len(g)), f"{rel:.2f}",
+                      f"{g[0]['chance']:.3f}", f"{sum(r['mean_visual_tokens'] for r in g) / len(g):.1f}")
+    Console().print(table)
+
+
+def cmd_ask(home, args) -> int:
+    from pipeline.images import decode_image
+
+    from .stages import cached_model
+
+    _preflight(args.model)
+    image = decode_image(args.image)  # BadImage: one line naming the file
+    if not args.question.strip():
+        raise UserError("--question is empty")
+    from .extract import run_prepare_model
+
+    result = run_prepare_model(home, args.model)
+    model, processor = cached_model(str(result.model_dir))
+    from pipeline.tinyworld import ask
+
+    print(ask(model, processor, [image], [args.question], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_benchmark(home, args) -> int:
+    from .stages import synthetic_benchmark
+
+    path = synthetic_benchmark(home, args.name, args.split, args.n, args.seed)
+    if args.out:
+        import shutil
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, out)
+        path = out
+    print(f"{args.name} {args.split}: {args.n} questions -> {path}")
     return 0
 
 
@@ -302,11 +432,11 @@ def _print_selector_table(rows: list[dict]) -> None:
     Console().print(table)
 
 
-def _preflight(model: str, images: str | None = None, seed: int = 0) -> None:
+def _preflight(model: str, images: str | None = None, seed: int = 0, tiny_world: dict | None = None) -> None:
     """Check user inputs before any flow starts, so mistakes end in one line, not a flow failure."""
     from .stages import model_spec
 
-    model_spec(model)
+    model_spec(model, tiny_world)
     if images is not None:
         from pipeline.images import open_source
 

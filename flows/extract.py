@@ -30,8 +30,10 @@ def _key_from_params(_ctx, params: dict[str, Any]) -> str:
 
 
 @task(name="prepare-model", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
-def prepare_model_task(home: str, model: str, cache_key: str) -> dict[str, Any]:
-    result = prepare_model(Home.resolve(home), model)
+def prepare_model_task(home: str, model: str, cache_key: str, tiny_world: dict[str, Any] | None = None,
+                       retrain: bool = False) -> dict[str, Any]:
+    with progress.phases() as on_progress:
+        result = prepare_model(Home.resolve(home), model, tiny_world, retrain, on_progress)
     return _result_dict(result)
 
 
@@ -49,12 +51,14 @@ def _result(d: dict[str, Any]) -> StageResult:
     return StageResult(d["stage"], d["key"], Path(d["path"]), d["cached"], d["seconds"], d["manifest"])
 
 
-def run_prepare_model(home: Home, model: str) -> StageResult:
-    """The prepare-model stage as a cached Prefect task."""
-    key, _, _ = prepare_model_key(model)
+def run_prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = None,
+                      retrain: bool = False) -> StageResult:
+    """The prepare-model stage as a cached Prefect task (``retrain`` bypasses every cache)."""
+    key, _, _ = prepare_model_key(model, tiny_world)
     t0 = time.perf_counter()
-    complete = StageDir(home, "prepare-model", key).is_complete()
-    out = _result(prepare_model_task.with_options(refresh_cache=not complete)(str(home.root), model, key))
+    complete = StageDir(home, "prepare-model", key).is_complete() and not retrain
+    out = _result(prepare_model_task.with_options(refresh_cache=not complete)(
+        str(home.root), model, key, tiny_world, retrain))
     # Prefect may have answered from its cache; the stage is cached iff it was complete before.
     out.cached, out.seconds = complete, time.perf_counter() - t0
     return out

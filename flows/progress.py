@@ -61,6 +61,30 @@ def bar(description: str, total: int | None, unit: str = "images") -> Iterator["
             _active, _bar = None, None
 
 
+@contextmanager
+def phases(unit: str = "steps") -> Iterator:
+    """A callback ``(phase, step, total, metrics)`` drawing one bar per phase (data, tower, lm,
+    eval); the bar's description shows the latest metrics. A no-op without a terminal."""
+    import os
+
+    show = _enabled and (sys.stderr.isatty() or os.environ.get("ATR_PROGRESS") == "1") and _active is None
+    if not show:
+        yield lambda *a: None
+        return
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+    tasks: dict[str, object] = {}
+
+    def update(phase: str, step: int, total: int, metrics: dict) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(phase, total=total)
+        text = phase + "".join(f" {k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        progress.update(tasks[phase], completed=step, total=total, description=text)
+
+    with progress:
+        yield update
+
+
 def describe(text: str) -> None:
     """Replace the description of the bar this process has open, if any (e.g. the loss)."""
     if _bar is not None and _bar.progress is not None:

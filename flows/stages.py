@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import ConfigError, ExtractConfig, first_line
-from pipeline.presets import (PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
+from pipeline.presets import (PRESETS, TRAINED_PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
 from storage.home import Home
 from storage.shards import shard_name, write_shard
 from storage.stages import StageDir, code_version, read_manifest, stage_key
 
 PREPARE_VERSION = "1"
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "pipeline" / "assets"  # <name>/ + provenance.json
+PROVENANCE = "provenance.json"
+SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024
 EXTRACT_VERSION = "1"
 
 
@@ -42,11 +47,21 @@ class StageResult:
 
 # ---------------------------------------------------------------- prepare-model
 
-def model_spec(model: str) -> tuple[str, dict[str, Any]]:
+def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """(kind, identity) for a --model string; identity is what the stage key hashes.
 
-    kind is "preset", "local" or "hub". A hub id is resolved to its cached
-    snapshot here (one clear line when offline and not cached)."""
+    kind is "trained" (a preset trained in-project, e.g. tiny-trained; its
+    identity is the full training config, so a changed config retrains),
+    "preset", "local" or "hub". A hub id is resolved to its cached snapshot here
+    (one clear line when offline and not cached)."""
+    if tiny_world is not None and model not in TRAINED_PRESETS:
+        raise ConfigError(f"training options (--retrain, --seed, --steps) apply only to "
+                          f"{', '.join(TRAINED_PRESETS)}, not to {model!r}")
+    if model in TRAINED_PRESETS:
+        from pipeline.tinyworld import TinyWorldConfig
+
+        cfg = TinyWorldConfig.from_dict(tiny_world) if tiny_world is not None else TinyWorldConfig()
+        return "trained", {"tiny_world": cfg.to_dict()}
     if model in PRESETS:
         return "preset", {"preset": PRESETS[model].to_dict()}
     path = Path(model).expanduser()
@@ -72,27 +87,38 @@ def _dir_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare_model_key(model: str) -> tuple[str, str, dict[str, Any]]:
-    kind, identity = model_spec(model)
+def prepare_model_key(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]]:
+    kind, identity = model_spec(model, tiny_world)
     return stage_key("prepare-model", PREPARE_VERSION, identity, {}), kind, identity
 
 
-def prepare_model(home: Home, model: str) -> StageResult:
-    """Build (preset) or register (local dir / hub snapshot) a model; cached by content hash."""
+def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = None, retrain: bool = False,
+                  on_progress: Callable[[str, int, int, dict], None] | None = None) -> StageResult:
+    """Build (preset), train (tiny-trained) or register (local dir / hub snapshot) a model.
+
+    Cached by content hash. ``retrain`` rebuilds a trained preset from scratch even
+    when the stage or a shipped checkpoint exists."""
     t0 = time.perf_counter()
-    key, kind, identity = prepare_model_key(model)
+    key, kind, identity = prepare_model_key(model, tiny_world)
     sd = StageDir(home, "prepare-model", key)
-    if sd.is_complete():
+    if sd.is_complete() and not retrain:
         return StageResult("prepare-model", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
     with sd.lock():
-        if sd.is_complete():
+        if sd.is_complete() and not retrain:
             return StageResult("prepare-model", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
         work = sd.begin()
         manifest: dict[str, Any] = {"model": model, "kind": kind, "identity": identity,
                                     "code_version": code_version(), "stage_version": PREPARE_VERSION}
         from pipeline.presets import describe, load_config
 
-        if kind == "preset":
+        if kind == "trained":
+            for f in work.iterdir():  # nothing from an interrupted run is reused: training is one piece
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            manifest.update(_trained_model(model, identity, work, retrain, on_progress))
+            manifest["model_dir"] = None
+            loaded, _ = load_model(work)
+            manifest["describe"] = describe(loaded)
+        elif kind == "preset":
             preset = TinyPreset.from_dict(identity["preset"])
             save_tiny(preset, work)
             manifest["model_dir"] = None  # the stage dir itself
@@ -111,6 +137,118 @@ def prepare_model(home: Home, model: str) -> StageResult:
         manifest["seconds"] = time.perf_counter() - t0
         path = sd.commit(manifest)
     return StageResult("prepare-model", key, path, False, time.perf_counter() - t0, read_manifest(path))
+
+
+def shipped_model_dir(model: str) -> Path:
+    return SHIPPED_MODELS / model
+
+
+def read_provenance(model_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(model_dir) / PROVENANCE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _trained_model(model: str, identity: dict[str, Any], work: Path, retrain: bool,
+                   on_progress: Callable[[str, int, int, dict], None] | None) -> dict[str, Any]:
+    """Copy the shipped checkpoint when its training config matches; else train and evaluate."""
+    from pipeline.tinyworld import TinyWorldConfig, code_hash, quality_card, train_tiny_world
+
+    cfg = TinyWorldConfig.from_dict(identity["tiny_world"])
+    shipped = shipped_model_dir(model)
+    prov = read_provenance(shipped)
+    now_code = code_hash()
+    if not retrain and prov is not None and prov.get("config_hash") == cfg.hash():
+        for f in sorted(shipped.iterdir()):
+            if f.is_file():
+                shutil.copy2(f, work / f.name)
+        # The config hash decides (a changed config retrains). The code hash is recorded, not
+        # enforced: an edited comment changes it too; TINYWORLD_VERSION is bumped for real changes.
+        return {"source": "shipped", "shipped_from": str(shipped), "provenance": prov,
+                "quality": prov.get("quality", []), "code_hash_now": now_code,
+                "code_hash_matches": prov.get("code_hash") == now_code}
+    import torch
+
+    trained, processor, metrics = train_tiny_world(cfg, progress=on_progress)
+    t_eval = time.perf_counter()
+    card = quality_card(trained, processor, n=cfg.eval_samples, data_seed=cfg.data_seed,
+                        random_seeds=cfg.eval_seeds, progress=on_progress)
+    metrics["eval_seconds"] = time.perf_counter() - t_eval
+    trained.save_pretrained(work)
+    processor.save_pretrained(work)
+    prov = {"model": model, "config": cfg.to_dict(), "config_hash": cfg.hash(), "code_hash": now_code,
+            "metrics": metrics, "quality": card, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "code_version": code_version()}
+    (work / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
+    out = {"source": "trained", "provenance": prov, "quality": card, "metrics": metrics}
+    old = read_provenance(shipped)
+    if old is not None and old.get("config_hash") == cfg.hash():
+        same = _same_weights(shipped, work)
+        out["matches_shipped"] = same
+    return out
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Byte-equal safetensors weights (the retrain-reproduces-the-shipped-checkpoint check)."""
+    files = sorted(p.name for p in Path(a).glob("*.safetensors"))
+    return bool(files) and all((Path(a) / f).read_bytes() == (Path(b) / f).read_bytes() for f in files) and \
+        files == sorted(p.name for p in Path(b).glob("*.safetensors"))
+
+
+def export_model(model_dir: Path, out: Path) -> Path:
+    """Copy a trained model dir (weights, processor, provenance) to ``out`` for shipping.
+
+    Refuses a model without provenance or over the 10 MB shipping limit; writes
+    ``out.tmp`` and renames, so ``out`` is never half-written."""
+    model_dir, out = Path(model_dir), Path(out)
+    if read_provenance(model_dir) is None:
+        raise ConfigError(f"{model_dir} has no {PROVENANCE}: only a trained preset can be exported")
+    files = [f for f in sorted(model_dir.iterdir()) if f.is_file() and f.name != "_manifest.json"]
+    size = sum(f.stat().st_size for f in files)
+    if size > SHIPPED_LIMIT_BYTES:
+        raise ConfigError(f"{model_dir} holds {size / 2**20:.1f} MiB; the shipping limit is "
+                          f"{SHIPPED_LIMIT_BYTES / 2**20:.0f} MiB")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- synthetic benchmarks
+
+BENCHMARK_VERSION = "1"
+
+
+def synthetic_benchmark(home: Home, name: str, split: str, n: int, seed: int = 0) -> Path:
+    """``<name>-<split>.parquet`` (lmms-lab layout) in a content-hashed stage dir; cached."""
+    from pipeline.synthetic import BENCHMARKS, GENERATOR_VERSION, SPLITS, generate
+    from storage.benchmarks import write_parquet
+
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown synthetic benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if n <= 0:
+        raise ConfigError(f"-n must be positive, got {n}")
+    config = {"benchmark": name, "split": split, "n": n, "seed": seed, "generator": GENERATOR_VERSION}
+    key = stage_key("benchmark", BENCHMARK_VERSION, config, {})
+    sd = StageDir(home, "benchmark", key)
+    filename = f"{name}-{split}.parquet"
+    if not sd.is_complete():
+        with sd.lock():
+            if not sd.is_complete():
+                t0 = time.perf_counter()
+                work = sd.begin()
+                write_parquet((s.row() for s in generate(name, split, n, seed=seed)), work / filename)
+                sd.commit({"config": config, "file": filename, "rows": n, "code_version": code_version(),
+                           "seconds": time.perf_counter() - t0})
+    return sd.path / filename
 
 
 # ---------------------------------------------------------------- extract

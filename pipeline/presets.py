@@ -23,6 +23,15 @@ PRESET_VERSION = "1"  # bump when the tiny builder changes in a way that changes
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+# Vicuna-style LLaVA conversation ("USER: <image>\n{question} ASSISTANT:"), the format
+# llava-v1.6-vicuna uses; ``apply_chat_template`` gives the tiny models the same prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -49,10 +58,12 @@ class TinyPreset(Config):
     text_kv_heads: int = 2
     vocab_size: int = 384
     vision_feature_layer: int = -2
+    tokenizer: str = "v1"          # v2: tiny-world corpus, glyphs never merged (one token per glyph)
     version: str = PRESET_VERSION
 
     def validate(self) -> None:
         check(self.crop_size % self.patch_size == 0, "crop_size must be a multiple of patch_size")
+        check(self.tokenizer in ("v1", "v2"), f"tokenizer must be 'v1' or 'v2', got {self.tokenizer!r}")
         check(self.vision_layers >= 2, "vision_layers must be >= 2 so vision_feature_layer=-2 is a real layer")
         for h, w in self.grid_pinpoints:
             check(h % self.crop_size == 0 and w % self.crop_size == 0,
@@ -64,11 +75,27 @@ class TinyPreset(Config):
 
 
 PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset()}
+# Presets whose weights are trained in-project (pipeline.tinyworld); built by the prepare-model stage.
+TRAINED_PRESETS = ("tiny-trained",)
 
 
-def _tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
-    """Text the tiny tokenizer is trained on: prompts, glyph codes and colour/shape words."""
+def _tokenizer_corpus(seed: int, version: str = "v1", n: int = 4000) -> list[str]:
+    """Text the tiny tokenizer is trained on: prompts, glyph codes and colour/shape words.
+
+    v2 is the tiny world's corpus: its two questions and every colour word, with
+    glyphs always space-separated so BPE never merges two glyphs -- an answer
+    code is then one token per glyph, which a 2-layer LM can copy."""
     rng = random.Random(seed)
+    if version == "v2":
+        from .synthetic import COLOURS, OCR_QUESTION, SCENE_QUESTION
+
+        lines = []
+        for _ in range(n):
+            q = rng.choice([OCR_QUESTION, SCENE_QUESTION])
+            ans = " ".join(rng.choice(GLYPHS) for _ in range(rng.randint(1, 3))) if q == OCR_QUESTION \
+                else rng.choice(list(COLOURS))
+            lines.append(f"USER: {IMAGE_TOKEN}\n{q} ASSISTANT: {ans}")
+        return lines
     words = ("what is written in the image ? answer with the text . which colour is the large shape ? "
              "red green blue yellow orange purple cyan magenta black white grey brown pink "
              "square circle triangle rectangle ellipse the a of and question answer user assistant").split()
@@ -94,7 +121,7 @@ def build_tokenizer(preset: TinyPreset):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_tokenizer_corpus(preset.seed), trainer=trainer)
+    tok.train_from_iterator(_tokenizer_corpus(preset.seed, preset.tokenizer), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
@@ -141,7 +168,7 @@ def build_tiny(preset: TinyPreset):
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer,
         patch_size=preset.patch_size, vision_feature_select_strategy="default",
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -237,7 +264,7 @@ def describe(model_or_config) -> dict[str, Any]:
 
 
 def unknown_model_message(spec: str) -> str:
-    return (f"unknown model {spec!r}: use a preset ({', '.join(PRESETS)}), a local directory "
+    return (f"unknown model {spec!r}: use a preset ({', '.join([*TRAINED_PRESETS, *PRESETS])}), a local directory "
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 

@@ -72,3 +72,18 @@ def cli_env(prefect_api_url, tmp_path):
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     env.pop("PREFECT_LOGGING_LEVEL", None)  # as a user runs it: the CLI picks its own log level
     return env
+
+
+@pytest.fixture(scope="session")
+def trained_stage(session_home):
+    """tiny-trained through the real prepare-model stage: the shipped checkpoint, copied."""
+    from flows.stages import prepare_model
+
+    return prepare_model(session_home, "tiny-trained")
+
+
+@pytest.fixture(scope="session")
+def trained_model(trained_stage):
+    from pipeline.presets import load_model
+
+    return load_model(trained_stage.model_dir)

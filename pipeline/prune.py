@@ -1,0 +1,165 @@
+"""Pruned LLaVA-NeXT inference on stock HF transformers (no fork of the modeling code).
+
+Per image: the vision tower runs once on every AnyRes crop (one batched forward),
+the projector maps the ``(crops, L, C)`` tower features to LM width, and the
+model's own ``pack_image_features`` lays them out (base crop, then the unpadded
+high-resolution grid with one row-newline token per row). A boolean ``keep``
+mask ``(crops, L)`` is packed *the same way*, so geometry and unpadding can
+never disagree between features and mask. The kept tokens, in raster order,
+replace the single ``<image>`` placeholder in ``inputs_embeds``; ``generate``
+then runs greedy decoding. Batches are left-padded.
+
+Row-newline rule (one rule for every strategy): a grid row's newline token is
+kept iff that row keeps at least one encoder token; "full" therefore keeps every
+newline, "none" sends no image at all. Retention counts encoder tokens only;
+``visual_tokens`` reports what the LLM really saw (kept tokens + kept newlines).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .extract import crop_layout
+
+
+@dataclass
+class ImageFeatures:
+    """Tower output of one image: ``features`` (crops, L, C) and ``image_size`` (height, width)."""
+
+    features: torch.Tensor
+    image_size: tuple[int, int]
+
+    @property
+    def crops(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return self.features.shape[1]
+
+
+def _inner(model):
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "pack_image_features") or not hasattr(inner, "multi_modal_projector"):
+        raise TypeError(f"{type(model).__name__} is not a LlavaNextForConditionalGeneration "
+                        f"(needs model.pack_image_features and model.multi_modal_projector)")
+    return inner
+
+
+@torch.no_grad()
+def encode_images(model, processor, images: Sequence[Any]) -> list[ImageFeatures]:
+    """Tower features of every crop of every image, in one tower forward."""
+    cfg = model.config
+    inner = _inner(model)
+    crop = cfg.vision_config.image_size
+    enc = processor.image_processor(images=list(images), return_tensors="pt")
+    pixels, counts, sizes = [], [], []
+    for px, image in zip(enc["pixel_values"], images):
+        w, h = image.size
+        n = len(crop_layout(w, h, crop, cfg.image_grid_pinpoints).boxes)
+        pixels.append(px[:n])
+        counts.append(n)
+        sizes.append((h, w))
+    tower = inner.vision_tower
+    param = next(tower.parameters())
+    out = tower(torch.cat(pixels).to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
+    layer = cfg.vision_feature_layer
+    feats = (torch.cat([out.hidden_states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple))
+             else out.hidden_states[layer])
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return [ImageFeatures(f, s) for f, s in zip(torch.split(feats, counts), sizes)]
+
+
+@torch.no_grad()
+def visual_embeddings(model, image: ImageFeatures, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
+
+    ``keep`` is a (crops, L) bool mask; None keeps everything."""
+    inner = _inner(model)
+    feats = image.features
+    if keep is None:
+        keep = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+    if keep.shape != feats.shape[:2]:
+        raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match features {tuple(feats.shape[:2])}")
+    projected = inner.multi_modal_projector(feats)
+    newline = inner.image_newline
+    # Pack two extra channels with the features: the keep flag, and a newline marker.
+    extra = torch.stack([keep.to(projected.dtype), torch.zeros_like(keep, dtype=projected.dtype)], dim=-1)
+    x = torch.cat([projected, extra], dim=-1)
+    nl = torch.cat([newline.to(projected.dtype), torch.tensor([0.0, 1.0], dtype=projected.dtype,
+                                                              device=projected.device)])
+    sizes = torch.tensor([image.image_size], device=feats.device)
+    packed, _ = inner.pack_image_features([x], sizes, model.config.vision_feature_select_strategy,
+                                          image_newline=nl)
+    p = packed[0]
+    emb, kept, is_newline = p[:, :-2], p[:, -2] > 0.5, p[:, -1] > 0.5
+    if is_newline.any():
+        # Base-crop tokens come first and have no newline (multi-crop images). After them,
+        # each newline closes the row since the previous one: keep it iff that row kept a token.
+        start = image.tokens_per_crop if image.crops > 1 else 0
+        grid_newline, grid_kept = is_newline[start:], kept[start:]
+        row = torch.cumsum(grid_newline.long(), 0) - grid_newline.long()
+        kept_per_row = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=p.device)
+        kept_per_row.index_add_(0, row, (grid_kept & ~grid_newline).long())
+        kept = torch.cat([kept[:start], torch.where(grid_newline, kept_per_row[row] > 0, grid_kept)])
+    return emb[kept]
+
+
+def _split_prompt(tokenizer, prompt: str, image_token_id: int):
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    where = (ids == image_token_id).nonzero()
+    if where.shape[0] > 1:
+        raise ValueError(f"prompt must contain at most one image placeholder, got {where.shape[0]}: {prompt!r}")
+    if where.shape[0] == 0:
+        return ids, None
+    i = int(where[0, 0])
+    return ids[:i], ids[i + 1:]
+
+
+@torch.no_grad()
+def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
+             max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
+
+    ``visual[i] is None`` drops the placeholder: the prompt carries no image at all.
+    Sequences are left-padded into one batch."""
+    tok = processor.tokenizer
+    embed = model.get_input_embeddings()
+    image_token_id = model.config.image_token_id
+    rows = []
+    for prompt, vis in zip(prompts, visual, strict=True):
+        before, after = _split_prompt(tok, prompt, image_token_id)
+        if after is None:
+            parts = [embed(before.to(embed.weight.device))]
+        else:
+            parts = [embed(before.to(embed.weight.device))]
+            if vis is not None:
+                parts.append(vis.to(embed.weight.dtype))
+            parts.append(embed(after.to(embed.weight.device)))
+        rows.append(torch.cat(parts))
+    width = max(r.shape[0] for r in rows)
+    dim = rows[0].shape[1]
+    batch = rows[0].new_zeros(len(rows), width, dim)
+    mask = torch.zeros(len(rows), width, dtype=torch.long, device=batch.device)
+    for i, r in enumerate(rows):
+        batch[i, width - r.shape[0]:] = r
+        mask[i, width - r.shape[0]:] = 1
+    out = model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def random_keep(crops: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
+    """(crops, tokens) mask keeping k = round(retention * tokens) random tokens in every crop."""
+    k = max(1, round(retention * tokens))
+    order = torch.rand(crops, tokens, generator=generator).argsort(dim=1)
+    keep = torch.zeros(crops, tokens, dtype=torch.bool)
+    keep.scatter_(1, order[:, :k], True)
+    return keep
+
+
+__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "generate", "random_keep"]

@@ -1,0 +1,402 @@
+"""Train ``tiny-trained``: a LLaVA-NeXT (real HF classes) that reads the synthetic benchmarks.
+
+The recipe follows LLaVA's own: a vision tower pre-trained on its own task, then
+frozen while the projector and the LM learn to answer questions about images.
+
+1. **Tower pre-training** (the stand-in for CLIP pre-training): every output
+   token of ``vision_feature_layer`` learns, through a linear probe, which glyphs
+   lie in its own 16-pixel cell. The supervision is per token, so the glyph's
+   identity stays in the glyph's token -- the locality that makes *which tokens
+   are kept* matter. (An end-to-end trained 2-layer tower was measured to spread
+   a lone glyph into every token of the crop.)
+2. **Instruction tuning**: the tower is frozen and its features are computed once;
+   the projector, image-newline and LM train on ``USER: <image>\\n{question}
+   ASSISTANT: {answer}</s>`` with loss on the answer tokens, through the model's
+   own ``pack_image_features`` (AnyRes packing and unpadding) so training sees
+   exactly what ``generate`` sees.
+
+Pure torch + transformers; progress is a callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .config import Config, check
+from .extract import crop_layout, token_boxes
+from .presets import IMAGE_TOKEN, TinyPreset, build_tiny
+from .synthetic import GLYPHS, Sample, generate
+from .train import lr_factor
+
+TINYWORLD_VERSION = "1"  # bump when the recipe changes in a way that changes the trained weights
+
+TINY_TRAINED_PRESET = TinyPreset(
+    name="tiny-trained", patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
+)
+
+PROMPT = "USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:"  # = CHAT_TEMPLATE with one image + question
+
+Progress = Callable[[str, int, int, dict], None]  # (phase, step, total, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyWorldConfig(Config):
+    """Everything that determines the ``tiny-trained`` weights (its hash keys the stage)."""
+
+    kind: ClassVar[str] = "tiny-world"
+
+    preset: TinyPreset = TINY_TRAINED_PRESET
+    data_seed: int = 0
+    train_ocr: int = 6000
+    train_scene: int = 3000
+    seed: int = 0
+    tower_steps: int = 600
+    tower_batch: int = 128
+    tower_lr: float = 3e-3
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    eval_samples: int = 300        # test questions per benchmark in the quality card
+    eval_seeds: int = 3            # random-keep seeds in the quality card
+    version: str = TINYWORLD_VERSION
+
+    def validate(self) -> None:
+        check(self.preset.patch_size * 4 == self.preset.crop_size,
+              "the tiny world draws one glyph per crop_size/4 cell: use patch_size = crop_size / 4")
+        for name in ("train_ocr", "train_scene", "tower_steps", "tower_batch", "steps", "batch_size",
+                     "eval_samples", "eval_seeds"):
+            check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        check(0 < self.lr < 1 and 0 < self.tower_lr < 1, "learning rates must be in (0, 1)")
+        check(0 <= self.warmup < self.steps, "warmup must be in [0, steps)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TinyWorldConfig":
+        data = dict(data)
+        if isinstance(data.get("preset"), Mapping):
+            data["preset"] = TinyPreset.from_dict(data["preset"])
+        return super().from_dict(data)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------- data
+
+@dataclasses.dataclass
+class Encoded:
+    """One training sample, ready for the model: crops, token ids and labels."""
+
+    pixels: torch.Tensor  # (crops, 3, S, S)
+    image_size: tuple[int, int]  # (height, width)
+    input_ids: torch.Tensor  # (T,)
+    labels: torch.Tensor  # (T,) -100 outside the answer
+    glyph_targets: torch.Tensor | None  # (crops, L, len(GLYPHS)) multi-hot, OCR only
+
+
+def prompt_for(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+def encode(sample: Sample, processor) -> Encoded:
+    tok = processor.tokenizer
+    enc = processor(images=[sample.image], text=[prompt_for(sample.question)], return_tensors="pt")
+    prompt_ids = enc["input_ids"][0]
+    answer_ids = torch.tensor(tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    w, h = sample.image.size
+    pixels = enc["pixel_values"][0]
+    layout = crop_layout(w, h, processor.image_processor.crop_size["height"],
+                         processor.image_processor.image_grid_pinpoints)
+    pixels = pixels[: len(layout.boxes)]
+    targets = None
+    if sample.glyph_boxes:
+        side = processor.image_processor.crop_size["height"] // processor.patch_size
+        targets = glyph_targets(layout.boxes, side, sample.glyph_boxes)
+    return Encoded(pixels, (h, w), torch.cat([prompt_ids, answer_ids]),
+                   torch.cat([torch.full_like(prompt_ids, -100), answer_ids]), targets)
+
+
+def glyph_targets(boxes, side: int, glyph_boxes) -> torch.Tensor:
+    """(crops, side*side) class per token: 1 + glyph index for the glyph covering most of the
+    cell's share of ink (at least half of that glyph's ink box), else 0 (blank)."""
+    out = torch.zeros(len(boxes), side * side, dtype=torch.long)
+    g = np.asarray([b[:4] for b in glyph_boxes], dtype=np.float64)
+    cls = np.asarray([1 + GLYPHS.index(b[4]) for b in glyph_boxes])
+    area = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
+    for i, box in enumerate(boxes):
+        t = token_boxes(box, side)[:, None, :]
+        w = np.clip(np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0]), 0, None)
+        h = np.clip(np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1]), 0, None)
+        share = (w * h) / area  # (L, G): fraction of each glyph's ink box inside the cell
+        best = share.argmax(axis=1)
+        hit = share[np.arange(len(best)), best] >= 0.5
+        out[i] = torch.from_numpy(np.where(hit, cls[best], 0))
+    if len(boxes) > 1:
+        # The base crop squashes the whole image into one crop: glyphs there are 2-3x
+        # smaller than a cell and not reliably readable, so base tokens get no label.
+        out[0] = -100
+    return out
+
+
+def training_samples(config: TinyWorldConfig) -> list[Sample]:
+    ocr = generate("synthetic-ocr", "train", config.train_ocr, seed=config.data_seed)
+    scene = generate("synthetic-scene", "train", config.train_scene, seed=config.data_seed)
+    return ocr + scene
+
+
+# ---------------------------------------------------------------- training
+
+def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """(crops, L, C) projector inputs: ``vision_feature_layer`` hidden state, CLS dropped."""
+    cfg = model.config
+    out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+
+def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, progress: Progress | None = None) -> dict:
+    """Per-token glyph probe on the feature layer: keeps each glyph's identity in its own token.
+
+    Half of every batch are crops that hold a glyph token, so the rare glyph cells
+    are not drowned by blank ones."""
+    gen = torch.Generator().manual_seed(config.seed)
+    pixels = torch.cat([d.pixels for d in data])
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    targets = torch.cat([d.glyph_targets if d.glyph_targets is not None
+                         else torch.zeros(d.pixels.shape[0], side * side, dtype=torch.long) for d in data])
+    with_glyph = (targets > 0).any(-1).nonzero()[:, 0]
+    targets = targets.clone()
+    tower = model.model.vision_tower
+    probe = torch.nn.Linear(model.config.vision_config.hidden_size, 1 + len(GLYPHS))
+    params = list(tower.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=config.tower_lr, weight_decay=config.weight_decay)
+    tower.train()
+    stats: dict[str, float] = {}
+    half = config.tower_batch // 2
+    for step in range(config.tower_steps):
+        for g in opt.param_groups:
+            g["lr"] = config.tower_lr * lr_factor(step, config.tower_steps // 10, config.tower_steps)
+        idx = torch.cat([torch.randint(0, pixels.shape[0], (config.tower_batch - half,), generator=gen),
+                         with_glyph[torch.randint(0, len(with_glyph), (half,), generator=gen)]])
+        logits = probe(tower_features(model, pixels[idx]))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = {"tower_loss": float(loss.detach())}
+        if progress:
+            progress("tower", step + 1, config.tower_steps, stats)
+    tower.eval()
+    with torch.no_grad():
+        idx = torch.arange(min(pixels.shape[0], 8192))
+        pred = probe(tower_features(model, pixels[idx])).argmax(-1)
+        t = targets[idx]
+        stats["tower_glyph_token_accuracy"] = float((pred == t)[t > 0].float().mean())
+        stats["tower_blank_token_accuracy"] = float((pred == t)[t == 0].float().mean())
+        # The probe must not fire on base-crop tokens either way: they are unlabelled.
+    return stats
+
+
+def _collate(batch: Sequence[tuple[torch.Tensor, Encoded]], pad_id: int):
+    width = max(e.input_ids.shape[0] for _, e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (_, e) in enumerate(batch):
+        n = e.input_ids.shape[0]
+        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
+    feats = torch.cat([f for f, _ in batch])
+    sizes = torch.tensor([e.image_size for _, e in batch])
+    return feats, [f.shape[0] for f, _ in batch], sizes, ids, labels, mask
+
+
+def inputs_embeds_from_features(model, feats: torch.Tensor, counts: list[int], image_sizes: torch.Tensor,
+                                input_ids: torch.Tensor) -> torch.Tensor:
+    """Projector + AnyRes packing (the model's own) spliced over the image placeholders."""
+    inner = model.model
+    projected = inner.multi_modal_projector(feats)
+    packed, _ = inner.pack_image_features(list(torch.split(projected, counts)), image_sizes,
+                                          model.config.vision_feature_select_strategy,
+                                          image_newline=inner.image_newline)
+    embeds = inner.get_input_embeddings()(input_ids)
+    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
+    return embeds.masked_scatter(image_mask, torch.cat(packed).to(embeds.dtype))
+
+
+def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
+             progress: Progress | None = None) -> dict:
+    """Instruction-tune projector + LM on frozen tower features."""
+    tower = model.model.vision_tower
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        feats = [tower_features(model, d.pixels) for d in data]
+    items = list(zip(feats, data))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    pad_id = processor.tokenizer.pad_token_id
+    model.train()
+    stats: dict[str, float] = {}
+    ema = None
+    for step in range(config.steps):
+        for g in opt.param_groups:
+            g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
+        idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
+        f, counts, sizes, ids, labels, mask = _collate([items[i] for i in idx], pad_id)
+        embeds = inputs_embeds_from_features(model, f, counts, sizes, ids)
+        out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        stats = {"loss": ema}
+        if progress:
+            progress("lm", step + 1, config.steps, stats)
+    model.eval()
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    return stats
+
+
+def train_tiny_world(config: TinyWorldConfig, progress: Progress | None = None):
+    """Build ``config.preset`` and train it; returns (model, processor, metrics)."""
+    t0 = time.perf_counter()
+    model, processor = build_tiny(config.preset)
+    torch.manual_seed(config.seed)
+    samples = training_samples(config)
+    if progress:
+        progress("data", 0, len(samples), {})
+    data = []
+    for i, s in enumerate(samples):
+        data.append(encode(s, processor))
+        if progress and (i + 1) % 256 == 0:
+            progress("data", i + 1, len(samples), {})
+    metrics: dict[str, Any] = {"data_seconds": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    metrics.update(pretrain_tower(model, data, config, progress))
+    metrics["tower_seconds"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    metrics.update(train_lm(model, processor, data, config, progress))
+    metrics["lm_seconds"] = time.perf_counter() - t2
+    metrics["train_seconds"] = time.perf_counter() - t0
+    return model, processor, metrics
+
+
+# ---------------------------------------------------------------- answering and quality
+
+def ask(model, processor, images: Sequence[Any], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
+    """Greedy answers through the processor and HF ``generate`` (batched, left padding)."""
+    conversations = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                     for q in questions]
+    prompts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    enc = processor(images=list(images), text=prompts, return_tensors="pt", padding=True).to(model.device)
+    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def quality(model, processor, samples: Sequence[Sample], strategy: str, retention: float = 1.0, seed: int = 0,
+            batch_size: int = 32, max_new_tokens: int = 6) -> dict[str, float]:
+    """Accuracy (exact match) and ANLS of ``strategy`` on ``samples``.
+
+    ``full`` keeps every token, ``none`` sends the question without the image,
+    ``random`` keeps round(retention * L) random tokens in every crop (seeded)."""
+    from .metrics import anls, exact_match
+    from .prune import encode_images, generate, random_keep, visual_embeddings
+
+    if strategy not in ("full", "none", "random"):
+        raise ValueError(f"unknown strategy {strategy!r}; valid: full, none, random")
+    gen = torch.Generator().manual_seed(seed)
+    acc, nls, visual = 0.0, 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        if strategy == "none":
+            prompts = [PROMPT.replace(IMAGE_TOKEN + "\n", "").format(question=s.question) for s in chunk]
+            vis: list = [None] * len(chunk)
+        else:
+            prompts = [prompt_for(s.question) for s in chunk]
+            vis = []
+            for feats in encode_images(model, processor, [s.image for s in chunk]):
+                keep = None if strategy == "full" else random_keep(feats.crops, feats.tokens_per_crop, retention, gen)
+                vis.append(visual_embeddings(model, feats, keep))
+        with torch.no_grad():
+            preds = generate(model, processor, prompts, vis, max_new_tokens=max_new_tokens)
+        for s, p, v in zip(chunk, preds, vis):
+            acc += exact_match(p, s.answer)
+            nls += anls(p, s.answers)
+            visual += 0 if v is None else v.shape[0]
+    n = max(1, len(samples))
+    return {"accuracy": acc / n, "anls": nls / n, "n_samples": len(samples), "mean_visual_tokens": visual / n}
+
+
+def quality_card(model, processor, n: int = 300, data_seed: int = 0, random_seeds: int = 3,
+                 retention: float = 0.25, progress: Progress | None = None) -> list[dict[str, Any]]:
+    """The tiny world's figures on the test splits: full, no image, random ``retention`` (seeds)."""
+    from .synthetic import chance_accuracy
+
+    rows = []
+    jobs = [(b, st, sd) for b in ("synthetic-ocr", "synthetic-scene")
+            for st, sd in [("full", 0), ("none", 0), *[("random", s) for s in range(random_seeds)]]]
+    tests = {b: generate(b, "test", n, seed=data_seed) for b in ("synthetic-ocr", "synthetic-scene")}
+    for i, (bench, strategy, seed) in enumerate(jobs):
+        r = 1.0 if strategy == "full" else (0.0 if strategy == "none" else retention)
+        q = quality(model, processor, tests[bench], strategy, r, seed)
+        rows.append({"benchmark": bench, "strategy": strategy, "retention": r, "seed": seed,
+                     "chance": chance_accuracy(bench), **q})
+        if progress:
+            progress("eval", i + 1, len(jobs), {})
+    return rows
+
+
+def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", threshold: float = 0.1) -> dict:
+    """Draw one glyph into one blank cell; count feature tokens that change by more than
+    ``threshold`` of the largest change (per crop, CLS dropped)."""
+    from PIL import ImageDraw
+
+    from .synthetic import _font
+
+    edited = image.copy()
+    x, y = cell
+    ImageDraw.Draw(edited).text((x + 2, y), glyph, font=_font(14), fill=(0, 0, 0))
+    enc = processor.image_processor(images=[image, edited], return_tensors="pt")
+    with torch.no_grad():
+        a = tower_features(model, enc["pixel_values"][0])
+        b = tower_features(model, enc["pixel_values"][1])
+    delta = (a - b).norm(dim=-1)  # (crops, L)
+    changed = delta > threshold * delta.max()
+    return {"tokens_changed": int(changed.sum()), "tokens_total": int(delta.numel()),
+            "crops_changed": int(changed.any(-1).sum())}
+
+
+__all__ = ["TinyWorldConfig", "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
+           "inputs_embeds_from_features", "locality", "PROMPT"]
+
+
+def code_hash() -> str:
+    """Hash of the source that determines tiny-trained's weights (recorded with a shipped checkpoint)."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for name in ("config", "presets", "synthetic", "extract", "train", "tinyworld"):
+        module = importlib.import_module(f"{__package__}.{name}")
+        with open(module.__file__, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]

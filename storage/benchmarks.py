@@ -1,0 +1,79 @@
+"""Benchmark parquet files in the lmms-lab layout.
+
+The synthetic benchmarks are written with the columns lmms-lab's DocVQA-style
+sets use -- ``question_id`` (str), ``question`` (str), ``answers`` (list[str]),
+``image`` (struct ``{bytes: binary, path: str}``, as ``datasets`` stores an
+Image feature) -- plus ``answer`` (str), so one parquet reader serves these and
+the real benchmarks. Files are written to a temp name and renamed: a crash
+never leaves a half-written parquet under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SYNTHETIC_SCHEMA = pa.schema([
+    ("question_id", pa.string()),
+    ("question", pa.string()),
+    ("answers", pa.list_(pa.string())),
+    ("answer", pa.string()),
+    ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+])
+
+
+class BenchmarkFileError(ValueError):
+    """A benchmark parquet that is missing or malformed; ``str(exc)`` is one line naming it."""
+
+
+def write_parquet(rows: Iterable[dict[str, Any]], path: Path, schema: pa.Schema = SYNTHETIC_SCHEMA) -> Path:
+    """Write ``rows`` (dicts with the schema's columns) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name).
+
+    A missing path, an unreadable file or a missing column ends in one
+    :class:`BenchmarkFileError` line that names the file and the expected columns."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not path.exists():
+        raise BenchmarkFileError(f"benchmark data {path} does not exist (expected a parquet file or a directory "
+                                 f"of them with columns {', '.join(required)})")
+    if not files:
+        raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except (OSError, pa.ArrowException) as exc:
+            raise BenchmarkFileError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]}); "
+                                     f"expected columns {', '.join(required)}") from None
+        missing = [c for c in required if c not in schema.names]
+        if missing:
+            raise BenchmarkFileError(f"{f}: missing column(s) {', '.join(missing)}; expected columns "
+                                     f"{', '.join(required)} (has {', '.join(schema.names)})")
+        want = None if columns is None else [c for c in columns if c in schema.names]
+        try:
+            rows.extend(pq.read_table(f, columns=want).to_pylist())
+        except (OSError, pa.ArrowException) as exc:
+            raise BenchmarkFileError(f"{f}: cannot read ({str(exc).splitlines()[0]})") from None
+    return rows
+
+
+__all__ = ["write_parquet", "read_parquet", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]

@@ -1,0 +1,88 @@
+"""Pruned inference: packing with a keep mask, the row-newline rule, batching, no-image prompts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.prune import encode_images, generate, random_keep, visual_embeddings
+from pipeline.synthetic import generate as make_samples
+from pipeline.tinyworld import PROMPT, prompt_for
+
+
+def _full_count(h: int, w: int) -> int:
+    # tiny-trained: 4x4 tokens per 64-px crop; exact-fit canvases, so no unpadding
+    rows, cols = h // 64 * 4, w // 64 * 4
+    return 16 + rows * cols + rows
+
+
+def test_full_keep_equals_the_models_own_packing(trained_model):
+    model, processor = trained_model
+    samples = make_samples("synthetic-ocr", "test", 6)
+    feats = encode_images(model, processor, [s.image for s in samples])
+    for f, s in zip(feats, samples):
+        w, h = s.image.size
+        assert f.features.shape == (1 + (h // 64) * (w // 64), 16, 64)
+        vis = visual_embeddings(model, f)
+        assert vis.shape[0] == _full_count(h, w)
+        # the same as HF's get_image_features on the processor's pixel values
+        enc = processor.image_processor(images=[s.image], return_tensors="pt")
+        with torch.no_grad():
+            ref = model.model.get_image_features(enc["pixel_values"], torch.tensor([[h, w]])).pooler_output[0]
+        torch.testing.assert_close(vis, ref)
+
+
+def test_row_newline_kept_iff_its_row_keeps_a_token(trained_model):
+    model, processor = trained_model
+    s = next(x for x in make_samples("synthetic-ocr", "test", 40) if x.image.size == (128, 128))
+    f = encode_images(model, processor, [s.image])[0]
+    full = visual_embeddings(model, f)
+    newline = model.model.image_newline
+    keep = torch.zeros(5, 16, dtype=torch.bool)
+    keep[0, 3] = True  # one base token: no newline (the base crop has none)
+    keep[1, 5] = True  # grid crop (0,0), token row 1 -> packed grid row 1
+    keep[4, 15] = True  # grid crop (1,1), last row -> packed grid row 7
+    vis = visual_embeddings(model, f, keep)
+    assert vis.shape[0] == 3 + 2
+    is_nl = torch.isclose(vis, newline.expand_as(vis)).all(-1)
+    assert is_nl.tolist() == [False, False, True, False, True]
+    torch.testing.assert_close(vis[0], full[3])
+    assert visual_embeddings(model, f, torch.zeros(5, 16, dtype=torch.bool)).shape[0] == 0
+    with pytest.raises(ValueError, match="keep mask shape"):
+        visual_embeddings(model, f, torch.ones(4, 16, dtype=torch.bool))
+
+
+def test_random_keep_is_per_crop_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    keep = random_keep(5, 16, 0.25, g)
+    assert keep.sum(1).tolist() == [4] * 5
+    again = random_keep(5, 16, 0.25, torch.Generator().manual_seed(0))
+    assert torch.equal(keep, again)
+    assert random_keep(3, 576, 0.222, g).sum(1).tolist() == [128] * 3
+
+
+def test_batched_generation_equals_batch_of_one(trained_model):
+    model, processor = trained_model
+    samples = make_samples("synthetic-ocr", "test", 5) + make_samples("synthetic-scene", "test", 5)
+    feats = encode_images(model, processor, [s.image for s in samples])
+    g = torch.Generator().manual_seed(1)
+    vis = []
+    for i, f in enumerate(feats):  # mixed: full, random 50 %, and no image
+        if i % 3 == 0:
+            vis.append(visual_embeddings(model, f))
+        elif i % 3 == 1:
+            vis.append(visual_embeddings(model, f, random_keep(f.crops, 16, 0.5, g)))
+        else:
+            vis.append(None)
+    prompts = [prompt_for(s.question) if v is not None else PROMPT.replace("<image>\n", "").format(question=s.question)
+               for s, v in zip(samples, vis)]
+    batched = generate(model, processor, prompts, vis, max_new_tokens=6)
+    single = [generate(model, processor, [p], [v], max_new_tokens=6)[0] for p, v in zip(prompts, vis)]
+    assert batched == single
+    assert sum(batched[i] == samples[i].answer for i in range(0, len(samples), 3)) >= 3  # full-image ones
+
+
+def test_prompt_with_two_placeholders_is_refused(trained_model):
+    model, processor = trained_model
+    with pytest.raises(ValueError, match="at most one image placeholder, got 2"):
+        generate(model, processor, ["USER: <image><image> hi ASSISTANT:"], [None])
