@@ -253,7 +253,7 @@ def cmd_prepare_model(home, args) -> int:
                                                        "tiny_world": tiny_world})
         try:
             result = run_prepare_model(home, args.model, tiny_world, args.retrain)
-            recorder.stage(result)
+            recorder.stage(result, metrics=_quality_metrics(result.manifest.get("quality", [])))
         except BaseException as exc:
             recorder.finish(exc)
             raise
@@ -282,6 +282,14 @@ def cmd_prepare_model(home, args) -> int:
     return 0
 
 
+def _quality_metrics(rows: list[dict]) -> dict[str, float]:
+    """MLflow metric names for a quality card: ``<benchmark>.<strategy>.accuracy`` (seed mean)."""
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        groups.setdefault(f"{r['benchmark']}.{r['strategy']}.accuracy", []).append(r["accuracy"])
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
 def _print_quality(rows: list[dict]) -> None:
     """Test-split figures: accuracy per benchmark and strategy (random averaged over seeds)."""
     if not rows:
@@ -289,8 +297,8 @@ def _print_quality(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="test splits (exact match)")
-    for col in ("benchmark", "strategy", "retention", "accuracy", "seeds", "vs full", "chance", "visual tokens"):
+    table = Table(title="tiny world, test splits")
+    for col in ("benchmark", "strategy", "retention", "accuracy", "vs full", "chance", "tokens"):
         table.add_column(col, justify="left" if col in ("benchmark", "strategy") else "right")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -299,9 +307,12 @@ def _print_quality(rows: list[dict]) -> None:
     for (bench, strategy, retention), g in groups.items():
         acc = sum(r["accuracy"] for r in g) / len(g)
         rel = acc / full[bench] if full.get(bench) else float("nan")
-        table.add_row(bench, strategy, f"{retention:g}", f"{acc:.3f}", str(len(g)), f"{rel:.2f}",
+        name = strategy if len(g) == 1 else f"{strategy} x{len(g)} seeds"
+        table.add_row(bench, name, f"{retention:g}", f"{acc:.3f}", f"{rel:.2f}",
                       f"{g[0]['chance']:.3f}", f"{sum(r['mean_visual_tokens'] for r in g) / len(g):.1f}")
     Console().print(table)
+    print("  (accuracy: exact match on the test splits; random: mean over seeds; tokens: mean visual tokens "
+          "the LM saw)")
 
 
 def cmd_ask(home, args) -> int:
@@ -313,9 +324,11 @@ def cmd_ask(home, args) -> int:
     image = decode_image(args.image)  # BadImage: one line naming the file
     if not args.question.strip():
         raise UserError("--question is empty")
-    from .extract import run_prepare_model
+    from .stages import prepare_model
 
-    result = run_prepare_model(home, args.model)
+    # A plain stage call, not a Prefect flow: asking is not a pipeline run, and it
+    # saves starting Prefect's temporary server. The model stage is still cached.
+    result = prepare_model(home, args.model)
     model, processor = cached_model(str(result.model_dir))
     from pipeline.tinyworld import ask
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import pipeline
 from pipeline.config import ConfigError, ExtractConfig, first_line
 from pipeline.presets import (PRESETS, TRAINED_PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
@@ -24,7 +25,8 @@ from storage.shards import shard_name, write_shard
 from storage.stages import StageDir, code_version, read_manifest, stage_key
 
 PREPARE_VERSION = "1"
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "pipeline" / "assets"  # <name>/ + provenance.json
+# Checkpoints shipped with the package (pipeline/assets/<name>/: save_pretrained files + provenance.json).
+SHIPPED_MODELS = Path(pipeline.__file__).resolve().parent / "assets"
 PROVENANCE = "provenance.json"
 SHIPPED_LIMIT_BYTES = 10 * 1024 * 1024
 EXTRACT_VERSION = "1"

@@ -74,42 +74,64 @@ def encode_images(model, processor, images: Sequence[Any]) -> list[ImageFeatures
     return [ImageFeatures(f, s) for f, s in zip(torch.split(feats, counts), sizes)]
 
 
-@torch.no_grad()
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None):
+    """Where LLaVA-NeXT puts every token of one image, computed once per geometry.
+
+    Returns ``(source, row, rows)``: for each packed position, ``source`` is the
+    flat index ``crop * L + token`` it comes from, or -1 for a row-newline; ``row``
+    is the grid row it belongs to (``rows`` for base-crop tokens, which have no
+    newline). It is found by running the model's own ``pack_image_features`` on
+    token *indices*, so unpadding and newline placement are HF's, not a copy."""
+    cfg = model.config
+    key = (crops, tokens, tuple(image_size), cfg.vision_config.image_size, cfg.vision_config.patch_size,
+           str(cfg.image_grid_pinpoints), cfg.vision_feature_select_strategy, str(device))
+    if key not in _LAYOUTS:
+        inner = _inner(model)
+        index = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
+        packed, _ = inner.pack_image_features([index], torch.tensor([list(image_size)]),
+                                              cfg.vision_feature_select_strategy,
+                                              image_newline=torch.tensor([-1.0], dtype=torch.float64))
+        source = packed[0][:, 0].round().long()
+        is_newline = source < 0
+        start = tokens if crops > 1 else 0  # base-crop tokens lead and have no newline
+        grid_nl = is_newline[start:].long()
+        grid_row = torch.cumsum(grid_nl, 0) - grid_nl
+        rows = int(grid_nl.sum())
+        row = torch.cat([torch.full((start,), rows, dtype=torch.long), grid_row])
+        _LAYOUTS[key] = (source.to(device), row.to(device), rows)
+    return _LAYOUTS[key]
+
+
 def visual_embeddings(model, image: ImageFeatures, keep: torch.Tensor | None = None) -> torch.Tensor:
     """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
 
-    ``keep`` is a (crops, L) bool mask; None keeps everything."""
+    ``keep`` is a (crops, L) bool mask; None keeps everything. A row-newline is kept
+    iff its row keeps a token. No Python loop over crops or tokens: one projector
+    call and one gather through :func:`packing_layout`. Differentiable (the tiny
+    world trains through it); wrap in ``torch.no_grad()`` for inference."""
     inner = _inner(model)
     feats = image.features
+    crops, tokens = feats.shape[:2]
     if keep is None:
-        keep = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        keep = torch.ones(crops, tokens, dtype=torch.bool, device=feats.device)
     if keep.shape != feats.shape[:2]:
         raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match features {tuple(feats.shape[:2])}")
-    projected = inner.multi_modal_projector(feats)
-    newline = inner.image_newline
-    # Pack two extra channels with the features: the keep flag, and a newline marker.
-    extra = torch.stack([keep.to(projected.dtype), torch.zeros_like(keep, dtype=projected.dtype)], dim=-1)
-    x = torch.cat([projected, extra], dim=-1)
-    nl = torch.cat([newline.to(projected.dtype), torch.tensor([0.0, 1.0], dtype=projected.dtype,
-                                                              device=projected.device)])
-    sizes = torch.tensor([image.image_size], device=feats.device)
-    packed, _ = inner.pack_image_features([x], sizes, model.config.vision_feature_select_strategy,
-                                          image_newline=nl)
-    p = packed[0]
-    emb, kept, is_newline = p[:, :-2], p[:, -2] > 0.5, p[:, -1] > 0.5
-    if is_newline.any():
-        # Base-crop tokens come first and have no newline (multi-crop images). After them,
-        # each newline closes the row since the previous one: keep it iff that row kept a token.
-        start = image.tokens_per_crop if image.crops > 1 else 0
-        grid_newline, grid_kept = is_newline[start:], kept[start:]
-        row = torch.cumsum(grid_newline.long(), 0) - grid_newline.long()
-        kept_per_row = torch.zeros(int(row.max()) + 1, dtype=torch.long, device=p.device)
-        kept_per_row.index_add_(0, row, (grid_kept & ~grid_newline).long())
-        kept = torch.cat([kept[:start], torch.where(grid_newline, kept_per_row[row] > 0, grid_kept)])
-    return emb[kept]
+    source, row, rows = packing_layout(model, crops, tokens, image.image_size, feats.device)
+    projected = inner.multi_modal_projector(feats).flatten(0, 1)
+    table = torch.cat([projected, inner.image_newline.to(projected.dtype)[None]])
+    is_newline = source < 0
+    token_kept = keep.to(feats.device).flatten()[source.clamp(min=0)] & ~is_newline
+    kept_per_row = torch.zeros(rows + 1, dtype=torch.long, device=feats.device)
+    kept_per_row.index_add_(0, row, token_kept.long())
+    kept = torch.where(is_newline, kept_per_row[row] > 0, token_kept)
+    gather = torch.where(is_newline, torch.full_like(source, crops * tokens), source)
+    return table[gather[kept]]
 
 
-def _split_prompt(tokenizer, prompt: str, image_token_id: int):
+def split_prompt(tokenizer, prompt: str, image_token_id: int):
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     where = (ids == image_token_id).nonzero()
     if where.shape[0] > 1:
@@ -132,7 +154,7 @@ def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Te
     image_token_id = model.config.image_token_id
     rows = []
     for prompt, vis in zip(prompts, visual, strict=True):
-        before, after = _split_prompt(tok, prompt, image_token_id)
+        before, after = split_prompt(tok, prompt, image_token_id)
         if after is None:
             parts = [embed(before.to(embed.weight.device))]
         else:
@@ -162,4 +184,5 @@ def random_keep(crops: int, tokens: int, retention: float, generator: torch.Gene
     return keep
 
 
-__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "generate", "random_keep"]
+__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "generate", "random_keep",
+           "split_prompt"]

@@ -14,6 +14,11 @@ frozen while the projector and the LM learn to answer questions about images.
    ASSISTANT: {answer}</s>`` with loss on the answer tokens, through the model's
    own ``pack_image_features`` (AnyRes packing and unpadding) so training sees
    exactly what ``generate`` sees.
+3. **Pruning augmentation**: for ``drop_prob`` of the samples only a random
+   ``drop_retentions`` share of each crop's tokens is kept (always with the
+   glyph tokens), so the 2-layer LM, like a large one, still reads what is
+   left; dropped tokens still carry nothing, so random pruning still loses the
+   answer on OCR.
 
 Pure torch + transformers; progress is a callback.
 """
@@ -64,6 +69,8 @@ class TinyWorldConfig(Config):
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
+    drop_prob: float = 0.5         # pruning augmentation: share of samples with random tokens dropped
+    drop_retentions: tuple = (0.1, 0.25, 0.5, 0.75)
     eval_samples: int = 300        # test questions per benchmark in the quality card
     eval_seeds: int = 3            # random-keep seeds in the quality card
     version: str = TINYWORLD_VERSION
@@ -76,6 +83,9 @@ class TinyWorldConfig(Config):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
         check(0 < self.lr < 1 and 0 < self.tower_lr < 1, "learning rates must be in (0, 1)")
         check(0 <= self.warmup < self.steps, "warmup must be in [0, steps)")
+        check(0 <= self.drop_prob <= 1, f"drop_prob must be in [0, 1], got {self.drop_prob!r}")
+        check(all(0 < r <= 1 for r in self.drop_retentions) and len(self.drop_retentions) > 0,
+              f"drop_retentions must be in (0, 1], got {self.drop_retentions!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TinyWorldConfig":
@@ -89,13 +99,14 @@ class TinyWorldConfig(Config):
 
 @dataclasses.dataclass
 class Encoded:
-    """One training sample, ready for the model: crops, token ids and labels."""
+    """One training sample, ready for the model: crops, prompt pieces, answer, glyph labels."""
 
     pixels: torch.Tensor  # (crops, 3, S, S)
     image_size: tuple[int, int]  # (height, width)
-    input_ids: torch.Tensor  # (T,)
-    labels: torch.Tensor  # (T,) -100 outside the answer
-    glyph_targets: torch.Tensor | None  # (crops, L, len(GLYPHS)) multi-hot, OCR only
+    before: torch.Tensor  # prompt token ids before the <image> placeholder
+    after: torch.Tensor  # prompt token ids after it
+    answer: torch.Tensor  # " {answer}</s>" token ids (the loss targets)
+    glyph_targets: torch.Tensor | None  # (crops, L) class per token (-100 unlabelled), OCR only
 
 
 def prompt_for(question: str) -> str:
@@ -103,21 +114,21 @@ def prompt_for(question: str) -> str:
 
 
 def encode(sample: Sample, processor) -> Encoded:
+    from .prune import split_prompt
+
     tok = processor.tokenizer
-    enc = processor(images=[sample.image], text=[prompt_for(sample.question)], return_tensors="pt")
-    prompt_ids = enc["input_ids"][0]
+    before, after = split_prompt(tok, prompt_for(sample.question), tok.convert_tokens_to_ids(IMAGE_TOKEN))
     answer_ids = torch.tensor(tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     w, h = sample.image.size
-    pixels = enc["pixel_values"][0]
     layout = crop_layout(w, h, processor.image_processor.crop_size["height"],
                          processor.image_processor.image_grid_pinpoints)
+    pixels = processor.image_processor(images=[sample.image], return_tensors="pt")["pixel_values"][0]
     pixels = pixels[: len(layout.boxes)]
     targets = None
     if sample.glyph_boxes:
         side = processor.image_processor.crop_size["height"] // processor.patch_size
         targets = glyph_targets(layout.boxes, side, sample.glyph_boxes)
-    return Encoded(pixels, (h, w), torch.cat([prompt_ids, answer_ids]),
-                   torch.cat([torch.full_like(prompt_ids, -100), answer_ids]), targets)
+    return Encoded(pixels, (h, w), before, after, answer_ids, targets)
 
 
 def glyph_targets(boxes, side: int, glyph_boxes) -> torch.Tensor:
@@ -201,35 +212,48 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     return stats
 
 
-def _collate(batch: Sequence[tuple[torch.Tensor, Encoded]], pad_id: int):
-    width = max(e.input_ids.shape[0] for _, e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (_, e) in enumerate(batch):
-        n = e.input_ids.shape[0]
-        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
-    feats = torch.cat([f for f, _ in batch])
-    sizes = torch.tensor([e.image_size for _, e in batch])
-    return feats, [f.shape[0] for f, _ in batch], sizes, ids, labels, mask
+def _sample_keep(feats: torch.Tensor, enc: Encoded, config: TinyWorldConfig,
+                 gen: torch.Generator) -> torch.Tensor | None:
+    """Pruning augmentation: with ``drop_prob``, keep a random ``drop_retentions`` share of
+    each crop's tokens -- always including the tokens that hold a glyph."""
+    from .prune import random_keep
+
+    if torch.rand((), generator=gen) >= config.drop_prob:
+        return None
+    r = config.drop_retentions[int(torch.randint(0, len(config.drop_retentions), (), generator=gen))]
+    keep = random_keep(feats.shape[0], feats.shape[1], r, gen)
+    if enc.glyph_targets is not None:
+        keep |= enc.glyph_targets > 0
+    return keep
 
 
-def inputs_embeds_from_features(model, feats: torch.Tensor, counts: list[int], image_sizes: torch.Tensor,
-                                input_ids: torch.Tensor) -> torch.Tensor:
-    """Projector + AnyRes packing (the model's own) spliced over the image placeholders."""
-    inner = model.model
-    projected = inner.multi_modal_projector(feats)
-    packed, _ = inner.pack_image_features(list(torch.split(projected, counts)), image_sizes,
-                                          model.config.vision_feature_select_strategy,
-                                          image_newline=inner.image_newline)
-    embeds = inner.get_input_embeddings()(input_ids)
-    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1)
-    return embeds.masked_scatter(image_mask, torch.cat(packed).to(embeds.dtype))
+def _batch(model, items, keeps):
+    """Right-padded inputs_embeds / attention mask / labels for [prompt | visual | prompt | answer]."""
+    from .prune import ImageFeatures, visual_embeddings
+
+    embed = model.get_input_embeddings()
+    rows, labels = [], []
+    for (feats, enc), keep in zip(items, keeps):
+        vis = visual_embeddings(model, ImageFeatures(feats, enc.image_size), keep)
+        ids_before, ids_after = embed(enc.before), embed(torch.cat([enc.after, enc.answer]))
+        rows.append(torch.cat([ids_before, vis, ids_after]))
+        n_prompt = rows[-1].shape[0] - enc.answer.shape[0]
+        labels.append(torch.cat([torch.full((n_prompt,), -100, dtype=torch.long), enc.answer]))
+    width = max(r.shape[0] for r in rows)
+    x = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+    y = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        x[i, : r.shape[0]], y[i, : r.shape[0]], mask[i, : r.shape[0]] = r, lab, 1
+    return x, mask, y
 
 
 def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
              progress: Progress | None = None) -> dict:
-    """Instruction-tune projector + LM on frozen tower features."""
+    """Instruction-tune projector + image newline + LM on frozen tower features.
+
+    Sequences are built exactly as ``pipeline.prune`` builds them at inference,
+    so full and pruned inputs share one code path."""
     tower = model.model.vision_tower
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -242,7 +266,6 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(config.seed + 1)
-    pad_id = processor.tokenizer.pad_token_id
     model.train()
     stats: dict[str, float] = {}
     ema = None
@@ -250,10 +273,10 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
         for g in opt.param_groups:
             g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
         idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
-        f, counts, sizes, ids, labels, mask = _collate([items[i] for i in idx], pad_id)
-        embeds = inputs_embeds_from_features(model, f, counts, sizes, ids)
-        out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        loss = out.loss
+        batch = [items[i] for i in idx]
+        keeps = [_sample_keep(f, e, config, gen) for f, e in batch]
+        embeds, mask, labels = _batch(model, batch, keeps)
+        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
         opt.zero_grad(set_to_none=True)
@@ -282,7 +305,7 @@ def train_tiny_world(config: TinyWorldConfig, progress: Progress | None = None):
     data = []
     for i, s in enumerate(samples):
         data.append(encode(s, processor))
-        if progress and (i + 1) % 256 == 0:
+        if progress and ((i + 1) % 256 == 0 or i + 1 == len(samples)):
             progress("data", i + 1, len(samples), {})
     metrics: dict[str, Any] = {"data_seconds": time.perf_counter() - t0}
     t1 = time.perf_counter()
@@ -312,6 +335,7 @@ def ask(model, processor, images: Sequence[Any], questions: Sequence[str], max_n
     return [t.strip() for t in tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
 
 
+@torch.no_grad()
 def quality(model, processor, samples: Sequence[Sample], strategy: str, retention: float = 1.0, seed: int = 0,
             batch_size: int = 32, max_new_tokens: int = 6) -> dict[str, float]:
     """Accuracy (exact match) and ANLS of ``strategy`` on ``samples``.
@@ -386,7 +410,7 @@ def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", t
 
 
 __all__ = ["TinyWorldConfig", "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
-           "inputs_embeds_from_features", "locality", "PROMPT"]
+           "locality", "PROMPT"]
 
 
 def code_hash() -> str:
@@ -395,7 +419,7 @@ def code_hash() -> str:
     import importlib
 
     h = hashlib.sha256()
-    for name in ("config", "presets", "synthetic", "extract", "train", "tinyworld"):
+    for name in ("config", "presets", "synthetic", "extract", "train", "prune", "tinyworld"):
         module = importlib.import_module(f"{__package__}.{name}")
         with open(module.__file__, "rb") as fh:
             h.update(fh.read())

@@ -15,7 +15,7 @@ from storage.results import ResultsStore
 
 from conftest import REPO
 
-SUBCOMMANDS = ["prepare-model", "extract", "train", "mask", "query", "clean"]
+SUBCOMMANDS = ["prepare-model", "ask", "benchmark", "extract", "train", "mask", "query", "clean"]
 
 
 def test_help_explains_every_subcommand(capsys):
@@ -111,3 +111,46 @@ def test_clean_removes_the_home(tmp_path, capsys):
     assert not (home / "stages" / "extract" / "abc.tmp").exists()
     assert main(["clean", "--yes", "--home", str(home)]) == 0
     assert not home.exists()
+
+
+def test_ask_prints_the_answer(cli_env, tmp_path):
+    from pipeline.synthetic import generate
+
+    samples = generate("synthetic-ocr", "test", 3)
+    image = tmp_path / "card.png"
+    sample = next(s for s in samples if len(s.answer) == 1)
+    sample.image.save(image)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ask", "--image", str(image), "--question",
+                           sample.question], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == sample.answer
+
+
+def test_ask_and_prepare_user_errors_are_one_line(cli_env, tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (["ask", "--image", str(tmp_path / "missing.png"), "--question", "q?"], "missing.png"),
+        (["ask", "--image", str(tmp_path / "notes.png"), "--question", "q?"], "notes.png"),
+        (["prepare-model", "--model", "tiny", "--seed", "3"], "tiny-trained"),
+        (["prepare-model", "--model", "tiny", "--retrain"], "--retrain"),
+        (["prepare-model", "--steps", "0"], "steps must be positive"),
+        (["benchmark", "synthetic-docs"], "synthetic-ocr, synthetic-scene"),
+    ]
+    for argv, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=cli_env,
+                              capture_output=True, text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_benchmark_command_writes_parquet(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "ocr.parquet"
+    assert main(["benchmark", "synthetic-ocr", "--split", "val", "-n", "7", "--out", str(out),
+                 "--home", str(tmp_path / "home")]) == 0
+    assert "7 questions" in capsys.readouterr().out
+    table = pq.read_table(out)
+    assert table.num_rows == 7 and table.column_names[:3] == ["question_id", "question", "answers"]
