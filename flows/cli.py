@@ -282,6 +282,13 @@ def cmd_prepare_model(home, args) -> int:
     return 0
 
 
+def _console():
+    """A rich console; when piped (not a terminal) 120 columns wide instead of rich's 80."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def _quality_metrics(rows: list[dict]) -> dict[str, float]:
     """MLflow metric names for a quality card: ``<benchmark>.<strategy>.accuracy`` (seed mean)."""
     groups: dict[str, list[float]] = {}
@@ -294,7 +301,6 @@ def _print_quality(rows: list[dict]) -> None:
     """Test-split figures: accuracy per benchmark and strategy (random averaged over seeds)."""
     if not rows:
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="tiny world, test splits")
@@ -310,7 +316,7 @@ def _print_quality(rows: list[dict]) -> None:
         name = strategy if len(g) == 1 else f"{strategy} x{len(g)} seeds"
         table.add_row(bench, name, f"{retention:g}", f"{acc:.3f}", f"{rel:.2f}",
                       f"{g[0]['chance']:.3f}", f"{sum(r['mean_visual_tokens'] for r in g) / len(g):.1f}")
-    Console().print(table)
+    _console().print(table)
     print("  (accuracy: exact match on the test splits; random: mean over seeds; tokens: mean visual tokens "
           "the LM saw)")
 
@@ -432,7 +438,6 @@ def cmd_train(home, args) -> int:
 
 
 def _print_selector_table(rows: list[dict]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="held-out: selector vs random (3 seeds) vs uniform grid")
@@ -442,7 +447,7 @@ def _print_selector_table(rows: list[dict]) -> None:
         cov = r["glyph_coverage"]
         table.add_row(f"{r['retention']:g}", r["strategy"], f"{r['recon_mse']:.4f}",
                       "n/a" if cov != cov else f"{cov:.3f}")
-    Console().print(table)
+    _console().print(table)
 
 
 def _preflight(model: str, images: str | None = None, seed: int = 0, tiny_world: dict | None = None) -> None:
