@@ -145,6 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out-percent", type=int, default=10,
                    help="percent of images (by hash of image id) held out for evaluation (default: 10)")
 
+    p = sub.add_parser("eval", parents=[common], help="evaluate pruned LLaVA-NeXT on benchmarks",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Evaluate the model on benchmarks with each token-reduction strategy at each "
+                                   "retention. One cached chunk per (benchmark, strategy, retention, seed): adding "
+                                   "a strategy or retention reuses what is done. Rows go to eval_samples and "
+                                   "eval_scores; plots to $ATR_HOME/reports/eval-<run>/ and MLflow.",
+                       epilog="examples:\n  atr eval --selector <train-hash>\n"
+                              "  atr eval --benchmark synthetic-ocr --strategies full,random --retentions 0.25\n"
+                              "  atr eval --model llava-hf/llava-v1.6-mistral-7b-hf --selector sel.safetensors "
+                              "--benchmark docvqa_val --data DocVQA/validation-00000-of-00006.parquet")
+    p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
+    p.add_argument("--selector", default=None,
+                   help="selector for the 'selector' strategy: a train stage hash (prefix) or a .safetensors file")
+    p.add_argument("--benchmark", default="synthetic-ocr,synthetic-scene",
+                   help="comma-separated benchmarks (default: synthetic-ocr,synthetic-scene); real ones: docvqa_val, "
+                        "infovqa_val, chartqa, textvqa_val, mmbench_en_dev, ai2d, gqa, mmmu_val, mmstar, scienceqa_img")
+    p.add_argument("--data", action="append", default=[], metavar="PATH|NAME=PATH",
+                   help="lmms-lab parquet file or directory of a real benchmark; NAME=PATH when giving several")
+    p.add_argument("--strategies", default=None,
+                   help="comma-separated from full,none,random,selector,attention,diversity (default: all; "
+                        "selector only with --selector)")
+    p.add_argument("--retentions", default="0.1,0.25,0.5,0.75", help="comma-separated (default: 0.1,0.25,0.5,0.75)")
+    p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
+                   help="per-crop: k = round(r*L) in every crop; global: r * all encoder tokens of the image")
+    p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default: 16)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for the random strategy (default: 3)")
+
     from .mask import add_parser as add_mask_parser
 
     add_mask_parser(sub, common, MODEL_HELP)
@@ -187,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .mask import cmd_mask
 
         handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train,
-                   "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark}[args.command]
+                   "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark, "eval": cmd_eval}[args.command]
         return handler(home, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -340,6 +368,87 @@ def cmd_ask(home, args) -> int:
 
     print(ask(model, processor, [image], [args.question], max_new_tokens=args.max_new_tokens)[0])
     return 0
+
+
+def _parse_data(values: list[str], benchmarks: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if sep and name in benchmarks:
+            out[name] = path
+        else:
+            real = [b for b in benchmarks if not b.startswith("synthetic-")]
+            if len(real) != 1:
+                raise UserError(f"--data {v}: say which benchmark it is for (--data NAME=PATH)")
+            out[real[0]] = v
+    return out
+
+
+def cmd_eval(home, args) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.evaluate import EvalConfig
+
+    from . import progress
+    from .evaluate import eval_flow
+
+    benchmarks = tuple(b.strip() for b in args.benchmark.split(",") if b.strip())
+    if args.strategies:
+        strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    else:
+        strategies = ("full", "none", "random", *(("selector",) if args.selector else ()), "attention", "diversity")
+    try:
+        retentions = tuple(float(r) for r in args.retentions.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--retentions must be numbers like 0.1,0.25, got {args.retentions!r}") from None
+    cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=retentions, budget=args.budget,
+                     seeds=args.seeds, limit=args.limit, batch_size=args.batch_size)
+    data = _parse_data(args.data, benchmarks)
+    _preflight(args.model)
+    progress.enable(True)
+    t0 = time.perf_counter()
+    out = eval_flow(str(home.root), args.model, cfg.to_dict(), args.selector, data)
+    _print_eval(out["summary"])
+    print(f"  report  {out['report']}  ({time.perf_counter() - t0:.1f}s)")
+    print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
+    return 0
+
+
+def eval_table(summary: list[dict]) -> list[dict]:
+    """Seed-averaged rows with score relative to full, plus Rel. (mean over benchmarks of pruned/full)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary:
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
+    full = {b: g[0]["score"] for (b, s, _), g in groups.items() if s == "full"}
+    rows = []
+    for (bench, strategy, retention), g in groups.items():
+        score = sum(r["score"] for r in g) / len(g)
+        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "metric": g[0]["metric"],
+                     "score": score, "seeds": len(g), "rel": score / full[bench] if full.get(bench) else None,
+                     "visual_tokens": sum(r["mean_visual_tokens"] for r in g) / len(g),
+                     "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g), "cached": all(r["cached"] for r in g)})
+    return rows
+
+
+def _print_eval(summary: list[dict]) -> None:
+    from rich.table import Table
+
+    rows = eval_table(summary)
+    table = Table(title="pruned evaluation")
+    for col in ("benchmark", "strategy", "retention", "metric", "score", "vs full", "tokens", "prefill ms", "cached"):
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "metric") else "right")
+    for r in rows:
+        name = r["strategy"] + (f" x{r['seeds']}" if r["seeds"] > 1 else "")
+        table.add_row(r["benchmark"], name, f"{r['retention']:g}", r["metric"], f"{r['score']:.3f}",
+                      "" if r["rel"] is None else f"{r['rel']:.2f}", f"{r['visual_tokens']:.1f}",
+                      f"{r['prefill_ms']:.1f}", "yes" if r["cached"] else "")
+    _console().print(table)
+    rel: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["strategy"] not in ("full", "none") and r["rel"] is not None:
+            rel.setdefault((r["strategy"], r["retention"]), []).append(r["rel"])
+    if rel:
+        print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
+            f"{s}@{ret:g} {sum(v) / len(v):.2f}" for (s, ret), v in sorted(rel.items())))
 
 
 def cmd_benchmark(home, args) -> int:

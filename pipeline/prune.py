@@ -31,6 +31,7 @@ class ImageFeatures:
 
     features: torch.Tensor
     image_size: tuple[int, int]
+    cls_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in the feature layer
 
     @property
     def crops(self) -> int:
@@ -50,8 +51,13 @@ def _inner(model):
 
 
 @torch.no_grad()
-def encode_images(model, processor, images: Sequence[Any]) -> list[ImageFeatures]:
-    """Tower features of every crop of every image, in one tower forward."""
+def encode_images(model, processor, images: Sequence[Any], attention: bool = False) -> list[ImageFeatures]:
+    """Tower features of every crop of every image, in one tower forward.
+
+    ``attention=True`` also gives each token the attention the CLS token pays it
+    inside the feature layer (mean over heads), recomputed from that layer's input
+    hidden state with the layer's own norm and q/k projections (VisionZip's
+    dominance score; SDPA kernels do not return attention weights)."""
     cfg = model.config
     inner = _inner(model)
     crop = cfg.vision_config.image_size
@@ -71,7 +77,26 @@ def encode_images(model, processor, images: Sequence[Any]) -> list[ImageFeatures
              else out.hidden_states[layer])
     if cfg.vision_feature_select_strategy == "default":
         feats = feats[:, 1:]
-    return [ImageFeatures(f, s) for f, s in zip(torch.split(feats, counts), sizes)]
+    attn: list[torch.Tensor | None] = [None] * len(counts)
+    if attention:
+        if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":
+            raise ValueError("attention scores need one vision_feature_layer and the 'default' (CLS) strategy")
+        attn = list(torch.split(_cls_attention(tower, out.hidden_states, layer), counts))
+    return [ImageFeatures(f, s, a) for f, s, a in zip(torch.split(feats, counts), sizes, attn)]
+
+
+def _cls_attention(tower, hidden_states, layer: int) -> torch.Tensor:
+    """(N, L) attention from CLS to every patch token inside the layer whose output is ``layer``."""
+    encoder = getattr(tower, "vision_model", tower).encoder
+    index = layer % len(hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
+    block = encoder.layers[index - 1]
+    attn = block.self_attn
+    x = block.layer_norm1(hidden_states[index - 1])
+    n, t, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # (N, heads, 1, T)
+    return weights.mean(dim=1)[:, 0, 1:].float()
 
 
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -144,7 +169,7 @@ def split_prompt(tokenizer, prompt: str, image_token_id: int):
 
 @torch.no_grad()
 def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
-             max_new_tokens: int = 16) -> list[str]:
+             max_new_tokens: int = 16, streamer=None) -> list[str]:
     """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
 
     ``visual[i] is None`` drops the placeholder: the prompt carries no image at all.
@@ -171,7 +196,8 @@ def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Te
         batch[i, width - r.shape[0]:] = r
         mask[i, width - r.shape[0]:] = 1
     out = model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         streamer=streamer)
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 

@@ -45,6 +45,14 @@ def write_parquet(rows: Iterable[dict[str, Any]], path: Path, schema: pa.Schema 
     return path
 
 
+def parquet_columns(path: Path) -> list[str]:
+    """Column names of one parquet file (one clear line when it is not parquet)."""
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as exc:
+        raise BenchmarkFileError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
+
+
 def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name).
 
@@ -76,4 +84,4 @@ def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | N
     return rows
 
 
-__all__ = ["write_parquet", "read_parquet", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]
+__all__ = ["write_parquet", "read_parquet", "parquet_columns", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]
