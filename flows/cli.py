@@ -403,6 +403,13 @@ def cmd_eval(home, args) -> int:
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=retentions, budget=args.budget,
                      seeds=args.seeds, limit=args.limit, batch_size=args.batch_size)
     data = _parse_data(args.data, benchmarks)
+    if "selector" in strategies and not args.selector:
+        raise UserError("strategy 'selector' needs --selector (a train stage hash or a .safetensors checkpoint)")
+    from .evaluate import data_files
+
+    for bench in benchmarks:
+        if not bench.startswith("synthetic-") or bench in data:
+            data_files(bench, data, home, cfg.limit)  # one line now, not a failed flow later
     _preflight(args.model)
     progress.enable(True)
     t0 = time.perf_counter()
