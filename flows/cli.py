@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "feats-%%06d.tar shards, plus a json with crop grid, crop boxes and (synthetic "
                                    "images) a per-token glyph mask. Interrupted runs resume; identical runs are "
                                    "cache hits.")
-    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (default: tiny)")
+    p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
     p.add_argument("--images", default="synthetic:docs",
                    help="image source: synthetic:docs (text-like), synthetic:scenes (shapes), or a folder of "
                         "jpg/png/webp searched recursively (default: synthetic:docs)")
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--images /data/coco/train2017 --limit 100000 --steps 20000 --batch-size 64")
     p.add_argument("--features", metavar="STAGE_OR_HASH", default=None,
                    help="an extract stage: its hash (or a unique prefix) or its directory")
-    p.add_argument("--model", default="tiny", help=MODEL_HELP + " (used without --features; default: tiny)")
+    p.add_argument("--model", default="tiny-trained",
+                   help=MODEL_HELP + " (used without --features; default: tiny-trained)")
     p.add_argument("--images", default="synthetic:docs", help="image source to extract first (default: synthetic:docs)")
     p.add_argument("--limit", type=int, default=2048, help="images to extract first (default: 2048)")
     p.add_argument("--crops", choices=["all", "base"], default="base",

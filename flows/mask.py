@@ -50,8 +50,8 @@ def add_parser(sub, common, model_help: str) -> None:
                    help="a selector checkpoint (.safetensors with its .json beside it), or a train stage: its "
                         "directory or its hash (or a unique prefix) under $ATR_HOME/stages/train; from a stage "
                         "the selector trained at the retention nearest to --retention is used")
-    p.add_argument("--model", default="tiny",
-                   help=model_help + " (must be the model the selector was trained on; default: tiny)")
+    p.add_argument("--model", default="tiny-trained",
+                   help=model_help + " (must be the model the selector was trained on; default: tiny-trained)")
     p.add_argument("--image", required=True, metavar="PATH", help="the image file to draw on (jpg/png/webp)")
     p.add_argument("--retention", required=True, metavar="R",
                    help="fraction of tokens to keep per crop, in (0, 1]; k = round(R * tokens per crop)")

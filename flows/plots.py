@@ -29,12 +29,7 @@ def plot_selector_metrics(rows: list[dict], path: Path, title: str = "") -> Path
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 EVAL_STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "attention": ("tab:purple", "^"),

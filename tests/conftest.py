@@ -87,3 +87,17 @@ def trained_model(trained_stage):
     from pipeline.presets import load_model
 
     return load_model(trained_stage.model_dir)
+
+
+def assert_one_line_errors(cases, env, cwd=REPO):
+    """Each ``(argv, needle)``: `atr argv` exits 2 with a last stderr line `error: ...needle...`, no traceback."""
+    import subprocess
+    import sys
+
+    for argv, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr

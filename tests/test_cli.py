@@ -13,7 +13,7 @@ import pytest
 from flows.cli import build_parser, main
 from storage.results import ResultsStore
 
-from conftest import REPO
+from conftest import REPO, assert_one_line_errors
 
 SUBCOMMANDS = ["prepare-model", "ask", "benchmark", "extract", "train", "mask", "query", "clean"]
 
@@ -94,13 +94,7 @@ def test_extract_user_errors_are_one_line(tmp_path):
         (["extract", "--limit", "-3"], "--limit"),
         (["extract", "--model", "nonsense-model", "--limit", "2"], "unknown model 'nonsense-model'"),
     ]
-    for argv, needle in cases:
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
-        assert "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_errors(cases, env)
     assert not list((tmp_path / "home").rglob("*.tmp"))
 
 
@@ -136,13 +130,7 @@ def test_ask_and_prepare_user_errors_are_one_line(cli_env, tmp_path):
         (["prepare-model", "--steps", "0"], "steps must be positive"),
         (["benchmark", "synthetic-docs"], "synthetic-ocr, synthetic-scene"),
     ]
-    for argv, needle in cases:
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=cli_env,
-                              capture_output=True, text=True, timeout=300)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
-        assert "Traceback" not in proc.stderr, proc.stderr
+    assert_one_line_errors(cases, cli_env)
 
 
 def test_benchmark_command_writes_parquet(tmp_path, capsys):

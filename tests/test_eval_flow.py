@@ -9,7 +9,7 @@ import sys
 import duckdb
 import pytest
 
-from conftest import REPO
+from conftest import REPO, assert_one_line_errors
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +79,7 @@ def test_eval_cli_errors_are_one_line(cli_env, tmp_path):
         (["eval", "--retentions", "0.25,1.5"], "retention must be in (0, 1]"),
         (["eval", "--benchmark", "docvqa_val", "--data", str(tmp_path / "none.parquet")], "does not exist"),
     ]
-    for argv, needle in cases:
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *argv], cwd=REPO, env=cli_env,
-                              capture_output=True, text=True, timeout=300)
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (argv, proc.stderr)
-        assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
-        assert "Traceback" not in proc.stderr
+    assert_one_line_errors(cases, cli_env)
 
 
 def test_eval_cli_prints_the_table(cli_env):

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_mask(home: Home, *argv: str) -> int:
     """What flows.cli.main does for a subcommand: parse, resolve the home, call the handler."""
+    if "--model" not in argv:  # these selectors are trained on the `tiny` preset's features
+        argv = ("--model", "tiny", *argv)
     args = _parser().parse_args(["mask", "--home", str(home.root), *argv])
     return cmd_mask(Home.resolve(args.home), args)
 
