@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
-from .metrics import anls, exact_match, relaxed_accuracy, vqa_accuracy
+from .metrics import anls, exact_match, extract_mcq_answer, multiple_choice_accuracy, relaxed_accuracy, vqa_accuracy
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
@@ -85,42 +85,6 @@ def _has(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------- answer extraction
-
-def extract_mcq_answer(response: str, choices: str = "ABCD") -> str | None:
-    """lmms-eval's ``extract_mcq_answer`` (MMStar, MMBench static): priority-ranked letter patterns."""
-    text = response.strip().strip(",.!?;:'\"")
-    if not text:
-        return None
-    best: tuple[int, int, str] | None = None  # (priority, position, letter)
-    letters = re.escape(choices)
-
-    def consider(priority: int, pos: int, letter: str) -> None:
-        nonlocal best
-        if best is None or (priority, pos) > (best[0], best[1]):
-            best = (priority, pos, letter.upper())
-
-    m = re.match(rf"^([{letters}])(?:$|[\s.:),])", text)
-    if m:
-        consider(10, m.start(1), m.group(1))
-    m = re.search(rf"(?:^|[\s(])([{letters}])$", text)
-    if m:
-        consider(9, m.start(1), m.group(1))
-    for m in re.finditer(rf"(?:the\s+)?answer\s+is\s*:?\s*\(?([{letters}])\b", text, re.IGNORECASE):
-        consider(7, m.start(1), m.group(1))
-    for pattern, priority in ((rf"\(([{letters}])\)", 6), (rf"\b([{letters}])\.", 5), (rf"\b([{letters}]):", 4),
-                              (rf"\b([{letters}])\)", 3), (rf"\b([{letters}]) ", 2)):
-        for m in re.finditer(pattern, text):
-            consider(priority, m.start(1), m.group(1))
-    if best is None:
-        for m in re.finditer(rf"\b([{letters}])\b", text):
-            consider(0, m.start(1), m.group(1))
-    return best[2] if best else None
-
-
-def multiple_choice_accuracy(prediction: str, answer: str, choices: str = "ABCD") -> float:
-    """Option-letter extraction (``extract_mcq_answer``) compared with the answer letter."""
-    return float(extract_mcq_answer(prediction, choices) == answer.strip().upper())
-
 
 def _ai2d_score(prediction: str, item: EvalItem) -> float:
     m = re.match(r"^\s*([A-Z])\.", prediction)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from flows.evaluate import load_items
-from pipeline.benchmarks import BENCHMARKS, aggregate, extract_mcq_answer, multiple_choice_accuracy, spec
+from pipeline.benchmarks import BENCHMARKS, aggregate, spec
+from pipeline.metrics import extract_mcq_answer, multiple_choice_accuracy
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
