@@ -43,10 +43,21 @@ class ImageFeatures:
 
 
 def _inner(model):
+    """The LlavaNextModel inside, checked for the public pieces pruning relies on.
+
+    These moved between transformers releases (4.4x kept them on the top-level
+    class; 5.x on ``model.model``); a version without them fails here with one line."""
+    from .presets import ModelLoadError
+
     inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "pack_image_features") or not hasattr(inner, "multi_modal_projector"):
-        raise TypeError(f"{type(model).__name__} is not a LlavaNextForConditionalGeneration "
-                        f"(needs model.pack_image_features and model.multi_modal_projector)")
+    missing = [name for name in ("pack_image_features", "multi_modal_projector", "image_newline", "vision_tower")
+               if inner is None or not hasattr(inner, name)]
+    if missing:
+        import transformers
+
+        raise ModelLoadError(f"{type(model).__name__} (transformers {transformers.__version__}) lacks "
+                             f"model.{', model.'.join(missing)}; pruned inference needs a LlavaNext model from "
+                             f"transformers 5.x")
     return inner
 
 

@@ -86,3 +86,14 @@ def test_prompt_with_two_placeholders_is_refused(trained_model):
     model, processor = trained_model
     with pytest.raises(ValueError, match="at most one image placeholder, got 2"):
         generate(model, processor, ["USER: <image><image> hi ASSISTANT:"], [None])
+
+
+def test_a_model_without_the_llava_next_api_is_refused_in_one_line():
+    from pipeline.presets import ModelLoadError
+    from pipeline.prune import ImageFeatures
+
+    class NotLlava(torch.nn.Module):
+        config = None
+
+    with pytest.raises(ModelLoadError, match=r"lacks model\.pack_image_features.*transformers 5"):
+        visual_embeddings(NotLlava(), ImageFeatures(torch.zeros(1, 16, 64), (64, 64)))
