@@ -71,8 +71,11 @@ def load_items(benchmark: str, files: list[Path], limit: int):
         if not question_files or not image_files:
             raise ConfigError("gqa needs both testdev_balanced_instructions (columns id, imageId, question, "
                               "answer) and testdev_balanced_images (columns id, image) parquet files in --data")
-        rows = [r for f in question_files for r in read_parquet(f, ("id", "imageId", "question", "answer"))]
-        rows = rows[:limit]
+        rows = []
+        for f in question_files:
+            rows += read_parquet(f, ("id", "imageId", "question", "answer"), limit=limit - len(rows))
+            if len(rows) >= limit:
+                break
         wanted = {r["imageId"] for r in rows}
         images = {r["id"]: r["image"] for f in image_files for r in read_parquet(f, ("id", "image"))
                   if r["id"] in wanted}
@@ -81,7 +84,11 @@ def load_items(benchmark: str, files: list[Path], limit: int):
             raise ConfigError(f"gqa: imageId {missing[0]} (and {len(missing) - 1} more) not in the images parquet")
         rows = [{**r, "image": images[r["imageId"]]} for r in rows]
     else:
-        rows = [r for f in files for r in read_parquet(f, s.required)][:limit]
+        rows = []
+        for f in files:
+            rows += read_parquet(f, s.required, limit=limit - len(rows))
+            if len(rows) >= limit:
+                break
     try:
         return items(benchmark, rows)
     except (KeyError, TypeError) as exc:
@@ -198,7 +205,10 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
                 key = chunk_key(model_stage.key, fp, sel_sha.get(retention) if strategy == "selector" else None,
                                 bench, strategy, retention, seed, cfg)
                 plan.append((bench, files, strategy, retention, seed, key))
-        total = sum(min(cfg.limit, 10**9) for _ in plan)
+        from storage.benchmarks import parquet_rows
+
+        total = sum(min(cfg.limit, parquet_rows(files) if bench != "gqa" else cfg.limit)
+                    for bench, files, *_ in plan)
         results = []
         with progress.bar("eval", total=total, unit="questions"):
             for bench, files, strategy, retention, seed, key in plan:

@@ -53,35 +53,47 @@ def parquet_columns(path: Path) -> list[str]:
         raise BenchmarkFileError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name).
+def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name), at most ``limit``.
 
-    A missing path, an unreadable file or a missing column ends in one
-    :class:`BenchmarkFileError` line that names the file and the expected columns."""
+    Reads record batches and stops at ``limit``, so a 5000-question file with
+    images is not decoded whole for a 300-question run. A missing path, an
+    unreadable file or a missing column ends in one :class:`BenchmarkFileError`
+    line that names the file and the expected columns."""
     path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not path.exists():
         raise BenchmarkFileError(f"benchmark data {path} does not exist (expected a parquet file or a directory "
                                  f"of them with columns {', '.join(required)})")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
     rows: list[dict[str, Any]] = []
     for f in files:
         try:
-            schema = pq.read_schema(f)
+            pf = pq.ParquetFile(f)
         except (OSError, pa.ArrowException) as exc:
             raise BenchmarkFileError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]}); "
                                      f"expected columns {', '.join(required)}") from None
-        missing = [c for c in required if c not in schema.names]
+        names = pf.schema_arrow.names
+        missing = [c for c in required if c not in names]
         if missing:
             raise BenchmarkFileError(f"{f}: missing column(s) {', '.join(missing)}; expected columns "
-                                     f"{', '.join(required)} (has {', '.join(schema.names)})")
-        want = None if columns is None else [c for c in columns if c in schema.names]
+                                     f"{', '.join(required)} (has {', '.join(names)})")
+        want = None if columns is None else [c for c in columns if c in names]
         try:
-            rows.extend(pq.read_table(f, columns=want).to_pylist())
+            for batch in pf.iter_batches(batch_size=256, columns=want):
+                rows.extend(batch.to_pylist())
+                if limit is not None and len(rows) >= limit:
+                    return rows[:limit]
         except (OSError, pa.ArrowException) as exc:
             raise BenchmarkFileError(f"{f}: cannot read ({str(exc).splitlines()[0]})") from None
     return rows
 
 
-__all__ = ["write_parquet", "read_parquet", "parquet_columns", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]
+def parquet_rows(files: Sequence[Path]) -> int:
+    """Total row count from the parquet footers (no data read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+__all__ = ["write_parquet", "read_parquet", "parquet_columns", "parquet_rows", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]
