@@ -23,7 +23,7 @@ and in MLflow ($MLFLOW_TRACKING_URI, default sqlite:///$ATR_HOME/mlflow.db).
 
 EPILOG = """\
 examples:
-  atr prepare-model                      # tiny-trained: the shipped checkpoint, or trained here (~7 min)
+  atr prepare-model                      # tiny-trained: the shipped checkpoint, or trained here (~8 min)
   atr ask --image card.png --question "What is written in the image?"
   atr benchmark synthetic-ocr --split test -n 300 --out ocr-test.parquet
   atr extract --model tiny --images synthetic:docs --limit 256
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or register a local/HF model after checking that from_pretrained loads it. "
                                    "tiny-trained is copied from the checkpoint shipped in pipeline/assets when "
                                    "its training config matches; otherwise (or with --retrain) it is trained "
-                                   "here on the synthetic benchmarks' train splits (CPU, about 7 minutes on 2 "
+                                   "here on the synthetic benchmarks' train splits (CPU, about 8 minutes on 2 "
                                    "cores) and evaluated on their test splits.")
     p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
     p.add_argument("--retrain", action="store_true",

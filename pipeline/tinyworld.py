@@ -7,7 +7,7 @@ frozen while the projector and the LM learn to answer questions about images.
    token of ``vision_feature_layer`` learns, through a linear probe, which glyphs
    lie in its own 16-pixel cell. The supervision is per token, so the glyph's
    identity stays in the glyph's token -- the locality that makes *which tokens
-   are kept* matter. (An end-to-end trained 2-layer tower was measured to spread
+   are kept* matter. (The issue's prototype saw an end-to-end trained 2-layer tower spread
    a lone glyph into every token of the crop.)
 2. **Instruction tuning**: the tower is frozen and its features are computed once;
    the projector, image-newline and LM train on ``USER: <image>\\n{question}
