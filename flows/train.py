@@ -223,10 +223,10 @@ def apply_tiny_schedule(cfg: TrainConfig, features: StageResult, user_set: set[s
     """Shorten the paper-scale schedule for features of a tiny preset (see TINY_SCHEDULE)."""
     import dataclasses
 
-    from pipeline.presets import PRESETS
+    from pipeline.presets import PRESETS, TRAINED_PRESETS
 
     model = str(features.manifest.get("model") or "")
-    if model not in PRESETS:
+    if model not in PRESETS and model not in TRAINED_PRESETS:
         return cfg
     changes = {k: v for k, v in TINY_SCHEDULE.items() if k not in user_set}
     return dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, **changes)) if changes else cfg

@@ -191,3 +191,23 @@ def test_empty_feature_stage_is_refused_and_leaves_nothing(tmp_path, cli_env):
     assert proc.stderr.strip().splitlines()[-1] == "error: no training features: the train split is empty"
     assert not list((home.stages / "train").glob("*")) or not [
         p for p in (home.stages / "train").iterdir() if p.is_dir()]
+
+
+def test_tiny_schedule_applies_to_both_tiny_presets_only():
+    from pathlib import Path
+
+    from flows.stages import StageResult
+    from flows.train import TINY_SCHEDULE, apply_tiny_schedule
+    from pipeline.train import TrainConfig
+
+    cfg = TrainConfig()
+
+    def feats(model):
+        return StageResult("extract", "k", Path("."), True, 0.0, {"model": model})
+
+    for model in ("tiny", "tiny-trained"):
+        short = apply_tiny_schedule(cfg, feats(model), set())
+        assert (short.selector.steps, short.selector.batch_size, short.selector.lr) == \
+            (TINY_SCHEDULE["steps"], TINY_SCHEDULE["batch_size"], TINY_SCHEDULE["lr"])
+        assert apply_tiny_schedule(cfg, feats(model), {"steps"}).selector.steps == cfg.selector.steps
+    assert apply_tiny_schedule(cfg, feats("llava-hf/llava-v1.6-mistral-7b-hf"), set()) == cfg
