@@ -25,7 +25,7 @@ from storage.home import Home
 from storage.stages import StageDir, code_version, stage_key, write_json_atomic
 
 from . import progress
-from .extract import _result, _result_dict, run_prepare_model
+from .extract import _key_from_params, _result, _result_dict, run_prepare_model
 from .records import RunRecorder
 from .stages import StageResult, cached_model, synthetic_benchmark
 
@@ -125,10 +125,6 @@ def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark:
              "budget": cfg.budget, "limit": cfg.limit}
     inputs = {"model": model_key, "data": data_fp, **({"selector": selector_sha} if selector_sha else {})}
     return stage_key("eval", EVAL_VERSION, chunk, inputs)
-
-
-def _key_from_params(_ctx, params: dict[str, Any]) -> str:
-    return params["cache_key"]
 
 
 @task(name="eval-chunk", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")

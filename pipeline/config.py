@@ -61,7 +61,10 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Config":
-        """Build from a plain dict; an unknown key is refused naming the closest valid one."""
+        """Build from a plain dict; an unknown key is refused naming the closest valid one.
+
+        A field whose default is itself a Config (a nested config) is built from its
+        dict the same way, so unknown keys inside it are refused too."""
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
@@ -70,6 +73,8 @@ class Config:
         for f in dataclasses.fields(cls):
             if f.name in data:
                 value = data[f.name]
+                if isinstance(f.default, Config) and isinstance(value, Mapping):
+                    value = type(f.default).from_dict(value)
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 

@@ -137,14 +137,19 @@ class FeatureExtractor:
         pixels = torch.cat(crops, dim=0).to(device=_device(self.tower), dtype=_dtype(self.tower))
         with torch.inference_mode():
             out = self.tower(pixels, output_hidden_states=True, return_dict=True)
-            if isinstance(self.layer, (list, tuple)):
-                feats = torch.cat([out.hidden_states[i] for i in self.layer], dim=-1)
-            else:
-                feats = out.hidden_states[self.layer]
-            if self.strategy == "default":
-                feats = feats[:, 1:]
+            feats = projector_inputs(out.hidden_states, self.layer, self.strategy)
         feats = feats.float().cpu().numpy()
         return [f for f in np.split(feats, np.cumsum(counts)[:-1], axis=0)]
+
+
+def projector_inputs(hidden_states, layer, strategy: str):
+    """What LLaVA-NeXT feeds its projector: the ``layer`` hidden state (several layers
+    concatenated on channels), CLS dropped for the ``default`` select strategy."""
+    import torch
+
+    feats = (torch.cat([hidden_states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple))
+             else hidden_states[layer])
+    return feats[:, 1:] if strategy == "default" else feats
 
 
 def _vision_tower(model):

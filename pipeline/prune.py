@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .extract import crop_layout
+from .extract import crop_layout, projector_inputs
 
 
 @dataclass
@@ -84,10 +84,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     param = next(tower.parameters())
     out = tower(torch.cat(pixels).to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
     layer = cfg.vision_feature_layer
-    feats = (torch.cat([out.hidden_states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple))
-             else out.hidden_states[layer])
-    if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]
+    feats = projector_inputs(out.hidden_states, layer, cfg.vision_feature_select_strategy)
     attn: list[torch.Tensor | None] = [None] * len(counts)
     if attention:
         if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
 
 from .config import Config, check
-from .extract import crop_layout, token_boxes
+from .extract import crop_layout, projector_inputs, token_boxes
 from .presets import IMAGE_TOKEN, TinyPreset, build_tiny
 from .synthetic import GLYPHS, Sample, generate
 from .train import lr_factor
@@ -86,13 +86,6 @@ class TinyWorldConfig(Config):
         check(0 <= self.drop_prob <= 1, f"drop_prob must be in [0, 1], got {self.drop_prob!r}")
         check(all(0 < r <= 1 for r in self.drop_retentions) and len(self.drop_retentions) > 0,
               f"drop_retentions must be in (0, 1], got {self.drop_retentions!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TinyWorldConfig":
-        data = dict(data)
-        if isinstance(data.get("preset"), Mapping):
-            data["preset"] = TinyPreset.from_dict(data["preset"])
-        return super().from_dict(data)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------- data
@@ -165,8 +158,7 @@ def tower_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """(crops, L, C) projector inputs: ``vision_feature_layer`` hidden state, CLS dropped."""
     cfg = model.config
     out = model.model.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-    feats = out.hidden_states[cfg.vision_feature_layer]
-    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+    return projector_inputs(out.hidden_states, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
 
 
 def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, progress: Progress | None = None) -> dict:

@@ -63,13 +63,6 @@ class TrainConfig(Config):
     def selector_for(self, retention: float) -> SelectorConfig:
         return dataclasses.replace(self.selector, retention=float(retention))
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        data = dict(data)
-        if isinstance(data.get("selector"), Mapping):
-            data["selector"] = SelectorConfig.from_dict(data["selector"])
-        return super().from_dict(data)  # type: ignore[return-value]
-
 
 def is_held_out(image_id: str, percent: int) -> bool:
     """Deterministic split by a hash of the image id: no image is in both splits."""
