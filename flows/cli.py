@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mask_parser(sub, common, MODEL_HELP)
 
+    from .bench import add_parser as add_bench_parser
+    from .run import add_parsers as add_run_parsers
+
+    add_run_parsers(sub, common)
+    add_bench_parser(sub, common, MODEL_HELP)
+
     p = sub.add_parser("query", parents=[common], help="run a read-only SQL query on the results store",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Open $ATR_HOME/results.duckdb read-only and print the result. Tables: runs, "
@@ -213,10 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import runtime
 
         runtime.configure(home, verbose=args.verbose)
+        from .bench import cmd_bench
         from .mask import cmd_mask
+        from .run import cmd_run, cmd_serve
 
         handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train,
-                   "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark, "eval": cmd_eval}[args.command]
+                   "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark, "eval": cmd_eval,
+                   "run": cmd_run, "serve": cmd_serve, "bench": cmd_bench}[args.command]
         return handler(home, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

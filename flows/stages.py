@@ -95,18 +95,20 @@ def prepare_model_key(model: str, tiny_world: dict[str, Any] | None = None) -> t
 
 
 def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = None, retrain: bool = False,
-                  on_progress: Callable[[str, int, int, dict], None] | None = None) -> StageResult:
+                  on_progress: Callable[[str, int, int, dict], None] | None = None,
+                  force: bool = False) -> StageResult:
     """Build (preset), train (tiny-trained) or register (local dir / hub snapshot) a model.
 
     Cached by content hash. ``retrain`` rebuilds a trained preset from scratch even
-    when the stage or a shipped checkpoint exists."""
+    when the stage or a shipped checkpoint exists. ``force`` (``atr run --from
+    prepare-model``) redoes the stage but still copies a matching shipped checkpoint."""
     t0 = time.perf_counter()
     key, kind, identity = prepare_model_key(model, tiny_world)
     sd = StageDir(home, "prepare-model", key)
-    if sd.is_complete() and not retrain:
+    if sd.is_complete() and not (retrain or force):
         return StageResult("prepare-model", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
     with sd.lock():
-        if sd.is_complete() and not retrain:
+        if sd.is_complete() and not (retrain or force):
             return StageResult("prepare-model", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
         work = sd.begin()
         manifest: dict[str, Any] = {"model": model, "kind": kind, "identity": identity,
