@@ -1,0 +1,206 @@
+"""FLOPs and KV-cache model of LLaVA-NeXT prefill, vision tower and token selector.
+
+Pure python (no torch): dimensions come from a transformers ``LlavaNextConfig``
+(:meth:`LlavaNextDims.from_config`) or are written out (:data:`VICUNA_7B`).
+Counts are matmul FLOPs, 2 per multiply-add; biases, norms, rotary embeddings,
+softmax, activations and residual adds are O(n*d) (softmax O(n^2*heads)) and are
+not counted. Prefill is one forward over ``n = text + visual`` positions, where
+``visual`` is what the LLM really sees (kept tokens plus kept row-newlines).
+
+Conventions for the LLM prefill, side by side (T layers, n tokens, d hidden,
+m FFN intermediate, h query heads, g key/value heads, e head dim, V vocab):
+
+``causal`` -- true FLOPs as executed; the convention of every "ideal" speed-up here::
+
+    T * [ 2n*d*(2*h*e)           q and o projections
+        + 2n*d*(2*g*e)           k and v projections (GQA-aware)
+        + 4*h*e * n(n+1)/2       QK^T and AV over the causal half a causal SDPA kernel computes
+        + 2n*d*m * 3 ]           SwiGLU: gate, up and down matrices
+    + 2*d*V                      logits for the last position only
+
+``square`` -- the same with the full n^2 attention square (``4*h*e*n^2`` per layer).
+
+``fastv`` -- FastV's T*(4nd^2 + 2n^2d + 2ndm): multiply-adds rather than FLOPs, square
+attention, two FFN matrices, no GQA, no logits. Peers quote it. For llava-v1.6-vicuna-7b's
+full prompt it is 2.5x smaller than ``square``, and its *ratios* weight attention (the
+n^2 term) more than ``causal`` does, so it promises larger speed-ups from pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONVENTIONS = ("causal", "square", "fastv")
+
+
+@dataclass(frozen=True)
+class LMDims:
+    """Decoder-only LM (Llama/Mistral-style, SwiGLU) dimensions."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    head_dim: int | None = None  # None -> hidden // heads
+
+    @property
+    def e(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """CLIP-style vision tower: one crop is ``image_size``^2 pixels of ``patch_size`` patches, plus CLS."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    image_size: int
+    patch_size: int
+    channels: int = 3
+
+    @property
+    def patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the tower runs on per crop (patches + CLS), e.g. 577 for CLIP ViT-L/14-336."""
+        return self.patches + 1
+
+
+@dataclass(frozen=True)
+class SelectorDims:
+    """The paper's selector: ``layers`` pre-LN blocks of width ``d`` (FFN ``ffn_mult*d``) on one crop of
+    L tokens with C channels, then a linear head. The reconstructor is not run at inference."""
+
+    tokens: int
+    channels: int
+    d_model: int | None = None  # None -> channels
+    layers: int = 3
+    ffn_mult: int = 4
+
+    @property
+    def d(self) -> int:
+        return self.d_model or self.channels
+
+
+@dataclass(frozen=True)
+class LlavaNextDims:
+    lm: LMDims
+    vision: ViTDims
+    projector_in: int  # feature width entering the projector (C, or C * layers when several are concatenated)
+
+    @classmethod
+    def from_config(cls, config) -> "LlavaNextDims":
+        """From a transformers ``LlavaNextConfig`` (or anything with the same attributes)."""
+        t, v = config.text_config, config.vision_config
+        layer = getattr(config, "vision_feature_layer", -2)
+        n_layers = len(layer) if isinstance(layer, (list, tuple)) else 1
+        lm = LMDims(layers=t.num_hidden_layers, hidden=t.hidden_size, intermediate=t.intermediate_size,
+                    heads=t.num_attention_heads,
+                    kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+                    vocab=t.vocab_size, head_dim=getattr(t, "head_dim", None))
+        vit = ViTDims(layers=v.num_hidden_layers, hidden=v.hidden_size, intermediate=v.intermediate_size,
+                      heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+                      channels=getattr(v, "num_channels", 3))
+        return cls(lm=lm, vision=vit, projector_in=v.hidden_size * n_layers)
+
+
+# llava-hf/llava-v1.6-vicuna-7b-hf: Llama-2-7B (vocab 32064 with the image/pad tokens) + CLIP ViT-L/14-336.
+VICUNA_7B = LlavaNextDims(
+    lm=LMDims(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32064),
+    vision=ViTDims(layers=24, hidden=1024, intermediate=4096, heads=16, image_size=336, patch_size=14),
+    projector_in=1024,
+)
+# The paper's selector on CLIP ViT-L/14-336 features: L = 576 tokens per crop, C = d = 1024.
+CLIP_L_SELECTOR = SelectorDims(tokens=576, channels=1024)
+
+
+def lm_prefill_flops(lm: LMDims, tokens: int, convention: str = "causal", logits_positions: int = 1) -> dict:
+    """FLOPs of one prefill over ``tokens`` positions, by part: projections, attention, mlp, logits, total."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    if tokens < 0:
+        raise ValueError(f"tokens must be >= 0, got {tokens}")
+    n, d, m, T = tokens, lm.hidden, lm.intermediate, lm.layers
+    if convention == "fastv":
+        parts = {"projections": T * 4 * n * d * d, "attention": T * 2 * n * n * d, "mlp": T * 2 * n * d * m,
+                 "logits": 0}
+    else:
+        qo = 2 * n * d * (2 * lm.heads * lm.e)
+        kv = 2 * n * d * (2 * lm.kv_heads * lm.e)
+        pairs = n * (n + 1) // 2 if convention == "causal" else n * n
+        parts = {"projections": T * (qo + kv), "attention": T * 4 * lm.heads * lm.e * pairs,
+                 "mlp": T * 3 * 2 * n * d * m, "logits": 2 * d * lm.vocab * min(logits_positions, n)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def prefill_flops(lm: LMDims, text_tokens: int, visual_tokens: int, convention: str = "causal") -> int:
+    """Total prefill FLOPs of a prompt with ``text_tokens`` + ``visual_tokens`` positions."""
+    return lm_prefill_flops(lm, text_tokens + visual_tokens, convention)["total"]
+
+
+def ideal_speedup(lm: LMDims, text_tokens: int, full_visual: int, pruned_visual: int,
+                  convention: str = "causal") -> float:
+    """Prefill FLOPs of the full prompt / FLOPs of the pruned one (same text)."""
+    return prefill_flops(lm, text_tokens, full_visual, convention) / prefill_flops(lm, text_tokens, pruned_visual,
+                                                                                 convention)
+
+
+def flops_ratio(lm: LMDims, text_tokens: int, full_visual: int, pruned_visual: int,
+                convention: str = "causal") -> float:
+    """Pruned / full prefill FLOPs (the "LLM ratio" peers quote), i.e. 1 / ideal_speedup."""
+    return 1.0 / ideal_speedup(lm, text_tokens, full_visual, pruned_visual, convention)
+
+
+def vision_tower_flops(vit: ViTDims, crops: int, layers_run: int | None = None) -> int:
+    """FLOPs of the tower over ``crops`` crops: patch embedding plus ``layers_run`` (default: all) layers of
+    bidirectional attention over ``vit.tokens`` positions (HF runs every layer, even above the feature layer)."""
+    t, c, f = vit.tokens, vit.hidden, vit.intermediate
+    layers = vit.layers if layers_run is None else layers_run
+    patch = 2 * vit.patches * (vit.channels * vit.patch_size ** 2) * c
+    layer = 2 * t * 4 * c * c + 4 * t * t * c + 2 * 2 * t * c * f
+    return crops * (patch + layers * layer)
+
+
+def selector_flops(sel: SelectorDims, crops: int) -> int:
+    """FLOPs of the selector on ``crops`` crops (attention within each crop of L tokens, not across crops):
+    optional input projection, ``layers`` blocks (q,k,v,o; full L^2 attention; FFN), linear keep-logit head."""
+    L, c, d = sel.tokens, sel.channels, sel.d
+    inp = 0 if c == d else 2 * L * c * d
+    layer = 2 * L * 4 * d * d + 4 * L * L * d + 2 * 2 * L * d * (sel.ffn_mult * d)
+    return crops * (inp + sel.layers * layer + 2 * L * d)
+
+
+def projector_flops(in_dim: int, out_dim: int, tokens: int) -> int:
+    """LLaVA's 2-layer MLP projector (in -> out -> out) on ``tokens`` encoder tokens."""
+    return 2 * tokens * (in_dim * out_dim + out_dim * out_dim)
+
+
+def kv_cache_bytes(lm: LMDims, tokens: int, bytes_per_element: int = 2) -> int:
+    """Bytes of the K and V caches after a prefill of ``tokens`` positions (2 for fp16/bf16, 4 for fp32)."""
+    return 2 * lm.layers * tokens * lm.kv_heads * lm.e * bytes_per_element
+
+
+def llava_next_visual_tokens(side: int, rows: int, cols: int) -> int:
+    """Visual positions the LLM sees for an unpadded ``rows`` x ``cols`` grid of ``side`` x ``side``-token crops:
+    the base crop, then the grid with one newline per token row. 2x2 of 24x24 -> 576 + 48*49 = 2928."""
+    base = side * side
+    if rows * cols == 0:
+        return base
+    return base + rows * side * (cols * side + 1)
+
+
+def selector_share(sel: SelectorDims, crops: int, lm: LMDims, text_tokens: int, visual_tokens: int) -> float:
+    """Selector FLOPs on ``crops`` crops / full-prompt prefill FLOPs (causal convention)."""
+    return selector_flops(sel, crops) / prefill_flops(lm, text_tokens, visual_tokens, "causal")
+
+
+__all__ = ["CONVENTIONS", "LMDims", "ViTDims", "SelectorDims", "LlavaNextDims", "VICUNA_7B", "CLIP_L_SELECTOR",
+           "lm_prefill_flops", "prefill_flops", "ideal_speedup", "flops_ratio", "vision_tower_flops",
+           "selector_flops", "projector_flops", "kv_cache_bytes", "llava_next_visual_tokens", "selector_share"]
