@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mask_parser(sub, common, MODEL_HELP)
 
     from .bench import add_parser as add_bench_parser
-    from .run import add_parsers as add_run_parsers
+    from .run_cmd import add_parsers as add_run_parsers
 
     add_run_parsers(sub, common)
     add_bench_parser(sub, common, MODEL_HELP)
@@ -188,9 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Open $ATR_HOME/results.duckdb read-only and print the result. Tables: runs, "
                                    "stage_runs, selector_metrics, eval_scores, eval_samples, bench_results. "
-                                   "Statements that write are refused.",
+                                   "Only one SELECT runs: DuckDB itself refuses writes, SET, ATTACH, COPY, "
+                                   "INSTALL/LOAD and reading other files. While a run is writing, the query "
+                                   "waits up to 2 s for the store, then says it is busy.",
                        epilog='example:\n  atr query "SELECT * FROM stage_runs" --csv')
     p.add_argument("sql", help="one SELECT statement")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="interrupt the query after this many seconds (default: 30)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", dest="fmt", action="store_const", const="json", help="print JSON (list of objects)")
     fmt.add_argument("--csv", dest="fmt", action="store_const", const="csv", help="print CSV with a header")
@@ -221,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime.configure(home, verbose=args.verbose)
         from .bench import cmd_bench
         from .mask import cmd_mask
-        from .run import cmd_run, cmd_serve
+        from .run_cmd import cmd_run, cmd_serve
 
         handler = {"prepare-model": cmd_prepare_model, "extract": cmd_extract, "train": cmd_train,
                    "mask": cmd_mask, "ask": cmd_ask, "benchmark": cmd_benchmark, "eval": cmd_eval,
@@ -430,24 +434,10 @@ def cmd_eval(home, args) -> int:
     return 0
 
 
-def eval_table(summary: list[dict]) -> list[dict]:
-    """Seed-averaged rows with score relative to full, plus Rel. (mean over benchmarks of pruned/full)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in summary:
-        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
-    full = {b: g[0]["score"] for (b, s, _), g in groups.items() if s == "full"}
-    rows = []
-    for (bench, strategy, retention), g in groups.items():
-        score = sum(r["score"] for r in g) / len(g)
-        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "metric": g[0]["metric"],
-                     "score": score, "seeds": len(g), "rel": score / full[bench] if full.get(bench) else None,
-                     "visual_tokens": sum(r["mean_visual_tokens"] for r in g) / len(g),
-                     "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g), "cached": all(r["cached"] for r in g)})
-    return rows
-
-
 def _print_eval(summary: list[dict]) -> None:
     from rich.table import Table
+
+    from .evaluate import eval_table
 
     rows = eval_table(summary)
     table = Table(title="pruned evaluation")
@@ -590,7 +580,7 @@ def _preflight(model: str, images: str | None = None, seed: int = 0, tiny_world:
 def cmd_query(home, args) -> int:
     from storage.results import format_rows, query
 
-    columns, rows = query(home.results_db, args.sql)
+    columns, rows = query(home.results_db, args.sql, timeout=args.timeout)
     sys.stdout.write(format_rows(columns, rows, args.fmt or "table"))
     return 0
 

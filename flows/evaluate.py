@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from pipeline.evaluate import EvalConfig
 from storage.home import Home
 from storage.stages import StageDir, code_version, stage_key, write_json_atomic
 
-from . import progress
+from . import progress, scale
 from .extract import _key_from_params, _result, _result_dict, run_prepare_model
 from .records import RunRecorder
 from .stages import StageResult, cached_model, synthetic_benchmark
@@ -130,23 +131,25 @@ def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark:
 @task(name="eval-chunk", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
 def eval_chunk_task(home: str, model_dir: str, benchmark: str, files: list[str], strategy: str, retention: float,
                     seed: int, config: dict[str, Any], selector: str | None, model_key: str,
-                    cache_key: str) -> dict[str, Any]:
+                    cache_key: str, force: bool = False) -> dict[str, Any]:
     return _result_dict(run_chunk(Home.resolve(home), model_dir, benchmark, [Path(f) for f in files], strategy,
-                                  retention, seed, EvalConfig.from_dict(config), selector, model_key, cache_key))
+                                  retention, seed, EvalConfig.from_dict(config), selector, model_key, cache_key,
+                                  force=force))
 
 
 def run_chunk(home: Home, model_dir: str, benchmark: str, files: list[Path], strategy: str, retention: float,
-              seed: int, cfg: EvalConfig, selector_ref: str | None, model_key: str, key: str) -> StageResult:
+              seed: int, cfg: EvalConfig, selector_ref: str | None, model_key: str, key: str,
+              force: bool = False) -> StageResult:
     from pipeline.evaluate import evaluate_chunk
 
     t0 = time.perf_counter()
     sd = StageDir(home, "eval", key)
-    if sd.is_complete():
+    if sd.is_complete() and not force:
         return StageResult("eval", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
     with sd.lock():
-        if sd.is_complete():
+        if sd.is_complete() and not force:
             return StageResult("eval", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
-        work = sd.begin()
+        work = sd.begin(fresh=force)
         model, processor = cached_model(model_dir)
         selector = None
         if strategy == "selector":
@@ -175,6 +178,129 @@ def _model_stage(home: Home, key: str) -> StageResult:
 
 # ---------------------------------------------------------------- the flow
 
+@dataclass(frozen=True)
+class Chunk:
+    """One planned eval chunk: its inputs and its stage key."""
+
+    benchmark: str
+    files: tuple[str, ...]
+    strategy: str
+    retention: float
+    seed: int
+    key: str
+
+
+def plan_eval(h: Home, model_stage: StageResult, cfg: EvalConfig, selector: str | None,
+              data: dict[str, str]) -> list[Chunk]:
+    """Every chunk of an evaluation with its content-hashed key (fails fast, one line, on bad inputs)."""
+    if "selector" in cfg.strategies and not selector:
+        raise ConfigError("strategy 'selector' needs --selector (a train stage hash or a .safetensors checkpoint)")
+    sel_sha = {}
+    if "selector" in cfg.strategies:
+        for r in cfg.retentions:
+            _, sha, _ = load_selector(h, selector, r, model_stage)
+            sel_sha[float(r)] = sha
+    plan = []
+    for bench in cfg.benchmarks:
+        files = data_files(bench, data, h, cfg.limit)
+        load_items(bench, files, 1)  # fail fast with one line on a malformed file
+        fp = fingerprint(files)
+        for strategy, retention, seed in cfg.chunks():
+            key = chunk_key(model_stage.key, fp, sel_sha.get(retention) if strategy == "selector" else None,
+                            bench, strategy, retention, seed, cfg)
+            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key))
+    return plan
+
+
+def run_eval_chunks(h: Home, model_stage: StageResult, cfg: EvalConfig, selector: str | None, plan: list[Chunk],
+                    force: bool = False) -> list[tuple[Chunk, StageResult]]:
+    """Run (or reuse) every chunk as a cached Prefect task; over Dask when the flow runs on one.
+
+    ``force`` recomputes every chunk (``atr run --from eval``)."""
+    from storage.benchmarks import parquet_rows
+
+    total = sum(min(cfg.limit, parquet_rows([Path(f) for f in c.files]) if c.benchmark != "gqa" else cfg.limit)
+                for c in plan)
+    complete = [StageDir(h, "eval", c.key).is_complete() and not force for c in plan]
+    remote = scale.distributed()
+    t0 = time.perf_counter()
+    with progress.bar("eval", total=total, unit="questions") as bar:
+        def done(i: int, out: dict[str, Any]) -> None:
+            if complete[i] or remote:  # in-process chunks advance the bar per batch themselves
+                bar.advance(out["manifest"]["summary"]["n_samples"])
+
+        calls = [({"home": str(h.root), "model_dir": str(model_stage.model_dir), "benchmark": c.benchmark,
+                   "files": list(c.files), "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
+                   "config": cfg.to_dict(), "selector": selector, "model_key": model_stage.key, "cache_key": c.key,
+                   "force": force}, not complete[i]) for i, c in enumerate(plan)]
+        outs = scale.map_tasks(eval_chunk_task, calls, on_done=done)
+    results = []
+    for c, was_complete, out in zip(plan, complete, outs):
+        r = _result(out)
+        if was_complete:  # a cache hit reports its lookup time, not the original evaluation time
+            r.cached, r.seconds = True, (time.perf_counter() - t0) / len(plan)
+        results.append((c, r))
+    return results
+
+
+def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any]]:
+    return [{"benchmark": c.benchmark, "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
+             "cached": o.cached, **o.manifest["summary"]} for c, o in results]
+
+
+def eval_table(summary: list[dict]) -> list[dict]:
+    """Seed-averaged rows with score relative to full, plus Rel. (mean over benchmarks of pruned/full)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary:
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
+    full = {b: g[0]["score"] for (b, s, _), g in groups.items() if s == "full"}
+    rows = []
+    for (bench, strategy, retention), g in groups.items():
+        score = sum(r["score"] for r in g) / len(g)
+        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "metric": g[0]["metric"],
+                     "score": score, "seeds": len(g), "rel": score / full[bench] if full.get(bench) else None,
+                     "visual_tokens": sum(r["mean_visual_tokens"] for r in g) / len(g),
+                     "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g), "cached": all(r["cached"] for r in g)})
+    return rows
+
+
+def record_eval(recorder: RunRecorder, model: str, results: list[tuple[Chunk, StageResult]],
+                child: str | None = None) -> None:
+    """Rows into stage_runs, eval_scores and eval_samples (one write each), and MLflow.
+
+    With ``child`` (``atr run``: one MLflow child run for the whole eval stage) every chunk's figures
+    are metrics of that run; without it (``atr eval``) each chunk gets its own child run."""
+    stages = [o for _, o in results]
+    if child is None:
+        for c, o in results:
+            s = o.manifest["summary"]
+            recorder.stage(o, metrics={"score": s["score"], "mean_visual_tokens": s["mean_visual_tokens"]})
+    else:
+        recorder.stages_batch(stages)
+        metrics = {}
+        for c, o in results:
+            name = f"{c.benchmark}/{c.strategy}/r{c.retention:g}/seed{c.seed}"
+            metrics[f"{name}/score"] = o.manifest["summary"]["score"]
+            metrics[f"{name}/mean_visual_tokens"] = o.manifest["summary"]["mean_visual_tokens"]
+        metrics["chunks"] = len(results)
+        metrics["cached_chunks"] = sum(o.cached for o in stages)
+        metrics["seconds"] = sum(o.seconds for o in stages)
+        recorder.tracker.log_metrics(child, metrics)
+    samples, scores = [], []
+    for c, o in results:
+        s = o.manifest["summary"]
+        rows = json.loads((o.path / "samples.json").read_text())
+        samples += [{"run_id": recorder.run_id, "benchmark": c.benchmark, "sample_id": r["sample_id"],
+                     "strategy": c.strategy, "retention": c.retention, "seed": c.seed, "prediction": r["prediction"],
+                     "answer": r["answer"], "score": r["score"]} for r in rows]
+        scores.append({"run_id": recorder.run_id, "model": model, "benchmark": c.benchmark, "strategy": c.strategy,
+                       "retention": c.retention, "seed": c.seed, "metric": s["metric"], "score": s["score"],
+                       "n_samples": s["n_samples"], "mean_visual_tokens": s["mean_visual_tokens"],
+                       "prefill_ms": s["prefill_ms"]})
+    recorder.store.insert_rows("eval_samples", samples)
+    recorder.store.insert_rows("eval_scores", scores)
+
+
 @flow(name="eval")
 def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | None = None,
               data: dict[str, str] | None = None) -> dict[str, Any]:
@@ -187,39 +313,10 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
     try:
         model_stage = run_prepare_model(h, model)
         recorder.stage(model_stage)
-        sel_sha = {}
-        if "selector" in cfg.strategies:
-            for r in cfg.retentions:
-                _, sha, _ = load_selector(h, selector, r, model_stage)
-                sel_sha[float(r)] = sha
-        plan = []
-        for bench in cfg.benchmarks:
-            files = data_files(bench, data, h, cfg.limit)
-            load_items(bench, files, 1)  # fail fast with one line on a malformed file
-            fp = fingerprint(files)
-            for strategy, retention, seed in cfg.chunks():
-                key = chunk_key(model_stage.key, fp, sel_sha.get(retention) if strategy == "selector" else None,
-                                bench, strategy, retention, seed, cfg)
-                plan.append((bench, files, strategy, retention, seed, key))
-        from storage.benchmarks import parquet_rows
-
-        total = sum(min(cfg.limit, parquet_rows(files) if bench != "gqa" else cfg.limit)
-                    for bench, files, *_ in plan)
-        results = []
-        with progress.bar("eval", total=total, unit="questions"):
-            for bench, files, strategy, retention, seed, key in plan:
-                complete = StageDir(h, "eval", key).is_complete()
-                t0 = time.perf_counter()
-                out = _result(eval_chunk_task.with_options(refresh_cache=not complete)(
-                    str(h.root), str(model_stage.model_dir), bench, [str(f) for f in files], strategy, retention,
-                    seed, cfg.to_dict(), selector, model_stage.key, key))
-                if complete:
-                    out.cached, out.seconds = True, time.perf_counter() - t0
-                    progress.advance(out.manifest["summary"]["n_samples"])
-                results.append((bench, strategy, retention, seed, out))
-                _record_chunk(recorder, model, bench, strategy, retention, seed, out)
-        summary = [{"benchmark": b, "strategy": s, "retention": r, "seed": sd, "cached": o.cached,
-                    **o.manifest["summary"]} for b, s, r, sd, o in results]
+        plan = plan_eval(h, model_stage, cfg, selector, data)
+        results = run_eval_chunks(h, model_stage, cfg, selector, plan)
+        record_eval(recorder, model, results)
+        summary = eval_summary(results)
         report = h.reports / f"eval-{recorder.run_id}"
         report.mkdir(parents=True, exist_ok=True)
         write_json_atomic(report / "summary.json", summary)
@@ -234,19 +331,3 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
     recorder.finish()
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "summary": summary,
             "report": str(report), "plots": [str(p) for p in pngs]}
-
-
-def _record_chunk(recorder: RunRecorder, model: str, bench: str, strategy: str, retention: float, seed: int,
-                  out: StageResult) -> None:
-    s = out.manifest["summary"]
-    recorder.stage(out, metrics={"score": s["score"], "mean_visual_tokens": s["mean_visual_tokens"]},
-                   child=None)
-    samples = json.loads((out.path / "samples.json").read_text())
-    recorder.store.insert_rows("eval_samples", [
-        {"run_id": recorder.run_id, "benchmark": bench, "sample_id": r["sample_id"], "strategy": strategy,
-         "retention": retention, "seed": seed, "prediction": r["prediction"], "answer": r["answer"],
-         "score": r["score"]} for r in samples])
-    recorder.store.insert_rows("eval_scores", [
-        {"run_id": recorder.run_id, "model": model, "benchmark": bench, "strategy": strategy, "retention": retention,
-         "seed": seed, "metric": s["metric"], "score": s["score"], "n_samples": s["n_samples"],
-         "mean_visual_tokens": s["mean_visual_tokens"], "prefill_ms": s["prefill_ms"]}])

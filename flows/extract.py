@@ -19,7 +19,7 @@ from pipeline.config import ExtractConfig
 from storage.home import Home
 from storage.stages import StageDir
 
-from . import progress
+from . import progress, scale
 from .records import RunRecorder
 from .stages import (ExtractPlan, StageResult, extract_shard, finish_extract, plan_extract,
                      prepare_model, prepare_model_key, shard_done)
@@ -31,9 +31,9 @@ def _key_from_params(_ctx, params: dict[str, Any]) -> str:
 
 @task(name="prepare-model", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
 def prepare_model_task(home: str, model: str, cache_key: str, tiny_world: dict[str, Any] | None = None,
-                       retrain: bool = False) -> dict[str, Any]:
+                       retrain: bool = False, force: bool = False) -> dict[str, Any]:
     with progress.phases() as on_progress:
-        result = prepare_model(Home.resolve(home), model, tiny_world, retrain, on_progress)
+        result = prepare_model(Home.resolve(home), model, tiny_world, retrain, on_progress, force=force)
     return _result_dict(result)
 
 
@@ -52,41 +52,53 @@ def _result(d: dict[str, Any]) -> StageResult:
 
 
 def run_prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = None,
-                      retrain: bool = False) -> StageResult:
-    """The prepare-model stage as a cached Prefect task (``retrain`` bypasses every cache)."""
+                      retrain: bool = False, force: bool = False) -> StageResult:
+    """The prepare-model stage as a cached Prefect task (``retrain``/``force`` bypass every cache)."""
     key, _, _ = prepare_model_key(model, tiny_world)
     t0 = time.perf_counter()
-    complete = StageDir(home, "prepare-model", key).is_complete() and not retrain
+    complete = StageDir(home, "prepare-model", key).is_complete() and not (retrain or force)
     out = _result(prepare_model_task.with_options(refresh_cache=not complete)(
-        str(home.root), model, key, tiny_world, retrain))
+        str(home.root), model, key, tiny_world, retrain, force))
     # Prefect may have answered from its cache; the stage is cached iff it was complete before.
     out.cached, out.seconds = complete, time.perf_counter() - t0
     return out
 
 
-def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig) -> StageResult:
-    """The extract stage: one Prefect task per missing shard, then the manifest."""
+def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig, force: bool = False) -> StageResult:
+    """The extract stage: one Prefect task per missing shard (over Dask when the flow runs on a
+    DaskTaskRunner), then the manifest. ``force`` recomputes every shard."""
     t0 = time.perf_counter()
     plan = plan_extract(model_stage, config)
     sd = StageDir(home, "extract", plan.key)
-    if sd.is_complete():
+    if sd.is_complete() and not force:
         return StageResult("extract", plan.key, sd.path, True, time.perf_counter() - t0, sd.manifest())
     with sd.lock():
-        if sd.is_complete():
+        if sd.is_complete() and not force:
             return StageResult("extract", plan.key, sd.path, True, time.perf_counter() - t0, sd.manifest())
-        work = sd.begin()
-        done = sum(shard_done(work, i) for i in range(plan.n_shards))
+        work = sd.begin(fresh=force)
+        done = [shard_done(work, i) for i in range(plan.n_shards)]
+        remote = scale.distributed()
         with progress.bar(f"extract {config.images}", total=plan.n_items) as bar:
-            records = []
-            for i in range(plan.n_shards):
-                if shard_done(work, i):
+            bar.advance(sum(hi - lo for i, (lo, hi) in enumerate(map(plan.shard_items, range(plan.n_shards)))
+                            if done[i]))
+
+            def advance(i: int, _record: dict) -> None:
+                if remote and not done[i]:  # in-process tasks advance the bar per batch themselves
                     lo, hi = plan.shard_items(i)
                     bar.advance(hi - lo)
-                cache_key = f"{plan.key}-{i:06d}"
-                records.append(extract_shard_task.with_options(refresh_cache=not shard_done(work, i))(
-                    str(home.root), plan, i, cache_key))
-        result = finish_extract(home, plan, records, time.perf_counter() - t0, resumed_shards=done)
+
+            calls = [({"home": str(home.root), "plan": plan, "index": i, "cache_key": f"{plan.key}-{i:06d}"},
+                      not done[i]) for i in range(plan.n_shards)]
+            records = scale.map_tasks(extract_shard_task, calls, on_done=advance)
+        result = finish_extract(home, plan, records, time.perf_counter() - t0, resumed_shards=sum(done))
     return result
+
+
+def extract_metrics(result: StageResult) -> dict[str, float | None]:
+    """MLflow figures of an extract stage (images/s only when it computed)."""
+    m = result.manifest
+    return {"images_per_second": m.get("images_per_second") if not result.cached else None,
+            "samples": m["counts"]["samples"], "skipped": m["counts"]["skipped"]}
 
 
 @flow(name="extract", log_prints=False)
@@ -99,10 +111,7 @@ def extract_flow(home: str, model: str, config: dict[str, Any]) -> dict[str, Any
         model_stage = run_prepare_model(h, model)
         recorder.stage(model_stage)
         result = run_extract(h, model_stage, cfg)
-        m = result.manifest
-        recorder.stage(result, metrics={
-            "images_per_second": m.get("images_per_second") if not result.cached else None,
-            "samples": m["counts"]["samples"], "skipped": m["counts"]["skipped"]})
+        recorder.stage(result, metrics=extract_metrics(result))
     except BaseException as exc:
         recorder.finish(exc)
         raise

@@ -109,19 +109,21 @@ def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, 
 
 
 def run_train(home: Home, features: StageResult, cfg: TrainConfig,
-              extra_callbacks: Callable[[float], list[Callback]] = lambda p: []) -> StageResult:
-    """Train one selector per retention on the train split, evaluate on held-out crops."""
+              extra_callbacks: Callable[[float], list[Callback]] = lambda p: [], force: bool = False) -> StageResult:
+    """Train one selector per retention on the train split, evaluate on held-out crops.
+
+    ``force`` retrains from scratch even when the stage is complete (``atr run --from train``)."""
     t0 = time.perf_counter()
     key = train_key(features, cfg)
     sd = StageDir(home, "train", key)
-    if sd.is_complete():
+    if sd.is_complete() and not force:
         return StageResult("train", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
     fm = features.manifest
     tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
     with sd.lock():
-        if sd.is_complete():
+        if sd.is_complete() and not force:
             return StageResult("train", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
-        work = sd.begin()
+        work = sd.begin(fresh=force)
         try:
             fdir = Path(features.path)
             pct = cfg.held_out_percent
@@ -199,13 +201,13 @@ class _Advance(Callback):
 
 @task(name="train", cache_key_fn=_key_from_params, persist_result=True, result_serializer="json")
 def train_task(home: str, features_key: str, config: dict[str, Any], cache_key: str,
-               mlflow_run_id: str | None = None) -> dict[str, Any]:
+               mlflow_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     h = Home.resolve(home)
     features = _features_result(h, features_key)
     cfg = TrainConfig.from_dict(config)
     extra = (lambda p: []) if mlflow_run_id is None else (lambda p: [MlflowCurves(_tracker(h), mlflow_run_id,
                                                                                    f"p{p:g}")])
-    return _result_dict(run_train(h, features, cfg, extra))
+    return _result_dict(run_train(h, features, cfg, extra, force=force))
 
 
 def _tracker(home: Home):
@@ -251,28 +253,7 @@ def train_flow(home: str, config: dict[str, Any], features: str | None = None, m
             recorder.stage(feat)
             feat.manifest["model"] = model
         cfg = apply_tiny_schedule(cfg, feat, set(user_set or []))
-        key = train_key(feat, cfg)
-        complete = StageDir(h, "train", key).is_complete()
-        child = recorder.begin_stage("train")
-        t0 = time.perf_counter()
-        out = train_task.with_options(refresh_cache=not complete)(str(h.root), feat.key, cfg.to_dict(), key,
-                                                                   mlflow_run_id=child)
-        result = _result(out)
-        # A cache hit (ours or Prefect's) reports the lookup time, not the original training time.
-        if complete:
-            result.cached, result.seconds = True, time.perf_counter() - t0
-        rows = result.manifest["selector_metrics"]
-        _record_selector_metrics(recorder, result, rows)
-        at = {r["strategy"]: r for r in rows if abs(r["retention"] - 0.25) < 1e-9}
-        metrics = {f"{s}/{m}_at_0.25": at[s][m] for s in at for m in ("recon_mse", "glyph_coverage")
-                   if at[s][m] == at[s][m]}
-        arts = [result.path / "selector_metrics.png", result.path / "selector_metrics.json",
-                *[result.path / c for c in result.manifest["checkpoints"].values()],
-                *[(result.path / c).with_suffix(".json") for c in result.manifest["checkpoints"].values()]]
-        recorder.stage(result, metrics=metrics, child=child, artifacts=tuple(arts))
-        report = h.reports / f"train-{result.key}"
-        report.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(result.path / "selector_metrics.png", report / "selector_metrics.png")
+        result, report = train_stage(h, recorder, feat, cfg)
     except BaseException as exc:
         recorder.finish(exc)
         raise
@@ -280,6 +261,35 @@ def train_flow(home: str, config: dict[str, Any], features: str | None = None, m
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "key": result.key,
             "path": str(result.path), "cached": result.cached, "seconds": result.seconds,
             "manifest": result.manifest, "report": str(report)}
+
+
+def train_stage(h: Home, recorder: RunRecorder, feat: StageResult, cfg: TrainConfig,
+                force: bool = False) -> tuple[StageResult, Path]:
+    """Run (or reuse) the train stage as a Prefect task and record it: selector_metrics rows, an
+    MLflow child run with live curves, figures and the checkpoints, and reports/train-<key>/."""
+    key = train_key(feat, cfg)
+    complete = StageDir(h, "train", key).is_complete() and not force
+    child = recorder.begin_stage("train")
+    t0 = time.perf_counter()
+    out = train_task.with_options(refresh_cache=not complete)(str(h.root), feat.key, cfg.to_dict(), key,
+                                                               mlflow_run_id=child, force=force)
+    result = _result(out)
+    # A cache hit (ours or Prefect's) reports the lookup time, not the original training time.
+    if complete:
+        result.cached, result.seconds = True, time.perf_counter() - t0
+    rows = result.manifest["selector_metrics"]
+    _record_selector_metrics(recorder, result, rows)
+    at = {r["strategy"]: r for r in rows if abs(r["retention"] - 0.25) < 1e-9}
+    metrics = {f"{s}/{m}_at_0.25": at[s][m] for s in at for m in ("recon_mse", "glyph_coverage")
+               if at[s][m] == at[s][m]}
+    arts = [result.path / "selector_metrics.png", result.path / "selector_metrics.json",
+            *[result.path / c for c in result.manifest["checkpoints"].values()],
+            *[(result.path / c).with_suffix(".json") for c in result.manifest["checkpoints"].values()]]
+    recorder.stage(result, metrics=metrics, child=child, artifacts=tuple(arts))
+    report = h.reports / f"train-{result.key}"
+    report.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(result.path / "selector_metrics.png", report / "selector_metrics.png")
+    return result, report
 
 
 def _model_name(home: Home, features: StageResult) -> str | None:

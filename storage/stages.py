@@ -113,11 +113,16 @@ class StageDir:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def begin(self) -> Path:
+    def begin(self, fresh: bool = False) -> Path:
         """Return the work directory, keeping what an interrupted run left there.
 
         A final directory without a complete manifest (written by something other
-        than ``commit``) is moved back to ``.tmp`` so its pieces can be reused."""
+        than ``commit``) is moved back to ``.tmp`` so its pieces can be reused.
+        ``fresh`` (a forced recompute, ``atr run --from``) empties the work
+        directory instead; a complete output stays in place until ``commit``
+        replaces it, so a crash during the recompute loses nothing."""
+        if fresh:
+            shutil.rmtree(self.tmp, ignore_errors=True)
         if self.path.exists() and not self.is_complete():
             if self.tmp.exists():
                 shutil.rmtree(self.path)
