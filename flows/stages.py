@@ -22,7 +22,7 @@ from pipeline.presets import (PRESETS, TRAINED_PRESETS, ModelLoadError, TinyPres
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
 from storage.home import Home
 from storage.shards import shard_name, write_shard
-from storage.stages import StageDir, code_version, read_manifest, stage_key
+from storage.stages import StageDir, code_version, read_manifest, stage_key, write_json_atomic
 
 PREPARE_VERSION = "1"
 # Checkpoints shipped with the package (pipeline/assets/<name>/: save_pretrained files + provenance.json).
@@ -308,7 +308,24 @@ def plan_extract(model_stage: StageResult, config: ExtractConfig) -> ExtractPlan
 
 
 def shard_done(work: Path, index: int) -> bool:
-    return (work / shard_name(index)).is_file() and (work / "_shards" / f"{index:06d}.json").is_file()
+    """A shard of an interrupted run counts as done only when its tar and its record
+    both exist and agree (the record parses, names the tar and gives its exact size).
+    Anything else (a tar without a record, a record of another tar, a cut file) is
+    recomputed. The sha256 in the record is checked whenever the shards are read."""
+    return _shard_record(work, index) is not None
+
+
+def _shard_record(work: Path, index: int) -> dict[str, Any] | None:
+    tar, record_path = work / shard_name(index), work / "_shards" / f"{index:06d}.json"
+    try:
+        record = json.loads(record_path.read_text())
+        size = tar.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("name") != tar.name or record.get("bytes") != size \
+            or record.get("index") != index:
+        return None
+    return record
 
 
 def extract_shard(home: Home, plan: ExtractPlan, index: int,
@@ -324,8 +341,9 @@ def extract_shard(home: Home, plan: ExtractPlan, index: int,
     sd = StageDir(home, "extract", plan.key)
     work = sd.tmp
     record_path = work / "_shards" / f"{index:06d}.json"
-    if shard_done(work, index):
-        return json.loads(record_path.read_text())
+    done = _shard_record(work, index)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
     cfg = plan.config
     lo, hi = plan.shard_items(index)
@@ -368,9 +386,7 @@ def extract_shard(home: Home, plan: ExtractPlan, index: int,
     written = write_shard(work / shard_name(index), samples)
     info.update(sha256=written["sha256"], bytes=written["bytes"], name=written["name"],
                 seconds=time.perf_counter() - t0)
-    tmp_record = record_path.with_name(record_path.name + ".tmp")
-    tmp_record.write_text(json.dumps(info, sort_keys=True))
-    tmp_record.replace(record_path)
+    write_json_atomic(record_path, info)  # fsynced, so a record never outlives its tar's bytes
     return info
 
 

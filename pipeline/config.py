@@ -65,18 +65,51 @@ class Config:
 
         A field whose default is itself a Config (a nested config) is built from its
         dict the same way, so unknown keys inside it are refused too."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{cls.kind} config must be a table of keys, got {type(data).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                raise ConfigError(f"unknown {cls.kind} config key {key!r}{_closest_hint(key, names)}")
+                raise ConfigError(f"unknown {cls.kind} config key {key!r}{_closest_hint(str(key), names)}")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data:
                 value = data[f.name]
-                if isinstance(f.default, Config) and isinstance(value, Mapping):
-                    value = type(f.default).from_dict(value)
+                if isinstance(f.default, Config):
+                    if isinstance(value, Mapping):
+                        value = type(f.default).from_dict(value)
+                    elif not isinstance(value, type(f.default)):
+                        raise ConfigError(f"{cls.kind} config key {f.name!r} must be a table of "
+                                          f"{f.default.kind} keys, got {value!r}")
+                else:
+                    _check_type(cls.kind, f, value)
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (TypeError, AttributeError) as exc:  # a value of the right type but the wrong shape
+            raise ConfigError(f"bad {cls.kind} config: {first_line(exc)}") from None
+
+
+# Field annotations (strings, under ``from __future__ import annotations``) that
+# from_dict checks; other names (nested configs, Mapping) are checked elsewhere.
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "tuple": (tuple, list),
+    "None": (type(None),),
+}
+
+
+def _check_type(kind: str, f: dataclasses.Field, value: Any) -> None:
+    """Refuse a value whose type the field's annotation does not allow (bool is not a number)."""
+    names = [n.strip() for n in str(f.type).split("|")]
+    if not all(n in _SIMPLE_TYPES for n in names):
+        return
+    ok = any(isinstance(value, t) and not (isinstance(value, bool) and n != "bool")
+             for n in names for t in _SIMPLE_TYPES[n])
+    if not ok:
+        words = {"tuple": "a list", "str": "a string", "int": "an integer", "float": "a number", "bool": "true/false",
+                 "None": "none"}
+        raise ConfigError(f"{kind} config key {f.name!r} must be {' or '.join(words[n] for n in names)}, "
+                          f"got {value!r}")
 
 
 def _closest_hint(key: str, names: list[str]) -> str:

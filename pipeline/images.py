@@ -5,6 +5,18 @@
 :class:`ImageSource` whose ``items(limit)`` are the same on every call and in every
 process.  Synthetic images are rendered from ``(seed, index)``; directory images are
 decoded strictly (bad files raise :class:`BadImage`) and converted to RGB.
+
+Decoding a file (``decode_image``) is strict and bounded:
+
+* PIL's pixel limit is set explicitly to ``MAX_IMAGE_PIXELS`` (64 MP, e.g. 8000 x 8000)
+  and enforced on the header, before any pixel is decoded: a larger image is a
+  ``BadImage`` (a decompression bomb), not PIL's warning between 1x and 2x the limit.
+* zero-byte, truncated (``LOAD_TRUNCATED_IMAGES`` off), bad-CRC PNG, non-image and
+  smaller-than-2x2 files are ``BadImage``, one line naming the file and the reason;
+* EXIF orientation is applied; CMYK, palette, grey and alpha images become RGB
+  (alpha composited on white); 16-bit grey (``I;16``) becomes 8-bit as
+  ``round(v / 257)``, i.e. 0..65535 scaled to 0..255, not clipped at 255.
+  PIL's own warnings (e.g. a corrupt EXIF block) are dropped: the pixels decode.
 """
 
 from __future__ import annotations
@@ -27,7 +39,8 @@ from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
 
 SYNTHETIC_KINDS = ("docs", "scenes")
 GENERATOR_VERSION = "1"  # bump when the synthetic renderers change
-MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs (PIL's limit is set to this)
+MIN_SIDE = 2  # smaller images (1x1, 40x1) are refused: no crop can be made of them
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 SIZES = (64, 96, 128, 160, 192, 256)  # synthetic widths and heights (aspect <= 3:1)
 
@@ -182,26 +195,37 @@ class DirectorySource(ImageSource):
 
 # --------------------------------------------------------------------------- files
 
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
 
 def decode_image(path: str | os.PathLike) -> Image.Image:
     """Fully decode an image file to RGB with EXIF orientation applied, or raise BadImage."""
     path = os.fspath(path)
     try:
         img = _decode(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"{path}: DecompressionBombError: {_bomb_size(exc)} exceeds limit of {MAX_IMAGE_PIXELS} "
+                       f"pixels (atr's MAX_IMAGE_PIXELS; a possible decompression bomb)") from None
     except Exception as exc:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
         reason = " ".join(str(exc).split()) or "no details"
         raise BadImage(f"{path}: {type(exc).__name__}: {reason}") from None
-    if img.width < 2 or img.height < 2:
-        raise BadImage(f"{path}: {img.width}x{img.height} pixels is smaller than 2x2")
+    if img.width < MIN_SIDE or img.height < MIN_SIDE:
+        raise BadImage(f"{path}: {img.width}x{img.height} pixels is smaller than {MIN_SIDE}x{MIN_SIDE}")
     return img
 
 
+def _bomb_size(exc: Exception) -> str:
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return f"image size ({found.group(1)} pixels)" if found else "image size"
+
+
 def _decode(path: str) -> Image.Image:
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # set here too: the limit is global state other code could change
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated files must fail, not be padded
     if os.path.getsize(path) == 0:
-        raise ValueError("empty file")
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels still decode
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()

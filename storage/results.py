@@ -2,8 +2,15 @@
 
 The store is one DuckDB file. A connection is opened per operation and closed
 right after, so several processes can share the file: writers that find it
-locked retry with backoff, and `query` opens it read-only for user SQL.
-All timestamps are naive UTC.
+locked retry with backoff (up to ``WRITE_LOCK_TIMEOUT_S``), and `query` opens it
+read-only for user SQL. All timestamps are naive UTC.
+
+User SQL (``query``) is confined by DuckDB itself, not by string filtering:
+the file is opened ``read_only`` with ``enable_external_access`` off (no files,
+no network, no ATTACH/COPY/INSTALL/LOAD of extensions), extension autoloading
+off and ``lock_configuration`` on (no SET). On top of that only a single
+SELECT statement is accepted, and a timer interrupts a query that runs past
+its timeout (DuckDB has no statement timeout of its own).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import os
 import random
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
@@ -27,8 +35,19 @@ import pyarrow as pa
 
 from pipeline.config import first_line
 
-WRITE_LOCK_TIMEOUT_S = 30.0
+# A writer waits longer for the lock than a user query may run (QUERY_TIMEOUT_S),
+# so `atr query` during a run can never make that run fail to record its rows.
+WRITE_LOCK_TIMEOUT_S = 120.0
 QUERY_LOCK_TIMEOUT_S = 2.0
+QUERY_TIMEOUT_S = 30.0
+# What DuckDB itself enforces on a user query's connection.
+READ_ONLY_CONFIG = {
+    "enable_external_access": False,  # no file or network access: read_csv/read_text, COPY, ATTACH, INSTALL
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "lock_configuration": True,  # SET / PRAGMA cannot change the above
+}
 RUN_STATUSES = ("running", "completed", "failed")
 
 _ARROW_TYPES = {
@@ -361,43 +380,66 @@ class ResultsStore:
         conn.unregister("_atr_staged")
 
 
-def query(
-    path: str | os.PathLike, sql: str, *, busy_timeout: float = QUERY_LOCK_TIMEOUT_S
-) -> tuple[list[str], list[tuple]]:
-    """Run one read-only SELECT against the store; returns (column names, rows).
+def open_read_only(path: str | os.PathLike, busy_timeout: float = QUERY_LOCK_TIMEOUT_S) -> duckdb.DuckDBPyConnection:
+    """A connection to the store that DuckDB itself keeps read-only and inside the file.
 
-    The database is opened read-only with external access (files, network,
-    extensions) disabled, and anything but a single SELECT is refused.
-    """
+    Raises QueryError (one line) when the store is missing, or busy for longer
+    than ``busy_timeout`` seconds (a writer holds its lock)."""
     path = Path(path)
     if not path.is_file():
         raise QueryError(f"no results store at {path}: run a stage first")
-    config = {
-        "enable_external_access": False,
-        "autoinstall_known_extensions": False,
-        "autoload_known_extensions": False,
-        "lock_configuration": True,
-    }
     try:
-        conn = _connect(path, busy_timeout, read_only=True, config=config)
+        return _connect(path, busy_timeout, read_only=True, config=dict(READ_ONLY_CONFIG))
     except duckdb.Error as err:
         if _is_lock_error(err):
-            raise QueryError(f"results store busy ({path}): retry") from None
-        raise QueryError(first_line(err)) from None
+            raise QueryError(f"results store busy ({path}): retry in a moment (a run is writing to it)") from None
+        raise QueryError(f"cannot open the results store {path}: {first_line(err)}") from None
+
+
+def query(
+    path: str | os.PathLike,
+    sql: str,
+    *,
+    busy_timeout: float = QUERY_LOCK_TIMEOUT_S,
+    timeout: float | None = QUERY_TIMEOUT_S,
+) -> tuple[list[str], list[tuple]]:
+    """Run one read-only SELECT against the store; returns (column names, rows).
+
+    The connection comes from ``open_read_only``; anything but a single SELECT
+    is refused before it runs, and a query still running after ``timeout``
+    seconds (None: no limit) is interrupted. Every failure is a one-line
+    QueryError."""
+    if timeout is not None and not timeout > 0:
+        raise QueryError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    conn = open_read_only(path, busy_timeout)
     with conn:
         try:
             statements = conn.extract_statements(sql)
-            if not statements:
-                raise QueryError("empty query")
-            if len(statements) > 1:
-                raise QueryError("atr query runs a single statement; remove the extra ';'")
-            kind = statements[0].type
-            if kind != duckdb.StatementType.SELECT:
-                raise QueryError(f"atr query is read-only: {kind.name} statements are not allowed")
-            cursor = conn.execute(sql)
-            rows = cursor.fetchall()
         except duckdb.Error as err:
             raise QueryError(first_line(err)) from None
+        if not statements:
+            raise QueryError("empty query")
+        if len(statements) > 1:
+            raise QueryError("atr query runs a single statement; remove the extra ';'")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise QueryError(f"atr query is read-only: {kind.name} statements are not allowed")
+        timer = threading.Timer(timeout, conn.interrupt) if timeout is not None else None
+        try:
+            if timer is not None:
+                timer.daemon = True
+                timer.start()
+            cursor = conn.execute(sql)
+            rows = cursor.fetchall()
+        except duckdb.InterruptException:
+            raise QueryError(f"query interrupted after the {timeout:g} s timeout (raise it with --timeout)") from None
+        except duckdb.PermissionException as err:
+            raise QueryError(f"atr query cannot reach outside the results store: {first_line(err)}") from None
+        except duckdb.Error as err:
+            raise QueryError(first_line(err)) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         return [d[0] for d in cursor.description], rows
 
 

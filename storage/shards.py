@@ -8,7 +8,11 @@ headers use a fixed mtime, user and mode, so equal samples give equal bytes.
 The reader never unpickles: it accepts only regular-file members named
 ``<key>.feat.npy`` / ``<key>.json`` (no ``..``, no absolute paths), loads arrays
 with ``allow_pickle=False``, and checks dtype, shape and finiteness against the
-stage manifest. Anything else is a ``ShardError`` naming the shard and member.
+stage manifest. Every other extension is refused, so pickle-based ones
+(``.pyd``, ``.pickle``, ``.pkl``, ``.pth``, ``.pt``, ``.npz``, ``.bin``, ...) never reach
+a decoder. When the manifest lists a shard's size and sha256 they are checked
+too (the digest while streaming, no second read). Anything else is a
+``ShardError`` naming the shard and member.
 """
 
 from __future__ import annotations
@@ -111,47 +115,85 @@ def _decode_npy(data: bytes, shard: Path, member: str) -> np.ndarray:
     return array
 
 
-def iter_shard(path: Path, expect: dict[str, Any] | None = None) -> Iterator[FeatureSample]:
+class _HashingReader:
+    """A read-only file wrapper that hashes every byte read through it."""
+
+    def __init__(self, fh):
+        self.fh, self.digest = fh, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def iter_shard(path: Path, expect: dict[str, Any] | None = None,
+               record: dict[str, Any] | None = None) -> Iterator[FeatureSample]:
     """Yield validated samples from one shard.
 
     ``expect`` (from the manifest) may hold ``dtype``, ``tokens_per_crop`` (L),
     ``feature_dim`` (C) and ``crops`` ("base" means exactly one crop).
+    ``record`` (the manifest's entry for this shard) may hold ``bytes`` and
+    ``sha256``: the size is checked before reading, the digest after the end.
     """
     path = Path(path)
     expect = expect or {}
+    record = record or {}
+    _check_size(path, record.get("bytes"))
     current: str | None = None
     members: dict[str, bytes] = {}
     seen: set[str] = set()
+    reading, last = "", ""  # the member being read / the last one read whole, named when the tar breaks off
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    raise ShardError(f"{path}: member {member.name!r} is not a regular file")
-                key, ext = _split_member(member.name, path)
-                if key != current:
-                    if members:
-                        raise ShardError(f"{path}: sample {current!r} is missing a member")
-                    if key in seen:
-                        raise ShardError(f"{path}: member {member.name!r} repeats sample {key!r}")
-                    seen.add(key)
-                    current = key
-                if ext in members:
-                    raise ShardError(f"{path}: member {member.name!r} appears twice")
-                fh = tar.extractfile(member)
-                members[ext] = fh.read() if fh is not None else b""
-                if len(members) == len(ALLOWED_EXTENSIONS):
-                    yield _decode_sample(path, key, members, expect)
-                    members = {}
-            end = tar.offset
-    except tarfile.TarError as exc:
-        raise ShardError(f"{path}: not a readable tar ({exc})") from None
-    except EOFError:
-        raise ShardError(f"{path}: truncated tar") from None
+        with open(path, "rb") as raw:
+            reader = _HashingReader(raw)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    reading = member.name
+                    if not member.isfile():
+                        raise ShardError(f"{path}: member {member.name!r} is not a regular file")
+                    key, ext = _split_member(member.name, path)
+                    if key != current:
+                        if members:
+                            raise ShardError(f"{path}: sample {current!r} is missing a member")
+                        if key in seen:
+                            raise ShardError(f"{path}: member {member.name!r} repeats sample {key!r}")
+                        seen.add(key)
+                        current = key
+                    if ext in members:
+                        raise ShardError(f"{path}: member {member.name!r} appears twice")
+                    fh = tar.extractfile(member)
+                    members[ext] = fh.read() if fh is not None else b""
+                    reading, last = "", member.name
+                    if len(members) == len(ALLOWED_EXTENSIONS):
+                        yield _decode_sample(path, key, members, expect)
+                        members = {}
+                end = tar.offset
+            while reader.read(1 << 16):
+                pass  # the end-of-archive blocks and the padding count towards the digest
+    except (tarfile.TarError, EOFError) as exc:
+        at = f"in member {reading!r}" if reading else f"after member {last!r}" if last else "at its first member"
+        raise ShardError(f"{path}: truncated or corrupt tar {at} ({exc or type(exc).__name__})") from None
     except OSError as exc:
         raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from None
     if members:
         raise ShardError(f"{path}: sample {current!r} is missing a member (truncated shard?)")
     _check_end_marker(path, end)
+    want = record.get("sha256")
+    if isinstance(want, str) and reader.digest.hexdigest() != want:
+        raise ShardError(f"{path}: sha256 {reader.digest.hexdigest()[:12]}... differs from the manifest's "
+                         f"{want[:12]}... (corrupt or replaced shard)")
+
+
+def _check_size(path: Path, want: Any) -> None:
+    if not isinstance(want, int):
+        return
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read shard ({exc.strerror or exc})") from None
+    if size != want:
+        raise ShardError(f"{path}: {size} bytes, manifest says {want} (truncated or replaced shard)")
 
 
 def _check_end_marker(path: Path, end: int) -> None:
@@ -218,7 +260,7 @@ def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[Feature
     expect = manifest_expectations(manifest)
     for shard in shards:
         path, count = stage_dir / shard["name"], 0
-        for sample in iter_shard(path, expect):
+        for sample in iter_shard(path, expect, shard):
             count += 1
             yield sample
         if isinstance(shard.get("count"), int) and count != shard["count"]:
