@@ -1,0 +1,151 @@
+"""``atr bench`` end to end on the tiny preset (real model, stages, DuckDB, MLflow), and its timing helpers.
+
+No test asserts a wall-clock time: only that the figures are written, consistent
+with each other and with the FLOPs model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import duckdb
+import pytest
+import torch
+
+from flows.cli import main
+from pipeline.bench import LoadSampler, interleaved, median, peak_memory, spread
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("bench-home")
+    argv = ["bench", "--home", str(home), "--model", "tiny", "--retentions", "0.5,0.25", "--repeats", "1",
+            "--warmup", "0", "--extract-images", "4", "--batch-size", "2", "--shard-size", "2", "--ttft"]
+    assert main(argv) == 0
+    con = duckdb.connect(str(home / "results.duckdb"), read_only=True)
+    rows = con.execute("SELECT run_id, name, retention, measured_speedup, ideal_speedup, value, unit "
+                       "FROM bench_results").fetchall()
+    runs = con.execute("SELECT run_id, flow, status, mlflow_run_id FROM runs WHERE flow = 'bench'").fetchall()
+    con.close()
+    return home, rows, runs
+
+
+def _by(rows):
+    return {(r[1], r[2]): {"measured": r[3], "ideal": r[4], "value": r[5], "unit": r[6]} for r in rows}
+
+
+def test_bench_writes_rows_a_run_and_a_plot(bench_run, capsys):
+    home, rows, runs = bench_run
+    assert len(runs) == 1 and runs[0][2] == "completed" and runs[0][3]
+    run_id = runs[0][0]
+    assert {r[0] for r in rows} == {run_id}
+    by = _by(rows)
+    for name in ("prefill/full/seconds", "prefill/visual_tokens", "memory/peak_bytes/full", "memory/kv_cache_bytes",
+                 "ttft/full/seconds"):
+        assert (name, 1.0) in by, name
+    for r in (0.5, 0.25):
+        for name in ("prefill/pruned/seconds", "prefill/measured_over_ideal/causal", "prefill/measured_over_ideal/fastv",
+                     "prefill/measured_over_ideal/square", "selector/seconds_per_image", "selector/share_predicted",
+                     "memory/peak_bytes/pruned", "ttft/pruned/seconds"):
+            assert (name, r) in by, (name, r)
+    for name in ("extract/images_per_second/stage", "extract/images_per_second/bare_tower", "extract/cached_over_cold",
+                 "selector/projected_share/llava-v1.6-vicuna-7b", "load/other_cores_mean", "load/trustworthy"):
+        assert (name, None) in by, name
+    plot = home / "reports" / f"bench-{run_id}" / "speedup.png"
+    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((home / "mlartifacts").rglob("speedup.png")), "plot not logged to MLflow"
+    assert not (home / "bench-scratch").exists(), "the scratch extract stage was left behind"
+
+
+def test_bench_figures_are_consistent(bench_run):
+    _, rows, _ = bench_run
+    by = _by(rows)
+    # tiny: 5 crops of 8x8 tokens for the 128x128 pinpoint: base 64 + 2x2 grid, 16 rows of 16 + a newline.
+    assert by[("prefill/encoder_tokens", None)]["value"] == 5 * 64
+    assert by[("prefill/visual_tokens", 1.0)]["value"] == 64 + 16 * 17
+    full_tokens = by[("prefill/visual_tokens", 1.0)]["value"]
+    previous = full_tokens
+    for r in (0.5, 0.25):
+        vis = by[("prefill/visual_tokens", r)]["value"]
+        kept = 5 * round(r * 64)
+        assert kept <= vis <= kept + 16 < previous  # kept tokens plus at most one newline per grid row
+        previous = vis
+        causal, fastv, square = (by[(f"prefill/measured_over_ideal/{c}", r)] for c in ("causal", "fastv", "square"))
+        assert 1.0 < causal["ideal"] < square["ideal"] < fastv["ideal"]
+        for x in (causal, fastv, square):
+            assert x["measured"] > 0 and x["value"] == pytest.approx(x["measured"] / x["ideal"])
+        pruned = by[("prefill/pruned/seconds", r)]
+        assert pruned["ideal"] == pytest.approx(causal["ideal"]) and pruned["unit"] == "s"
+        assert pruned["measured"] == pytest.approx(by[("prefill/full/seconds", 1.0)]["value"] / pruned["value"])
+        assert 0 < by[("selector/share_predicted", r)]["value"]
+        assert by[("memory/peak_bytes/pruned", r)]["value"] < by[("memory/peak_bytes/full", 1.0)]["value"]
+    for r in (1.0, 0.5, 0.25):
+        # The K/V tensors the model really cached equal the FLOPs model's KV-cache bytes.
+        assert by[("memory/kv_cache_bytes", r)]["value"] == by[("memory/kv_cache_bytes_model", r)]["value"] > 0
+    assert 0 < by[("extract/cached_over_cold", None)]["value"] < 1
+    assert by[("extract/images_per_second/stage", None)]["value"] > 0
+    assert 0.005 < by[("selector/projected_share/llava-v1.6-vicuna-7b", None)]["value"] < 0.01
+    assert by[("load/trustworthy", None)]["value"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--retentions", "0,0.5"], "retention must be in (0, 1], got 0"),
+    (["--retentions", "1.5"], "retention must be in (0, 1], got 1.5"),
+    (["--retentions", "half"], "'half' is not a number"),
+    (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+])
+def test_bench_user_errors_are_one_line(tmp_path, capsys, argv, needle):
+    assert main(["bench", "--home", str(tmp_path / "h"), *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (tmp_path / "h" / "results.duckdb").exists()  # refused before any run is recorded
+
+
+def test_bench_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--batch-size",
+                "--shard-size", "--ttft", "--load-threshold"):
+        assert opt in out
+
+
+def test_interleaved_runs_rounds_in_order_after_warmup():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+    with pytest.raises(ValueError):
+        interleaved({"a": lambda: None}, repeats=0)
+    assert median([3.0, 1.0, 2.0]) == 2.0 and spread([1.0, 2.0, 3.0]) == 1.0
+
+
+def test_peak_memory_counts_live_tensors_only():
+    weight = torch.randn(256, 512)
+
+    def work():
+        a = torch.randn(1000, 256)          # 1 MB, freed before the end
+        b = a @ weight                      # 2 MB
+        view = weight.t()                   # a view of a pre-existing tensor: no new bytes
+        del a
+        b.add_(1.0)                         # in place: no new bytes
+        return b.sum() + view[0, 0]
+
+    with torch.inference_mode():
+        peak = peak_memory(work)
+    assert peak >= (1000 * 256 + 1000 * 512) * 4
+    assert peak < (1000 * 256 + 1000 * 512) * 4 + 4096
+
+
+def test_load_sampler_sees_this_process_apart_from_others():
+    with LoadSampler(interval=0.1) as sampler:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 0.5:
+            sum(i * i for i in range(1000))
+    rep = sampler.report
+    assert rep.samples >= 3 and rep.cpus >= 1
+    assert rep.own_cores is not None and rep.own_cores > 0.5  # the busy loop is ours, not "other" load
+    assert rep.other_cores is not None and rep.other_cores >= 0
+    assert rep.trustworthy == (rep.other_cores <= rep.threshold)
+    assert bool(rep.warnings) != rep.trustworthy
