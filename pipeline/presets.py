@@ -74,7 +74,18 @@ class TinyPreset(Config):
         return (self.crop_size // self.patch_size) ** 2
 
 
-PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset()}
+# ``bench``: random weights, but the real model's token counts -- 336-px crops of 14-px
+# patches (576 tokens per crop), llava-v1.6's grid pinpoints, so up to 5 crops (base +
+# 2x2) and 2,928 visual tokens per square image -- with widths small enough that one full
+# prefill takes about a second on 2 CPUs. Used by ``atr bench`` (prefill speed, selector
+# overhead, extraction throughput); its outputs mean nothing.
+BENCH_PRESET = TinyPreset(
+    name="bench", crop_size=336, patch_size=14,
+    grid_pinpoints=((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)),
+    vision_hidden=256, vision_layers=6, vision_heads=4,
+    text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=8,
+)
+PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset(), "bench": BENCH_PRESET}
 # Presets whose weights are trained in-project (pipeline.tinyworld); built by the prepare-model stage.
 TRAINED_PRESETS = ("tiny-trained",)
 
