@@ -19,12 +19,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +199,7 @@ def dockerfile_bases(path: Path) -> list[str]:
     bases = []
     for instruction, rest in dockerfile_instructions(path):
         if instruction == "FROM":
-            image = [w for w in rest.split() if not w.startswith("--")][0]
+            image = next(w for w in rest.split() if not w.startswith("--"))
             bases.append(re.sub(r"\$\{?(\w+)\}?", lambda m: args[m.group(1)], image))
     return bases
 
@@ -405,7 +405,7 @@ def test_database_urls_match_the_postgres_service_and_init_script(env):
     services = compose(env)["services"]
     pg_env = environment(services["postgres"])
     init_sql = INIT_SQL.read_text()
-    created = set(re.findall(r"^\s*CREATE DATABASE\s+(\w+)\s*;", init_sql, re.M | re.I))
+    created = set(re.findall(r"^\s*CREATE DATABASE\s+(\w+)\s*;", init_sql, re.MULTILINE | re.IGNORECASE))
     urls = {"prefect-server": environment(services["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"],
             "mlflow": option(service_command(services["mlflow"]), "--backend-store-uri")}
     drivers = {"prefect-server": "postgresql+asyncpg", "mlflow": "postgresql+psycopg2"}
@@ -543,7 +543,7 @@ def test_package_builds_from_the_files_the_dockerfile_copies(tmp_path):
     src = tmp_path / "image" / source_dir.strip("/")
     assert (src / "pyproject.toml").is_file() and (src / "pipeline" / "__init__.py").is_file()
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                             "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+                             "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("atr-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -553,7 +553,7 @@ def test_package_builds_from_the_files_the_dockerfile_copies(tmp_path):
         for package in ("pipeline", "storage", "flows"):
             assert f"{package}/__init__.py" in names
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert re.search(r"^atr = flows\.cli:main$", entry_points, re.M)
+    assert re.search(r"^atr = flows\.cli:main$", entry_points, re.MULTILINE)
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert wheel.name.startswith(f"atr-{version}-")
 
@@ -580,7 +580,7 @@ def _healthcheck(api_url: str, deployment: str) -> subprocess.CompletedProcess:
     env = {"PATH": os.environ.get("PATH", ""), "PREFECT_API_URL": api_url, "ATR_DEPLOYMENT_NAME": deployment}
     # -I -S: no site-packages, as the script must need nothing beyond the standard library
     return subprocess.run([sys.executable, "-I", "-S", str(HEALTHCHECK_SCRIPT)], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, check=False)
 
 
 def test_runner_healthcheck_script_against_a_real_prefect_server(prefect_api_url):
@@ -613,7 +613,7 @@ def test_readme_documents_the_stack():
 def _compose_plugin() -> bool:
     if not shutil.which("docker"):
         return False
-    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, check=False)
     return probe.returncode == 0
 
 
@@ -622,5 +622,5 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     env = {**os.environ, "ATR_CONFIG_DIR": str(tmp_path)}
     for profile in ([], ["--profile", "gpu"]):
         result = subprocess.run(["docker", "compose", "-f", str(COMPOSE_FILE), *profile, "config", "--quiet"],
-                                cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                                cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
