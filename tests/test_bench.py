@@ -149,3 +149,38 @@ def test_load_sampler_sees_this_process_apart_from_others():
     assert rep.other_cores is not None and rep.other_cores >= 0
     assert rep.trustworthy == (rep.other_cores <= rep.threshold)
     assert bool(rep.warnings) != rep.trustworthy
+
+
+def test_feature_loader_reads_every_crop_once_in_workers(tmp_path):
+    import numpy as np
+
+    from storage.loader import feature_loader
+    from storage.shards import iter_features, write_shard
+
+    rng = np.random.default_rng(0)
+    shards, expected = [], []
+    for s in range(3):
+        samples = []
+        for i in range(4):
+            feats = rng.standard_normal((1 + (i % 2), 16, 8)).astype(np.float16)
+            samples.append((f"s{s}x{i}", feats, {"image_id": f"img{s}-{i}", "crops": feats.shape[0]}))
+        shards.append(write_shard(tmp_path / f"feats-{s:06d}.tar", samples))
+    manifest = {"shards": shards, "features": {"dtype": "float16", "tokens_per_crop": 16, "feature_dim": 8},
+                "config": {"crops": "all"}}
+    expected = sorted(c.tobytes() for smp in iter_features(tmp_path, manifest) for c in smp.features)
+    loader = feature_loader(tmp_path, manifest, batch_size=2, workers=2, repeat=False, drop_last=False,
+                            buffer_size=4)
+    batches = list(loader)
+    assert all(b.dtype == torch.float16 and b.shape[1:] == (16, 8) for b in batches)
+    got = sorted(c.numpy().tobytes() for b in batches for c in b)
+    assert got == expected and len(got) == 18
+    # One process and two workers read the same crops; a held-out filter applies in the workers too.
+    single = feature_loader(tmp_path, manifest, batch_size=4, workers=0, repeat=False, drop_last=False)
+    assert sorted(c.numpy().tobytes() for b in single for c in b) == expected
+    only = feature_loader(tmp_path, manifest, batch_size=1, workers=2, repeat=False,
+                          keep_image=_first_images)
+    assert sum(b.shape[0] for b in only) == 3 * (1 + 2)  # images *-0 (1 crop) and *-1 (2 crops)
+
+
+def _first_images(image_id: str) -> bool:
+    return image_id.endswith(("-0", "-1"))
