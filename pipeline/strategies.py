@@ -25,8 +25,8 @@ Strategies:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
 
 import torch
 
@@ -72,6 +72,27 @@ def keep_mask(strategy: str, features: torch.Tensor, retention: float, budget: s
         return _diversity(features, retention, budget)
     scores = _scores(strategy, features, context)
     return _top(scores, retention, budget)
+
+
+def keep_masks(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
+               context: Context | None = None,
+               cls_attention: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+    """:func:`keep_mask` for a batch of images, each ``(crops_i, L, C)``; one mask (or None) per image.
+
+    ``selector`` runs once on all crops of all images (``(sum crops_i, L, C)``): it attends
+    within each crop, so this gives every image the mask it gets alone. The other
+    strategies run image by image in order (``random`` draws from the generator in the
+    same order as one call per image); ``cls_attention[i]`` is image i's (crops_i, L)."""
+    check_strategy(strategy)
+    check_budget(budget)
+    context = context or Context()
+    if strategy != "selector" or not features:
+        attn = list(cls_attention) if cls_attention is not None else [context.cls_attention] * len(features)
+        return [keep_mask(strategy, f, retention, budget, replace(context, cls_attention=a))
+                for f, a in zip(features, attn, strict=True)]
+    counts = [f.shape[0] for f in features]
+    logits = _scores(strategy, torch.cat(list(features)), context)
+    return [_top(s, retention, budget) for s in torch.split(logits, counts)]
 
 
 def _scores(strategy: str, features: torch.Tensor, context: Context) -> torch.Tensor:
@@ -135,4 +156,4 @@ def _max_min(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack(chosen, dim=1)
 
 
-__all__ = ["STRATEGIES", "BUDGETS", "Context", "keep_mask", "check_strategy", "check_budget"]
+__all__ = ["STRATEGIES", "BUDGETS", "Context", "keep_mask", "keep_masks", "check_strategy", "check_budget"]

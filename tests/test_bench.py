@@ -184,3 +184,35 @@ def test_feature_loader_reads_every_crop_once_in_workers(tmp_path):
 
 def _first_images(image_id: str) -> bool:
     return image_id.endswith(("-0", "-1"))
+
+
+def test_selector_runs_on_all_crops_of_a_batch_in_one_forward(tiny_model):
+    from PIL import Image
+
+    from pipeline.prune import encode_images
+    from pipeline.selector import SelectorConfig, TokenSelector
+    from pipeline.strategies import Context, keep_mask, keep_masks
+
+    model, processor = tiny_model
+    images = [Image.new("RGB", size, colour) for size, colour in
+              (((256, 64), "red"), ((64, 64), "blue"), ((160, 150), "white"), ((64, 256), "green"))]
+    for i, im in enumerate(images):  # some structure, so the logits differ between tokens
+        im.paste((0, 0, 0), (4 * i, 4 * i, 30 + 4 * i, 20 + 4 * i))
+    feats = [f.features for f in encode_images(model, processor, images)]
+    assert sorted({f.shape[0] for f in feats}) == [3, 4, 5]  # images with different crop counts
+    torch.manual_seed(0)
+    selector = TokenSelector(SelectorConfig(n_heads=4), feats[0].shape[1], feats[0].shape[2]).eval()
+    calls = []
+    selector.selector.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    for budget in ("per-crop", "global"):
+        calls.clear()
+        batched = keep_masks("selector", feats, 0.25, budget, Context(selector=selector))
+        assert calls == [sum(f.shape[0] for f in feats)]  # one selector forward over every crop
+        alone = [keep_mask("selector", f, 0.25, budget, Context(selector=selector)) for f in feats]
+        assert all(torch.equal(a, b) for a, b in zip(alone, batched))
+    # Random draws from the generator in the same order as one call per image.
+    a = keep_masks("random", feats, 0.5, context=Context(generator=torch.Generator().manual_seed(3)))
+    g = torch.Generator().manual_seed(3)
+    b = [keep_mask("random", f, 0.5, context=Context(generator=g)) for f in feats]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert keep_masks("none", feats, 0.5) == [None] * 4
