@@ -134,12 +134,11 @@ def iter_shard(path: Path, expect: dict[str, Any] | None = None,
     ``expect`` (from the manifest) may hold ``dtype``, ``tokens_per_crop`` (L),
     ``feature_dim`` (C) and ``crops`` ("base" means exactly one crop).
     ``record`` (the manifest's entry for this shard) may hold ``bytes`` and
-    ``sha256``: the size is checked before reading, the digest after the end.
+    ``sha256``, checked after the last member (so a cut or bad member is named first).
     """
     path = Path(path)
     expect = expect or {}
     record = record or {}
-    _check_size(path, record.get("bytes"))
     current: str | None = None
     members: dict[str, bytes] = {}
     seen: set[str] = set()
@@ -179,6 +178,7 @@ def iter_shard(path: Path, expect: dict[str, Any] | None = None,
     if members:
         raise ShardError(f"{path}: sample {current!r} is missing a member (truncated shard?)")
     _check_end_marker(path, end)
+    _check_size(path, record.get("bytes"))
     want = record.get("sha256")
     if isinstance(want, str) and reader.digest.hexdigest() != want:
         raise ShardError(f"{path}: sha256 {reader.digest.hexdigest()[:12]}... differs from the manifest's "
