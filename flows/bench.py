@@ -32,6 +32,7 @@ from typing import Any
 from pipeline.config import ConfigError
 
 DEFAULT_RETENTIONS = "0.5,0.25,0.11"
+SPREAD_WARN = 0.25  # (max - min) / median of a prefill's rounds above which the run warns
 QUESTION = "What is written in the image? Answer with the text."
 TARGETS = {  # issue 8's figures: (description, comparison, target)
     "prefill/measured_over_ideal/causal@0.5": ("measured / ideal prefill speed-up (causal) at 0.5", ">=", 0.90),
@@ -74,6 +75,8 @@ def add_parser(sub, common, model_help: str) -> None:
     p.add_argument("--shard-size", type=int, default=16, help="samples per shard in extraction (default: 16)")
     p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: one per core, as every atr command; ATR_TORCH_THREADS also sets it)")
     p.add_argument("--load-threshold", type=float, default=0.2,
                    help="mean CPU cores used by other processes above which the run is flagged untrustworthy "
                         "(default: 0.2)")
@@ -110,11 +113,13 @@ def check_args(args) -> dict[str, Any]:
         raise ConfigError(f"--extract-images must be >= 0, got {args.extract_images}")
     if args.batch_size < 1 or args.shard_size < 1:
         raise ConfigError("--batch-size and --shard-size must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if not args.load_threshold > 0:
         raise ConfigError(f"--load-threshold must be positive, got {args.load_threshold}")
     return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
             "extract_images": args.extract_images, "batch_size": args.batch_size, "shard_size": args.shard_size,
-            "ttft": args.ttft, "load_threshold": args.load_threshold}
+            "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads}
 
 
 def cmd_bench(home, args) -> int:
@@ -135,6 +140,8 @@ def run_bench(home, config: dict[str, Any]) -> dict[str, Any]:
     from .records import RunRecorder
     from .stages import cached_model, prepare_model
 
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
     model_stage = prepare_model(home, config["model"])
     model, processor = cached_model(str(model_stage.model_dir))
     device = str(next(model.parameters()).device)
@@ -152,6 +159,11 @@ def run_bench(home, config: dict[str, Any]) -> dict[str, Any]:
             extract = _bench_extract(home, model_stage, model, processor, config, recorder.run_id, device) \
                 if config["extract_images"] > 0 else None
         load = sampler.report
+        noisy = {f"{float(r):g}": x["spread"] for r, x in prefill["by_retention"].items() if x["spread"] > SPREAD_WARN}
+        if noisy and config["repeats"] > 1:
+            load.warnings.append(f"prefill timings varied by more than {SPREAD_WARN:.0%} between rounds (retention: "
+                                 f"(max - min) / median = {', '.join(f'{k}: {v:.0%}' for k, v in noisy.items())}); "
+                                 f"medians are less certain")
         rows = _rows(recorder.run_id, prefill, extract, load)
         recorder.store.insert_rows("bench_results", rows)
         report_dir = home.reports / f"bench-{recorder.run_id}"
@@ -390,13 +402,17 @@ def _bench_extract(home, model_stage, model, processor, config: dict[str, Any], 
             cached_times.append(seconds)
         n = len(items)
         crops = sum(int(b.shape[0]) for b in batches)
+        from pipeline.flops import LlavaNextDims, vision_tower_flops
+
+        tower_flops = vision_tower_flops(LlavaNextDims.from_config(model.config).vision, crops)
         stage_s, tower_s, pre_s = median(times["stage"]), median(times["bare_tower"]), median(times["preprocess"])
         return {"images": n, "crops": crops, "batch_size": cfg.batch_size, "shard_size": cfg.shard_size,
                 "shards": -(-n // cfg.shard_size), "source": cfg.images,
                 "stage_seconds": stage_s, "bare_tower_seconds": tower_s, "preprocess_seconds": pre_s,
                 "stage_images_per_second": n / stage_s, "bare_tower_images_per_second": n / tower_s,
                 "stage_over_bare_tower": tower_s / stage_s,
-                "other_seconds": stage_s - tower_s - pre_s,
+                "other_seconds": stage_s - tower_s - pre_s, "bare_tower_flops": tower_flops,
+                "bare_tower_flops_per_second": tower_flops / tower_s,
                 "cold_seconds": cold, "cached_seconds": median(cached_times),
                 "cached_over_cold": median(cached_times) / cold,
                 "times": {k: v for k, v in times.items()}, "cached_times": cached_times}
@@ -444,6 +460,7 @@ def _rows(run_id: str, prefill: dict, extract: dict | None, load) -> list[dict[s
         add("selector/share_measured", x["selector_share"], "fraction", r)
         add("selector/share_predicted", x["selector_share_predicted"], "fraction", r)
         add("selector/measured_over_predicted", x["selector_share"] / x["selector_share_predicted"], "ratio", r)
+        add("selector/achieved_flops_per_second", x["selector_flops"] / x["selector_seconds"], "FLOP/s", r)
     proj = prefill["projection"]
     add("selector/projected_share/llava-v1.6-vicuna-7b", proj["selector_share"], "fraction")
     if extract is not None:
@@ -451,6 +468,7 @@ def _rows(run_id: str, prefill: dict, extract: dict | None, load) -> list[dict[s
         add("extract/images_per_second/bare_tower", extract["bare_tower_images_per_second"], "images/s")
         add("extract/stage_over_bare_tower", extract["stage_over_bare_tower"], "ratio")
         add("extract/seconds/preprocess", extract["preprocess_seconds"], "s")
+        add("extract/bare_tower_achieved_flops_per_second", extract["bare_tower_flops_per_second"], "FLOP/s")
         add("extract/seconds/cold", extract["cold_seconds"], "s")
         add("extract/seconds/cached", extract["cached_seconds"], "s")
         add("extract/cached_over_cold", extract["cached_over_cold"], "ratio")
