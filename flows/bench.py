@@ -272,6 +272,8 @@ def _bench_prefill(model, processor, config: dict[str, Any], device: str, ttft: 
     visual = {r: x.shape[1] - text_tokens for r, x in prompts.items()}
 
     candidates = {f"prefill@{r:g}": _prefill_fn(model, x) for r, x in prompts.items()}
+    # The prompt without its image: the fixed cost of one forward (Python, kernel launches) plus the text.
+    candidates["prefill@text"] = _prefill_fn(model, torch.cat([head, tail])[None])
     for r in pruned:
         candidates[f"selector@{r:g}"] = (lambda r=r: keep_mask("selector", feats.features, r, "per-crop", ctx))
     if ttft:
@@ -318,11 +320,12 @@ def _bench_prefill(model, processor, config: dict[str, Any], device: str, ttft: 
         if ttft:
             row["ttft_seconds"] = median(times[f"ttft@{r:g}"])
         per_r[r] = row
+    text_only = {"seconds": median(times["prefill@text"]), "flops_causal": F.prefill_flops(dims.lm, text_tokens, 0)}
     vicuna_visual = F.llava_next_visual_tokens(24, 2, 2)
     projected = F.selector_share(F.CLIP_L_SELECTOR, 5, F.VICUNA_7B.lm, 60, vicuna_visual)
     return {"text_tokens": text_tokens, "crops": crops, "tokens_per_crop": tokens, "channels": channels,
             "encoder_tokens": crops * tokens, "selector_heads": selector.cfg.n_heads,
-            "image_size": list(image.size), "by_retention": per_r,
+            "image_size": list(image.size), "by_retention": per_r, "text_only": text_only,
             "projection": {"model": "llava-v1.6-vicuna-7b", "selector": "CLIP-L width 1024, 5 x 576 tokens",
                            "text_tokens": 60, "visual_tokens": vicuna_visual, "selector_share": projected,
                            "selector_flops": F.selector_flops(F.CLIP_L_SELECTOR, 5),
@@ -436,6 +439,7 @@ def _rows(run_id: str, prefill: dict, extract: dict | None, load) -> list[dict[s
     by_r = prefill["by_retention"]
     add("prefill/text_tokens", prefill["text_tokens"], "tokens")
     add("prefill/encoder_tokens", prefill["encoder_tokens"], "tokens")
+    add("prefill/text_only/seconds", prefill["text_only"]["seconds"], "s")
     for r, x in by_r.items():
         kind = "full" if r == 1.0 else "pruned"
         add(f"prefill/{kind}/seconds", x["seconds"], "s", r, x["measured_speedup"], x["ideal_causal"])
@@ -590,6 +594,8 @@ def print_report(out: dict[str, Any]) -> None:
                       f"{x['selector_share_predicted']:.2%}",
                       f"{x['selector_share'] / x['selector_share_predicted']:.2f}")
     console.print(s)
+    console.print(f"the prompt without its image ({p['text_tokens']} tokens): {p['text_only']['seconds'] * 1000:.1f} ms "
+                  f"per forward (fixed cost + text)")
     proj = p["projection"]
     console.print(f"projection: {proj['selector']} selector vs {proj['model']} prefill ({proj['text_tokens']} text + "
                   f"{proj['visual_tokens']} visual tokens): {proj['selector_flops'] / 1e9:.0f} GFLOP / "
