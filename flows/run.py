@@ -355,15 +355,12 @@ def build_deployment(home: Home, cfg: RunConfig, user_set: list[str], cron: str,
     from prefect.schedules import Cron
 
     try:
-        from croniter import croniter
-
-        ok = croniter.is_valid(cron)
-    except ImportError:  # pragma: no cover - croniter ships with prefect
-        ok = True
-    if not ok:
-        raise ConfigError(f"--cron {cron!r} is not a cron expression (e.g. \"0 3 * * *\": daily at 03:00)")
+        schedule = Cron(cron, timezone="UTC")
+    except ValueError:
+        raise ConfigError(f"--cron {cron!r} is not a cron expression (e.g. \"0 3 * * *\": daily at 03:00 UTC)") \
+            from None
     params = {"home": str(home.root), "config": cfg.to_dict(), "from_stage": None, "user_set": user_set,
               "dask_address": dask_address, "dask_workers": None}
-    return run_flow.to_deployment(name=name, schedule=Cron(cron, timezone="UTC"), parameters=params,
+    return run_flow.to_deployment(name=name, schedule=schedule, parameters=params,
                                   description="atr end-to-end run: prepare-model -> extract -> train -> eval -> "
                                               "report", tags=["atr"])

@@ -25,12 +25,12 @@ from pipeline.config import ConfigError
 
 def task_runner(dask_address: str | None = None, dask_workers: int | None = None):
     """A DaskTaskRunner for an address or a local cluster, or None for in-process execution."""
-    if dask_address and dask_workers:
+    if dask_address and dask_workers is not None:
         raise ConfigError("give --dask-address or --dask-workers, not both")
-    if not dask_address and not dask_workers:
-        return None
     if dask_workers is not None and dask_workers < 1:
         raise ConfigError(f"--dask-workers must be at least 1, got {dask_workers}")
+    if not dask_address and dask_workers is None:
+        return None
     if dask_address and not dask_address.startswith(("tcp://", "tls://", "inproc://", "ws://", "wss://")):
         raise ConfigError(f"--dask-address must look like tcp://HOST:PORT, got {dask_address!r}")
     from prefect_dask import DaskTaskRunner
