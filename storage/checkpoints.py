@@ -3,6 +3,12 @@
 Loading accepts only safetensors (never a pickle-based ``.pt``/``.bin``) and
 checks the recorded encoder width C and tokens per crop L before anything uses
 the weights.
+
+The meta is also stored inside the safetensors header (``atr_meta``), so tensors
+and meta are replaced together by one rename: a run killed between writing the
+tensors and the sidecar leaves a sidecar one checkpoint behind, and loading then
+takes the meta that belongs to the tensors (a resumed run restarts at the step
+its weights are from). The sidecar stays for people and other tools.
 """
 
 from __future__ import annotations
@@ -13,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import first_line
 
 from .stages import write_json_atomic
+
+
+META_KEY = "atr_meta"
 
 
 class CheckpointError(ValueError):
@@ -31,8 +40,16 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints are written as .safetensors")
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    embedded = json.dumps(meta, sort_keys=True, default=str)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", META_KEY: embedded})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     write_json_atomic(path.with_suffix(".json"), meta)
     return path
 
@@ -45,18 +62,37 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
         raise CheckpointError(f"{path}: no such checkpoint")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: not a safetensors checkpoint (pickle-based formats are never loaded)")
-    sidecar = path.with_suffix(".json")
     try:
-        meta = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path}: missing or unreadable {sidecar.name}") from None
-    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
+    embedded = _embedded_meta(path, header)
+    sidecar = path.with_suffix(".json")
+    try:
+        side = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        side = None
+    if embedded is None and not isinstance(side, dict):
+        raise CheckpointError(f"{path}: missing or unreadable {sidecar.name}")
+    meta = embedded if embedded is not None else side
     for key, want, what in (("channels", expect_channels, "C (encoder width)"),
                             ("tokens", expect_tokens, "L (tokens per crop)")):
-        if want is not None and meta.get(key) != want:
-            raise CheckpointError(f"{path}: selector was trained for {what} = {meta.get(key)}, "
-                                  f"these features have {want}")
+        for source in (side, embedded):  # both must fit: neither may claim another width
+            if want is not None and isinstance(source, dict) and source.get(key) != want:
+                raise CheckpointError(f"{path}: selector was trained for {what} = {source.get(key)}, "
+                                      f"these features have {want}")
     return tensors, meta
+
+
+def _embedded_meta(path: Path, header: dict[str, str]) -> dict[str, Any] | None:
+    if META_KEY not in header:
+        return None  # written before the meta was embedded: the sidecar holds it
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: unreadable {META_KEY} in the safetensors header")
+    return meta

@@ -142,7 +142,7 @@ class _Planted:
     "result_serializer='json' does not prevent it. Fix outside this issue's files: always pass "
     "refresh_cache=True in flows/extract.py, flows/evaluate.py and flows/train.py (the stage directory "
     "is the cache; the task returns a finished stage or shard at once). Remove this marker then."))
-def test_a_planted_pickle_cache_record_is_never_unpickled(prefect_api_url, tmp_path):
+def test_a_planted_pickle_cache_record_is_never_unpickled(prefect_api_url, session_home, tmp_path):
     import base64
     import json
     import os
@@ -151,10 +151,9 @@ def test_a_planted_pickle_cache_record_is_never_unpickled(prefect_api_url, tmp_p
     from flows.extract import extract_flow
     from flows.stages import extract_shard, plan_extract, prepare_model
     from pipeline.config import ExtractConfig
-    from storage.home import Home
     from storage.stages import StageDir
 
-    home = Home.resolve(tmp_path / "home").ensure()
+    home = session_home
     cfg = ExtractConfig(images="synthetic:docs", limit=4, shard_size=2, batch_size=2,
                         seed=int.from_bytes(os.urandom(4), "big"))  # a cache key no other test uses
     plan = plan_extract(prepare_model(home, "tiny"), cfg)

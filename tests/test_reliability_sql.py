@@ -222,3 +222,51 @@ def test_concurrent_writer_trials(tmp_path):
         passed += 1
         print(f"trial {trial}: rows {sum(r['found'].values())}/{2 * 40 * BATCH}, reads {r['reads']}, busy {r['busy']}")
     print(f"concurrent-writer trials passed {passed}/10, rows expected {expected}, found {found}")
+
+
+@pytest.mark.slow
+def test_two_atr_evals_record_into_one_store_at_once(cli_env, tmp_path):
+    """Two real `atr eval` processes on one home at the same time, `atr query` reading meanwhile:
+    every row of both runs arrives (3 trials)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from flows.runtime import WORKER_ENV
+
+    env = {**cli_env, **WORKER_ENV}
+    db = tmp_path / "home" / "results.duckdb"
+    expected_total = found_total = 0
+    for trial in range(3):
+        procs, limits = [], (16 + trial, 12 + trial)
+        for limit in limits:
+            argv = [sys.executable, "-m", "flows.cli", "eval", "--benchmark", "synthetic-scene", "--strategies",
+                    "none,random", "--retentions", "0.25,0.5", "--seeds", "2", "--limit", str(limit),
+                    "--batch-size", "8"]
+            procs.append(subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        reads = busy = 0
+        while any(p.poll() is None for p in procs):
+            if db.exists():
+                try:
+                    query(db, "SELECT run_id, count(*) FROM eval_samples GROUP BY run_id")
+                    reads += 1
+                except QueryError as err:
+                    assert "results store busy" in str(err) and "retry" in str(err), str(err)
+                    busy += 1
+            time.sleep(0.05)
+        outs = [p.communicate() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+        runs = [o[0].split("run     ")[1].split()[0] for o in outs]
+        for run, limit in zip(runs, limits):
+            samples = query(db, f"SELECT count(*) FROM eval_samples WHERE run_id = '{run}'")[1][0][0]
+            scores = query(db, f"SELECT count(*) FROM eval_scores WHERE run_id = '{run}'")[1][0][0]
+            stages = query(db, f"SELECT count(*) FROM stage_runs WHERE run_id = '{run}'")[1][0][0]
+            status = query(db, f"SELECT status FROM runs WHERE run_id = '{run}'")[1]
+            expected = 5 * limit + 5 + 6  # 5 chunks of `limit` samples, 5 scores, 6 stage rows
+            expected_total += expected + 1
+            found_total += samples + scores + stages + len(status)
+            assert (samples, scores, stages, status) == (5 * limit, 5, 6, [("completed",)]), run
+        print(f"trial {trial}: runs {runs}, reads {reads}, busy {busy}")
+    print(f"atr concurrent-writer trials passed 3/3, rows expected {expected_total}, found {found_total}")
+    assert expected_total == found_total
