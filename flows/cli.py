@@ -36,6 +36,10 @@ MODEL_HELP = ("model: a preset (tiny-trained: trained in-project and able to rea
               "such as llava-hf/llava-v1.6-mistral-7b-hf (must be in the local HF cache when offline)")
 
 
+from .run_cmd import add_dask_options  # noqa: E402 - light module: no Prefect, no torch
+from .run_cmd import add_parsers as add_run_parsers  # noqa: E402
+
+
 class UserError(Exception):
     """Printed as one line, exit code 2."""
 
@@ -112,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per vision-tower batch (default: 16)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
+    add_dask_options(p)
 
     p = sub.add_parser("train", parents=[common], help="train the token selector(s) and evaluate them on held-out crops",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default: 16)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the random strategy (default: 3)")
+    add_dask_options(p)
 
     from .mask import add_parser as add_mask_parser
 
     add_mask_parser(sub, common, MODEL_HELP)
 
     from .bench import add_parser as add_bench_parser
-    from .run_cmd import add_parsers as add_run_parsers
 
     add_run_parsers(sub, common)
     add_bench_parser(sub, common, MODEL_HELP)
@@ -427,7 +432,7 @@ def cmd_eval(home, args) -> int:
     _preflight(args.model)
     progress.enable(True)
     t0 = time.perf_counter()
-    out = eval_flow(str(home.root), args.model, cfg.to_dict(), args.selector, data)
+    out = _on_dask(eval_flow, args)(str(home.root), args.model, cfg.to_dict(), args.selector, data)
     _print_eval(out["summary"])
     print(f"  report  {out['report']}  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
@@ -485,7 +490,7 @@ def cmd_extract(home, args) -> int:
     _preflight(args.model, cfg.images, cfg.seed)
     t0 = time.perf_counter()
     progress.enable(True)
-    out = extract_flow(str(home.root), args.model, cfg.to_dict())
+    out = _on_dask(extract_flow, args)(str(home.root), args.model, cfg.to_dict())
     wall = time.perf_counter() - t0
     ext = out["stages"][-1]
     m = ext["manifest"]
@@ -499,6 +504,14 @@ def cmd_extract(home, args) -> int:
     print(f"  output  {ext['path']}")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0
+
+
+def _on_dask(flow, args):
+    """``flow`` on a DaskTaskRunner when --dask-address / --dask-workers was given (see flows/scale.py)."""
+    from .scale import task_runner
+
+    runner = task_runner(args.dask_address, args.dask_workers)
+    return flow if runner is None else flow.with_options(task_runner=runner)
 
 
 def parse_retentions(text: str) -> tuple[float, ...]:

@@ -41,7 +41,7 @@ def add_parsers(sub, common) -> None:
                         "reused from the cache")
     p.add_argument("--print-config", action="store_true",
                    help="print the configuration (the defaults, or --config's values) as TOML and exit")
-    _add_dask_options(p)
+    add_dask_options(p)
 
     p = sub.add_parser(
         "serve", parents=[common], help="serve the end-to-end run as a scheduled Prefect deployment",
@@ -61,7 +61,7 @@ def add_parsers(sub, common) -> None:
                    help="scheduled runs map shards and eval chunks over this Dask scheduler")
 
 
-def _add_dask_options(p) -> None:
+def add_dask_options(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dask-address", metavar="ADDR", default=None,
                    help="map extraction shards and eval chunks over an existing Dask cluster (tcp://HOST:PORT; "
