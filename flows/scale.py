@@ -43,7 +43,7 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
                                                                                    "MLFLOW_"))
                             and k != "ATR_TORCH_THREADS"}}
     return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": env})
+                                          "dashboard_address": ":0", "env": env})
 
 
 def distributed() -> bool:
