@@ -233,3 +233,30 @@ def test_cli_stage_names_match_the_flow():
     from flows.run_cmd import STAGES as CLI_STAGES
 
     assert CLI_STAGES == STAGES == tuple(STAGE_ORDER)
+
+
+def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_path):
+    """The command as a user runs it, on the module's home: a cache hit end to end."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    home, _, _ = cold
+    lines = ['model = "tiny-trained"', "[extract]", "limit = 96", "shard_size = 32",
+             "[train]", "eval_retentions = [0.25]", "eval_seeds = 1", "checkpoint_every = 10",
+             "[train.selector]", "steps = 20",
+             "[eval]", 'strategies = ["full", "none", "random", "selector"]', "retentions = [0.25]", "seeds = 1",
+             "limit = 12", "batch_size = 12"]
+    (tmp_path / "small.toml").write_text("\n".join(lines) + "\n")
+    env = {**cli_env, "ATR_HOME": str(home.root)}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "small.toml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "pruned evaluation" in out and "stages" in out
+    for stage in STAGE_ORDER:
+        row = next(line for line in out.splitlines() if f" {stage} " in line and "│" in line)
+        assert "yes" in row, row  # every stage cached
+    report = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("report "))
+    assert Path(report).is_file() and Path(report).name == "summary.md"
