@@ -229,10 +229,10 @@ def run_eval_chunks(h: Home, model_stage: StageResult, cfg: EvalConfig, selector
             if complete[i] or remote:  # in-process chunks advance the bar per batch themselves
                 bar.advance(out["manifest"]["summary"]["n_samples"])
 
-        calls = [({"home": str(h.root), "model_dir": str(model_stage.model_dir), "benchmark": c.benchmark,
+        calls = [{"home": str(h.root), "model_dir": str(model_stage.model_dir), "benchmark": c.benchmark,
                    "files": list(c.files), "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
                    "config": cfg.to_dict(), "selector": selector, "model_key": model_stage.key, "cache_key": c.key,
-                   "force": force}, not complete[i]) for i, c in enumerate(plan)]
+                   "force": force} for c in plan]
         outs = scale.map_tasks(eval_chunk_task, calls, on_done=done)
     results = []
     for c, was_complete, out in zip(plan, complete, outs):

@@ -2,9 +2,13 @@
 
 The extract flow maps one task per shard. Every task's Prefect cache key is the
 stage's content hash (plus the shard index), the same hash that names the
-output directory, so Prefect's cache and the file cache agree. When a stage
-directory has been deleted, the task refreshes its Prefect cache entry instead
-of trusting it.
+output directory, so Prefect's cache and the file cache agree.
+
+The stage directory is the cache; Prefect's result store is written (one record
+per key) but never read: every task runs with ``refresh_cache=True`` and returns
+a finished stage or shard at once. A record in that store names its own
+serializer, and a pickle one planted under a (predictable) stage key would run
+code on a cache read, so reading it is never allowed (``tests/test_reliability_code.py``).
 """
 
 from __future__ import annotations
@@ -57,9 +61,9 @@ def run_prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None 
     key, _, _ = prepare_model_key(model, tiny_world)
     t0 = time.perf_counter()
     complete = StageDir(home, "prepare-model", key).is_complete() and not (retrain or force)
-    out = _result(prepare_model_task.with_options(refresh_cache=not complete)(
+    out = _result(prepare_model_task.with_options(refresh_cache=True)(
         str(home.root), model, key, tiny_world, retrain, force))
-    # Prefect may have answered from its cache; the stage is cached iff it was complete before.
+    # The stage is cached iff its directory was complete before (refresh_cache: see the module docstring).
     out.cached, out.seconds = complete, time.perf_counter() - t0
     return out
 
@@ -87,8 +91,8 @@ def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig, for
                     lo, hi = plan.shard_items(i)
                     bar.advance(hi - lo)
 
-            calls = [({"home": str(home.root), "plan": plan, "index": i, "cache_key": f"{plan.key}-{i:06d}"},
-                      not done[i]) for i in range(plan.n_shards)]
+            calls = [{"home": str(home.root), "plan": plan, "index": i, "cache_key": f"{plan.key}-{i:06d}"}
+                     for i in range(plan.n_shards)]
             records = scale.map_tasks(extract_shard_task, calls, on_done=advance)
         result = finish_extract(home, plan, records, time.perf_counter() - t0, resumed_shards=sum(done))
     return result

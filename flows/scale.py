@@ -56,23 +56,25 @@ def distributed() -> bool:
     return type(ctx.task_runner).__name__ == "DaskTaskRunner"
 
 
-def map_tasks(task, calls: Iterable[tuple[dict[str, Any], bool]],
-              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
-    """Run ``task(**kwargs)`` for each ``(kwargs, refresh_cache)``; results in call order.
+def map_tasks(task, calls: Iterable[dict[str, Any]], on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
+    """Run ``task(**kwargs)`` for each kwargs dict; results in call order.
 
     In-process one after another; under a DaskTaskRunner all are submitted at once
-    and ``on_done(index, result)`` fires as each finishes."""
+    and ``on_done(index, result)`` fires as each finishes. Prefect's result store is
+    written, never read (``refresh_cache=True``; see flows/extract.py): the stage
+    directories are the cache, and a finished stage or shard returns at once."""
     calls = list(calls)
+    task = task.with_options(refresh_cache=True)
     if not distributed():
         out = []
-        for i, (kwargs, refresh) in enumerate(calls):
-            out.append(task.with_options(refresh_cache=refresh)(**kwargs))
+        for i, kwargs in enumerate(calls):
+            out.append(task(**kwargs))
             if on_done:
                 on_done(i, out[-1])
         return out
     from prefect.futures import as_completed
 
-    futures = [task.with_options(refresh_cache=refresh).submit(**kwargs) for kwargs, refresh in calls]
+    futures = [task.submit(**kwargs) for kwargs in calls]
     index = {f.task_run_id: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(futures)
     for f in as_completed(futures):

@@ -271,10 +271,11 @@ def train_stage(h: Home, recorder: RunRecorder, feat: StageResult, cfg: TrainCon
     complete = StageDir(h, "train", key).is_complete() and not force
     child = recorder.begin_stage("train")
     t0 = time.perf_counter()
-    out = train_task.with_options(refresh_cache=not complete)(str(h.root), feat.key, cfg.to_dict(), key,
-                                                               mlflow_run_id=child, force=force)
+    # refresh_cache=True: Prefect's result store is written, never read (see flows/extract.py).
+    out = train_task.with_options(refresh_cache=True)(str(h.root), feat.key, cfg.to_dict(), key,
+                                                      mlflow_run_id=child, force=force)
     result = _result(out)
-    # A cache hit (ours or Prefect's) reports the lookup time, not the original training time.
+    # A cache hit reports the lookup time, not the original training time.
     if complete:
         result.cached, result.seconds = True, time.perf_counter() - t0
     rows = result.manifest["selector_metrics"]

@@ -136,12 +136,6 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Prefect deserializes a cached task result with the serializer named inside the stored record, so a "
-    "pickle record planted under a stage's (predictable) cache key runs when the stage resumes; "
-    "result_serializer='json' does not prevent it. Fix outside this issue's files: always pass "
-    "refresh_cache=True in flows/extract.py, flows/evaluate.py and flows/train.py (the stage directory "
-    "is the cache; the task returns a finished stage or shard at once). Remove this marker then."))
 def test_a_planted_pickle_cache_record_is_never_unpickled(prefect_api_url, session_home, tmp_path):
     import base64
     import json
