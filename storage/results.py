@@ -411,6 +411,8 @@ def query(
     QueryError."""
     if timeout is not None and not timeout > 0:
         raise QueryError(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    if timeout is not None and timeout > 7 * 24 * 3600:
+        timeout = None  # "inf" and the like: no limit (a timer that long cannot be set)
     conn = open_read_only(path, busy_timeout)
     with conn:
         try:

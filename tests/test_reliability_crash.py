@@ -143,31 +143,32 @@ def _atr_extract_args(cfg: ExtractConfig) -> list[str]:
 @pytest.mark.slow
 def test_atr_extract_killed_at_ten_random_points(cli_env, tmp_path):
     """`atr extract` (the real command, Prefect and recording included) SIGKILLed at 10 random
-    points after its stage directory appears; every resumed run equals an uninterrupted one."""
+    points: after a random number k of its 24 shards is written (k = 0: while the model loads),
+    plus a random 0-40 ms; every resumed run equals an uninterrupted one byte for byte."""
     cfg = ExtractConfig(images="synthetic:docs", limit=96, shard_size=4, batch_size=4)
     env = {**cli_env, **WORKER_ENV}
     args = [sys.executable, "-m", "flows.cli", *_atr_extract_args(cfg)]
-    ref_env = {**env, "ATR_HOME": str(tmp_path / "ref-home")}
     t0 = time.monotonic()
-    ref = subprocess.run(args, cwd=REPO, env=ref_env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(args, cwd=REPO, env={**env, "ATR_HOME": str(tmp_path / "ref-home")}, capture_output=True,
+                         text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
     (ref_stage,) = [p for p in (tmp_path / "ref-home" / "stages" / "extract").iterdir() if p.is_dir()]
     reference = _shard_bytes(ref_stage)
     assert len(reference) == 24
     key = ref_stage.name
     extract_dir = Path(env["ATR_HOME"]) / "stages" / "extract"
-    # The extraction part of the reference: from its .tmp directory appearing to the end.
-    t_work = read_manifest(ref_stage)["seconds"]
+    work = extract_dir / f"{key}.tmp"
     rng = random.Random(int(time.time()))
     passed, results = 0, []
     for trial in range(10):
         shutil.rmtree(extract_dir / key, ignore_errors=True)
+        k, jitter = rng.randrange(24), rng.uniform(0.0, 0.04)
         proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300
-        while not (extract_dir / f"{key}.tmp").is_dir() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        delay = rng.uniform(0.0, 0.9) * t_work
-        time.sleep(delay)
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                work.is_dir() and len(list(work.glob("feats-*.tar"))) >= k):
+            time.sleep(0.002)
+        time.sleep(jitter)
         landed = proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -179,8 +180,8 @@ def test_atr_extract_killed_at_ten_random_points(cli_env, tmp_path):
         if landed and state["done"] is not None and not state["final"]:
             assert m["resumed_shards"] == state["done"]
         passed += 1
-        results.append({"trial": trial, "delay_s": round(delay, 2), "killed_mid_run": landed, **state,
-                        "resumed_shards": m["resumed_shards"]})
+        results.append({"trial": trial, "after_shards": k, "jitter_ms": round(jitter * 1000),
+                        "killed_mid_run": landed, **state, "resumed_shards": m["resumed_shards"]})
     print(json.dumps(results))
     print(f"kill-and-resume trials passed: {passed}/10 (killed mid-run: "
           f"{sum(r['killed_mid_run'] for r in results)}), wall {time.monotonic() - t0:.0f}s")

@@ -416,3 +416,125 @@ def test_config_file_mistakes_reach_the_user_as_one_line(tmp_path, cli_env):
                              "unknown train config key 'retentoins' (did you mean 'retentions'?)")], cli_env)
     assert not (Path(cli_env["ATR_HOME"]) / "stages").exists() or \
         not list((Path(cli_env["ATR_HOME"]) / "stages").rglob("_manifest.json"))
+
+
+# ------------------------------------------------------------------ the figure, through the CLI
+
+def _outcome(proc: subprocess.CompletedProcess, needle: str, *, goes_on: bool = False) -> str:
+    """'one line' when the command ends as promised, else 'traceback' or 'other'."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if "Traceback" in proc.stderr:
+        return "traceback"
+    if goes_on:
+        warned = [line for line in lines if line.startswith("warning:") and needle in line]
+        return "one line" if proc.returncode == 0 and len(warned) == 1 else "other"
+    ok = proc.returncode == 2 and lines and lines[-1].startswith("error: ") and needle in lines[-1]
+    return "one line" if ok else "other"
+
+
+@pytest.mark.slow
+def test_every_bad_input_through_the_cli(feature_stage, tmp_path, cli_env):
+    """Each bad input of the issue, through the `atr` command a user would run: how many end in
+    one clear line and how many in a traceback, per category."""
+    from test_reliability_sql import REFUSED, SLOW_SQL
+
+    from storage.results import ResultsStore
+
+    tally: dict[str, dict[str, int]] = {}
+    failures = []
+
+    def count(category, what, outcome):
+        tally.setdefault(category, {"one line": 0, "traceback": 0, "other": 0})[outcome] += 1
+        if outcome != "one line":
+            failures.append((category, what, outcome))
+
+    # images: skipped with a warning by `atr extract`; refused by `atr ask`
+    root = tmp_path / "images"
+    (root / "bad").mkdir(parents=True)
+    for rel, (write, _) in BAD_IMAGES.items():
+        write(root / rel)
+    _noise(64, 64, 7).save(root / "good.png")
+    proc = _atr(cli_env, "extract", "--model", "tiny", "--images", str(root), "--limit", "0")
+    for rel, (_, says) in BAD_IMAGES.items():
+        count("images (atr extract: skipped)", rel, _outcome(proc, f"{root / rel}: ", goes_on=True))
+        ask = _atr(cli_env, "ask", "--model", "tiny", "--image", str(root / rel), "--question", "what?")
+        count("images (atr ask: refused)", rel, _outcome(ask, str(root / rel)))
+
+    # shards and features: `atr train --features`
+    for kind, (_, pieces) in BAD_SHARDS.items():
+        home, key, marker = _corrupt_copy(feature_stage, tmp_path / kind.replace(" ", "_"), kind)
+        proc = _atr({**cli_env, "ATR_HOME": str(home.root)}, "train", "--features", key, "--steps", "5")
+        count("shards and features (atr train)", kind, _outcome(proc, pieces[-1]))
+        assert not marker.exists()
+
+    # checkpoints: `atr mask --selector`
+    image = tmp_path / "doc.png"
+    _noise(64, 64).save(image)
+    marker = tmp_path / "unpickled"
+    lying = _selector_checkpoint(tmp_path / "lying.safetensors", channels=32)
+    lying.with_suffix(".json").write_text(json.dumps({**json.loads(lying.with_suffix(".json").read_text()),
+                                                      "channels": 64}))
+    (tmp_path / "garbage.safetensors").write_bytes(pickle.dumps(_Unpickled(str(marker))))
+    checkpoints = {
+        "another width C": (_selector_checkpoint(tmp_path / "c32.safetensors", channels=32), "C (encoder width) = 32"),
+        "another L": (_selector_checkpoint(tmp_path / "l16.safetensors", channels=64, tokens=16), "L (tokens per crop)"),
+        "sidecar lies about C": (lying, "C (encoder width) = 32"),
+        "pickle named .safetensors": (tmp_path / "garbage.safetensors", "not a valid safetensors file"),
+        "missing file": (tmp_path / "nothing.safetensors", "no such checkpoint"),
+    }
+    for ext in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
+        checkpoints[f"pickle-based {ext}"] = (_pickled_checkpoint(tmp_path / f"sel{ext}", marker),
+                                              "not a safetensors checkpoint")
+    for what, (path, needle) in checkpoints.items():
+        proc = _atr(cli_env, "mask", "--model", "tiny", "--selector", str(path), "--image", str(image),
+                    "--retention", "0.25")
+        count("checkpoints (atr mask)", what, _outcome(proc, needle))
+    assert not marker.exists()
+
+    # configs: `atr run --config` (TOML) and command-line values
+    tomls = {
+        "misspelt key": ('[train]\nretentoins = [0.25]\n', "did you mean 'retentions'?"),
+        "misspelt nested key": ('[train.selector]\ntemprature = 2.0\n', "did you mean 'temperature'?"),
+        "unknown section": ('[evaluate]\nlimit = 3\n', "unknown run config key 'evaluate'"),
+        "wrong type": ('[extract]\nlimit = "ten"\n', "'limit' must be an integer"),
+        "retention 1.5": ('[train]\nretentions = [1.5]\n', "retention must be in (0, 1]"),
+        "retention 0": ('[eval]\nretentions = [0.0]\n', "retention must be in (0, 1]"),
+        "unknown strategy": ('[eval]\nstrategies = ["fastv"]\n', "unknown strategy 'fastv'; valid: full"),
+        "unknown benchmark": ('[eval]\nbenchmarks = ["docvqa"]\n', "unknown benchmark 'docvqa'; valid:"),
+        "not TOML": ('[train\n', "--config"),
+    }
+    for what, (text, needle) in tomls.items():
+        path = tmp_path / f"{what.replace(' ', '_')}.toml"
+        path.write_text(text)
+        count("configs (atr run --config)", what, _outcome(_atr(cli_env, "run", "--config", str(path)), needle))
+    flags = {
+        "train --retention 1.5": (["train", "--retention", "1.5"], "retention must be in (0, 1]"),
+        "train --retention 0": (["train", "--retention", "0"], "retention must be in (0, 1]"),
+        "train --retention nan": (["train", "--retention", "nan"], "retention must be in (0, 1]"),
+        "eval --strategies bogus": (["eval", "--strategies", "bogus"], "unknown strategy 'bogus'; valid: full"),
+        "eval --benchmark bogus": (["eval", "--benchmark", "bogus"], "unknown benchmark 'bogus'; valid:"),
+        "eval --retentions 1.5": (["eval", "--retentions", "1.5"], "retention must be in (0, 1]"),
+        "mask --retention -1": (["mask", "--selector", "x.safetensors", "--image", str(image), "--retention", "-1"],
+                                "retention must be in (0, 1]"),
+    }
+    for what, (argv, needle) in flags.items():
+        count("configs (command-line values)", what, _outcome(_atr(cli_env, *argv), needle))
+
+    # SQL: `atr query`
+    store = ResultsStore(Path(cli_env["ATR_HOME"]) / "results.duckdb")
+    store.start_run("r1", "eval", "abc", "{}")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    for name, (sql, _, _) in REFUSED.items():
+        proc = _atr(cli_env, "query", sql.format(dir=tmp_path, secret=secret))
+        count("SQL (atr query)", name, _outcome(proc, "atr query"))
+    count("SQL (atr query)", "timeout", _outcome(_atr(cli_env, "query", "--timeout", "0.5", SLOW_SQL),
+                                                 "query interrupted after the 0.5 s timeout"))
+
+    width = max(len(c) for c in tally)
+    print(f"\n{'category':{width}}  tried  one line  traceback  other")
+    for category, t in tally.items():
+        print(f"{category:{width}}  {sum(t.values()):5}  {t['one line']:8}  {t['traceback']:9}  {t['other']:5}")
+    total = {k: sum(t[k] for t in tally.values()) for k in ("one line", "traceback", "other")}
+    print(f"{'all':{width}}  {sum(total.values()):5}  {total['one line']:8}  {total['traceback']:9}  {total['other']:5}")
+    assert failures == []

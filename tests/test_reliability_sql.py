@@ -121,8 +121,11 @@ def test_query_times_out_with_one_line_and_frees_the_store(store, capsys):
         "error: query interrupted after the 0.3 s timeout (raise it with --timeout)"
     store.finish_run("r1", "completed")  # the interrupted reader released the file
     assert query(store.path, "SELECT status FROM runs", timeout=0.3)[1] == [("completed",)]
-    assert main(["query", "--home", str(store.path.parent), "--timeout", "0", "SELECT 1"]) == 2
-    assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan"):
+        assert main(["query", "--home", str(store.path.parent), "--timeout", bad, "SELECT 1"]) == 2
+        assert "--timeout must be a positive number of seconds" in capsys.readouterr().err
+    assert main(["query", "--home", str(store.path.parent), "--timeout", "inf", "--csv", "SELECT 7 AS n"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "7"]
 
 
 def test_query_timeout_does_not_leak_into_later_statements(store):
