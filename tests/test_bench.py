@@ -107,7 +107,8 @@ def test_bench_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     out = capsys.readouterr().out
-    for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--batch-size",
+    for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--extract-repeats",
+                "--batch-size",
                 "--shard-size", "--ttft", "--load-threshold"):
         assert opt in out
 
