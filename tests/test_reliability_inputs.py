@@ -501,7 +501,7 @@ def test_every_bad_input_through_the_cli(feature_stage, tmp_path, cli_env):
         "retention 0": ('[eval]\nretentions = [0.0]\n', "retention must be in (0, 1]"),
         "unknown strategy": ('[eval]\nstrategies = ["fastv"]\n', "unknown strategy 'fastv'; valid: full"),
         "unknown benchmark": ('[eval]\nbenchmarks = ["docvqa"]\n', "unknown benchmark 'docvqa'; valid:"),
-        "not TOML": ('[train\n', "--config"),
+        "not TOML": ('[train\n', "not valid TOML"),
     }
     for what, (text, needle) in tomls.items():
         path = tmp_path / f"{what.replace(' ', '_')}.toml"
