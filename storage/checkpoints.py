@@ -5,10 +5,12 @@ checks the recorded encoder width C and tokens per crop L before anything uses
 the weights.
 
 The meta is also stored inside the safetensors header (``atr_meta``), so tensors
-and meta are replaced together by one rename: a run killed between writing the
-tensors and the sidecar leaves a sidecar one checkpoint behind, and loading then
-takes the meta that belongs to the tensors (a resumed run restarts at the step
-its weights are from). The sidecar stays for people and other tools.
+and meta are replaced together by one rename. The sidecar carries the sha256 of
+that embedded meta (``atr_meta_sha256``): a sidecar with another digest belongs
+to another write (a run killed between writing the tensors and the sidecar
+leaves one a checkpoint behind), and loading then takes the embedded meta, so a
+resumed run restarts at the step its weights are from. A sidecar that matches
+is used as written (it is the file people read and edit).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .stages import write_json_atomic
 
 
 META_KEY = "atr_meta"
+META_SHA_KEY = "atr_meta_sha256"
 
 
 class CheckpointError(ValueError):
@@ -40,6 +43,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints are written as .safetensors")
     tmp = path.with_name(path.name + ".tmp")
+    meta = {k: v for k, v in meta.items() if k != META_SHA_KEY}
     embedded = json.dumps(meta, sort_keys=True, default=str)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
@@ -50,8 +54,14 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    write_json_atomic(path.with_suffix(".json"), meta)
+    write_json_atomic(path.with_suffix(".json"), {**meta, META_SHA_KEY: _sha(embedded)})
     return path
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def load_checkpoint(path: Path, expect_channels: int | None = None,
@@ -69,6 +79,7 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({first_line(exc)})") from None
     embedded = _embedded_meta(path, header)
+    digest = _sha(header[META_KEY]) if embedded is not None else None
     sidecar = path.with_suffix(".json")
     try:
         side = json.loads(sidecar.read_text())
@@ -76,7 +87,12 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
         side = None
     if embedded is None and not isinstance(side, dict):
         raise CheckpointError(f"{path}: missing or unreadable {sidecar.name}")
-    meta = embedded if embedded is not None else side
+    if embedded is None:
+        meta = side
+    elif isinstance(side, dict) and side.get(META_SHA_KEY) == digest:
+        meta = {k: v for k, v in side.items() if k != META_SHA_KEY}  # the sidecar of these tensors
+    else:
+        meta = embedded  # no sidecar, or one from another write: the meta saved with the tensors
     for key, want, what in (("channels", expect_channels, "C (encoder width)"),
                             ("tokens", expect_tokens, "L (tokens per crop)")):
         for source in (side, embedded):  # both must fit: neither may claim another width
