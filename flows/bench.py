@@ -159,17 +159,25 @@ def run_bench(home, config: dict[str, Any]) -> dict[str, Any]:
     recorder = RunRecorder(home, "bench", full_config)
     try:
         recorder.stage(model_stage)
-        with LoadSampler(threshold=config["load_threshold"]) as sampler:
-            prefill = _bench_prefill(model, processor, config, device, ttft)
-            extract = _bench_extract(home, model_stage, model, processor, config, recorder.run_id, device) \
-                if config["extract_images"] > 0 else None
+        threshold = config["load_threshold"]
+        phases = {}
+        with LoadSampler(threshold=threshold) as sampler:
+            with LoadSampler(threshold=threshold, label="the prefill and selector timings") as phase:
+                prefill = _bench_prefill(model, processor, config, device, ttft)
+            phases["prefill"] = phase.report
+            extract = None
+            if config["extract_images"] > 0:
+                with LoadSampler(threshold=threshold, label="the extraction and cache timings") as phase:
+                    extract = _bench_extract(home, model_stage, model, processor, config, recorder.run_id, device)
+                phases["extract"] = phase.report
         load = sampler.report
+        load.warnings[:] = [w for rep in phases.values() for w in rep.warnings]
         noisy = {f"{float(r):g}": x["spread"] for r, x in prefill["by_retention"].items() if x["spread"] > SPREAD_WARN}
         if noisy and config["repeats"] > 1:
             load.warnings.append(f"prefill timings varied by more than {SPREAD_WARN:.0%} between rounds (retention: "
                                  f"(max - min) / median = {', '.join(f'{k}: {v:.0%}' for k, v in noisy.items())}); "
                                  f"medians are less certain")
-        rows = _rows(recorder.run_id, prefill, extract, load)
+        rows = _rows(recorder.run_id, prefill, extract, load, phases)
         recorder.store.insert_rows("bench_results", rows)
         report_dir = home.reports / f"bench-{recorder.run_id}"
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -178,6 +186,7 @@ def run_bench(home, config: dict[str, Any]) -> dict[str, Any]:
         plot = plot_speedups(prefill, report_dir / "speedup.png", title)
         summary = {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "config": full_config,
                    "prefill": _jsonable(prefill), "extract": _jsonable(extract), "load": load.as_dict(),
+                   "load_by_phase": {k: v.as_dict() for k, v in phases.items()},
                    "warnings": load.warnings, "figures": figures(rows), "plot": str(plot)}
         (report_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
         recorder.tracker.log_metrics(recorder.mlflow_run_id, _metrics(rows))
@@ -436,7 +445,7 @@ def _bench_extract(home, model_stage, model, processor, config: dict[str, Any], 
 
 # ---------------------------------------------------------------- rows, figures, output
 
-def _rows(run_id: str, prefill: dict, extract: dict | None, load) -> list[dict[str, Any]]:
+def _rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(name, value, unit, retention=None, measured=None, ideal=None):
@@ -487,7 +496,11 @@ def _rows(run_id: str, prefill: dict, extract: dict | None, load) -> list[dict[s
     add("load/other_cores_max", load.other_cores_max, "cores")
     add("load/loadavg1_start", load.loadavg_start, "load")
     add("load/loadavg1_end", load.loadavg_end, "load")
-    add("load/trustworthy", 1.0 if load.trustworthy else 0.0, "bool")
+    add("load/trustworthy", 1.0 if all(p.trustworthy for p in phases.values()) else 0.0, "bool")
+    for phase, rep in phases.items():
+        add(f"load/{phase}/other_cores_mean", rep.other_cores, "cores")
+        add(f"load/{phase}/other_cores_max", rep.other_cores_max, "cores")
+        add(f"load/{phase}/trustworthy", 1.0 if rep.trustworthy else 0.0, "bool")
     return rows
 
 
@@ -622,9 +635,11 @@ def print_report(out: dict[str, Any]) -> None:
         f.add_row(row["figure"], _fmt(row["value"], ".4g"), row["target"],
                   "n/a" if row["met"] is None else ("yes" if row["met"] else "NO"))
     console.print(f)
+    phases = "; ".join(f"{k} {_fmt(v['other_cores_mean'], '.2f')} (max {_fmt(v['other_cores_max'], '.2f')})"
+                       for k, v in out["load_by_phase"].items())
     console.print(f"load: other processes used {_fmt(load['other_cores_mean'], '.2f')} cores on average (max "
-                  f"{_fmt(load['other_cores_max'], '.2f')}) of {load['cpus']}; loadavg {_fmt(load['loadavg1_start'], '.2f')}"
-                  f" -> {_fmt(load['loadavg1_end'], '.2f')}; {load['seconds']:.0f} s")
+                  f"{_fmt(load['other_cores_max'], '.2f')}) of {load['cpus']} [{phases}]; loadavg "
+                  f"{_fmt(load['loadavg1_start'], '.2f')} -> {_fmt(load['loadavg1_end'], '.2f')}; {load['seconds']:.0f} s")
     for w in out["warnings"]:
         console.print(f"[bold red]warning:[/] {w}")
     console.print(f"run {out['run_id']} (MLflow {out['mlflow_run_id']}); plot {out['plot']}")

@@ -175,8 +175,8 @@ class LoadSampler:
     ``threshold`` cores (default 0.2: a tenth of a 2-CPU machine) marks the run untrustworthy:
     the full and pruned runs then competed with others for the cores, unevenly."""
 
-    def __init__(self, interval: float = 0.5, threshold: float = 0.2):
-        self.interval, self.threshold = interval, threshold
+    def __init__(self, interval: float = 0.5, threshold: float = 0.2, label: str = "the benchmark"):
+        self.interval, self.threshold, self.label = interval, threshold, label
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._samples: list[tuple[float, float]] = []  # (other cores, own cores) per interval
@@ -225,7 +225,7 @@ class LoadSampler:
                          threshold=self.threshold)
         if not rep.trustworthy:
             rep.warnings.append(f"other processes kept {rep.other_cores:.2f} of {rep.cpus} CPU cores busy on "
-                                f"average (max {rep.other_cores_max:.2f}) during the benchmark; timings and their "
+                                f"average (max {rep.other_cores_max:.2f}) during {self.label}; its timings and their "
                                 f"ratios are untrustworthy (threshold {self.threshold:.2f} cores): rerun on a quiet "
                                 f"machine")
         return rep

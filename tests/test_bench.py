@@ -50,7 +50,7 @@ def test_bench_writes_rows_a_run_and_a_plot(bench_run, capsys):
             assert (name, r) in by, (name, r)
     for name in ("extract/images_per_second/stage", "extract/images_per_second/bare_tower", "extract/cached_over_cold",
                  "selector/projected_share/llava-v1.6-vicuna-7b", "load/other_cores_mean", "load/trustworthy",
-                 "prefill/text_only/seconds"):
+                 "prefill/text_only/seconds", "load/prefill/trustworthy", "load/extract/other_cores_mean"):
         assert (name, None) in by, name
     plot = home / "reports" / f"bench-{run_id}" / "speedup.png"
     assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
