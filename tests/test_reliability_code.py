@@ -8,6 +8,9 @@ Python file the package ships (pipeline/, storage/, flows/) and refuses:
 * ``trust_remote_code`` set to anything but ``False`` (keyword or dict key);
 * ``eval`` / ``exec`` builtins;
 * a Prefect ``@task`` that persists results without ``result_serializer="json"``.
+
+And, through a real flow: a pickle record planted in Prefect's result store under a
+stage's cache key is never loaded (Prefect would use the serializer the record names).
 """
 
 from __future__ import annotations
