@@ -26,7 +26,7 @@ from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, ba
                             selector_from_tensors, selector_tensors)
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
-from storage.shards import iter_features, stream_crops
+from storage.shards import ShardError, iter_features, stream_crops
 from storage.stages import StageDir, code_version, find_stage, read_manifest, stage_key, write_json_atomic
 
 from . import progress
@@ -185,6 +185,11 @@ def run_train(home: Home, features: StageResult, cfg: TrainConfig,
             }
         except (ConfigError, TrainingDiverged):
             shutil.rmtree(work, ignore_errors=True)  # user-fixable input: leave nothing half-written
+            raise
+        except ShardError:
+            # A bad shard: keep resumable training state if there is any, else leave nothing behind.
+            if not any(work.glob("last-*.safetensors")) and not any(work.glob("selector-*.safetensors")):
+                shutil.rmtree(work, ignore_errors=True)
             raise
         path = sd.commit(manifest)
     return StageResult("train", key, path, False, time.perf_counter() - t0, read_manifest(path))

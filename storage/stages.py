@@ -155,6 +155,8 @@ def find_stage(home: Home, stage: str, ref: str) -> StageDir:
         path = path.resolve()
         return StageDir(home, path.parent.name, path.name) if path.parent.parent == home.stages.resolve() \
             else _foreign(home, stage, path)
+    if ref and path.is_dir() and not (path / MANIFEST).exists():
+        raise StageError(f"{path}: no {MANIFEST} (not a complete stage output; run the command that made it again)")
     parent = home.stages / stage
     # A plain prefix test, not a glob: a ref holding '/', '*' or '[' must not be a pattern.
     matches = sorted(p for p in parent.iterdir() if p.name.startswith(ref) and p.is_dir()

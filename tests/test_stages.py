@@ -169,6 +169,23 @@ def test_begin_leaves_a_complete_dir_alone(home):
     assert sd.is_complete()
 
 
+def test_fresh_begin_empties_the_work_dir_but_keeps_the_complete_output_until_commit(home):
+    sd = _complete(home, "extract", KEY)
+    (sd.begin() / "stale-piece").write_text("from an interrupted run")
+    work = sd.begin(fresh=True)
+    assert list(work.iterdir()) == [] and sd.is_complete()  # the old output still serves readers
+    (work / "b.txt").write_text("b")
+    sd.commit({"note": "recomputed"})
+    assert sd.manifest()["note"] == "recomputed" and sorted(p.name for p in sd.path.iterdir()) == [MANIFEST, "b.txt"]
+
+
+def test_find_stage_on_a_directory_without_manifest_says_so(home, tmp_path):
+    bare = tmp_path / "not-a-stage"
+    bare.mkdir()
+    with pytest.raises(StageError, match="no _manifest.json"):
+        find_stage(home, "extract", str(bare))
+
+
 def test_read_manifest_errors_name_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(StageError, match=str(missing)):
