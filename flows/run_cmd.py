@@ -17,16 +17,22 @@ DEFAULT_CRON = "0 3 * * *"
 DEFAULT_DEPLOYMENT = "nightly"
 
 
+def _wrap(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=80)
+
+
 def add_parsers(sub, common) -> None:
     p = sub.add_parser(
         "run", parents=[common], help="the end-to-end pipeline: prepare-model, extract, train, eval, report",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every stage as one Prefect flow: prepare the model, extract selector-training "
+        description=_wrap("Run every stage as one Prefect flow: prepare the model, extract selector-training "
                     "features, train the selector, evaluate pruned inference on the benchmarks with every "
                     "strategy, and write a report. With no arguments: tiny-trained, 2048 synthetic document "
                     "images (base crops), one selector at p = 0.25, both synthetic benchmarks, all strategies "
                     "at retentions 0.1, 0.25, 0.5 and 0.75. Every stage is cached by content hash: an identical "
-                    "second run does no model work.",
+                    "second run does no model work."),
         epilog="examples:\n"
                "  atr run                                   # the embedded default, end to end\n"
                "  atr run --print-config > run.toml         # every stage's settings, commented\n"
@@ -46,10 +52,10 @@ def add_parsers(sub, common) -> None:
     p = sub.add_parser(
         "serve", parents=[common], help="serve the end-to-end run as a scheduled Prefect deployment",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Register the atr-run flow as a Prefect deployment with a cron schedule and the run "
+        description=_wrap("Register the atr-run flow as a Prefect deployment with a cron schedule and the run "
                     "configuration as its parameters, then serve it: this process stays up and executes the "
                     "scheduled runs (and runs started from the Prefect UI). It needs a Prefect server: set "
-                    "PREFECT_API_URL (the docker-compose stack provides one at http://localhost:4200/api).",
+                    "PREFECT_API_URL (the docker-compose stack provides one at http://localhost:4200/api)."),
         epilog="examples:\n"
                "  PREFECT_API_URL=http://localhost:4200/api atr serve --cron \"0 3 * * *\" --config run.toml\n"
                "  atr serve --name hourly --cron \"0 * * * *\"")
