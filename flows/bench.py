@@ -69,12 +69,12 @@ def add_parser(sub, common, model_help: str) -> None:
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds per measurement; medians are reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default: 1)")
-    p.add_argument("--extract-images", type=int, default=32,
-                   help="synthetic:docs images per extract-stage run (default: 32; 0 skips extraction)")
-    p.add_argument("--extract-repeats", type=int, default=3,
-                   help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 3)")
+    p.add_argument("--extract-images", type=int, default=16,
+                   help="synthetic:docs images per extract-stage run (default: 16; 0 skips extraction)")
+    p.add_argument("--extract-repeats", type=int, default=5,
+                   help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per vision-tower batch in extraction (default: 8)")
-    p.add_argument("--shard-size", type=int, default=16, help="samples per shard in extraction (default: 16)")
+    p.add_argument("--shard-size", type=int, default=8, help="samples per shard in extraction (default: 8)")
     p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -585,6 +585,7 @@ def plot_speedups(prefill: dict, path: Path, title: str = "") -> Path:
 
 def print_report(out: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -638,8 +639,8 @@ def print_report(out: dict[str, Any]) -> None:
     phases = "; ".join(f"{k} {_fmt(v['other_cores_mean'], '.2f')} (max {_fmt(v['other_cores_max'], '.2f')})"
                        for k, v in out["load_by_phase"].items())
     console.print(f"load: other processes used {_fmt(load['other_cores_mean'], '.2f')} cores on average (max "
-                  f"{_fmt(load['other_cores_max'], '.2f')}) of {load['cpus']} [{phases}]; loadavg "
+                  f"{_fmt(load['other_cores_max'], '.2f')}) of {load['cpus']} ({phases}); loadavg "
                   f"{_fmt(load['loadavg1_start'], '.2f')} -> {_fmt(load['loadavg1_end'], '.2f')}; {load['seconds']:.0f} s")
     for w in out["warnings"]:
-        console.print(f"[bold red]warning:[/] {w}")
+        console.print(f"[bold red]warning:[/] {escape(w)}")
     console.print(f"run {out['run_id']} (MLflow {out['mlflow_run_id']}); plot {out['plot']}")
