@@ -5,7 +5,7 @@ Pure compute: items in, per-sample predictions and scores out. The flow
 
 Per batch: the tower runs once on every crop of every image
 (``prune.encode_images``), the strategy picks each image's kept tokens
-(``strategies.keep_mask``), the kept tokens are packed in raster order
+(``strategies.keep_masks``), the kept tokens are packed in raster order
 (``prune.visual_embeddings``) and replace the ``<image>`` placeholder of the
 processor's chat-template prompt; ``generate`` decodes greedily with left
 padding. ``prefill_ms`` is the time to the first generated token of a batch
@@ -24,7 +24,7 @@ import torch
 from .benchmarks import EvalItem, aggregate, spec
 from .config import Config, check
 from .prune import encode_images, visual_embeddings
-from .strategies import BUDGETS, STRATEGIES, Context, keep_mask
+from .strategies import BUDGETS, STRATEGIES, Context, keep_masks
 
 EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
 
@@ -128,17 +128,16 @@ def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], 
     for start in range(0, len(items), batch_size):
         batch = list(items[start:start + batch_size])
         with_image = [strategy != "none" and it.image is not None for it in batch]
-        feats = iter(encode_images(model, processor, [it.image for it, w in zip(batch, with_image) if w],
-                                   attention=strategy == "attention") if any(with_image) else [])
+        encoded = encode_images(model, processor, [it.image for it, w in zip(batch, with_image) if w],
+                                attention=strategy == "attention") if any(with_image) else []
+        # One selector forward over every crop of the batch (the selector attends within a crop).
+        masks = iter(keep_masks(strategy, [f.features for f in encoded], retention, budget,
+                                Context(generator=gen, selector=selector),
+                                cls_attention=[f.cls_attention for f in encoded]))
+        feats = iter(encoded)
         visual: list[torch.Tensor | None] = []
         for w in with_image:
-            if not w:
-                visual.append(None)
-                continue
-            f = next(feats)
-            keep = keep_mask(strategy, f.features, retention, budget,
-                             Context(generator=gen, selector=selector, cls_attention=f.cls_attention))
-            visual.append(visual_embeddings(model, f, keep))
+            visual.append(visual_embeddings(model, next(feats), next(masks)) if w else None)
         prompts = [chat_prompt(processor, it.prompt, v is not None) for it, v in zip(batch, visual)]
         preds, ttft = generate_timed(model, processor, prompts, visual, bench.max_new_tokens)
         prefill.append(ttft / len(batch))
