@@ -11,6 +11,7 @@ state (weights, AdamW moments, step, RNG); a killed run resumes from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -26,7 +27,8 @@ from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, ba
                             selector_from_tensors, selector_tensors)
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
-from storage.shards import ShardError, iter_features, stream_crops
+from storage.loader import feature_loader
+from storage.shards import ShardError, iter_features
 from storage.stages import StageDir, code_version, find_stage, read_manifest, stage_key, write_json_atomic
 
 from . import progress
@@ -34,7 +36,7 @@ from .extract import _key_from_params, _result, _result_dict, run_extract, run_p
 from .records import RunRecorder
 from .stages import StageResult
 
-TRAIN_VERSION = "1"
+TRAIN_VERSION = "2"  # 2: crops read through DataLoader workers (another crop order)
 EVAL_MAX_CROPS = 2048
 
 # The embedded default (tiny preset on 2 CPUs) shortens the paper-scale schedule of
@@ -95,6 +97,10 @@ class MlflowCurves(Callback):
         self.tracker.log_metrics(self.run_id, {f"{self.prefix}/{k}": v for k, v in metrics.items()}, step=step)
 
 
+def _in_train_split(percent: int, image_id: str) -> bool:
+    return not is_held_out(image_id, percent)
+
+
 def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):
     n = 0
     for sample in iter_features(stage_dir, manifest):
@@ -147,15 +153,21 @@ def run_train(home: Home, features: StageResult, cfg: TrainConfig,
                 if last.is_file():
                     tensors, meta = load_checkpoint(last)
                     trainer.load_state(tensors, meta)
-                stream = stream_crops(fdir, fm, lambda image_id: not is_held_out(image_id, pct),
-                                      seed=scfg.seed + trainer.step, buffer_size=cfg.shuffle_buffer)
+                # Shards are decoded in DataLoader worker processes while this one trains.
+                batches = iter(feature_loader(fdir, fm, scfg.batch_size,
+                                              keep_image=functools.partial(_in_train_split, pct),
+                                              seed=scfg.seed + trainer.step, buffer_size=cfg.shuffle_buffer,
+                                              workers=cfg.loader_workers))
                 callbacks = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last),
                              *extra_callbacks(p)]
                 with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
                     bar.advance(trainer.step)
                     callbacks.append(_Advance(bar, trainer.step))
-                    model = trainer.fit(batched((f for f, _ in stream), scfg.batch_size), callbacks,
-                                        checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+                    try:
+                        model = trainer.fit(batches, callbacks, checkpoint_every=cfg.checkpoint_every,
+                                            log_every=cfg.log_every)
+                    finally:
+                        del batches  # stops the loader's worker processes
                 save_checkpoint(final, selector_tensors(model), {
                     "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
                     "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})

@@ -41,6 +41,7 @@ class TrainConfig(Config):
     retentions: tuple = (0.25,)
     held_out_percent: int = 10
     shuffle_buffer: int = 2048
+    loader_workers: int = 2          # DataLoader worker processes reading shards (0: in the training process)
     checkpoint_every: int = 250
     log_every: int = 10
     eval_retentions: tuple = EVAL_RETENTIONS
@@ -52,6 +53,8 @@ class TrainConfig(Config):
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
         check(len(set(self.retentions)) == len(self.retentions), f"duplicate retentions {self.retentions!r}")
         check(0 < self.held_out_percent < 100, f"held_out_percent must be in 1..99, got {self.held_out_percent!r}")
+        check(isinstance(self.loader_workers, int) and self.loader_workers >= 0,
+              f"loader_workers must be an integer >= 0, got {self.loader_workers!r}")
         check(self.shuffle_buffer > 0 and self.checkpoint_every > 0 and self.log_every > 0,
               "shuffle_buffer, checkpoint_every and log_every must be positive")
         check(self.eval_seeds > 0, "eval_seeds must be positive")
