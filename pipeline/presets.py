@@ -225,7 +225,9 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"cannot load model from {model_dir}: no config.json there")
     try:
-        model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        # safetensors only: a folder holding just pytorch_model.bin is refused, never torch.load-ed.
+        model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                                   use_safetensors=True)
         processor = AutoProcessor.from_pretrained(model_dir, backend="pil")
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from None

@@ -123,3 +123,23 @@ def test_a_model_that_is_not_llava_next_is_refused(tmp_path):
                 vocab_size=50).save_pretrained(tmp_path / "llama")
     with pytest.raises(ModelLoadError, match="model_type is 'llama', expected 'llava_next'"):
         prepare_model(Home.resolve(tmp_path / "home"), str(tmp_path / "llama"))
+
+
+def test_a_model_folder_with_only_pickle_weights_is_refused(tiny_stage, tmp_path):
+    """load_model reads safetensors only: pytorch_model.bin (a pickle) is never loaded."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.presets import ModelLoadError, load_model
+
+    src = tiny_stage.model_dir
+    dst = tmp_path / "bin-only"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "_manifest.json"))
+    weights = {}
+    for f in sorted(src.glob("*.safetensors")):
+        weights.update(load_file(f))
+    torch.save(weights, dst / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="cannot load model from"):
+        load_model(dst)
