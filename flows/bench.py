@@ -633,7 +633,7 @@ def print_report(out: dict[str, Any]) -> None:
                       f"{e['other_seconds']:.2f} s of {e['stage_seconds']:.2f} s)")
         console.print(f"extract stage: cold {e['cold_seconds']:.2f} s, cached {e['cached_seconds'] * 1000:.1f} ms, "
                       f"cached/cold {e['cached_over_cold']:.4f}")
-    f = Table(title="issue 8 figures")
+    f = Table(title="figures against their targets")
     for col in ("figure", "value", "target", "met"):
         f.add_column(col)
     for row in out["figures"]:
