@@ -9,7 +9,8 @@ from flows.runtime import WORKER_ENV
 
 @pytest.fixture(scope="module")
 def cluster():
-    distributed = pytest.importorskip("distributed")
+    import distributed  # a dependency (through prefect-dask): never skipped
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   env=dict(WORKER_ENV)) as c:
         yield c
