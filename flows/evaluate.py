@@ -219,8 +219,8 @@ def run_eval_chunks(h: Home, model_stage: StageResult, cfg: EvalConfig, selector
     ``force`` recomputes every chunk (``atr run --from eval``)."""
     from storage.benchmarks import parquet_rows
 
-    total = sum(min(cfg.limit, parquet_rows([Path(f) for f in c.files]) if c.benchmark != "gqa" else cfg.limit)
-                for c in plan)
+    rows = {files: parquet_rows([Path(f) for f in files]) for files in {c.files for c in plan}}  # footers, once
+    total = sum(min(cfg.limit, rows[c.files]) if c.benchmark != "gqa" else cfg.limit for c in plan)
     complete = [StageDir(h, "eval", c.key).is_complete() and not force for c in plan]
     remote = scale.distributed()
     t0 = time.perf_counter()

@@ -83,13 +83,15 @@ def run_extract(home: Home, model_stage: StageResult, config: ExtractConfig, for
         done = [shard_done(work, i) for i in range(plan.n_shards)]
         remote = scale.distributed()
         with progress.bar(f"extract {config.images}", total=plan.n_items) as bar:
-            bar.advance(sum(hi - lo for i, (lo, hi) in enumerate(map(plan.shard_items, range(plan.n_shards)))
-                            if done[i]))
+            def images(i: int) -> int:
+                lo, hi = plan.shard_items(i)
+                return hi - lo
+
+            bar.advance(sum(images(i) for i in range(plan.n_shards) if done[i]))
 
             def advance(i: int, _record: dict) -> None:
                 if remote and not done[i]:  # in-process tasks advance the bar per batch themselves
-                    lo, hi = plan.shard_items(i)
-                    bar.advance(hi - lo)
+                    bar.advance(images(i))
 
             calls = [{"home": str(home.root), "plan": plan, "index": i, "cache_key": f"{plan.key}-{i:06d}"}
                      for i in range(plan.n_shards)]

@@ -8,10 +8,8 @@ is passed explicitly; nothing relies on MLflow's thread-local active run.
 
 from __future__ import annotations
 
-import json
 import traceback
 import uuid
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +62,9 @@ class RunRecorder:
     def stages_batch(self, results: list[StageResult]) -> None:
         """Record many stage results (eval chunks) as stage_runs rows in one write, no MLflow runs."""
         self.stages.extend(results)
-        now = datetime.now(timezone.utc).replace(tzinfo=None)
-        self.store.insert_rows("stage_runs", [
+        self.store.record_stage_runs([
             {"run_id": self.run_id, "stage": r.stage, "cache_key": r.key, "cached": r.cached,
-             "seconds": r.seconds, "output_dir": str(r.path), "started_at": now - timedelta(seconds=r.seconds),
-             "counts_json": None if r.manifest.get("counts") is None else
-             json.dumps(r.manifest["counts"], sort_keys=True)}
-            for r in results])
+             "seconds": r.seconds, "output_dir": r.path, "counts": r.manifest.get("counts")} for r in results])
 
     def finish(self, error: BaseException | None = None) -> None:
         status = "failed" if error else "completed"

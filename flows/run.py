@@ -33,7 +33,7 @@ from pipeline.config import Config, ConfigError, ExtractConfig, check, content_h
 from pipeline.evaluate import EvalConfig
 from pipeline.train import TrainConfig
 from storage.home import Home
-from storage.stages import StageDir, code_version, stage_key, write_json_atomic
+from storage.stages import StageDir, code_version, read_manifest, stage_key, write_json_atomic
 
 STAGES = ("prepare-model", "extract", "train", "eval", "report")
 REPORT_VERSION = "1"
@@ -187,10 +187,10 @@ def run_report(h: Home, model: str, feat, train, results: list, force: bool = Fa
         if sd.is_complete() and not force:
             return StageResult("report", key, sd.path, True, time.perf_counter() - t0, sd.manifest())
         work = sd.begin(fresh=True)
-        summary = eval_summary(results)
-        for row in summary:
-            row.pop("cached", None)  # a property of one run, not of the report
-        rows = eval_table([{**r, "cached": False} for r in summary])
+        # "cached" is a property of one run, not of the report.
+        chunks = eval_summary(results)
+        rows = [{k: v for k, v in r.items() if k != "cached"} for r in eval_table(chunks)]
+        summary = [{k: v for k, v in r.items() if k != "cached"} for r in chunks]
         write_json_atomic(work / "summary.json", {"eval": rows, "chunks": summary,
                                                    "selector_metrics": train.manifest["selector_metrics"]})
         plots = [p.name for p in plot_eval(summary, work)]
@@ -201,8 +201,7 @@ def run_report(h: Home, model: str, feat, train, results: list, force: bool = Fa
         manifest = {"config": {"model": model}, "inputs": inputs, "plots": plots, "code_version": code_version(),
                     "counts": {"chunks": len(results), "plots": len(plots)}, "seconds": time.perf_counter() - t0}
         path = sd.commit(manifest)
-    return StageResult("report", key, path, False, time.perf_counter() - t0, json.loads((path / "_manifest.json")
-                                                                                         .read_text()))
+    return StageResult("report", key, path, False, time.perf_counter() - t0, read_manifest(path))
 
 
 def _markdown(model: str, feat, train, rows: list[dict], plots: list[str]) -> str:
@@ -256,16 +255,9 @@ def write_run_folder(h: Home, recorder, report, stages: list) -> Path:
     for f in report.path.iterdir():
         if f.is_file() and f.name != "_manifest.json":
             shutil.copy2(f, out / f.name)
-    by_stage: dict[str, list] = {}
-    for s in stages:
-        by_stage.setdefault(s.stage, []).append(s)
     lines = ["", "## Stages", "", "| stage | key | cached | seconds | output |", "|---|---|---|---|---|"]
-    for name, group in by_stage.items():
-        key = group[0].key if len(group) == 1 else f"{len(group)} chunks"
-        cached = "yes" if all(s.cached for s in group) else ("no" if not any(s.cached for s in group)
-                                                              else f"{sum(s.cached for s in group)}/{len(group)}")
-        where = group[0].path if len(group) == 1 else group[0].path.parent
-        lines.append(f"| {name} | `{key}` | {cached} | {sum(s.seconds for s in group):.1f} | `{where}` |")
+    lines += [f"| {r['stage']} | `{r['key']}` | {r['cached']} | {r['seconds']:.1f} | `{r['output']}` |"
+              for r in stage_summary(stage_dicts(stages))]
     lines += ["", "## Runs", "",
               f"- DuckDB: run `{recorder.run_id}` in `{h.results_db}`, e.g. "
               f"`atr query \"SELECT * FROM eval_scores WHERE run_id = '{recorder.run_id}'\"`",
@@ -274,10 +266,31 @@ def write_run_folder(h: Home, recorder, report, stages: list) -> Path:
     with open(out / "summary.md", "a") as fh:
         fh.write("\n".join(lines) + "\n")
     write_json_atomic(out / "run.json", {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id,
-                                         "report_stage": str(report.path),
-                                         "stages": [{"stage": s.stage, "key": s.key, "cached": s.cached,
-                                                     "seconds": s.seconds} for s in stages]})
+                                         "report_stage": str(report.path), "stages": stage_dicts(stages)})
     return out
+
+
+def stage_dicts(stages: list) -> list[dict[str, Any]]:
+    """StageResults as plain dicts (what ``run_flow`` returns and ``run.json`` holds)."""
+    return [{"stage": s.stage, "key": s.key, "cached": s.cached, "seconds": s.seconds, "path": str(s.path)}
+            for s in stages]
+
+
+def stage_summary(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stage, in run order: ``key`` (or "N chunks" for eval), ``cached`` ("yes", "no" or
+    "k/N"), total ``seconds`` and ``output`` (the stage directory, or the chunks' parent)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in stages:
+        groups.setdefault(s["stage"], []).append(s)
+    rows = []
+    for name, g in groups.items():
+        n = sum(s["cached"] for s in g)
+        one = len(g) == 1
+        rows.append({"stage": name, "key": g[0]["key"] if one else f"{len(g)} chunks",
+                     "cached": "yes" if n == len(g) else ("no" if n == 0 else f"{n}/{len(g)}"),
+                     "seconds": sum(s["seconds"] for s in g),
+                     "output": g[0]["path"] if one else str(Path(g[0]["path"]).parent)})
+    return rows
 
 
 # ---------------------------------------------------------------- the flow
@@ -321,9 +334,7 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         raise
     recorder.finish()
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "report": str(folder),
-            "summary": eval_summary(results),
-            "stages": [{"stage": s.stage, "key": s.key, "cached": s.cached, "seconds": s.seconds,
-                        "path": str(s.path)} for s in recorder.stages]}
+            "summary": eval_summary(results), "stages": stage_dicts(recorder.stages)}
 
 
 @flow(name="atr-run-on-dask")

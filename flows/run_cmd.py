@@ -79,7 +79,7 @@ def add_dask_options(p) -> None:
 def cmd_run(home: Home, args) -> int:
     from . import progress
     from .cli import _console, _preflight, _print_eval
-    from .run import config_toml, load_config, run_flow
+    from .run import config_toml, load_config, run_flow, stage_summary
 
     cfg, user_set = load_config(args.config)
     if args.print_config:
@@ -103,14 +103,8 @@ def cmd_run(home: Home, args) -> int:
     table = Table(title="stages")
     for col in ("stage", "key", "cached", "seconds"):
         table.add_column(col, justify="right" if col == "seconds" else "left")
-    groups: dict[str, list[dict]] = {}
-    for s in out["stages"]:
-        groups.setdefault(s["stage"], []).append(s)
-    for name, g in groups.items():
-        n_cached = sum(s["cached"] for s in g)
-        table.add_row(name, g[0]["key"] if len(g) == 1 else f"{len(g)} chunks",
-                      "yes" if n_cached == len(g) else ("no" if n_cached == 0 else f"{n_cached}/{len(g)}"),
-                      f"{sum(s['seconds'] for s in g):.1f}")
+    for r in stage_summary(out["stages"]):
+        table.add_row(r["stage"], r["key"], r["cached"], f"{r['seconds']:.1f}")
     _console().print(table)
     print(f"  report  {out['report']}/summary.md  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")

@@ -310,17 +310,19 @@ class ResultsStore:
         counts: dict | None = None,
     ) -> None:
         """Upsert one stage execution; started_at is taken as now minus `seconds`."""
-        row = dict(
-            run_id=run_id,
-            stage=stage,
-            cache_key=cache_key,
-            cached=cached,
-            seconds=seconds,
-            output_dir=str(output_dir),
-            started_at=_utc_naive() - timedelta(seconds=seconds),
-            counts_json=None if counts is None else json.dumps(counts, sort_keys=True),
-        )
-        self.insert_rows("stage_runs", [row])
+        self.record_stage_runs([dict(run_id=run_id, stage=stage, cache_key=cache_key, cached=cached,
+                                     seconds=seconds, output_dir=output_dir, counts=counts)])
+
+    def record_stage_runs(self, stages: list[dict]) -> None:
+        """Upsert many stage executions in one write. Each dict holds ``record_stage_run``'s
+        arguments (``counts`` optional); started_at is now minus its `seconds`."""
+        now = _utc_naive()
+        self.insert_rows("stage_runs", [
+            dict(run_id=s["run_id"], stage=s["stage"], cache_key=s["cache_key"], cached=s["cached"],
+                 seconds=s["seconds"], output_dir=str(s["output_dir"]),
+                 started_at=now - timedelta(seconds=s["seconds"]),
+                 counts_json=None if s.get("counts") is None else json.dumps(s["counts"], sort_keys=True))
+            for s in stages])
 
     def insert_rows(self, table: str, rows: list[dict]) -> int:
         """Upsert `rows` into `table`, matching on the table's key columns.
