@@ -44,18 +44,9 @@ def configure(home: Home, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     for name in ("alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from pipeline.device import set_torch_threads
+
     set_torch_threads()
 
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "ATR_TORCH_THREADS": "1"}
-
-
-def set_torch_threads() -> None:
-    """At most one torch thread per core (respects an explicit ATR_TORCH_THREADS)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    wanted = int(os.environ.get("ATR_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
-    if torch.get_num_threads() != wanted:
-        torch.set_num_threads(wanted)

@@ -13,11 +13,15 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from .config import ConfigError
+
+QUESTION = "What is written in the image? Answer with the text."
 
 
 def synchronize(device: str | torch.device) -> None:
@@ -231,4 +235,189 @@ class LoadSampler:
         return rep
 
 
-__all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize"]
+# ---------------------------------------------------------------- what atr bench times
+
+def use_sdpa(model) -> str:
+    """Make sure the model runs PyTorch SDPA attention; return the implementation in use."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa" and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("sdpa")
+        except (ValueError, ImportError):  # a model without SDPA support keeps what it has
+            pass
+        impl = getattr(model.config, "_attn_implementation", impl)
+    return str(impl)
+
+def bench_image(model):
+    """A deterministic RGB image whose size is the grid pinpoint with the most crops (5 for llava-v1.6:
+    672x672 -> base + 2x2), so no crop is padding and the prompt has the model's largest visual token count."""
+    import numpy as np
+    from PIL import Image
+
+    pins = [tuple(p) for p in model.config.image_grid_pinpoints]
+    crop = model.config.vision_config.image_size
+    h, w = max(pins, key=lambda p: ((p[0] // crop) * (p[1] // crop), -p[0] * p[1]))
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
+
+def bench_selector(tokens: int, channels: int, device):
+    """A random-init paper selector (3 layers, d = C, FFN 4C, 16 heads where C allows) for (crops, L, C) features."""
+    from .selector import SelectorConfig, TokenSelector
+
+    heads = max(h for h in range(1, 17) if channels % h == 0)
+    return TokenSelector(SelectorConfig(n_heads=heads), tokens, channels).to(device).eval()
+
+def _prefill_call(model, x):
+    return lambda: model(inputs_embeds=x, use_cache=True, logits_to_keep=1, return_dict=True)
+
+def cache_bytes(cache) -> int | None:
+    """Bytes held by the K/V tensors of a transformers cache (None if its layout is unknown)."""
+    import torch
+
+    total = 0
+    for layer in getattr(cache, "layers", None) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    if not total:
+        for name in ("key_cache", "value_cache"):
+            for t in getattr(cache, name, None) or []:
+                total += t.numel() * t.element_size()
+    return total or None
+
+def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft: bool) -> dict[str, Any]:
+    """Median prefill seconds of the full prompt and of the selector-pruned one at each of
+    ``config["retentions"]`` (interleaved rounds), the selector + top-k time, peak memory, KV-cache
+    bytes and the FLOPs of every convention; with ``ttft`` also image-to-first-token."""
+    from . import flops as F
+    from .evaluate import chat_prompt
+    from .prune import encode_images, split_prompt, visual_embeddings
+    from .strategies import Context, keep_mask
+
+    dims = F.LlavaNextDims.from_config(model.config)
+    image = bench_image(model)
+    prompt = chat_prompt(processor, QUESTION, True)
+    with torch.inference_mode():
+        feats = encode_images(model, processor, [image])[0]
+        crops, tokens, channels = feats.features.shape
+        selector = bench_selector(tokens, channels, feats.features.device)
+        embed = model.get_input_embeddings()
+        before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
+        if after is None:
+            raise ConfigError(f"the chat prompt of {config['model']!r} has no image placeholder")
+        head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
+        text_tokens = head.shape[0] + tail.shape[0]
+        ctx = Context(selector=selector)
+        pruned = [r for r in config["retentions"] if r < 1.0]  # 1 keeps everything: the full prompt
+        keep_masks = {r: keep_mask("selector", feats.features, r, "per-crop", ctx) for r in pruned}
+        prompts = {1.0: torch.cat([head, visual_embeddings(model, feats), tail])[None]}
+        for r, mask in keep_masks.items():
+            prompts[r] = torch.cat([head, visual_embeddings(model, feats, mask), tail])[None]
+    visual = {r: x.shape[1] - text_tokens for r, x in prompts.items()}
+
+    candidates = {f"prefill@{r:g}": _prefill_call(model, x) for r, x in prompts.items()}
+    # The prompt without its image: the fixed cost of one forward (Python, kernel launches) plus the text.
+    candidates["prefill@text"] = _prefill_call(model, torch.cat([head, tail])[None])
+    for r in pruned:
+        candidates[f"selector@{r:g}"] = (lambda r=r: keep_mask("selector", feats.features, r, "per-crop", ctx))
+    if ttft:
+        def first_token(r):
+            def run():
+                f = encode_images(model, processor, [image])[0]
+                mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", ctx)
+                x = torch.cat([head, visual_embeddings(model, f, mask), tail])[None]
+                return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+            return run
+        for r in prompts:
+            candidates[f"ttft@{r:g}"] = first_token(r)
+    with torch.inference_mode():
+        times = interleaved(candidates, config["repeats"], config["warmup"], device)
+        memory, kv = {}, {}
+        for r, x in prompts.items():
+            memory[r] = peak_memory(_prefill_call(model, x), device)
+            kv[r] = cache_bytes(_prefill_call(model, x)().past_key_values)
+
+    bytes_per = next(model.parameters()).element_size()
+    per_r: dict[float, dict[str, Any]] = {}
+    full_s = median(times["prefill@1"])
+    for r in prompts:
+        t = median(times[f"prefill@{r:g}"])
+        n_vis = visual[r]
+        row: dict[str, Any] = {
+            "visual_tokens": n_vis, "seconds": t, "spread": spread(times[f"prefill@{r:g}"]),
+            "times": times[f"prefill@{r:g}"], "measured_speedup": full_s / t,
+            "peak_bytes": memory[r], "kv_cache_bytes": kv[r],
+            "kv_cache_bytes_model": F.kv_cache_bytes(dims.lm, text_tokens + n_vis, bytes_per),
+        }
+        for conv in F.CONVENTIONS:
+            row[f"flops_{conv}"] = F.prefill_flops(dims.lm, text_tokens, n_vis, conv)
+            row[f"ideal_{conv}"] = F.ideal_speedup(dims.lm, text_tokens, visual[1.0], n_vis, conv)
+        row["flops_per_second"] = row["flops_causal"] / t
+        if r != 1.0:
+            sel_s = median(times[f"selector@{r:g}"])
+            sel_dims = F.SelectorDims(tokens=tokens, channels=channels, d_model=selector.cfg.d_model,
+                                      layers=selector.cfg.selector_layers, ffn_mult=selector.cfg.ffn_mult)
+            predicted = F.selector_share(sel_dims, crops, dims.lm, text_tokens, visual[1.0])
+            row.update(selector_seconds=sel_s, selector_share=sel_s / full_s, selector_share_predicted=predicted,
+                       selector_flops=F.selector_flops(sel_dims, crops),
+                       encoder_tokens_kept=int(keep_masks[r].sum()))
+        if ttft:
+            row["ttft_seconds"] = median(times[f"ttft@{r:g}"])
+        per_r[r] = row
+    text_only = {"seconds": median(times["prefill@text"]), "flops_causal": F.prefill_flops(dims.lm, text_tokens, 0)}
+    vicuna_visual = F.llava_next_visual_tokens(24, 2, 2)
+    projected = F.selector_share(F.CLIP_L_SELECTOR, 5, F.VICUNA_7B.lm, 60, vicuna_visual)
+    return {"text_tokens": text_tokens, "crops": crops, "tokens_per_crop": tokens, "channels": channels,
+            "encoder_tokens": crops * tokens, "selector_heads": selector.cfg.n_heads,
+            "image_size": list(image.size), "by_retention": per_r, "text_only": text_only,
+            "projection": {"model": "llava-v1.6-vicuna-7b", "selector": "CLIP-L width 1024, 5 x 576 tokens",
+                           "text_tokens": 60, "visual_tokens": vicuna_visual, "selector_share": projected,
+                           "selector_flops": F.selector_flops(F.CLIP_L_SELECTOR, 5),
+                           "prefill_flops": F.prefill_flops(F.VICUNA_7B.lm, 60, vicuna_visual)},
+            "lm": vars(dims.lm)}
+
+
+def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_again: Callable[[], object],
+                       before_round: Callable[[], object]) -> dict[str, Any]:
+    """Interleaved rounds of the whole extract stage (``stage_again``), the bare vision-tower forward
+    on the same pixel batches, and the preprocessing alone (render/decode + image processor).
+
+    ``before_round`` runs outside the clock before each round (it removes the last stage output).
+    Returns the three timing lists, the image and crop counts and the tower's FLOPs."""
+    from .extract import FeatureExtractor
+    from .flops import LlavaNextDims, vision_tower_flops
+    from .images import open_source
+
+    fx = FeatureExtractor(model, processor, crops=cfg.crops)
+    items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)
+    images = [it.load().image for it in items]
+    batches = [torch.cat(fx.pixel_crops(images[i:i + cfg.batch_size]))
+               for i in range(0, len(images), cfg.batch_size)]
+    param = next(fx.tower.parameters())
+    batches = [b.to(param.device, param.dtype) for b in batches]
+
+    def bare_tower():
+        with torch.inference_mode():
+            for b in batches:
+                fx.tower(b, output_hidden_states=True, return_dict=True)
+
+    def preprocess():  # what the stage does before the tower: render/decode, image processor
+        imgs = [it.load().image for it in items]
+        for i in range(0, len(imgs), cfg.batch_size):
+            fx.pixel_crops(imgs[i:i + cfg.batch_size])
+
+    # The stage's cold run warmed the tower on these very batch shapes: no extra warm-up round.
+    times: dict[str, list[float]] = {"stage": [], "bare_tower": [], "preprocess": []}
+    for _ in range(rounds):
+        before_round()
+        for name, seconds in interleaved({"stage": stage_again, "bare_tower": bare_tower,
+                                          "preprocess": preprocess}, 1, 0, device).items():
+            times[name] += seconds
+    crops = sum(int(b.shape[0]) for b in batches)
+    return {"times": times, "images": len(items), "crops": crops,
+            "tower_flops": vision_tower_flops(LlavaNextDims.from_config(model.config).vision, crops)}
+
+
+__all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",
+           "use_sdpa", "bench_image", "bench_selector", "cache_bytes", "prefill_timings", "extraction_timings"]

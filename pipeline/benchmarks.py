@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
+from .config import ConfigError
 from .metrics import anls, exact_match, extract_mcq_answer, multiple_choice_accuracy, relaxed_accuracy, vqa_accuracy
 
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -55,16 +56,16 @@ class BenchmarkSpec:
     aggregate: Callable[[list[float], list[EvalItem]], float] | None = None  # default: mean
 
 
-def decode_image(cell: Any, where: str) -> Image.Image:
+def decode_image_cell(cell: Any, where: str) -> Image.Image:
     """An lmms-lab image cell (``{"bytes": ..., "path": ...}`` or raw bytes) as RGB."""
     data = cell.get("bytes") if isinstance(cell, dict) else cell
     if not data:
-        raise ValueError(f"{where}: empty image cell")
+        raise ConfigError(f"{where}: empty image cell")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise ValueError(f"{where}: undecodable image ({type(exc).__name__})") from None
+        raise ConfigError(f"{where}: undecodable image ({type(exc).__name__})") from None
     return img.convert("RGB")
 
 
@@ -184,7 +185,7 @@ def _mmstar_aggregate(scores: list[float], items: list[EvalItem]) -> float:
 # ---------------------------------------------------------------- builders
 
 def _image(row: dict, name: str, column: str = "image") -> Image.Image:
-    return decode_image(row[column], f"{name} row {row.get('question_id', row.get('questionId', row.get('index', '?')))}")
+    return decode_image_cell(row[column], f"{name} row {row.get('question_id', row.get('questionId', row.get('index', '?')))}")
 
 
 def _docvqa(name: str):
@@ -231,7 +232,7 @@ def _mmmu(row: dict) -> EvalItem:
     try:
         options = ast.literal_eval(str(row.get("options") or "[]"))
     except (ValueError, SyntaxError):
-        raise ValueError(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
+        raise ConfigError(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
     letters = "".join(chr(65 + i) for i in range(len(options)))
     if qtype == "multiple-choice" and options:
         lines = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(options))
@@ -301,7 +302,7 @@ BENCHMARKS = tuple(BENCHMARK_SPECS)
 
 def spec(name: str) -> BenchmarkSpec:
     if name not in BENCHMARK_SPECS:
-        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
     return BENCHMARK_SPECS[name]
 
 
@@ -326,4 +327,4 @@ def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> floa
 
 
 __all__ = ["EvalItem", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
-           "extract_mcq_answer", "multiple_choice_accuracy", "decode_image"]
+           "extract_mcq_answer", "multiple_choice_accuracy", "decode_image_cell"]

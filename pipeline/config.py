@@ -13,8 +13,10 @@ import hashlib
 import json
 from typing import Any, ClassVar, Mapping
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value a user can fix. ``str(exc)`` is one line naming the field."""
 
 
@@ -131,6 +133,8 @@ def check(condition: bool, message: str) -> None:
 
 
 CROPS = ("all", "base")
+# The retentions a sweep uses unless told otherwise (eval chunks and the held-out selector comparison).
+EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,11 +22,9 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from .benchmarks import EvalItem, aggregate, spec
-from .config import Config, check
+from .config import EVAL_RETENTIONS, Config, check
 from .prune import encode_images, visual_embeddings
 from .strategies import BUDGETS, STRATEGIES, Context, keep_masks
-
-EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +103,12 @@ def chat_prompt(processor, text: str, with_image: bool) -> str:
 @torch.no_grad()
 def generate_timed(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
                    max_new_tokens: int) -> tuple[list[str], float]:
-    """``prune.generate`` plus the batch's time to first token in ms."""
-    from .prune import generate
+    """``prune.generate_answers`` plus the batch's time to first token in ms."""
+    from .prune import generate_answers
 
     timer = _FirstTokenTimer()
     t0 = time.perf_counter()
-    out = generate(model, processor, prompts, visual, max_new_tokens=max_new_tokens, streamer=timer)
+    out = generate_answers(model, processor, prompts, visual, max_new_tokens=max_new_tokens, streamer=timer)
     ttft = ((timer.first or time.perf_counter()) - t0) * 1000.0
     return out, ttft
 
@@ -156,4 +154,23 @@ def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], 
                        visual_total / max(1, n), sum(prefill) / max(1, len(prefill)))
 
 
-__all__ = ["EvalConfig", "ChunkResult", "evaluate_chunk", "chat_prompt", "generate_timed", "EVAL_RETENTIONS"]
+def eval_table(summary: list[dict]) -> list[dict]:
+    """Chunk rows -> one row per (benchmark, strategy, retention): the score averaged over seeds,
+    ``rel`` = score / the benchmark's full-image score, mean visual tokens and prefill ms, and
+    ``cached`` when every seed's chunk was."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary:
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
+    full = {b: g[0]["score"] for (b, s, _), g in groups.items() if s == "full"}
+    rows = []
+    for (bench, strategy, retention), g in groups.items():
+        score = sum(r["score"] for r in g) / len(g)
+        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "metric": g[0]["metric"],
+                     "score": score, "seeds": len(g), "rel": score / full[bench] if full.get(bench) else None,
+                     "visual_tokens": sum(r["mean_visual_tokens"] for r in g) / len(g),
+                     "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g),
+                     "cached": all(r.get("cached", False) for r in g)})
+    return rows
+
+
+__all__ = ["EvalConfig", "ChunkResult", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .config import ConfigError
+
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
 
 
@@ -105,7 +107,7 @@ class FeatureExtractor:
         self.pinpoints = cfg.image_grid_pinpoints
         self.tower = _vision_tower(model)
         if self.strategy not in ("default", "full"):
-            raise ValueError(f"unsupported vision_feature_select_strategy {self.strategy!r}")
+            raise ConfigError(f"unsupported vision_feature_select_strategy {self.strategy!r}")
 
     @property
     def tokens_per_crop(self) -> int:

@@ -37,6 +37,9 @@ import numpy as np
 import PIL
 from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
 
+from .config import ConfigError
+from .errors import MissingFile, UserError
+
 SYNTHETIC_KINDS = ("docs", "scenes")
 GENERATOR_VERSION = "1"  # bump when the synthetic renderers change
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs (PIL's limit is set to this)
@@ -51,7 +54,7 @@ _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 Box = tuple[float, float, float, float]
 
 
-class BadImage(Exception):
+class BadImage(UserError):
     """An image file that cannot be decoded. str(exc) is one line naming the file and the reason."""
 
 
@@ -106,25 +109,25 @@ def open_source(spec: str, seed: int = 0) -> ImageSource:
     if spec.startswith("synthetic:"):
         kind = spec.removeprefix("synthetic:")
         if kind not in SYNTHETIC_KINDS:
-            raise ValueError(f"unknown image source {spec!r}; valid forms: {_VALID_FORMS}")
+            raise ConfigError(f"unknown image source {spec!r}; valid forms: {_VALID_FORMS}")
         return SyntheticSource(spec, kind, seed)
     path = spec.removeprefix("dir:")
     if not path or (path == spec and _SCHEME.match(spec) and not os.path.exists(spec)):
-        raise ValueError(f"unknown image source {spec!r}; valid forms: {_VALID_FORMS}")
+        raise ConfigError(f"unknown image source {spec!r}; valid forms: {_VALID_FORMS}")
     root = Path(path).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"image directory {str(root)!r} does not exist")
+        raise MissingFile(f"image directory {str(root)!r} does not exist")
     if not root.is_dir():
-        raise ValueError(f"image source {str(root)!r} is not a directory; valid forms: {_VALID_FORMS}")
+        raise ConfigError(f"image source {str(root)!r} is not a directory; valid forms: {_VALID_FORMS}")
     source = DirectorySource(spec, root.resolve(), seed)
     if not source.relative_paths():
-        raise ValueError(f"image directory {str(root)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+        raise ConfigError(f"image directory {str(root)!r} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
     return source
 
 
 def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise ConfigError(f"limit must be >= 0, got {limit}")
 
 
 def _sha256_json(*parts: object) -> str:
@@ -149,7 +152,7 @@ class SyntheticSource(ImageSource):
     @staticmethod
     def _require_limit(limit: int | None) -> None:
         if limit is None:
-            raise ValueError("synthetic sources need --limit")
+            raise ConfigError("synthetic sources need --limit")
         _check_limit(limit)
 
 

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .config import Config, ConfigError, check, first_line
 
 PRESET_VERSION = "1"  # bump when the tiny builder changes in a way that changes weights/tokenizer
@@ -34,7 +35,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model that cannot be loaded. ``str(exc)`` is one line naming it and why."""
 
 
@@ -234,7 +235,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
     return model.to(device).eval(), processor
 
 
-def load_config(model_dir: str | os.PathLike):
+def load_model_config(model_dir: str | os.PathLike):
     """``from_pretrained`` only the config of a LLaVA-NeXT model dir (cheap: no weights)."""
     from transformers import AutoConfig
 
@@ -249,13 +250,6 @@ def load_config(model_dir: str | os.PathLike):
         raise ModelLoadError(f"cannot use model from {model_dir}: model_type is {cfg.model_type!r}, "
                              f"expected 'llava_next' (a LLaVA-NeXT / llava-v1.6 checkpoint)")
     return cfg
-
-
-def default_device() -> tuple[str, str]:
-    """(device, dtype): CUDA in float16 when available, else CPU in float32."""
-    import torch
-
-    return ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
 
 
 def describe(model_or_config) -> dict[str, Any]:
@@ -281,5 +275,32 @@ def unknown_model_message(spec: str) -> str:
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
-__all__ = ["TinyPreset", "PRESETS", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny",
-           "load_model", "resolve_hub_snapshot", "is_hub_id", "describe", "load_config", "default_device"]
+_LOADED: dict[str, tuple[Any, Any]] = {}
+
+
+def cached_model(model_dir: str | os.PathLike):
+    """(model, processor) of ``model_dir``, loaded once per process on the default device and dtype.
+
+    Shard and chunk tasks of one process share it; loading another model drops the previous one."""
+    from .device import default_device
+
+    key = str(model_dir)
+    if key not in _LOADED:
+        _LOADED.clear()
+        device, dtype = default_device()
+        _LOADED[key] = load_model(key, dtype=dtype, device=device)
+    return _LOADED[key]
+
+
+def check_processor(model_dir: str | os.PathLike, name: str) -> None:
+    """Load only the processor of ``model_dir`` (a user's model is checked this far, not its weights)."""
+    from transformers import AutoProcessor
+
+    try:
+        AutoProcessor.from_pretrained(model_dir, backend="pil")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the processor of {name}: {first_line(exc)}") from None
+
+
+__all__ = ["TinyPreset", "PRESETS", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny", "load_model",
+           "resolve_hub_snapshot", "is_hub_id", "describe", "load_model_config", "cached_model", "check_processor"]

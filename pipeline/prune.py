@@ -3,10 +3,10 @@
 Per image: the vision tower runs once on every AnyRes crop (one batched forward),
 the projector maps the ``(crops, L, C)`` tower features to LM width, and the
 model's own ``pack_image_features`` lays them out (base crop, then the unpadded
-high-resolution grid with one row-newline token per row). A boolean ``keep``
-mask ``(crops, L)`` is packed *the same way*, so geometry and unpadding can
+high-resolution grid with one row-newline token per row). A boolean ``keep_mask``
+``(crops, L)`` is packed *the same way*, so geometry and unpadding can
 never disagree between features and mask. The kept tokens, in raster order,
-replace the single ``<image>`` placeholder in ``inputs_embeds``; ``generate``
+replace the single ``<image>`` placeholder in ``inputs_embeds``; ``generate_answers``
 then runs greedy decoding. Batches are left-padded.
 
 Row-newline rule (one rule for every strategy): a grid row's newline token is
@@ -138,25 +138,25 @@ def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], 
     return _LAYOUTS[key]
 
 
-def visual_embeddings(model, image: ImageFeatures, keep: torch.Tensor | None = None) -> torch.Tensor:
+def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
 
-    ``keep`` is a (crops, L) bool mask; None keeps everything. A row-newline is kept
+    ``keep_mask`` is a (crops, L) bool mask; None keeps everything. A row-newline is kept
     iff its row keeps a token. No Python loop over crops or tokens: one projector
     call and one gather through :func:`packing_layout`. Differentiable (the tiny
     world trains through it); wrap in ``torch.no_grad()`` for inference."""
     inner = _inner(model)
     feats = image.features
     crops, tokens = feats.shape[:2]
-    if keep is None:
-        keep = torch.ones(crops, tokens, dtype=torch.bool, device=feats.device)
-    if keep.shape != feats.shape[:2]:
-        raise ValueError(f"keep mask shape {tuple(keep.shape)} does not match features {tuple(feats.shape[:2])}")
+    if keep_mask is None:
+        keep_mask = torch.ones(crops, tokens, dtype=torch.bool, device=feats.device)
+    if keep_mask.shape != feats.shape[:2]:
+        raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} does not match features {tuple(feats.shape[:2])}")
     source, row, rows = packing_layout(model, crops, tokens, image.image_size, feats.device)
     projected = inner.multi_modal_projector(feats).flatten(0, 1)
     table = torch.cat([projected, inner.image_newline.to(projected.dtype)[None]])
     is_newline = source < 0
-    token_kept = keep.to(feats.device).flatten()[source.clamp(min=0)] & ~is_newline
+    token_kept = keep_mask.to(feats.device).flatten()[source.clamp(min=0)] & ~is_newline
     kept_per_row = torch.zeros(rows + 1, dtype=torch.long, device=feats.device)
     kept_per_row.index_add_(0, row, token_kept.long())
     kept = torch.where(is_newline, kept_per_row[row] > 0, token_kept)
@@ -176,7 +176,7 @@ def split_prompt(tokenizer, prompt: str, image_token_id: int):
 
 
 @torch.no_grad()
-def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
+def generate_answers(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
              max_new_tokens: int = 16, streamer=None) -> list[str]:
     """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
 
@@ -209,14 +209,14 @@ def generate(model, processor, prompts: Sequence[str], visual: Sequence[torch.Te
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
-def random_keep(crops: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
+def random_keep_mask(crops: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
     """(crops, tokens) mask keeping k = round(retention * tokens) random tokens in every crop."""
     k = max(1, round(retention * tokens))
     order = torch.rand(crops, tokens, generator=generator).argsort(dim=1)
-    keep = torch.zeros(crops, tokens, dtype=torch.bool)
-    keep.scatter_(1, order[:, :k], True)
-    return keep
+    keep_mask = torch.zeros(crops, tokens, dtype=torch.bool)
+    keep_mask.scatter_(1, order[:, :k], True)
+    return keep_mask
 
 
-__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "generate", "random_keep",
+__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "generate_answers", "random_keep_mask",
            "split_prompt"]

@@ -12,7 +12,7 @@ Shapes: B crops per batch, L tokens per crop, C feature channels (d = C by defau
 Features are standardized per channel with training-set statistics (stored as
 buffers), and the loss is taken in that standardized space. Both networks add
 learnable absolute positional embeddings: without them every masked slot would
-reconstruct identically. At inference ``keep_indices`` returns, per crop, the
+reconstruct identically. At inference ``kept_indices`` returns, per crop, the
 top-k token indices by logit (k = round(retention * L)) in raster order.
 """
 
@@ -192,23 +192,24 @@ class TokenSelector(nn.Module):
         mask = self.sample_mask(logits)
         recon = self.reconstruct(x, mask)
         mse = F.mse_loss(recon, x)
-        keep = mask.mean()
-        rate = torch.clamp(keep, min=self.cfg.retention)
-        return {"loss": mse + rate, "mse": mse.detach(), "keep": keep.detach(), "logits": logits}
+        keep_ratio = mask.mean()
+        rate = torch.clamp(keep_ratio, min=self.cfg.retention)
+        # "keep" (the kept fraction) is the name this figure has in curves and MLflow.
+        return {"loss": mse + rate, "mse": mse.detach(), "keep": keep_ratio.detach(), "logits": logits}
 
     @torch.no_grad()
-    def keep_indices(self, features: torch.Tensor, retention: float) -> torch.Tensor:
+    def kept_indices(self, features: torch.Tensor, retention: float) -> torch.Tensor:
         """(B, L, C) raw features -> (B, k) long: each crop's top-k tokens by logit, raster order."""
         k = keep_count(retention, self.tokens)
         logits = self.keep_logits(features)
         return logits.topk(k, dim=-1).indices.sort(dim=-1).values
 
     @torch.no_grad()
-    def reconstruction_error(self, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def reconstruction_error(self, features: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
         """(B, L, C) raw features, (B, k) kept indices -> (B,) MSE of rebuilding all L tokens
         from the kept ones (standardized space, mean over tokens and channels)."""
         x = self.standardize(features)
-        mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, keep, 1.0)
+        mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, kept_indices, 1.0)
         return (self.reconstruct(x, mask) - x).pow(2).mean(dim=(1, 2))
 
 

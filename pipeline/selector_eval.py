@@ -19,7 +19,7 @@ import torch
 from .selector import TokenSelector, grid_indices, random_indices
 
 
-def evaluate(selectors: Mapping[float, TokenSelector], crops: Iterable[tuple[np.ndarray, np.ndarray | None]],
+def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[tuple[np.ndarray, np.ndarray | None]],
              retentions: Iterable[float], seeds: int = 3, batch_size: int = 256) -> list[dict]:
     """Rows ``{strategy, retention, selector_retention, recon_mse, glyph_coverage, n_crops}``.
 
@@ -45,16 +45,16 @@ def evaluate(selectors: Mapping[float, TokenSelector], crops: Iterable[tuple[np.
         for start in range(0, n, batch_size):
             x = x_all[start:start + batch_size]
             g = g_all[start:start + batch_size] if g_all is not None else None
-            strategies = {"selector": [model.keep_indices(x, r)], "uniform-grid": [grid_indices(len(x), tokens, r)]}
+            strategies = {"selector": [model.kept_indices(x, r)], "uniform-grid": [grid_indices(len(x), tokens, r)]}
             strategies["random"] = [random_indices(len(x), tokens, r, torch.Generator().manual_seed(1000 * s + start))
                                     for s in range(seeds)]
-            for name, keeps in strategies.items():
+            for name, draws in strategies.items():
                 acc = totals.setdefault(name, [0.0, 0.0, 0.0])  # sum mse, kept glyph tokens, glyph tokens
-                for keep in keeps:
-                    acc[0] += model.reconstruction_error(x, keep).sum().item() / len(keeps)
+                for kept_indices in draws:
+                    acc[0] += model.reconstruction_error(x, kept_indices).sum().item() / len(draws)
                     if g is not None:
-                        acc[1] += g.gather(1, keep).sum().item() / len(keeps)
-                        acc[2] += g.sum().item() / len(keeps)
+                        acc[1] += g.gather(1, kept_indices).sum().item() / len(draws)
+                        acc[2] += g.sum().item() / len(draws)
         for name, (mse, kept, glyphs) in totals.items():
             rows.append({"strategy": name, "retention": r, "selector_retention": p, "recon_mse": mse / n,
                          "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})

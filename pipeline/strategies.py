@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import ConfigError
 from .selector import keep_count
 
 STRATEGIES = ("full", "none", "random", "selector", "attention", "diversity")
@@ -47,13 +48,13 @@ class Context:
 
 def check_strategy(name: str) -> str:
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     return name
 
 
 def check_budget(budget: str) -> str:
     if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+        raise ConfigError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
     return budget
 
 
@@ -101,7 +102,7 @@ def _scores(strategy: str, features: torch.Tensor, context: Context) -> torch.Te
         return torch.rand(crops, tokens, generator=context.generator).to(features.device)
     if strategy == "selector":
         if context.selector is None:
-            raise ValueError("strategy 'selector' needs a selector checkpoint (--selector)")
+            raise ConfigError("strategy 'selector' needs a selector checkpoint (--selector)")
         with torch.no_grad():
             return context.selector.keep_logits(features.float())
     if context.cls_attention is None:
@@ -114,13 +115,13 @@ def _scores(strategy: str, features: torch.Tensor, context: Context) -> torch.Te
 
 def _top(scores: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
     crops, tokens = scores.shape
-    keep = torch.zeros(crops, tokens, dtype=torch.bool, device=scores.device)
+    keep_mask = torch.zeros(crops, tokens, dtype=torch.bool, device=scores.device)
     if budget == "per-crop":
-        keep.scatter_(1, scores.topk(keep_count(retention, tokens), dim=1).indices, True)
+        keep_mask.scatter_(1, scores.topk(keep_count(retention, tokens), dim=1).indices, True)
     else:
-        flat = keep.view(-1)
+        flat = keep_mask.view(-1)
         flat[scores.reshape(-1).topk(keep_count(retention, crops * tokens)).indices] = True
-    return keep
+    return keep_mask
 
 
 def _diversity(features: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
@@ -131,9 +132,9 @@ def _diversity(features: torch.Tensor, retention: float, budget: str) -> torch.T
         return torch.zeros(crops, tokens, dtype=torch.bool, device=features.device).scatter_(1, chosen, True)
     k = keep_count(retention, crops * tokens)
     chosen = _max_min(features.float().reshape(1, crops * tokens, -1), k)[0]
-    keep = torch.zeros(crops * tokens, dtype=torch.bool, device=features.device)
-    keep[chosen] = True
-    return keep.view(crops, tokens)
+    keep_mask = torch.zeros(crops * tokens, dtype=torch.bool, device=features.device)
+    keep_mask[chosen] = True
+    return keep_mask.view(crops, tokens)
 
 
 def _max_min(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -33,6 +33,8 @@ from typing import Iterator
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .config import ConfigError
+
 GENERATOR_VERSION = "1"  # bump when a renderer changes: it changes every sample
 BENCHMARKS = ("synthetic-ocr", "synthetic-scene")
 SPLITS = ("train", "val", "test")
@@ -83,7 +85,7 @@ def chance_accuracy(benchmark: str) -> float:
         return CODE_WEIGHTS[0] / len(GLYPHS)
     if benchmark == "synthetic-scene":
         return 1 / len(COLOURS)
-    raise ValueError(f"unknown synthetic benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    raise ConfigError(f"unknown synthetic benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
 
 
 def split_of(content_key: str) -> str:
@@ -91,14 +93,14 @@ def split_of(content_key: str) -> str:
     return next(s for s, (lo, hi) in SPLIT_SHARES.items() if lo <= bucket < hi)
 
 
-def generate(benchmark: str, split: str, n: int, seed: int = 0) -> list[Sample]:
+def generate_samples(benchmark: str, split: str, n: int, seed: int = 0) -> list[Sample]:
     """The first ``n`` samples of ``benchmark``/``split``: the same list in every process."""
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown synthetic benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+        raise ConfigError(f"unknown synthetic benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if n < 0:
-        raise ValueError(f"sample count must be >= 0, got {n}")
+        raise ConfigError(f"sample count must be >= 0, got {n}")
     out: list[Sample] = []
     for sample in _candidates(benchmark, split, seed):
         if len(out) == n:
@@ -195,5 +197,5 @@ def _shape(d: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], co
         d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
 
 
-__all__ = ["Sample", "generate", "chance_accuracy", "split_of", "BENCHMARKS", "SPLITS", "COLOURS", "GLYPHS",
+__all__ = ["Sample", "generate_samples", "chance_accuracy", "split_of", "BENCHMARKS", "SPLITS", "COLOURS", "GLYPHS",
            "OCR_QUESTION", "SCENE_QUESTION", "GENERATOR_VERSION"]

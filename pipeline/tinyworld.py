@@ -35,7 +35,7 @@ import torch
 from .config import Config, check
 from .extract import crop_layout, projector_inputs, token_boxes
 from .presets import IMAGE_TOKEN, TinyPreset, build_tiny
-from .synthetic import GLYPHS, Sample, generate
+from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
 TINYWORLD_VERSION = "1"  # bump when the recipe changes in a way that changes the trained weights
@@ -147,8 +147,8 @@ def glyph_targets(boxes, side: int, glyph_boxes) -> torch.Tensor:
 
 
 def training_samples(config: TinyWorldConfig) -> list[Sample]:
-    ocr = generate("synthetic-ocr", "train", config.train_ocr, seed=config.data_seed)
-    scene = generate("synthetic-scene", "train", config.train_scene, seed=config.data_seed)
+    ocr = generate_samples("synthetic-ocr", "train", config.train_ocr, seed=config.data_seed)
+    scene = generate_samples("synthetic-scene", "train", config.train_scene, seed=config.data_seed)
     return ocr + scene
 
 
@@ -204,29 +204,29 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     return stats
 
 
-def _sample_keep(feats: torch.Tensor, enc: Encoded, config: TinyWorldConfig,
+def _sample_keep_mask(feats: torch.Tensor, enc: Encoded, config: TinyWorldConfig,
                  gen: torch.Generator) -> torch.Tensor | None:
     """Pruning augmentation: with ``drop_prob``, keep a random ``drop_retentions`` share of
     each crop's tokens -- always including the tokens that hold a glyph."""
-    from .prune import random_keep
+    from .prune import random_keep_mask
 
     if torch.rand((), generator=gen) >= config.drop_prob:
         return None
     r = config.drop_retentions[int(torch.randint(0, len(config.drop_retentions), (), generator=gen))]
-    keep = random_keep(feats.shape[0], feats.shape[1], r, gen)
+    keep_mask = random_keep_mask(feats.shape[0], feats.shape[1], r, gen)
     if enc.glyph_targets is not None:
-        keep |= enc.glyph_targets > 0
-    return keep
+        keep_mask |= enc.glyph_targets > 0
+    return keep_mask
 
 
-def _batch(model, items, keeps):
+def _batch(model, items, keep_masks):
     """Right-padded inputs_embeds / attention mask / labels for [prompt | visual | prompt | answer]."""
     from .prune import ImageFeatures, visual_embeddings
 
     embed = model.get_input_embeddings()
     rows, labels = [], []
-    for (feats, enc), keep in zip(items, keeps):
-        vis = visual_embeddings(model, ImageFeatures(feats, enc.image_size), keep)
+    for (feats, enc), keep_mask in zip(items, keep_masks):
+        vis = visual_embeddings(model, ImageFeatures(feats, enc.image_size), keep_mask)
         ids_before, ids_after = embed(enc.before), embed(torch.cat([enc.after, enc.answer]))
         rows.append(torch.cat([ids_before, vis, ids_after]))
         n_prompt = rows[-1].shape[0] - enc.answer.shape[0]
@@ -266,8 +266,8 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
             g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
         idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
         batch = [items[i] for i in idx]
-        keeps = [_sample_keep(f, e, config, gen) for f, e in batch]
-        embeds, mask, labels = _batch(model, batch, keeps)
+        keep_masks = [_sample_keep_mask(f, e, config, gen) for f, e in batch]
+        embeds, mask, labels = _batch(model, batch, keep_masks)
         loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
@@ -335,7 +335,7 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
     ``full`` keeps every token, ``none`` sends the question without the image,
     ``random`` keeps round(retention * L) random tokens in every crop (seeded)."""
     from .metrics import anls, exact_match
-    from .prune import encode_images, generate, random_keep, visual_embeddings
+    from .prune import encode_images, generate_answers, random_keep_mask, visual_embeddings
 
     if strategy not in ("full", "none", "random"):
         raise ValueError(f"unknown strategy {strategy!r}; valid: full, none, random")
@@ -350,10 +350,11 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
             prompts = [prompt_for(s.question) for s in chunk]
             vis = []
             for feats in encode_images(model, processor, [s.image for s in chunk]):
-                keep = None if strategy == "full" else random_keep(feats.crops, feats.tokens_per_crop, retention, gen)
-                vis.append(visual_embeddings(model, feats, keep))
+                keep_mask = None if strategy == "full" else random_keep_mask(feats.crops, feats.tokens_per_crop, retention,
+                                                                             gen)
+                vis.append(visual_embeddings(model, feats, keep_mask))
         with torch.no_grad():
-            preds = generate(model, processor, prompts, vis, max_new_tokens=max_new_tokens)
+            preds = generate_answers(model, processor, prompts, vis, max_new_tokens=max_new_tokens)
         for s, p, v in zip(chunk, preds, vis):
             acc += exact_match(p, s.answer)
             nls += anls(p, s.answers)
@@ -370,7 +371,7 @@ def quality_card(model, processor, n: int = 300, data_seed: int = 0, random_seed
     rows = []
     jobs = [(b, st, sd) for b in ("synthetic-ocr", "synthetic-scene")
             for st, sd in [("full", 0), ("none", 0), *[("random", s) for s in range(random_seeds)]]]
-    tests = {b: generate(b, "test", n, seed=data_seed) for b in ("synthetic-ocr", "synthetic-scene")}
+    tests = {b: generate_samples(b, "test", n, seed=data_seed) for b in ("synthetic-ocr", "synthetic-scene")}
     for i, (bench, strategy, seed) in enumerate(jobs):
         r = 1.0 if strategy == "full" else (0.0 if strategy == "none" else retention)
         q = quality(model, processor, tests[bench], strategy, r, seed)

@@ -16,13 +16,17 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, check
+from .errors import UserError
+from .config import EVAL_RETENTIONS, Config, ConfigError, check
 from .selector import SelectorConfig, TokenSelector
 
-EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
+# The embedded default (tiny presets on 2 CPUs) shortens the paper-scale schedule of
+# DESIGN.md (lr 1e-4, 2000 steps, batch 64) so training fits in about 2 minutes.
+# It applies when the features come from a tiny preset and the user set none of these.
+TINY_SCHEDULE = {"steps": 700, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN/inf; ``str(exc)`` says at which step and what to try."""
 
 
@@ -203,6 +207,24 @@ def selector_from_tensors(cfg: SelectorConfig, tokens: int, channels: int,
     model = TokenSelector(cfg, tokens, channels)
     model.load_state_dict(dict(tensors))
     return model.eval()
+
+
+def selector_from_checkpoint(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> TokenSelector:
+    """The selector a checkpoint's tensors and meta (config, tokens, channels) describe, in eval mode.
+
+    Raises KeyError, TypeError, ValueError or RuntimeError when they do not fit;
+    ``storage.selectors.load_selector`` turns that into one line naming the file."""
+    return selector_from_tensors(SelectorConfig.from_dict(meta["config"]), meta["tokens"], meta["channels"], tensors)
+
+
+def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str]) -> TrainConfig:
+    """``cfg`` with :data:`TINY_SCHEDULE` for features of a tiny preset ``model`` (keys in ``user_set`` stay)."""
+    from .presets import PRESETS, TRAINED_PRESETS
+
+    if model not in PRESETS and model not in TRAINED_PRESETS:
+        return cfg
+    changes = {k: v for k, v in TINY_SCHEDULE.items() if k not in user_set}
+    return dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, **changes)) if changes else cfg
 
 
 def batched(items: Iterable[np.ndarray], batch_size: int, drop_last: bool = True) -> Iterator[np.ndarray]:

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UserError
+
 SYNTHETIC_SCHEMA = pa.schema([
     ("question_id", pa.string()),
     ("question", pa.string()),
@@ -26,7 +28,7 @@ SYNTHETIC_SCHEMA = pa.schema([
 ])
 
 
-class BenchmarkFileError(ValueError):
+class BenchmarkFileError(UserError, ValueError):
     """A benchmark parquet that is missing or malformed; ``str(exc)`` is one line naming it."""
 
 
@@ -96,4 +98,64 @@ def parquet_rows(files: Sequence[Path]) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-__all__ = ["write_parquet", "read_parquet", "parquet_columns", "parquet_rows", "BenchmarkFileError", "SYNTHETIC_SCHEMA"]
+def benchmark_files(benchmark: str, path: str | os.PathLike) -> list[Path]:
+    """The parquet file(s) ``--data`` names for ``benchmark``: a file, or every ``*.parquet`` under a folder."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise BenchmarkFileError(f"--data for {benchmark}: {path} does not exist")
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise BenchmarkFileError(f"--data for {benchmark}: no *.parquet files under {path}")
+    return files
+
+
+def files_fingerprint(files: Sequence[Path]) -> str:
+    """Hash of (resolved path, size, mtime) of each file: the data input of an eval cache key."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+GQA_QUESTION_COLUMNS = ("id", "imageId", "question", "answer")
+
+
+def load_benchmark_rows(benchmark: str, files: Sequence[Path], limit: int,
+                        required: Sequence[str]) -> list[dict[str, Any]]:
+    """The first ``limit`` rows of a benchmark's parquet files, each with the ``required`` columns.
+
+    GQA ships questions and images as two tables (``testdev_balanced_instructions``
+    and ``testdev_balanced_images``): its questions are joined to their images by
+    ``imageId``, reading from the images table only the images asked about."""
+    if benchmark != "gqa":
+        rows: list[dict[str, Any]] = []
+        for f in files:
+            rows += read_parquet(f, required, limit=limit - len(rows))
+            if len(rows) >= limit:
+                break
+        return rows
+    question_files = [f for f in files if "question" in parquet_columns(f)]
+    image_files = [f for f in files if f not in question_files]
+    if not question_files or not image_files:
+        raise BenchmarkFileError("gqa needs both testdev_balanced_instructions (columns id, imageId, question, "
+                                 "answer) and testdev_balanced_images (columns id, image) parquet files in --data")
+    rows = []
+    for f in question_files:
+        rows += read_parquet(f, GQA_QUESTION_COLUMNS, limit=limit - len(rows))
+        if len(rows) >= limit:
+            break
+    wanted = {r["imageId"] for r in rows}
+    images = {r["id"]: r["image"] for f in image_files for r in read_parquet(f, ("id", "image"))
+              if r["id"] in wanted}
+    missing = sorted(wanted - set(images))
+    if missing:
+        raise BenchmarkFileError(f"gqa: imageId {missing[0]} (and {len(missing) - 1} more) not in the images "
+                                 "parquet")
+    return [{**r, "image": images[r["imageId"]]} for r in rows]
+
+
+__all__ = ["write_parquet", "read_parquet", "parquet_columns", "parquet_rows", "BenchmarkFileError", "SYNTHETIC_SCHEMA",
+           "benchmark_files", "files_fingerprint", "load_benchmark_rows"]

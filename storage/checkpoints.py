@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import first_line
+from pipeline.errors import UserError
 
 from .stages import write_json_atomic
 
@@ -33,7 +34,7 @@ META_KEY = "atr_meta"
 META_SHA_KEY = "atr_meta_sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; one line naming the file."""
 
 

@@ -25,8 +25,10 @@ class Home:
     root: Path
 
     @classmethod
-    def resolve(cls, home: str | os.PathLike | None = None) -> "Home":
-        """``--home`` wins, then ``$ATR_HOME``, then ``./.atr``; always absolute."""
+    def resolve(cls, home: "str | os.PathLike | Home | None" = None) -> "Home":
+        """``--home`` wins, then ``$ATR_HOME``, then ``./.atr``; always absolute. A Home is returned as is."""
+        if isinstance(home, Home):
+            return home
         raw = home if home is not None else os.environ.get("ATR_HOME") or DEFAULT_HOME
         return cls(Path(raw).expanduser().resolve())
 

@@ -33,6 +33,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from pipeline.errors import UserError
 from pipeline.config import first_line
 
 # A writer waits longer for the lock than a user query may run (QUERY_TIMEOUT_S),
@@ -59,7 +60,7 @@ _ARROW_TYPES = {
 }
 
 
-class QueryError(Exception):
+class QueryError(UserError):
     """A user query was refused or failed; the message is one line."""
 
 

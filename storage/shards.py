@@ -29,12 +29,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import webdataset as wds
 
+from pipeline.errors import UserError
+
+from .stages import write_json_atomic
+
 SHARD_PATTERN = "feats-%06d.tar"
 ALLOWED_EXTENSIONS = ("feat.npy", "json")
 TAR_MTIME = 0  # fixed, so the bytes do not depend on when a shard was written
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard or member that fails validation (one line: shard, member, reason)."""
 
 
@@ -307,3 +311,47 @@ def stream_crops(stage_dir: Path, manifest: dict[str, Any], keep_image: "Callabl
         if emitted == 0:
             raise ShardError(f"{stage_dir}: no samples pass the split filter")
         epoch += 1
+
+
+# ---------------------------------------------------------------- resume records
+
+SHARD_RECORDS = "_shards"  # in an extract stage's work dir: one NNNNNN.json per finished shard
+
+
+def _record_path(work: Path, index: int) -> Path:
+    return Path(work) / SHARD_RECORDS / f"{index:06d}.json"
+
+
+def shard_record(work: Path, index: int) -> dict[str, Any] | None:
+    """The record of a finished shard in an interrupted extract's work dir, or None.
+
+    A shard counts as done only when its tar and its record both exist and agree
+    (the record parses, names the tar and gives its exact size). Anything else (a
+    tar without a record, a record of another tar, a cut file) is recomputed. The
+    sha256 in the record is checked whenever the shards are read."""
+    tar, record_path = Path(work) / shard_name(index), _record_path(work, index)
+    try:
+        record = json.loads(record_path.read_text())
+        size = tar.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("name") != tar.name or record.get("bytes") != size \
+            or record.get("index") != index:
+        return None
+    return record
+
+
+def write_shard_record(work: Path, index: int, record: dict[str, Any]) -> None:
+    """Write a shard's record after its tar (fsynced, so a record never outlives its tar's bytes)."""
+    path = _record_path(work, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+
+
+def drop_shard_records(work: Path) -> None:
+    """Remove the resume records and any half-written ``*.tmp`` file before the stage commits."""
+    import shutil
+
+    shutil.rmtree(Path(work) / SHARD_RECORDS, ignore_errors=True)
+    for leftover in Path(work).glob("*.tmp"):
+        leftover.unlink()

@@ -23,17 +23,19 @@ import shutil
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from pipeline.config import canonical_json, content_hash
+from pipeline.config import content_hash
+from pipeline.errors import UserError
 
 from .home import Home
 
 MANIFEST = "_manifest.json"
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage directory that is not what it should be (one line, names the path)."""
 
 
@@ -148,6 +150,60 @@ class StageDir:
         return self.path
 
 
+@dataclass
+class StageResult:
+    """What a stage returns: its key, its output directory, whether it was a cache hit, how long it
+    took (a hit: the lookup) and its manifest. Only these plain values cross task boundaries."""
+
+    stage: str
+    key: str
+    path: Path
+    cached: bool
+    seconds: float
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def model_dir(self) -> Path:
+        """For prepare-model: where ``from_pretrained`` reads (the stage dir, or the user's dir)."""
+        return Path(self.manifest.get("model_dir") or self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "key": self.key, "path": str(self.path), "cached": self.cached,
+                "seconds": self.seconds, "manifest": self.manifest}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StageResult":
+        return cls(d["stage"], d["key"], Path(d["path"]), d["cached"], d["seconds"], d["manifest"])
+
+
+def run_stage(home: Home, stage: str, key: str, build: Callable[[Path], dict[str, Any]], *,
+              force: bool = False, fresh: bool | None = None) -> StageResult:
+    """The one cache rule of every stage.
+
+    A complete output that is not forced is a cache hit (checked again under the
+    per-key lock, so two processes never build one key twice). Otherwise
+    ``build(work)`` fills the work directory and returns the manifest, which is
+    written last before the rename into place. ``fresh`` (default: ``force``)
+    empties the work directory first instead of resuming what an interrupted run
+    left there; a complete old output stays until the new one replaces it."""
+    t0 = time.perf_counter()
+    sd = StageDir(home, stage, key)
+    if sd.is_complete() and not force:
+        return StageResult(stage, key, sd.path, True, time.perf_counter() - t0, sd.manifest())
+    with sd.lock():
+        if sd.is_complete() and not force:
+            return StageResult(stage, key, sd.path, True, time.perf_counter() - t0, sd.manifest())
+        work = sd.begin(fresh=force if fresh is None else fresh)
+        path = sd.commit(build(work))
+    return StageResult(stage, key, path, False, time.perf_counter() - t0, read_manifest(path))
+
+
+def stage_result(home: Home, stage: str, ref: str) -> StageResult:
+    """A complete stage output as a (cached) StageResult, from a key, a unique key prefix or a path."""
+    sd = find_stage(home, stage, ref)
+    return StageResult(stage, sd.key, sd.path, True, 0.0, read_manifest(sd.path))
+
+
 def find_stage(home: Home, stage: str, ref: str) -> StageDir:
     """Resolve a stage reference: a full key, a unique key prefix, or a path to a stage dir."""
     path = Path(ref).expanduser()
@@ -203,5 +259,5 @@ def code_version() -> str:
         return "0+unknown"
 
 
-__all__ = ["StageDir", "StageError", "stage_key", "read_manifest", "write_json_atomic", "find_stage",
-           "clean_tmp", "code_version", "MANIFEST", "canonical_json"]
+__all__ = ["StageDir", "StageError", "StageResult", "run_stage", "stage_result", "stage_key", "read_manifest",
+           "write_json_atomic", "find_stage", "clean_tmp", "code_version", "MANIFEST"]

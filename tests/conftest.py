@@ -51,7 +51,7 @@ def session_home(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_stage(session_home):
     """The tiny preset, prepared once per session through the real prepare-model stage."""
-    from flows.stages import prepare_model
+    from flows.stages.prepare_model import prepare_model
 
     return prepare_model(session_home, "tiny")
 
@@ -77,7 +77,7 @@ def cli_env(prefect_api_url, tmp_path):
 @pytest.fixture(scope="session")
 def trained_stage(session_home):
     """tiny-trained through the real prepare-model stage: the shipped checkpoint, copied."""
-    from flows.stages import prepare_model
+    from flows.stages.prepare_model import prepare_model
 
     return prepare_model(session_home, "tiny-trained")
 

@@ -108,9 +108,9 @@ def test_clean_removes_the_home(tmp_path, capsys):
 
 
 def test_ask_prints_the_answer(cli_env, tmp_path):
-    from pipeline.synthetic import generate
+    from pipeline.synthetic import generate_samples
 
-    samples = generate("synthetic-ocr", "test", 3)
+    samples = generate_samples("synthetic-ocr", "test", 3)
     image = tmp_path / "card.png"
     sample = next(s for s in samples if len(s.answer) == 1)
     sample.image.save(image)
@@ -142,3 +142,42 @@ def test_benchmark_command_writes_parquet(tmp_path, capsys):
     assert "7 questions" in capsys.readouterr().out
     table = pq.read_table(out)
     assert table.num_rows == 7 and table.column_names[:3] == ["question_id", "question", "answers"]
+
+
+def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, tmp_path, capsys):
+    """Only UserError becomes the one-line `error:`; a ValueError from deep inside is a bug."""
+    import flows.cli as cli
+
+    def broken(home, args):
+        raise ValueError("keep mask shape (3, 4) does not match features (3, 5)")
+
+    monkeypatch.setitem(cli.COMMANDS, "query", (cli.COMMANDS["query"][0], broken))
+    rc = cli.main(["query", "SELECT 1", "--home", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "Traceback (most recent call last)" in err and "ValueError: keep mask shape (3, 4)" in err
+    assert err.strip().splitlines()[-1] == cli.BUG_HINT and "error:" not in err
+
+
+def test_every_user_error_type_is_one_line_with_exit_code_2(monkeypatch, tmp_path, capsys):
+    import flows.cli as cli
+    from pipeline.config import ConfigError
+    from pipeline.errors import MissingFile, UserError
+    from pipeline.images import BadImage
+    from pipeline.presets import ModelLoadError
+    from pipeline.train import TrainingDiverged
+    from storage.benchmarks import BenchmarkFileError
+    from storage.checkpoints import CheckpointError
+    from storage.results import QueryError
+    from storage.shards import ShardError
+    from storage.stages import StageError
+
+    for kind in (UserError, ConfigError, MissingFile, BadImage, ModelLoadError, TrainingDiverged, BenchmarkFileError,
+                 CheckpointError, QueryError, ShardError, StageError):
+        def broken(home, args, kind=kind):
+            raise kind(f"{kind.__name__}: the thing named here is wrong")
+
+        monkeypatch.setitem(cli.COMMANDS, "query", (cli.COMMANDS["query"][0], broken))
+        assert cli.main(["query", "SELECT 1", "--home", str(tmp_path)]) == 2, kind
+        err = capsys.readouterr().err
+        assert err == f"error: {kind.__name__}: the thing named here is wrong\n", (kind, err)

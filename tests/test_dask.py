@@ -17,8 +17,8 @@ def cluster():
 
 
 def _extract(home, address=None):
-    from flows.extract import extract_flow
-    from flows.scale import task_runner
+    from flows.orchestration.flows import extract_flow
+    from flows.orchestration.dask import task_runner
 
     cfg = {"images": "synthetic:docs", "limit": 24, "shard_size": 6, "batch_size": 4}
     flow = extract_flow if address is None else extract_flow.with_options(task_runner=task_runner(address))
@@ -49,9 +49,9 @@ def cluster_models(cluster) -> dict[str, int]:
     from distributed import Client
 
     def count() -> int:
-        from flows import stages
+        from pipeline import presets
 
-        return len(stages._MODEL_CACHE)
+        return len(presets._LOADED)
 
     with Client(cluster.scheduler_address) as client:
         return client.run(count)
@@ -67,7 +67,7 @@ def test_dask_options_are_checked_before_any_flow(cli_env):
 
 
 def test_local_cluster_workers_get_passive_single_thread_env():
-    from flows.scale import task_runner
+    from flows.orchestration.dask import task_runner
 
     runner = task_runner(dask_workers=2)
     kw = runner.cluster_kwargs

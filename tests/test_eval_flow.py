@@ -15,7 +15,7 @@ from conftest import REPO, assert_one_line_errors
 @pytest.fixture(scope="module")
 def selector_file(tmp_path_factory):
     """A selector checkpoint in the train stage's format (random weights: the flow is under test here;
-    the trained selector's figures are in the README)."""
+    the trained selector's figures are in docs/selector.md)."""
     import torch
 
     from pipeline.selector import SelectorConfig, TokenSelector
@@ -30,7 +30,7 @@ def selector_file(tmp_path_factory):
 
 
 def test_eval_flow_records_rows_plots_and_reuses_chunks(prefect_api_url, session_home, selector_file):
-    from flows.evaluate import eval_flow
+    from flows.orchestration.flows import eval_flow
     from pipeline.evaluate import EvalConfig
 
     cfg = EvalConfig(benchmarks=("synthetic-ocr",), strategies=("full", "none", "random", "selector"),

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.cli import MODEL_HELP, _is_user_error, _one_line
-from flows.mask import add_parser, cmd_mask, resolve_selector
+from flows.cli import one_line as _one_line
+from flows.cli.mask import cmd_mask, mask_parser
+from pipeline.errors import UserError
+from storage.selectors import resolve_selector
 from pipeline.extract import FeatureExtractor
 from pipeline.images import open_source
 from pipeline.selector import SelectorConfig
@@ -27,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS, help="home")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="verbose")
     parser = argparse.ArgumentParser(prog="atr", parents=[common])
-    add_parser(parser.add_subparsers(dest="command", required=True), common, MODEL_HELP)
+    mask_parser(parser.add_subparsers(dest="command", required=True), common)
     return parser
 
 
@@ -93,7 +95,7 @@ def test_json_lists_the_selectors_kept_tokens_per_crop(session_home, tiny_stage,
     k = round(0.25 * TOKENS)
     assert data["k"] == k and data["retention"] == 0.25
     feats = torch.from_numpy(fx([image])[0])
-    expected = trained["selector"].keep_indices(feats, 0.25).tolist()
+    expected = trained["selector"].kept_indices(feats, 0.25).tolist()
     for i, crop in enumerate(data["crops"]):
         assert set(crop) == {"box", "grid", "kept"}
         assert crop["grid"] == [8, 8]
@@ -175,13 +177,13 @@ def test_selector_from_a_train_stage_by_hash_prefix_or_directory(tiny_stage, tra
     with pytest.raises(StageError) as e:
         run_mask(home, "--selector", "ffff", "--image", str(trained["image"]), "--retention", "0.25",
                  "--out", str(tmp_path / "no.png"))
-    assert _is_user_error(e.value) and "ffff" in _one_line(e.value)
+    assert isinstance(e.value, UserError) and "ffff" in _one_line(e.value)
     assert not (tmp_path / "no.png").exists()
 
 
 def _user_error(exc_info) -> str:
     exc = exc_info.value
-    assert _is_user_error(exc), f"{type(exc).__name__} would print a traceback"
+    assert isinstance(exc, UserError), f"{type(exc).__name__} would print a traceback"
     text = str(exc).strip()
     assert text and "\n" not in text, f"not one line: {text!r}"
     return text

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.stages import prepare_model
+from flows.stages.prepare_model import prepare_model
 from pipeline.presets import IMAGE_TOKEN, ModelLoadError, TinyPreset, load_model
 from storage.home import Home
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.prune import encode_images, generate, random_keep, visual_embeddings
-from pipeline.synthetic import generate as make_samples
+from pipeline.prune import encode_images, generate_answers, random_keep_mask, visual_embeddings
+from pipeline.synthetic import generate_samples as make_samples
 from pipeline.tinyworld import PROMPT, prompt_for
 
 
@@ -52,13 +52,13 @@ def test_row_newline_kept_iff_its_row_keeps_a_token(trained_model):
         visual_embeddings(model, f, torch.ones(4, 16, dtype=torch.bool))
 
 
-def test_random_keep_is_per_crop_and_seeded():
+def test_random_keep_mask_is_per_crop_and_seeded():
     g = torch.Generator().manual_seed(0)
-    keep = random_keep(5, 16, 0.25, g)
+    keep = random_keep_mask(5, 16, 0.25, g)
     assert keep.sum(1).tolist() == [4] * 5
-    again = random_keep(5, 16, 0.25, torch.Generator().manual_seed(0))
+    again = random_keep_mask(5, 16, 0.25, torch.Generator().manual_seed(0))
     assert torch.equal(keep, again)
-    assert random_keep(3, 576, 0.222, g).sum(1).tolist() == [128] * 3
+    assert random_keep_mask(3, 576, 0.222, g).sum(1).tolist() == [128] * 3
 
 
 def test_batched_generation_equals_batch_of_one(trained_model):
@@ -71,13 +71,13 @@ def test_batched_generation_equals_batch_of_one(trained_model):
         if i % 3 == 0:
             vis.append(visual_embeddings(model, f))
         elif i % 3 == 1:
-            vis.append(visual_embeddings(model, f, random_keep(f.crops, 16, 0.5, g)))
+            vis.append(visual_embeddings(model, f, random_keep_mask(f.crops, 16, 0.5, g)))
         else:
             vis.append(None)
     prompts = [prompt_for(s.question) if v is not None else PROMPT.replace("<image>\n", "").format(question=s.question)
                for s, v in zip(samples, vis)]
-    batched = generate(model, processor, prompts, vis, max_new_tokens=6)
-    single = [generate(model, processor, [p], [v], max_new_tokens=6)[0] for p, v in zip(prompts, vis)]
+    batched = generate_answers(model, processor, prompts, vis, max_new_tokens=6)
+    single = [generate_answers(model, processor, [p], [v], max_new_tokens=6)[0] for p, v in zip(prompts, vis)]
     assert batched == single
     assert sum(batched[i] == samples[i].answer for i in range(0, len(samples), 3)) >= 3  # full-image ones
 
@@ -85,7 +85,7 @@ def test_batched_generation_equals_batch_of_one(trained_model):
 def test_prompt_with_two_placeholders_is_refused(trained_model):
     model, processor = trained_model
     with pytest.raises(ValueError, match="at most one image placeholder, got 2"):
-        generate(model, processor, ["USER: <image><image> hi ASSISTANT:"], [None])
+        generate_answers(model, processor, ["USER: <image><image> hi ASSISTANT:"], [None])
 
 
 def test_a_model_without_the_llava_next_api_is_refused_in_one_line():

@@ -1,4 +1,4 @@
-"""Every SQL query in README's "Useful queries" runs, read-only, on a real store with known rows."""
+"""Every SQL query in docs/results-store.md's "Useful queries" runs, read-only, on a real store with known rows."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from conftest import REPO
 
 
-def readme_queries() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text.split("### Useful queries", 1)[1].split("\n## ", 1)[0]
+def documented_queries() -> list[str]:
+    text = (REPO / "docs" / "results-store.md").read_text()
+    section = text.split("## Useful queries", 1)[1].split("\n## ", 1)[0]
     return [q.strip() for q in re.findall(r"```sql\n(.*?)```", section, re.S)]
 
 
@@ -48,14 +48,14 @@ def store_path(tmp_path_factory):
     return path
 
 
-def test_readme_has_the_queries():
-    assert len(readme_queries()) == 5
+def test_results_store_page_has_the_queries():
+    assert len(documented_queries()) == 5
 
 
-def test_every_readme_query_gives_the_expected_rows(store_path):
+def test_every_documented_query_gives_the_expected_rows(store_path):
     from storage.results import query
 
-    results = [query(store_path, q) for q in readme_queries()]
+    results = [query(store_path, q) for q in documented_queries()]
     (c1, r1), (c2, r2), (c3, r3), (c4, r4), (c5, r5) = results
     assert c1 == ["benchmark", "strategy", "score", "seeds"]
     assert r1 == [("synthetic-ocr", "random", 0.2, 2), ("synthetic-ocr", "selector", 0.99, 1),

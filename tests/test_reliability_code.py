@@ -145,8 +145,9 @@ def test_a_planted_pickle_cache_record_is_never_unpickled(prefect_api_url, sessi
     import os
     import pickle
 
-    from flows.extract import extract_flow
-    from flows.stages import extract_shard, plan_extract, prepare_model
+    from flows.orchestration.flows import extract_flow
+    from flows.stages.extract import extract_shard, plan_extract
+    from flows.stages.prepare_model import prepare_model
     from pipeline.config import ExtractConfig
     from storage.stages import StageDir
 

@@ -28,23 +28,20 @@ from conftest import REPO
 # loaded, then a JSON line when done.
 DRIVER = r"""
 import json, sys, time
-from flows.stages import cached_model, extract_shard, finish_extract, plan_extract, prepare_model, shard_done
+from flows.stages.extract import extract, plan_extract
+from flows.stages.prepare_model import prepare_model
 from pipeline.config import ExtractConfig
+from pipeline.presets import cached_model
 from storage.home import Home
-from storage.stages import StageDir
 
 home = Home.resolve(sys.argv[1]).ensure()
-plan = plan_extract(prepare_model(home, "tiny"), ExtractConfig.from_dict(json.loads(sys.argv[2])))
+model_stage = prepare_model(home, "tiny")
+cfg = ExtractConfig.from_dict(json.loads(sys.argv[2]))
+plan = plan_extract(model_stage, cfg)
 cached_model(plan.model_dir)
 print("ready", flush=True)
 t0 = time.perf_counter()
-sd = StageDir(home, "extract", plan.key)
-with sd.lock():
-    if not sd.is_complete():
-        work = sd.begin()
-        done = sum(shard_done(work, i) for i in range(plan.n_shards))
-        records = [extract_shard(home, plan, i) for i in range(plan.n_shards)]
-        finish_extract(home, plan, records, time.perf_counter() - t0, resumed_shards=done)
+extract(home, cfg, model_stage)  # resumes the finished shards of an interrupted run
 print(json.dumps({"seconds": time.perf_counter() - t0, "key": plan.key}), flush=True)
 """
 
@@ -72,11 +69,11 @@ def _shard_bytes(stage: Path) -> dict[str, bytes]:
 
 def _state_after_kill(extract_dir: Path, key: str, n_shards: int) -> dict:
     """Where a kill landed: finished shards, a half-written shard, a final directory."""
-    from flows.stages import shard_done
+    from storage.shards import shard_record
 
     work = extract_dir / f"{key}.tmp"
     final = extract_dir / key
-    return {"done": sum(shard_done(work, i) for i in range(n_shards)) if work.is_dir() else None,
+    return {"done": sum(shard_record(work, i) is not None for i in range(n_shards)) if work.is_dir() else None,
             "partial_tar": bool(work.is_dir() and list(work.glob("*.tar.tmp"))),
             "tars": len(list(work.glob("feats-*.tar"))) if work.is_dir() else None,
             "final": final.is_dir(), "final_complete": (final / "_manifest.json").is_file()}
@@ -319,7 +316,7 @@ def _damage(kind: str, stage: Path) -> None:
 def test_a_stage_without_a_complete_manifest_is_never_a_cache_hit(prefect_api_url, session_home):
     """Through the real Prefect flow: its task cache holds the stage's key, yet a stage directory
     without a complete manifest is recomputed (to the same bytes) instead of trusted."""
-    from flows.extract import extract_flow
+    from flows.orchestration.flows import extract_flow
 
     cfg = ExtractConfig(images="synthetic:scenes", limit=6, shard_size=2, batch_size=2, seed=4242)
     first = extract_flow(str(session_home.root), "tiny", cfg.to_dict())["stages"][1]

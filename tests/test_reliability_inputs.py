@@ -151,19 +151,10 @@ def test_bad_images_are_skipped_in_one_line_each_and_odd_ones_match_hand_convers
 @pytest.fixture(scope="module")
 def feature_stage(session_home, tiny_stage):
     """A real extract stage (tiny, 12 synthetic docs, 3 shards of 4, base crops), built by the stage functions."""
-    from flows.stages import extract_shard, finish_extract, plan_extract
-    from storage.stages import StageDir
+    from flows.stages.extract import extract
 
-    home = session_home
-    plan = plan_extract(tiny_stage, ExtractConfig(images="synthetic:docs", limit=12, shard_size=4, batch_size=4,
-                                                  crops="base"))
-    sd = StageDir(home, "extract", plan.key)
-    if not sd.is_complete():
-        with sd.lock():
-            sd.begin()
-            records = [extract_shard(home, plan, i) for i in range(plan.n_shards)]
-            finish_extract(home, plan, records, 0.0)
-    return sd.path
+    cfg = ExtractConfig(images="synthetic:docs", limit=12, shard_size=4, batch_size=4, crops="base")
+    return extract(session_home, cfg, tiny_stage).path
 
 
 def _members(tar_path: Path) -> list[tuple[str, bytes]]:
@@ -281,14 +272,15 @@ def _corrupt_copy(feature_stage: Path, tmp_path: Path, kind: str) -> tuple[Home,
 
 @pytest.mark.parametrize("kind", list(BAD_SHARDS))
 def test_bad_shards_are_refused_by_the_train_stage_in_one_line(feature_stage, tmp_path, kind):
-    from flows.train import _features_result, run_train
+    from flows.stages.train import train
+    from storage.stages import stage_result
     from pipeline.selector import SelectorConfig
     from pipeline.train import TrainConfig
 
     home, key, marker = _corrupt_copy(feature_stage, tmp_path, kind)
     cfg = TrainConfig(selector=SelectorConfig(steps=5, batch_size=4, warmup_steps=1))
     with pytest.raises((ShardError, StageError)) as info:
-        run_train(home, _features_result(home, key), cfg)
+        train(home, cfg, stage_result(home, "extract", key))
     text = str(info.value)
     assert "\n" not in text and (info.value.__context__ is None or info.value.__suppress_context__)
     for piece in BAD_SHARDS[kind][1]:
@@ -327,13 +319,13 @@ def _pickled_checkpoint(path: Path, marker: Path) -> Path:
 
 
 def test_checkpoints_are_refused_in_one_line_by_the_eval_loader(tiny_stage, tmp_path):
-    from flows.evaluate import load_selector
+    from flows.stages.eval import eval_selector
     from storage.checkpoints import CheckpointError
 
     home = Home.resolve(tmp_path / "home").ensure()
     marker = tmp_path / "unpickled"
     good = _selector_checkpoint(tmp_path / "good.safetensors", channels=64)
-    selector, _, _ = load_selector(home, str(good), 0.25, tiny_stage)  # the same width loads
+    selector = eval_selector(home, str(good), 0.25, tiny_stage).selector  # the same width loads
     assert selector(torch.zeros(1, 64, 64)) is not None
     lying = _selector_checkpoint(tmp_path / "lying.safetensors", channels=32)
     meta = json.loads(lying.with_suffix(".json").read_text())
@@ -359,7 +351,7 @@ def test_checkpoints_are_refused_in_one_line_by_the_eval_loader(tiny_stage, tmp_
             "not a safetensors checkpoint (pickle-based formats are never loaded)"
     for path, says in cases.items():
         with pytest.raises(CheckpointError) as info:
-            load_selector(home, str(path), 0.25, tiny_stage)
+            eval_selector(home, str(path), 0.25, tiny_stage)
         text = str(info.value)
         assert text.startswith(f"{path}: ") and says in text and "\n" not in text, text
     assert not marker.exists()

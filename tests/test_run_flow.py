@@ -25,7 +25,8 @@ STAGE_ORDER = ["prepare-model", "extract", "train", "eval", "report"]
 
 
 def run(home, config=SMALL, from_stage=None, return_state=False):
-    from flows.run import RunConfig, run_flow
+    from flows.orchestration.flows import run_flow
+    from pipeline.run_config import RunConfig
 
     cfg = RunConfig.from_dict(config).to_dict()
     return run_flow(str(home), cfg, from_stage, ["steps"], return_state=return_state)
@@ -141,14 +142,14 @@ def test_prefect_cache_entries_are_keyed_by_the_stage_hashes(cold):
 
 
 def test_second_identical_run_does_no_model_work(cold):
-    from flows import stages
+    from pipeline import presets
 
     home, first, _ = cold
     stamps = {p: p.stat().st_mtime_ns for p in home.stages.glob("*/*/_manifest.json")}
-    stages._MODEL_CACHE.clear()
+    presets._LOADED.clear()
     out = run(home.root)
     assert cached(out) == dict.fromkeys(STAGE_ORDER, True)
-    assert stages._MODEL_CACHE == {}  # no model was loaded
+    assert presets._LOADED == {}  # no model was loaded
     assert {p: p.stat().st_mtime_ns for p in home.stages.glob("*/*/_manifest.json")} == stamps
     assert [s["key"] for s in out["stages"]] == [s["key"] for s in first["stages"]]
     assert out["run_id"] != first["run_id"]
@@ -199,7 +200,7 @@ def test_print_config_round_trips_and_bad_configs_fail_in_one_line(cli_env, tmp_
     import sys
 
     from conftest import REPO, assert_one_line_errors
-    from flows.run import RunConfig, load_config
+    from pipeline.run_config import RunConfig, load_run_config
 
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--print-config"], cwd=REPO, env=cli_env,
                           capture_output=True, text=True, timeout=120)
@@ -207,12 +208,12 @@ def test_print_config_round_trips_and_bad_configs_fail_in_one_line(cli_env, tmp_
     text = proc.stdout
     assert "limit = 2048" in text and 'crops = "base"' in text and "retentions = [0.1, 0.25, 0.5, 0.75]" in text
     (tmp_path / "run.toml").write_text(text)
-    cfg, user_set = load_config(tmp_path / "run.toml")
+    cfg, user_set = load_run_config(tmp_path / "run.toml")
     assert cfg == RunConfig() and "steps" not in user_set  # the tiny schedule still applies
     assert tomllib.loads(text)["eval"]["strategies"][3] == "selector"
     partial = tmp_path / "partial.toml"
     partial.write_text('[extract]\nimages = "synthetic:scenes"\n[train.selector]\nsteps = 50\n')
-    cfg, user_set = load_config(partial)
+    cfg, user_set = load_run_config(partial)
     assert cfg.extract.images == "synthetic:scenes" and cfg.extract.limit == 2048 and cfg.extract.crops == "base"
     assert cfg.train.selector.steps == 50 and user_set == ["steps"]
     (tmp_path / "typo.toml").write_text("[eval]\nretentons = [0.25]\n")
@@ -229,10 +230,12 @@ def test_print_config_round_trips_and_bad_configs_fail_in_one_line(cli_env, tmp_
 
 
 def test_cli_stage_names_match_the_flow():
-    from flows.run import STAGES
-    from flows.run_cmd import STAGES as CLI_STAGES
+    from flows.cli import build_parser
+    from flows.stages import STAGES
 
-    assert CLI_STAGES == STAGES == tuple(STAGE_ORDER)
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    choices = next(a.choices for a in run._actions if a.dest == "from_stage")
+    assert tuple(choices) == STAGES == tuple(STAGE_ORDER)
 
 
 def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_path):

@@ -67,18 +67,18 @@ def test_dropped_tokens_become_the_shared_mask_embedding_and_positions_tell_them
     assert not torch.allclose(ra[0, 0], ra[0, 1])  # but positions differ
 
 
-def test_keep_indices_are_batched_top_k_in_raster_order():
+def test_kept_indices_are_batched_top_k_in_raster_order():
     model = _model()
     x = torch.randn(6, L, C)
     logits = model.keep_logits(x)
     for r in (0.1, 0.25, 0.5, 1.0):
-        idx = model.keep_indices(x, r)
+        idx = model.kept_indices(x, r)
         k = keep_count(r, L)
         assert idx.shape == (6, k) and k == max(1, round(r * L))
         assert (idx[:, 1:] > idx[:, :-1]).all()
         for i in range(6):
             assert set(idx[i].tolist()) == set(logits[i].topk(k).indices.tolist())
-        torch.testing.assert_close(model.keep_indices(x[2:3], r), idx[2:3])  # batch-independent
+        torch.testing.assert_close(model.kept_indices(x[2:3], r), idx[2:3])  # batch-independent
 
 
 def test_feature_shape_mismatch_is_refused():

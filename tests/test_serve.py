@@ -9,7 +9,8 @@ import pytest
 
 @pytest.fixture
 def deployment(tmp_path):
-    from flows.run import RunConfig, build_deployment
+    from flows.orchestration.flows import build_deployment
+    from pipeline.run_config import RunConfig
     from storage.home import Home
 
     home = Home.resolve(tmp_path / "home").ensure()
@@ -27,7 +28,7 @@ def test_deployment_has_the_cron_schedule_and_the_run_parameters(deployment):
     assert d.parameters["config"] == cfg.to_dict()
     assert d.parameters["config"]["extract"]["limit"] == 64 and d.parameters["user_set"] == ["steps"]
     assert d.parameters["from_stage"] is None
-    assert d.entrypoint.endswith("run.py:run_flow") or d.entrypoint == "flows.run:run_flow"
+    assert d.entrypoint.endswith("flows.py:run_flow") or d.entrypoint == "flows.orchestration.flows:run_flow"
 
 
 def test_deployment_registers_on_a_prefect_server_and_reads_back(prefect_api_url, deployment):

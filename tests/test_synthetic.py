@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (BENCHMARKS, CELL, COLOURS, GLYPHS, SIZES, chance_accuracy, generate, split_of)
+from pipeline.synthetic import (BENCHMARKS, CELL, COLOURS, GLYPHS, SIZES, chance_accuracy, generate_samples, split_of)
 
 
 def _digest(sample) -> str:
@@ -18,19 +18,19 @@ def _digest(sample) -> str:
 
 @pytest.mark.parametrize("bench", BENCHMARKS)
 def test_generation_is_deterministic_and_seeded(bench):
-    a = generate(bench, "test", 40)
-    b = generate(bench, "test", 40)
+    a = generate_samples(bench, "test", 40)
+    b = generate_samples(bench, "test", 40)
     assert [s.question_id for s in a] == [s.question_id for s in b]
     assert [(s.answer, s.content_key, _digest(s)) for s in a] == [(s.answer, s.content_key, _digest(s)) for s in b]
     # a prefix is stable: asking for fewer gives the first ones
-    assert [s.content_key for s in generate(bench, "test", 10)] == [s.content_key for s in a[:10]]
-    other = generate(bench, "test", 40, seed=1)
+    assert [s.content_key for s in generate_samples(bench, "test", 10)] == [s.content_key for s in a[:10]]
+    other = generate_samples(bench, "test", 40, seed=1)
     assert len({s.content_key for s in other} & {s.content_key for s in a}) < 10
 
 
 @pytest.mark.parametrize("bench", BENCHMARKS)
 def test_splits_are_disjoint_by_content_and_pixels(bench):
-    splits = {split: generate(bench, split, n) for split, n in (("train", 1500), ("val", 200), ("test", 300))}
+    splits = {split: generate_samples(bench, split, n) for split, n in (("train", 1500), ("val", 200), ("test", 300))}
     for split, samples in splits.items():
         assert len(samples) == {"train": 1500, "val": 200, "test": 300}[split]
         assert all(split_of(f"{bench}:{s.content_key}") == split for s in samples)
@@ -43,7 +43,7 @@ def test_splits_are_disjoint_by_content_and_pixels(bench):
 
 
 def test_ocr_glyphs_sit_in_one_cell_each_and_spell_the_answer():
-    for s in generate("synthetic-ocr", "val", 200):
+    for s in generate_samples("synthetic-ocr", "val", 200):
         w, h = s.image.size
         assert (h, w) in SIZES
         assert 1 <= len(s.answer) <= 3 and set(s.answer) <= set(GLYPHS)
@@ -62,7 +62,7 @@ def test_ocr_glyphs_sit_in_one_cell_each_and_spell_the_answer():
 def test_scene_answer_is_the_dominant_colour():
     names = list(COLOURS)
     ref = np.asarray([COLOURS[n] for n in names], dtype=float)
-    for s in generate("synthetic-scene", "val", 100):
+    for s in generate_samples("synthetic-scene", "val", 100):
         px = np.asarray(s.image, dtype=float).reshape(-1, 3)
         dist = np.linalg.norm(px[:, None, :] - ref[None], axis=-1)
         near = dist.min(axis=1) < 40
@@ -75,15 +75,15 @@ def test_chance_and_bad_arguments():
     assert chance_accuracy("synthetic-scene") == pytest.approx(1 / 8)
     assert chance_accuracy("synthetic-ocr") < 0.02
     with pytest.raises(ValueError, match="synthetic-ocr, synthetic-scene"):
-        generate("synthetic-docs", "test", 1)
+        generate_samples("synthetic-docs", "test", 1)
     with pytest.raises(ValueError, match="train, val, test"):
-        generate("synthetic-ocr", "dev", 1)
+        generate_samples("synthetic-ocr", "dev", 1)
 
 
 def test_parquet_stage_writes_the_lmms_lab_layout(session_home):
     import pyarrow.parquet as pq
 
-    from flows.stages import synthetic_benchmark
+    from flows.stages.benchmark import synthetic_benchmark
     from storage.benchmarks import read_parquet
 
     path = synthetic_benchmark(session_home, "synthetic-ocr", "test", 25)
@@ -92,7 +92,7 @@ def test_parquet_stage_writes_the_lmms_lab_layout(session_home):
     assert schema.names == ["question_id", "question", "answers", "answer", "image"]
     assert str(schema.field("image").type) == "struct<bytes: binary, path: string>"
     rows = read_parquet(path, required=["question_id", "question", "answers", "image"])
-    samples = generate("synthetic-ocr", "test", 25)
+    samples = generate_samples("synthetic-ocr", "test", 25)
     assert [r["question_id"] for r in rows] == [s.question_id for s in samples]
     assert [r["answers"] for r in rows] == [[s.answer] for s in samples]
     for r, s in zip(rows, samples):

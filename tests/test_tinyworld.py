@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.synthetic import CELL, chance_accuracy, generate
+from pipeline.synthetic import CELL, chance_accuracy, generate_samples
 from pipeline.tinyworld import PROMPT, TinyWorldConfig, glyph_targets, quality
 
 SHORT = TinyWorldConfig(train_ocr=300, train_scene=600, tower_steps=100, tower_batch=64, steps=300,
@@ -27,7 +27,7 @@ def test_prompt_is_the_processor_chat_template(trained_model):
 def test_glyph_targets_label_the_glyph_token_of_each_grid_crop():
     from pipeline.extract import crop_layout
 
-    s = next(x for x in generate("synthetic-ocr", "val", 50) if x.image.size == (128, 128) and len(x.answer) == 1)
+    s = next(x for x in generate_samples("synthetic-ocr", "val", 50) if x.image.size == (128, 128) and len(x.answer) == 1)
     layout = crop_layout(128, 128, 64, ((64, 128), (128, 64), (128, 128)))
     t = glyph_targets(layout.boxes, 4, s.glyph_boxes)
     assert t.shape == (5, 16)
@@ -51,7 +51,7 @@ def test_config_refuses_bad_values():
 
 def test_shortened_training_through_the_stage_beats_no_image(session_home):
     """The real prepare-model stage trains a short tiny-trained; it reads colours far above no-image."""
-    from flows.stages import prepare_model
+    from flows.stages.prepare_model import prepare_model
     from pipeline.presets import load_model
 
     result = prepare_model(session_home, "tiny-trained", tiny_world=SHORT.to_dict())
@@ -68,14 +68,14 @@ def test_shortened_training_through_the_stage_beats_no_image(session_home):
     assert card["synthetic-scene", "none"]["mean_visual_tokens"] == 0
     # saved with save_pretrained, read back with from_pretrained: the same answers
     model, processor = load_model(result.model_dir)
-    test = generate("synthetic-scene", "test", 60)
+    test = generate_samples("synthetic-scene", "test", 60)
     assert quality(model, processor, test, "full")["accuracy"] == pytest.approx(scene_full)
     again = prepare_model(session_home, "tiny-trained", tiny_world=SHORT.to_dict())
     assert again.cached and again.path == result.path
 
 
 def test_shipped_checkpoint_is_used_and_within_limits(trained_stage):
-    from flows.stages import SHIPPED_LIMIT_BYTES, shipped_model_dir
+    from flows.stages.prepare_model import SHIPPED_LIMIT_BYTES, shipped_model_dir
 
     m = trained_stage.manifest
     assert m["source"] == "shipped"
@@ -99,8 +99,8 @@ def test_shipped_checkpoint_is_used_and_within_limits(trained_stage):
 def test_shipped_model_reads_test_questions(trained_model):
     """Measured now, not read from the card: 100 test questions per benchmark."""
     model, processor = trained_model
-    ocr = generate("synthetic-ocr", "test", 100)
-    scene = generate("synthetic-scene", "test", 100)
+    ocr = generate_samples("synthetic-ocr", "test", 100)
+    scene = generate_samples("synthetic-scene", "test", 100)
     assert quality(model, processor, ocr, "full")["accuracy"] >= 0.8
     assert quality(model, processor, scene, "full")["accuracy"] >= 0.9
     assert quality(model, processor, ocr, "none")["accuracy"] <= chance_accuracy("synthetic-ocr") + 0.10
@@ -122,7 +122,7 @@ def test_ask_answers_through_hf_generate(trained_model):
     from pipeline.tinyworld import ask
 
     model, processor = trained_model
-    samples = generate("synthetic-ocr", "test", 12) + generate("synthetic-scene", "test", 12)
+    samples = generate_samples("synthetic-ocr", "test", 12) + generate_samples("synthetic-scene", "test", 12)
     answers = ask(model, processor, [s.image for s in samples], [s.question for s in samples])
     assert sum(a == s.answer for a, s in zip(answers, samples)) >= 20
     one = ask(model, processor, [samples[0].image], [samples[0].question])
@@ -134,7 +134,7 @@ def test_full_training_reaches_the_issue_figures(tmp_path):
     """Trains tiny-trained from scratch with the default config (about 7 minutes on 2 CPUs)."""
     import time
 
-    from flows.stages import prepare_model
+    from flows.stages.prepare_model import prepare_model
     from storage.home import Home
 
     home = Home.resolve(tmp_path / "home").ensure()

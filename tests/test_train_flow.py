@@ -27,7 +27,7 @@ SHORT = SelectorConfig(retention=0.25, steps=200, batch_size=32, lr=1e-3, warmup
 
 @pytest.fixture(scope="module")
 def features(prefect_api_url, tmp_path_factory):
-    from flows.extract import extract_flow
+    from flows.orchestration.flows import extract_flow
 
     home = Home.resolve(tmp_path_factory.mktemp("train-home"))
     out = extract_flow(str(home.root), "tiny", ExtractConfig(images="synthetic:docs", limit=320, crops="base",
@@ -37,7 +37,7 @@ def features(prefect_api_url, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(features):
-    from flows.train import train_flow
+    from flows.orchestration.flows import train_flow
 
     home, key = features
     cfg = TrainConfig(selector=SHORT, held_out_percent=20, checkpoint_every=50)
@@ -95,7 +95,7 @@ def test_records_in_duckdb_and_mlflow(trained):
 
 
 def test_identical_train_is_a_cache_hit(trained):
-    from flows.train import train_flow
+    from flows.orchestration.flows import train_flow
 
     home, key, cfg, first = trained
     again = train_flow(str(home.root), cfg.to_dict(), features=key,
@@ -165,7 +165,7 @@ def test_bad_training_input_fails_in_one_line(features, cli_env):
 def test_default_training_reaches_the_issue_figures(prefect_api_url, tmp_path):
     """`atr train --retention 0.25` defaults on the tiny preset: selector MSE <= 0.6 x random and
     glyph coverage >= 2 x random at 0.25 on held-out crops, training in about 2 minutes."""
-    from flows.train import train_flow
+    from flows.orchestration.flows import train_flow
 
     extract = ExtractConfig(images="synthetic:docs", limit=2048, crops="base").to_dict()
     out = train_flow(str(tmp_path / "home"), TrainConfig().to_dict(), model="tiny", extract=extract)
@@ -194,20 +194,13 @@ def test_empty_feature_stage_is_refused_and_leaves_nothing(tmp_path, cli_env):
 
 
 def test_tiny_schedule_applies_to_both_tiny_presets_only():
-    from pathlib import Path
-
-    from flows.stages import StageResult
-    from flows.train import TINY_SCHEDULE, apply_tiny_schedule
-    from pipeline.train import TrainConfig
+    from pipeline.train import TINY_SCHEDULE, TrainConfig, tiny_schedule
 
     cfg = TrainConfig()
-
-    def feats(model):
-        return StageResult("extract", "k", Path("."), True, 0.0, {"model": model})
-
     for model in ("tiny", "tiny-trained"):
-        short = apply_tiny_schedule(cfg, feats(model), set())
+        short = tiny_schedule(cfg, model, set())
         assert (short.selector.steps, short.selector.batch_size, short.selector.lr) == \
             (TINY_SCHEDULE["steps"], TINY_SCHEDULE["batch_size"], TINY_SCHEDULE["lr"])
-        assert apply_tiny_schedule(cfg, feats(model), {"steps"}).selector.steps == cfg.selector.steps
-    assert apply_tiny_schedule(cfg, feats("llava-hf/llava-v1.6-mistral-7b-hf"), set()) == cfg
+        assert tiny_schedule(cfg, model, {"steps"}).selector.steps == cfg.selector.steps
+    assert tiny_schedule(cfg, "llava-hf/llava-v1.6-mistral-7b-hf", set()) == cfg
+    assert tiny_schedule(cfg, None, set()) == cfg  # features from another home: the model is unknown

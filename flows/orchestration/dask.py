@@ -7,12 +7,12 @@ With ``--dask-address tcp://HOST:PORT`` (an existing cluster) or
 flow runs under prefect-dask's ``DaskTaskRunner`` and extraction shards and
 evaluation chunks are submitted as futures, so each worker takes one shard or
 chunk at a time. Tasks receive only paths, hashes and plain configs; each worker
-process loads the model once (``flows.stages.cached_model``).
+process loads the model once (``pipeline.presets.cached_model``).
 
 Local workers get ``flows.runtime.WORKER_ENV`` (one torch thread,
 ``OMP_WAIT_POLICY=PASSIVE``): several spinning OpenMP pools on shared cores
 were measured 15-100x slower. Workers of an existing cluster must be started
-with the same environment (see README, "Scale-out with Dask").
+with the same environment (see docs/orchestration.md, "Scale-out with Dask").
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import os
 from typing import Any, Callable, Iterable
 
 from pipeline.config import ConfigError
+
+from ..stages import serial
 
 
 def task_runner(dask_address: str | None = None, dask_workers: int | None = None):
@@ -35,7 +37,7 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
         raise ConfigError(f"--dask-address must look like tcp://HOST:PORT, got {dask_address!r}")
     from prefect_dask import DaskTaskRunner
 
-    from .runtime import WORKER_ENV
+    from ..runtime import WORKER_ENV
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
@@ -61,17 +63,12 @@ def map_tasks(task, calls: Iterable[dict[str, Any]], on_done: Callable[[int, Any
 
     In-process one after another; under a DaskTaskRunner all are submitted at once
     and ``on_done(index, result)`` fires as each finishes. Prefect's result store is
-    written, never read (``refresh_cache=True``; see flows/extract.py): the stage
-    directories are the cache, and a finished stage or shard returns at once."""
+    written, never read (``refresh_cache=True``; see ``flows.orchestration.tasks``): the
+    stage directories are the cache, and a finished stage or shard returns at once."""
     calls = list(calls)
     task = task.with_options(refresh_cache=True)
     if not distributed():
-        out = []
-        for i, kwargs in enumerate(calls):
-            out.append(task(**kwargs))
-            if on_done:
-                on_done(i, out[-1])
-        return out
+        return serial(task, calls, (), on_done)
     from prefect.futures import as_completed
 
     futures = [task.submit(**kwargs) for kwargs in calls]

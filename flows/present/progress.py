@@ -38,6 +38,17 @@ def enable(flag: bool) -> None:
 
 
 @contextmanager
+def disabled() -> Iterator[None]:
+    """No bars inside (timed work must not draw)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+@contextmanager
 def bar(description: str, total: int | None, unit: str = "images") -> Iterator["Bar"]:
     """A progress bar on stderr when it is a terminal or ATR_PROGRESS=1; otherwise a no-op."""
     global _active
@@ -85,7 +96,7 @@ def phases(unit: str = "steps") -> Iterator:
         yield update
 
 
-def describe(text: str) -> None:
+def set_description(text: str) -> None:
     """Replace the description of the bar this process has open, if any (e.g. the loss)."""
     if _bar is not None and _bar.progress is not None:
         _bar.progress.update(_bar.task, description=text)

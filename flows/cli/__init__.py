@@ -1,0 +1,129 @@
+"""The ``atr`` command line: one module per command, this one builds the parser and runs it.
+
+Every subcommand takes ``--home DIR`` (or ``$ATR_HOME``, default ``./.atr``).
+Errors a user can cause (``pipeline.errors.UserError``) end in one
+``error: ...`` line and exit code 2. Anything else is a bug in atr: its
+traceback is printed with a one-line request to report it, exit code 1.
+``--verbose`` shows the traceback of user errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from typing import Sequence
+
+from pipeline.errors import UserError
+
+from .ask import ask_parser, cmd_ask
+from .bench import bench_parser, cmd_bench
+from .benchmark import benchmark_parser, cmd_benchmark
+from .clean import clean_parser, cmd_clean
+from .eval import cmd_eval, eval_parser
+from .extract import cmd_extract, extract_parser
+from .mask import cmd_mask, mask_parser
+from .prepare_model import cmd_prepare_model, prepare_model_parser
+from .query import cmd_query, query_parser
+from .run import cmd_run, run_parser
+from .serve import cmd_serve, serve_parser
+from .train import cmd_train, train_parser
+
+DESCRIPTION = """\
+Adaptive visual-token reduction for LLaVA-NeXT (arXiv 2503.16660), as a pipeline.
+
+Stages write content-hashed directories under $ATR_HOME/stages/, so running the
+same command twice reuses the first result (a cache hit does no model work).
+Every run is recorded in $ATR_HOME/results.duckdb (query it with `atr query`)
+and in MLflow ($MLFLOW_TRACKING_URI, default sqlite:///$ATR_HOME/mlflow.db).
+"""
+
+EPILOG = """\
+examples:
+  atr prepare-model                      # tiny-trained: the shipped checkpoint, or trained here (~8 min)
+  atr ask --image card.png --question "What is written in the image?"
+  atr benchmark synthetic-ocr --split test -n 300 --out ocr-test.parquet
+  atr extract --model tiny --images synthetic:docs --limit 256
+  atr extract --model llava-hf/llava-v1.6-mistral-7b-hf --images /data/coco/train2017 --limit 100000 --crops base
+  atr query "SELECT stage, cached, round(seconds, 2) AS s FROM stage_runs ORDER BY started_at DESC LIMIT 5"
+"""
+
+BUG_HINT = ("atr: this is a bug in atr, not a mistake in your input. Please report it with the traceback above "
+            "and the command you ran.")
+
+# (parser builder, handler) per command, in the order `atr --help` lists them.
+COMMANDS = {
+    "prepare-model": (prepare_model_parser, cmd_prepare_model),
+    "ask": (ask_parser, cmd_ask),
+    "benchmark": (benchmark_parser, cmd_benchmark),
+    "extract": (extract_parser, cmd_extract),
+    "train": (train_parser, cmd_train),
+    "eval": (eval_parser, cmd_eval),
+    "mask": (mask_parser, cmd_mask),
+    "run": (run_parser, cmd_run),
+    "serve": (serve_parser, cmd_serve),
+    "bench": (bench_parser, cmd_bench),
+    "query": (query_parser, cmd_query),
+    "clean": (clean_parser, cmd_clean),
+}
+NO_RUNTIME = ("query", "clean")  # commands that load neither Prefect nor torch
+FLOW_COMMANDS = ("prepare-model", "extract", "train", "eval", "run")  # commands that run a Prefect flow
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Options valid before and after the subcommand. SUPPRESS keeps a subparser's
+    # unset option from overwriting a value given before the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", metavar="DIR", default=argparse.SUPPRESS,
+                        help="pipeline home holding stages, results.duckdb, mlflow.db "
+                             "(default: $ATR_HOME or ./.atr)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show Prefect logs and full tracebacks")
+
+    parser = argparse.ArgumentParser(prog="atr", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add_parser, _ in COMMANDS.values():
+        add_parser(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.home = getattr(args, "home", None)
+    args.verbose = getattr(args, "verbose", False)
+    from storage.home import Home
+
+    home = Home.resolve(args.home)
+    try:
+        if args.command not in NO_RUNTIME:
+            from .. import runtime
+
+            runtime.configure(home, verbose=args.verbose)
+        rc = COMMANDS[args.command][1](home, args)
+        if args.command in FLOW_COMMANDS:
+            from ..orchestration.flows import settle_local_server
+
+            settle_local_server()
+        return rc
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except UserError as exc:  # the one place user errors become one line
+        if args.verbose:
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - a bug: keep the traceback, say so
+        traceback.print_exc()
+        print(BUG_HINT, file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The message printed after ``error:``."""
+    from pipeline.config import first_line
+
+    return first_line(exc)
+

@@ -1,0 +1,84 @@
+"""``atr bench``: prefill speed-up full vs pruned against the FLOPs limit, selector overhead,
+extraction throughput, the cache and memory (see ``flows.stages.bench``)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.config import ConfigError
+
+from .common import MODEL_HELP, add_command, add_retentions_option, parse_retentions
+
+DEFAULT_RETENTIONS = "0.5,0.25,0.11"
+
+
+def bench_parser(sub, common) -> None:
+    p = add_command(
+        sub, common, "bench",
+        help="speed benchmarks: prefill speed-up vs the FLOPs limit, selector, extraction",
+        description="Measure, in one process, the prefill time of the full vs the pruned prompt at each retention "
+                    "(medians of interleaved rounds A B A B after warm-up) against the ideal speed-up of the FLOPs "
+                    "model (true FLOPs, causal attention; FastV's and the full-square conventions beside it), the "
+                    "selector + top-k time as a share of the full prefill against its FLOPs share, extraction "
+                    "images/s through the extract stage (shards included) against the bare vision tower, cold vs "
+                    "cached extract stage, peak memory and KV-cache bytes. The machine load from other processes "
+                    "is sampled during the run; a warning says when it makes the ratios untrustworthy. Rows go to "
+                    "bench_results, the speed-up plot to $ATR_HOME/reports/bench-<run_id>/ and MLflow.",
+        epilog="examples:\n  atr bench\n  atr bench --retentions 0.5,0.25,0.11 --repeats 7\n"
+               "  atr bench --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
+               "  atr query \"SELECT name, retention, measured_speedup, ideal_speedup, value, unit FROM "
+               "bench_results ORDER BY name\"")
+    p.add_argument("--model", default="bench",
+                   help=MODEL_HELP + " (default: bench, a random-init LLaVA-NeXT with the real token counts: "
+                                     "336-px crops of 14-px patches, 576 tokens per crop, up to 5 crops)")
+    add_retentions_option(p, DEFAULT_RETENTIONS,
+                          help=f"comma-separated fractions of encoder tokens kept per crop, each in (0, 1]; the "
+                               f"full prompt (1) is always measured (default: {DEFAULT_RETENTIONS})")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds per measurement; medians are reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default: 1)")
+    p.add_argument("--extract-images", type=int, default=32,
+                   help="synthetic:docs images per extract-stage run (default: 32; 0 skips extraction)")
+    p.add_argument("--extract-repeats", type=int, default=5,
+                   help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 5)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per vision-tower batch in extraction (default: 8)")
+    p.add_argument("--shard-size", type=int, default=16, help="samples per shard in extraction (default: 16)")
+    p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: one per core, as every atr command; ATR_TORCH_THREADS also sets it)")
+    p.add_argument("--load-threshold", type=float, default=0.2,
+                   help="mean CPU cores used by other processes above which the run is flagged untrustworthy "
+                        "(default: 0.2)")
+
+
+def check_args(args) -> dict[str, Any]:
+    """The validated options as a config dict (ConfigError names the bad option)."""
+    retentions = list(parse_retentions(args.retentions))
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.extract_images < 0:
+        raise ConfigError(f"--extract-images must be >= 0, got {args.extract_images}")
+    if args.extract_repeats < 1:
+        raise ConfigError(f"--extract-repeats must be >= 1, got {args.extract_repeats}")
+    if args.batch_size < 1 or args.shard_size < 1:
+        raise ConfigError("--batch-size and --shard-size must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if not args.load_threshold > 0:
+        raise ConfigError(f"--load-threshold must be positive, got {args.load_threshold}")
+    return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
+            "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
+            "batch_size": args.batch_size, "shard_size": args.shard_size,
+            "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads}
+
+
+def cmd_bench(home, args) -> int:
+    from ..orchestration.flows import bench_run
+    from ..present.tables import print_bench
+
+    print_bench(bench_run(home, check_args(args)))
+    return 0

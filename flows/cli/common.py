@@ -1,0 +1,100 @@
+"""What every ``atr`` command shares: the model help text, the retention parser, Dask options,
+preflight checks and the console.
+
+Importing this module loads neither Prefect nor torch: the CLI sets PREFECT_HOME
+and thread counts (``flows.runtime``) before either loads.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Any
+
+from pipeline.config import ConfigError
+
+MODEL_HELP = ("model: a preset (tiny-trained: trained in-project and able to read; tiny: random weights, for "
+              "fast tests), a local directory saved with save_pretrained, or a Hugging Face id "
+              "such as llava-hf/llava-v1.6-mistral-7b-hf (must be in the local HF cache when offline)")
+
+
+def add_command(sub, common, name: str, help: str, description: str, epilog: str | None = None):
+    """A subcommand's parser: the shared options, the one-line ``help`` shown by ``atr --help``, the
+    description wrapped at 80 columns, and the epilog (examples) printed as written."""
+    import argparse
+
+    return sub.add_parser(name, parents=[common], help=help, description=wrap(description), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def wrap(text: str) -> str:
+    """A --help description wrapped at 80 columns (for RawDescriptionHelpFormatter parsers)."""
+    return textwrap.fill(text, width=80)
+
+
+def parse_retentions(text: str, single: bool = False) -> tuple[float, ...]:
+    """``--retentions`` (comma-separated fractions of tokens kept, each in (0, 1], no repeats).
+
+    ``single``: exactly one value (``atr mask``). Every bad value ends in one ConfigError line."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            r = float(part)
+        except ValueError:
+            raise ConfigError(f"--retentions: {part!r} is not a number (give fractions like 0.1,0.25)") from None
+        if math.isnan(r) or not 0.0 < r <= 1.0:
+            raise ConfigError(f"--retentions: retention must be in (0, 1], got {part}")
+        values.append(r)
+    if not values:
+        raise ConfigError("--retentions: give at least one retention, e.g. 0.25")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"--retentions: duplicate retention in {text!r}")
+    if single and len(values) != 1:
+        raise ConfigError(f"--retentions: give one retention here, got {text!r}")
+    return tuple(values)
+
+
+def add_retentions_option(p, default: str | None, help: str, alias: bool = False) -> None:
+    """``--retentions`` (and, where it existed before, its alias ``--retention``)."""
+    names = ("--retentions", "--retention") if alias else ("--retentions",)
+    kwargs: dict[str, Any] = {"dest": "retentions", "metavar": "R[,R...]", "help": help}
+    if default is None:
+        kwargs["required"] = True
+    else:
+        kwargs["default"] = default
+    p.add_argument(*names, **kwargs)
+
+
+def add_dask_options(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--dask-address", metavar="ADDR", default=None,
+                   help="map extraction shards and eval chunks over an existing Dask cluster (tcp://HOST:PORT; "
+                        "start its workers with OMP_WAIT_POLICY=PASSIVE and one thread per process)")
+    g.add_argument("--dask-workers", metavar="N", type=int, default=None,
+                   help="... or over a local Dask cluster of N single-threaded worker processes")
+
+
+def on_dask(flow, args):
+    """``flow`` on a DaskTaskRunner when --dask-address / --dask-workers was given."""
+    from ..orchestration.dask import task_runner
+
+    runner = task_runner(args.dask_address, args.dask_workers)
+    return flow if runner is None else flow.with_options(task_runner=runner)
+
+
+def preflight(model: str, images: str | None = None, seed: int = 0, tiny_world: dict | None = None) -> None:
+    """Check user inputs before any flow starts, so mistakes end in one line, not a flow failure."""
+    from ..stages.prepare_model import model_spec
+
+    model_spec(model, tiny_world)
+    if images is not None:
+        from pipeline.images import open_source
+
+        open_source(images, seed=seed)
+
+
+__all__ = ["MODEL_HELP", "add_command", "wrap", "parse_retentions", "add_retentions_option", "add_dask_options",
+           "on_dask", "preflight"]

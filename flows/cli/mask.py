@@ -1,0 +1,133 @@
+"""``atr mask``: draw the tokens a trained selector keeps over one image (the paper's Fig. 1).
+
+One row per AnyRes crop (row 0 = the base crop, i.e. the whole image; then the
+grid crops in raster order), two columns: the selector's top-k tokens and a
+random-k baseline. Dropped tokens are dimmed, kept tokens outlined. ``--json``
+prints the selector's kept token indices per crop instead of (or as well as)
+writing the PNG.
+
+Read-only inspection: no Prefect flow, nothing recorded. The only thing it may
+build is the model itself (``prepare_model``, a cache hit once prepared).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError
+from pipeline.errors import MissingFile
+
+from .common import MODEL_HELP, add_command, add_retentions_option, parse_retentions
+
+DEFAULT_OUT = "mask.png"
+
+
+def mask_parser(sub, common) -> None:
+    """Register ``atr mask`` on the subparsers object ``sub``."""
+    p = add_command(
+        sub, common, "mask",
+        help="draw the tokens a trained selector keeps over one image (vs random)",
+        description="Run the model's vision tower on one image (every AnyRes crop), apply a trained token "
+                    "selector at --retentions R and draw, per crop, the kept tokens (outlined) and the dropped "
+                    "ones (dimmed) next to a random selection of the same size, like Fig. 1 of the paper. "
+                    "Row 0 is the base crop (the whole image); the grid crops follow in raster order, with "
+                    "any padding drawn black. Read-only apart from preparing --model if it is not yet prepared: no "
+                    "flow runs and nothing is recorded in the results store.",
+        epilog="examples:\n"
+               "  atr mask --selector 3f2a --image photo.jpg --retentions 0.25\n"
+               "  atr mask --selector .atr/stages/train/3f2a.../selector-p0.25.safetensors --image doc.png "
+               "--retentions 0.1 --out doc-mask.png\n"
+               "  atr mask --selector 3f2a --image doc.png --retentions 0.25 --json | jq '.crops[0].kept'")
+    p.add_argument("--selector", required=True, metavar="CKPT_OR_STAGE",
+                   help="a selector checkpoint (.safetensors with its .json beside it), or a train stage: its "
+                        "directory or its hash (or a unique prefix) under $ATR_HOME/stages/train; from a stage "
+                        "the selector trained at the retention nearest to --retentions is used")
+    p.add_argument("--model", default="tiny-trained",
+                   help=MODEL_HELP + " (must be the model the selector was trained on; default: tiny-trained)")
+    p.add_argument("--image", required=True, metavar="PATH", help="the image file to draw on (jpg/png/webp)")
+    add_retentions_option(p, None, alias=True,
+                          help="one fraction of tokens to keep per crop, in (0, 1]; k = round(R * tokens per crop) "
+                               "(--retention is the same option)")
+    p.add_argument("--out", default=None, metavar="PNG",
+                   help=f"where to write the overlay PNG (default: ./{DEFAULT_OUT}, or none when only --json "
+                        "is given)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"crops": [{"box": [x0, y0, x1, y1], "grid": [rows, cols], "kept": [...]}, ...], '
+                        '"random": [...], "retention": R, "k": k} to stdout and nothing else: one entry per crop, '
+                        "box in original-image pixels, grid = the crop's token grid, kept = the selector's sorted "
+                        "token indices (raster order; random: the baseline's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline column (default: 0)")
+
+
+def load_image(path: str):
+    """RGB PIL image, strict decoding (BadImage / MissingFile, one line)."""
+    from pipeline.images import decode_image
+
+    if not Path(path).expanduser().is_file():
+        raise MissingFile(f"{path}: no such image file")
+    return decode_image(Path(path).expanduser())
+
+
+def check_out(out: Path) -> None:
+    """Fail before any model work if the PNG cannot be written there."""
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise MissingFile(f"--out {out}: directory {parent} does not exist")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a .png file name")
+
+
+def mask_tokens(home, selector_ref: str, model: str, image, retention: float, seed: int) -> dict:
+    """Everything the outputs need: layout, kept indices (selector and random), counts, the checkpoint."""
+    from pipeline.masks import encoder_shape, kept_tokens
+    from pipeline.presets import load_model
+    from pipeline.train import selector_from_checkpoint
+    from storage.selectors import load_selector, resolve_selector
+
+    from ..stages.prepare_model import prepare_model
+
+    ckpt = resolve_selector(home, selector_ref, retention)
+    model_stage = prepare_model(home, model)
+    llava, processor = load_model(model_stage.model_dir)
+    tokens, channels = encoder_shape(llava, processor)
+    loaded = load_selector(ckpt, selector_from_checkpoint, expect_channels=channels, expect_tokens=tokens)
+    warnings = []
+    trained_on = (loaded.meta.get("encoder") or {}).get("model_key")
+    if trained_on and trained_on != model_stage.key:
+        warnings.append(f"selector was trained on features of model stage {trained_on}, not {model_stage.key} "
+                        f"({model}); the selection may be meaningless")
+    res = kept_tokens(llava, processor, loaded.selector, image, retention, seed)
+    return {**res, "checkpoint": ckpt, "trained_retention": loaded.meta.get("retention", loaded.selector.cfg.retention),
+            "warnings": warnings}
+
+
+def cmd_mask(home, args) -> int:
+    from pipeline.masks import mask_json
+
+    from ..present.plots import draw_mask
+
+    retention = parse_retentions(args.retentions, single=True)[0]
+    want_json = bool(getattr(args, "json", False))
+    out = getattr(args, "out", None)
+    out = Path(out).expanduser() if out else (None if want_json else Path(DEFAULT_OUT))
+    if out is not None:
+        check_out(out)
+    seed = int(getattr(args, "seed", 0) or 0)
+    image = load_image(args.image)
+    res = mask_tokens(home, args.selector, getattr(args, "model", "tiny") or "tiny", image, retention, seed)
+    for w in res["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    if out is not None:
+        draw_mask(res, image, retention, seed, out, Path(args.image).name)
+        kept_sel = sum(len(r) for r in res["selector"])
+        total = len(res["boxes"]) * res["tokens"]
+        line = (f"mask: wrote {out} ({len(res['boxes'])} crops, {res['k']}/{res['tokens']} tokens kept per crop, "
+                f"{kept_sel}/{total} in all; selector {res['checkpoint']} trained at p={res['trained_retention']:g} "
+                f"vs random seed {seed})")
+        print(line, file=sys.stderr if want_json else sys.stdout)
+    if want_json:
+        sys.stdout.write(json.dumps(mask_json(res, retention)) + "\n")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,201 @@
+"""PNG plots for reports and MLflow (matplotlib, headless): held-out selector metrics, pruned
+evaluation (the paper's Figs. 4-7), the bench speed-ups, and ``atr mask``'s overlay (Fig. 1).
+
+Every PNG is written to a temporary name and renamed, so a crash never leaves half a picture."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "uniform-grid": ("tab:blue", "^")}
+
+
+def plot_selector_metrics(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Reconstruction MSE and glyph coverage vs retention, one line per strategy."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    strategies = sorted({r["strategy"] for r in rows}, key=lambda s: list(STYLE).index(s) if s in STYLE else 99)
+    for ax, metric, label in ((axes[0], "recon_mse", "reconstruction MSE (standardized)"),
+                              (axes[1], "glyph_coverage", "glyph coverage (fraction of glyph tokens kept)")):
+        for s in strategies:
+            pts = sorted((r["retention"], r[metric]) for r in rows if r["strategy"] == s and r[metric] == r[metric])
+            if pts:
+                color, marker = STYLE.get(s, (None, "x"))
+                ax.plot(*zip(*pts), marker=marker, color=color, label=s)
+        ax.set_xlabel("retention (fraction of tokens kept)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+EVAL_STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "attention": ("tab:purple", "^"),
+              "diversity": ("tab:orange", "D")}
+
+
+def _eval_axes(ax, rows: list[dict], benchmark: str) -> None:
+    mine = [r for r in rows if r["benchmark"] == benchmark]
+    metric = mine[0]["metric"] if mine else "score"
+    for name in EVAL_STYLE:
+        by_r: dict[float, list[float]] = {}
+        for r in mine:
+            if r["strategy"] == name:
+                by_r.setdefault(r["retention"], []).append(r["score"])
+        if by_r:
+            xs = sorted(by_r)
+            color, marker = EVAL_STYLE[name]
+            label = name + (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
+            ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label)
+    for name, color in (("full", "green"), ("none", "red")):
+        pts = [r["score"] for r in mine if r["strategy"] == name]
+        if pts:
+            ax.axhline(pts[0], color=color, linestyle="--", label="full image" if name == "full" else "no image")
+    ax.set_title(benchmark)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("retention (fraction of encoder tokens kept)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_eval(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Like the paper's Figs. 4-7: per benchmark, metric vs retention for each strategy with the
+    full-image (green dashed) and no-image (red dashed) levels; plus one grid of all benchmarks."""
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    paths = []
+    for b in benchmarks:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        _eval_axes(ax, rows, b)
+        paths.append(_save(fig, Path(out_dir) / f"eval-{b}.png"))
+    cols = min(3, len(benchmarks))
+    nrows = -(-len(benchmarks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False)
+    for ax, b in zip(axes.flat, benchmarks):
+        _eval_axes(ax, rows, b)
+    for ax in list(axes.flat)[len(benchmarks):]:
+        ax.axis("off")
+    paths.append(_save(fig, Path(out_dir) / "eval-grid.png"))
+    return paths
+
+
+def plot_speedups(prefill: dict, path: Path, title: str = "") -> Path:
+    """Measured prefill speed-up vs retention next to the ideal of each FLOPs convention."""
+    by_r = prefill["by_retention"]
+    rs = sorted(by_r)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.plot(rs, [by_r[r]["measured_speedup"] for r in rs], "o-", color="tab:red", lw=2, label="measured (median)")
+    styles = {"causal": ("tab:green", "ideal: true FLOPs, causal"), "square": ("tab:blue", "ideal: full n² square"),
+              "fastv": ("tab:gray", "ideal: FastV convention")}
+    for conv, (color, label) in styles.items():
+        ax.plot(rs, [by_r[r][f"ideal_{conv}"] for r in rs], "--", color=color, marker=".", label=label)
+    for r in rs:
+        if r != 1.0:
+            ax.annotate(f"{by_r[r]['measured_speedup'] / by_r[r]['ideal_causal']:.2f}", (r, by_r[r]["measured_speedup"]),
+                        textcoords="offset points", xytext=(6, 6), fontsize=8, color="tab:red")
+    ax.set_xlabel("retention (fraction of encoder tokens kept per crop)")
+    ax.set_ylabel("prefill speed-up over the full prompt (×)")
+    ax.set_xlim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- atr mask
+
+SELECTOR_EDGE = "#ff3b30"   # kept-token outline, selector column
+RANDOM_EDGE = "#00c7ff"     # kept-token outline, random column
+DIM_RGBA = (0.08, 0.08, 0.08, 0.72)  # overlay on dropped tokens
+
+
+def _crop_title(i: int, grid: tuple[int, int]) -> str:
+    if i == 0:
+        return "base crop (whole image)"
+    r, c = divmod(i - 1, grid[1])
+    return f"grid crop r{r} c{c}"
+
+
+def _draw_panel(ax, image, box, side: int, kept: list[int], cls_offset: int, edge: str) -> None:
+    import numpy as np
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    w, h = image.size
+    x0, y0, x1, y1 = box
+    ax.set_facecolor("black")  # padding outside the image
+    cx0, cy0 = max(0, math.floor(x0)), max(0, math.floor(y0))
+    cx1, cy1 = min(w, math.ceil(x1)), min(h, math.ceil(y1))
+    if cx1 > cx0 and cy1 > cy0:
+        part = image.crop((cx0, cy0, cx1, cy1))
+        if max(part.size) > 768:  # enough for a ~3 inch panel
+            part.thumbnail((768, 768))
+        ax.imshow(np.asarray(part), extent=(cx0, cx1, cy1, cy0), interpolation="nearest", zorder=0)
+    cells = [t - cls_offset for t in kept if t >= cls_offset]  # a CLS token (strategy "full") has no cell
+    keep_mask = np.zeros(side * side, dtype=bool)
+    keep_mask[cells] = True
+    overlay = np.zeros((side, side, 4))
+    overlay[~keep_mask.reshape(side, side)] = DIM_RGBA
+    ax.imshow(overlay, extent=(x0, x1, y1, y0), interpolation="nearest", zorder=1)
+    tw, th = (x1 - x0) / side, (y1 - y0) / side
+    rects = [Rectangle((x0 + (c % side) * tw, y0 + (c // side) * th), tw, th) for c in cells]
+    ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge,
+                                      linewidth=max(0.4, min(1.2, 24 / side)), zorder=2))
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    ax.set_aspect("auto")
+    ax.set_box_aspect(1)  # square panels: a crop is S x S pixels to the vision tower
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_mask(res: dict[str, Any], image, retention: float, seed: int, out: Path, image_name: str) -> Path:
+    """Write the two-column overlay PNG atomically (temp file + rename)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, side, k, tokens = len(res["boxes"]), res["side"], res["k"], res["tokens"]
+    panel = 3.0
+    fig = Figure(figsize=(2 * panel, n * (panel + 0.35) + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, 2, squeeze=False)
+    grid = res["layout"].grid
+    for i, box in enumerate(res["boxes"]):
+        where = _crop_title(i, grid)
+        _draw_panel(axes[i][0], image, box, side, res["selector"][i], res["cls_offset"], SELECTOR_EDGE)
+        axes[i][0].set_title(f"selector: {k}/{tokens} kept\n{where}", fontsize=9)
+        _draw_panel(axes[i][1], image, box, side, res["random"][i], res["cls_offset"], RANDOM_EDGE)
+        axes[i][1].set_title(f"random (seed {seed}): {k}/{tokens} kept\n{where}", fontsize=9)
+    fig.suptitle(f"{image_name}  {image.size[0]}x{image.size[1]}  retention {retention:g}  "
+                 f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})", fontsize=9)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

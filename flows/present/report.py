@@ -1,0 +1,106 @@
+"""The Markdown report of ``atr run``: ``summary.md`` of the report stage and the run folder.
+
+``reports/run-<run_id>/`` holds a copy of the report stage's files plus the list
+of stages (key, cached, seconds, output) and the DuckDB and MLflow run ids.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from storage.home import Home
+from storage.stages import write_json_atomic
+
+
+def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str]) -> str:
+    """``summary.md`` of the report stage: the pruned-evaluation table, the held-out selector table, the plots."""
+    retentions = sorted({r["retention"] for r in rows if r["strategy"] not in ("full", "none")})
+    full = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "full"}
+    none = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "none"}
+    fm, tm = feat.manifest, train.manifest
+    lines = ["# atr run report", "",
+             f"- model: `{model}`",
+             f"- selector: train stage `{train.key}` (p = {', '.join(tm['checkpoints'])}, "
+             f"{tm['config']['selector']['steps']} steps, eval mode {tm['eval_mode']})",
+             f"- features: extract stage `{feat.key}` ({fm['counts']['samples']} images from "
+             f"`{fm['config']['images']}`, {fm['config']['crops']} crops)", "",
+             "## Pruned evaluation", "",
+             "Score per retention; in brackets the fraction of the full-image score. Random is the mean over "
+             "seeds.", "",
+             "| benchmark | strategy | " + " | ".join(f"{r:g}" for r in retentions) + " | full | none |",
+             "|---|---|" + "---|" * (len(retentions) + 2)]
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        if r["strategy"] not in ("full", "none"):
+            cells.setdefault((r["benchmark"], r["strategy"]), {})[r["retention"]] = r
+    for (bench, strategy), by_r in cells.items():
+        vals = []
+        for ret in retentions:
+            r = by_r.get(ret)
+            vals.append("" if r is None else f"{r['score']:.3f}" + ("" if r["rel"] is None else f" ({r['rel']:.2f}×)"))
+        name = strategy + (f" ({next(iter(by_r.values()))['seeds']} seeds)" if strategy == "random" else "")
+        f, n = full.get(bench), none.get(bench)
+        lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
+                     f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")
+    sel = tm["selector_metrics"]
+    if sel:
+        strategies = sorted({r["strategy"] for r in sel})
+        lines += ["", "## Selector on held-out crops", "",
+                  f"Reconstruction MSE (standardized features) from the kept tokens, {tm['held_out_crops']} "
+                  "held-out crops.", "",
+                  "| retention | " + " | ".join(strategies) + " |", "|---|" + "---|" * len(strategies)]
+        for ret in sorted({r["retention"] for r in sel}):
+            by_s = {r["strategy"]: r for r in sel if r["retention"] == ret}
+            lines.append(f"| {ret:g} | " + " | ".join(f"{by_s[s]['recon_mse']:.4f}" if s in by_s else ""
+                                                       for s in strategies) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_run_folder(h: Home, run: dict[str, str], report, stages: list) -> Path:
+    """``reports/run-<run_id>/``: the report stage's files plus the stages and the run ids.
+
+    ``run`` holds ``run_id``, ``mlflow_run_id``, ``experiment_id`` and ``tracking_uri``."""
+    out = h.reports / f"run-{run['run_id']}"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in report.path.iterdir():
+        if f.is_file() and f.name != "_manifest.json":
+            shutil.copy2(f, out / f.name)
+    lines = ["", "## Stages", "", "| stage | key | cached | seconds | output |", "|---|---|---|---|---|"]
+    lines += [f"| {r['stage']} | `{r['key']}` | {r['cached']} | {r['seconds']:.1f} | `{r['output']}` |"
+              for r in stage_summary(stage_dicts(stages))]
+    lines += ["", "## Runs", "",
+              f"- DuckDB: run `{run['run_id']}` in `{h.results_db}`, e.g. "
+              f"`atr query \"SELECT * FROM eval_scores WHERE run_id = '{run['run_id']}'\"`",
+              f"- MLflow: run `{run['mlflow_run_id']}` (experiment `{run['experiment_id']}`) at "
+              f"`{run['tracking_uri']}`"]
+    with open(out / "summary.md", "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+    write_json_atomic(out / "run.json", {"run_id": run['run_id'], "mlflow_run_id": run['mlflow_run_id'],
+                                         "report_stage": str(report.path), "stages": stage_dicts(stages)})
+    return out
+
+
+def stage_dicts(stages: list) -> list[dict[str, Any]]:
+    """StageResults as plain dicts (what ``run_flow`` returns and ``run.json`` holds)."""
+    return [{"stage": s.stage, "key": s.key, "cached": s.cached, "seconds": s.seconds, "path": str(s.path)}
+            for s in stages]
+
+
+def stage_summary(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per stage, in run order: ``key`` (or "N chunks" for eval), ``cached`` ("yes", "no" or
+    "k/N"), total ``seconds`` and ``output`` (the stage directory, or the chunks' parent)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in stages:
+        groups.setdefault(s["stage"], []).append(s)
+    rows = []
+    for name, g in groups.items():
+        n = sum(s["cached"] for s in g)
+        one = len(g) == 1
+        rows.append({"stage": name, "key": g[0]["key"] if one else f"{len(g)} chunks",
+                     "cached": "yes" if n == len(g) else ("no" if n == 0 else f"{n}/{len(g)}"),
+                     "seconds": sum(s["seconds"] for s in g),
+                     "output": g[0]["path"] if one else str(Path(g[0]["path"]).parent)})
+    return rows

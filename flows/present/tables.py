@@ -1,0 +1,148 @@
+"""Rich tables printed by the ``atr`` commands (evaluation, selector, quality card, stages, bench)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.evaluate import eval_table
+
+
+def console() -> Console:
+    """A rich console; when piped (not a terminal) 120 columns wide instead of rich's 80."""
+    return _console_width(120)
+
+
+def _console_width(width: int) -> Console:
+    return Console() if sys.stdout.isatty() else Console(width=width)
+
+
+def print_quality(rows: list[dict]) -> None:
+    """Test-split figures: accuracy per benchmark and strategy (random averaged over seeds)."""
+    if not rows:
+        return
+    table = Table(title="tiny world, test splits")
+    for col in ("benchmark", "strategy", "retention", "accuracy", "vs full", "chance", "tokens"):
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy") else "right")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
+    full = {b: g[0]["accuracy"] for (b, s, _), g in groups.items() if s == "full"}
+    for (bench, strategy, retention), g in groups.items():
+        acc = sum(r["accuracy"] for r in g) / len(g)
+        rel = acc / full[bench] if full.get(bench) else float("nan")
+        name = strategy if len(g) == 1 else f"{strategy} x{len(g)} seeds"
+        table.add_row(bench, name, f"{retention:g}", f"{acc:.3f}", f"{rel:.2f}",
+                      f"{g[0]['chance']:.3f}", f"{sum(r['mean_visual_tokens'] for r in g) / len(g):.1f}")
+    console().print(table)
+    print("  (accuracy: exact match on the test splits; random: mean over seeds; tokens: mean visual tokens "
+          "the LM saw)")
+
+
+def print_eval(summary: list[dict]) -> None:
+
+    rows = eval_table(summary)
+    table = Table(title="pruned evaluation")
+    for col in ("benchmark", "strategy", "retention", "metric", "score", "vs full", "tokens", "prefill ms", "cached"):
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "metric") else "right")
+    for r in rows:
+        name = r["strategy"] + (f" x{r['seeds']}" if r["seeds"] > 1 else "")
+        table.add_row(r["benchmark"], name, f"{r['retention']:g}", r["metric"], f"{r['score']:.3f}",
+                      "" if r["rel"] is None else f"{r['rel']:.2f}", f"{r['visual_tokens']:.1f}",
+                      f"{r['prefill_ms']:.1f}", "yes" if r["cached"] else "")
+    console().print(table)
+    rel: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["strategy"] not in ("full", "none") and r["rel"] is not None:
+            rel.setdefault((r["strategy"], r["retention"]), []).append(r["rel"])
+    if rel:
+        print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
+            f"{s}@{ret:g} {sum(v) / len(v):.2f}" for (s, ret), v in sorted(rel.items())))
+
+
+def print_selector_table(rows: list[dict]) -> None:
+    table = Table(title="held-out: selector vs random (3 seeds) vs uniform grid")
+    for col in ("retention", "strategy", "recon MSE", "glyph coverage"):
+        table.add_column(col, justify="right" if col != "strategy" else "left")
+    for r in sorted(rows, key=lambda r: (r["retention"], r["strategy"])):
+        cov = r["glyph_coverage"]
+        table.add_row(f"{r['retention']:g}", r["strategy"], f"{r['recon_mse']:.4f}",
+                      "n/a" if cov != cov else f"{cov:.3f}")
+    console().print(table)
+
+
+def print_stages(rows: list[dict]) -> None:
+    """The stage table of ``atr run``: stage, key (or "N chunks"), cached, seconds."""
+    table = Table(title="stages")
+    for col in ("stage", "key", "cached", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in rows:
+        table.add_row(r["stage"], r["key"], r["cached"], f"{r['seconds']:.1f}")
+    console().print(table)
+
+
+def _fmt(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def print_bench(out: dict[str, Any]) -> None:
+    """The bench tables: prefill per retention, selector share, extraction, figures vs targets, load."""
+    from rich.markup import escape
+
+    console = _console_width(150)  # a log or a pipe: do not wrap the bench tables at 80 columns
+    p, e, load = out["prefill"], out["extract"], out["load"]
+    cfg = out["config"]
+    t = Table(title=f"prefill: {cfg['model']} on {cfg['device']} ({cfg['dtype']}, {cfg['torch_threads']} threads, "
+                    f"{cfg['attn_implementation']}), {p['text_tokens']} text tokens, {p['crops']} crops × "
+                    f"{p['tokens_per_crop']}, median of {cfg['repeats']}")
+    for col in ("retention", "LLM tokens", "seconds", "measured ×", "ideal × (causal)", "÷ ideal causal",
+                "÷ ideal square", "÷ ideal FastV", "GFLOP/s", "peak MiB", "KV MiB"):
+        t.add_column(col, justify="right")
+    for r, x in sorted(p["by_retention"].items(), key=lambda kv: -float(kv[0])):
+        t.add_row(f"{float(r):g}", str(p["text_tokens"] + x["visual_tokens"]), f"{x['seconds']:.3f}",
+                  f"{x['measured_speedup']:.2f}", f"{x['ideal_causal']:.2f}",
+                  *[f"{x['measured_speedup'] / x[f'ideal_{c}']:.2f}" for c in ("causal", "square", "fastv")],
+                  f"{x['flops_per_second'] / 1e9:.0f}", f"{x['peak_bytes'] / 2**20:.1f}",
+                  _fmt(None if x["kv_cache_bytes"] is None else x["kv_cache_bytes"] / 2**20, ".1f"))
+    console.print(t)
+    s = Table(title="selector + top-k per image (all crops in one forward) vs full prefill")
+    for col in ("retention", "seconds", "measured share", "FLOPs share", "measured/predicted"):
+        s.add_column(col, justify="right")
+    for r, x in sorted(p["by_retention"].items(), key=lambda kv: -float(kv[0])):
+        if "selector_seconds" in x:
+            s.add_row(f"{float(r):g}", f"{x['selector_seconds']:.4f}", f"{x['selector_share']:.2%}",
+                      f"{x['selector_share_predicted']:.2%}",
+                      f"{x['selector_share'] / x['selector_share_predicted']:.2f}")
+    console.print(s)
+    console.print(f"the prompt without its image ({p['text_tokens']} tokens): {p['text_only']['seconds'] * 1000:.1f} ms "
+                  f"per forward (fixed cost + text)")
+    proj = p["projection"]
+    console.print(f"projection: {proj['selector']} selector vs {proj['model']} prefill ({proj['text_tokens']} text + "
+                  f"{proj['visual_tokens']} visual tokens): {proj['selector_flops'] / 1e9:.0f} GFLOP / "
+                  f"{proj['prefill_flops'] / 1e12:.1f} TFLOP = {proj['selector_share']:.2%}")
+    if e is not None:
+        console.print(f"extraction ({e['images']} {e['source']} images, {e['crops']} crops, batch {e['batch_size']}, "
+                      f"{e['shards']} shards): stage {e['stage_images_per_second']:.2f} images/s, bare tower "
+                      f"{e['bare_tower_images_per_second']:.2f} images/s, ratio {e['stage_over_bare_tower']:.3f} "
+                      f"(render + processor {e['preprocess_seconds']:.2f} s, fp16 + shards + manifest "
+                      f"{e['other_seconds']:.2f} s of {e['stage_seconds']:.2f} s)")
+        console.print(f"extract stage: cold {e['cold_seconds']:.2f} s, cached {e['cached_seconds'] * 1000:.1f} ms, "
+                      f"cached/cold {e['cached_over_cold']:.4f}")
+    f = Table(title="figures against their targets")
+    for col in ("figure", "value", "target", "met"):
+        f.add_column(col)
+    for row in out["figures"]:
+        f.add_row(row["figure"], _fmt(row["value"], ".4g"), row["target"],
+                  "n/a" if row["met"] is None else ("yes" if row["met"] else "NO"))
+    console.print(f)
+    phases = "; ".join(f"{k} {_fmt(v['other_cores_mean'], '.2f')} (max {_fmt(v['other_cores_max'], '.2f')})"
+                       for k, v in out["load_by_phase"].items())
+    console.print(f"load: other processes used {_fmt(load['other_cores_mean'], '.2f')} cores on average (max "
+                  f"{_fmt(load['other_cores_max'], '.2f')}) of {load['cpus']} ({phases}); loadavg "
+                  f"{_fmt(load['loadavg1_start'], '.2f')} -> {_fmt(load['loadavg1_end'], '.2f')}; {load['seconds']:.0f} s")
+    for w in out["warnings"]:
+        console.print(f"[bold red]warning:[/] {escape(w)}")
+    console.print(f"run {out['run_id']} (MLflow {out['mlflow_run_id']}); plot {out['plot']}")

@@ -1,0 +1,145 @@
+"""The configuration of one end-to-end ``atr run``: every stage's config in one TOML file.
+
+``load_run_config`` reads ``atr run --config RUN.TOML``; ``run_config_toml`` writes
+the commented TOML of ``atr run --print-config``, which reads back to the same config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import Config, ConfigError, ExtractConfig, check
+from .evaluate import EvalConfig
+from .train import TINY_SCHEDULE, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(Config):
+    """Every stage's config for one end-to-end run (the TOML file of ``atr run --config``).
+
+    ``model`` is prepare-model's config; ``extract`` says which images the selector
+    is trained on (the paper: base-resolution crops, one per image); ``data`` maps
+    a real benchmark name to its lmms-lab parquet file or directory."""
+
+    kind = "run"
+
+    model: str = "tiny-trained"
+    extract: ExtractConfig = ExtractConfig(images="synthetic:docs", limit=2048, crops="base")
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    data: Mapping = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """As ``Config.from_dict``, but a partial ``[extract]`` table fills in from this config's
+        own extract defaults (2048 base crops), not from ExtractConfig's."""
+        data = dict(data)
+        if isinstance(data.get("extract"), Mapping):
+            base = cls().extract.to_dict()
+            unknown = [k for k in data["extract"] if k not in base]
+            if not unknown:
+                data["extract"] = {**base, **data["extract"]}
+        return super().from_dict(data)
+
+    def validate(self) -> None:
+        check(isinstance(self.model, str) and bool(self.model.strip()), "model must name a model")
+        check(isinstance(self.data, Mapping), "[data] must be a table of benchmark = path")
+        from .benchmarks import BENCHMARKS
+
+        for name, path in self.data.items():
+            check(name in BENCHMARKS, f"[data] names unknown benchmark {name!r}; valid: {', '.join(BENCHMARKS)}")
+            check(isinstance(path, str) and bool(path), f"[data] {name} must be a path string")
+        missing = [b for b in self.eval.benchmarks if not b.startswith("synthetic-") and b not in self.data]
+        check(not missing, f"benchmark {', '.join(missing)} needs a path in [data] (an lmms-lab parquet file "
+                           "or a directory of them)")
+
+
+def load_run_config(path: str | Path | None) -> tuple[RunConfig, list[str]]:
+    """(config, selector schedule keys the file sets) from a TOML file; the defaults for None.
+
+    The second item decides which of the tiny presets' short training schedule
+    (:data:`pipeline.train.TINY_SCHEDULE`) the file overrides."""
+    if path is None:
+        return RunConfig(), []
+    import tomllib
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    try:
+        cfg = RunConfig.from_dict(data)
+    except TypeError as exc:  # e.g. a table where a value belongs
+        raise ConfigError(f"{p}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return cfg, sorted(data.get("train", {}).get("selector", {}))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+_COMMENTS = {
+    "model": "preset (tiny-trained, tiny), a save_pretrained directory, or a HF id "
+             "(llava-hf/llava-v1.6-mistral-7b-hf)",
+    "extract": "selector training images: synthetic:docs, synthetic:scenes or a folder (COCO train2017)",
+    "train": "one selector per retention p; loss = MSE + max(mean(M), p)",
+    "train.selector": "architecture and optimizer (paper-scale defaults from DESIGN.md)",
+    "eval": "pruned evaluation: full/none once, random per seed, the rest once per retention",
+    "data": "real benchmarks: NAME = \"lmms-lab parquet file or directory\"",
+}
+
+
+def run_config_toml(cfg: RunConfig) -> str:
+    """The config as commented TOML (``atr run --print-config``); ``load_run_config`` reads it back."""
+    out = ["# atr run configuration. Every key is optional; a missing key takes the default shown.",
+           "# Stage outputs are content-hashed: change a stage's section and only that stage and",
+           "# the ones after it recompute.", "",
+           f"# {_COMMENTS['model']}", f"model = {_toml_value(cfg.model)}"]
+
+    def section(name: str, values: dict[str, Any], commented: dict[str, str] | None = None) -> None:
+        out.extend(["", f"# {_COMMENTS[name]}", f"[{name}]"])
+        for k, v in values.items():
+            if isinstance(v, dict):
+                continue
+            if commented and k in commented:
+                out.append(f"# {k} = {commented[k]}")
+            elif v is None:
+                out.append(f"# {k} = (unset)")
+            else:
+                out.append(f"{k} = {_toml_value(v)}")
+
+    section("extract", cfg.extract.to_dict())
+    train = cfg.train.to_dict()
+    section("train", train)
+    sel = train["selector"]
+    tiny = {k: f"{_toml_value(sel[k])}  (paper scale; the tiny presets use {_toml_value(v)} unless this is set)"
+            for k, v in TINY_SCHEDULE.items()}
+    sel_comments = {**tiny, "d_model": "(the encoder width C)"}
+    section("train.selector", {k: v for k, v in sel.items() if k != "retention"},
+            commented={k: v for k, v in sel_comments.items() if sel.get(k) is None or k in tiny})
+    section("eval", cfg.eval.to_dict())
+    out.extend(["", f"# {_COMMENTS['data']}", "[data]"])
+    if cfg.data:
+        out.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in cfg.data.items())
+    else:
+        out.append('# docvqa_val = "/data/lmms-lab/DocVQA/DocVQA"')
+    return "\n".join(out) + "\n"
+
+
+__all__ = ["RunConfig", "load_run_config", "run_config_toml"]

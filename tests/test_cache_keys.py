@@ -1,0 +1,59 @@
+"""Every stage's cache key is what it was before the layout moved (issue: architecture).
+
+The golden keys below were computed by the code before the move (commit 2098605):
+the three home-independent keys of the default ``atr run`` (prepare-model,
+extract, train: its stage table printed d4e8bc058126d036, 2bd43fe0c858a515 and
+09430ba04dcbb4fc) and the key formulas of the eval chunks, the report and the
+synthetic benchmark stage on fixed inputs. A changed key would make every
+existing home recompute; a home written by that code was also checked by hand
+to give a full cache hit on ``atr run`` after the move.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.stages.eval import chunk_key
+from flows.stages.extract import plan_extract
+from flows.stages.prepare_model import prepare_model_key
+from flows.stages.report import report_key
+from flows.stages.train import train_key
+from pipeline.device import default_device
+from pipeline.evaluate import EvalConfig
+from pipeline.run_config import RunConfig
+from pipeline.train import tiny_schedule
+from storage.stages import StageResult
+
+PREPARE, EXTRACT, TRAIN = "d4e8bc058126d036", "2bd43fe0c858a515", "09430ba04dcbb4fc"
+
+
+def test_the_default_run_keys_are_unchanged():
+    cfg = RunConfig()
+    key, kind, _ = prepare_model_key(cfg.model)
+    assert (key, kind) == (PREPARE, "trained")
+    if default_device()[0] != "cpu":
+        pytest.skip("the extract key records where it ran; the golden one is the CPU's")
+    model = StageResult("prepare-model", PREPARE, Path("."), True, 0.0, {"model_dir": "."})
+    assert plan_extract(model, cfg.extract).key == EXTRACT
+    features = StageResult("extract", EXTRACT, Path("."), True, 0.0, {})
+    assert train_key(features, tiny_schedule(cfg.train, cfg.model, set())) == TRAIN
+
+
+@pytest.mark.parametrize("args, golden", [
+    (("m" * 16, "d" * 16, None, "synthetic-ocr", "full", 1.0, 0), "2345352157043801"),
+    (("m" * 16, "d" * 16, "s" * 16, "synthetic-scene", "selector", 0.25, 0), "97e68575ca5d9ab3"),
+    (("m" * 16, "d" * 16, None, "synthetic-ocr", "random", 0.1, 2), "ee8b15eac9fc336d"),
+])
+def test_eval_chunk_keys_are_unchanged(args, golden):
+    assert chunk_key(*args, EvalConfig()) == golden
+
+
+def test_report_and_benchmark_keys_are_unchanged(tmp_path):
+    from flows.stages.benchmark import synthetic_benchmark
+    from storage.home import Home
+
+    assert report_key("tiny-trained", "t" * 16, ["b", "a"])[0] == "a43732adfc352b19"
+    path = synthetic_benchmark(Home.resolve(tmp_path).ensure(), "synthetic-ocr", "test", 3)
+    assert path.parent.name == "523953cd1d7b7baa" and path.name == "synthetic-ocr-test.parquet"
