@@ -310,7 +310,7 @@ def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft:
         text_tokens = head.shape[0] + tail.shape[0]
         ctx = Context(selector=selector)
         pruned = [r for r in config["retentions"] if r < 1.0]  # 1 keeps everything: the full prompt
-        keep_masks = {r: keep_mask("selector", feats.features, r, "per-crop", ctx) for r in pruned}
+        keep_masks = {r: keep_mask("selector", feats.features, r, "per-crop", ctx, feats.valid) for r in pruned}
         prompts = {1.0: torch.cat([head, visual_embeddings(model, feats), tail])[None]}
         for r, mask in keep_masks.items():
             prompts[r] = torch.cat([head, visual_embeddings(model, feats, mask), tail])[None]
@@ -320,12 +320,13 @@ def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft:
     # The prompt without its image: the fixed cost of one forward (Python, kernel launches) plus the text.
     candidates["prefill@text"] = _prefill_call(model, torch.cat([head, tail])[None])
     for r in pruned:
-        candidates[f"selector@{r:g}"] = (lambda r=r: keep_mask("selector", feats.features, r, "per-crop", ctx))
+        candidates[f"selector@{r:g}"] = (lambda r=r: keep_mask("selector", feats.features, r, "per-crop", ctx,
+                                                                     feats.valid))
     if ttft:
         def first_token(r):
             def run():
                 f = encode_images(model, processor, [image])[0]
-                mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", ctx)
+                mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", ctx, f.valid)
                 x = torch.cat([head, visual_embeddings(model, f, mask), tail])[None]
                 return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
             return run

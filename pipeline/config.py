@@ -126,6 +126,12 @@ def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def check_compute(device: str, dtype: str) -> None:
+    """``--device`` and ``--dtype`` are among the known values (resolved later, where torch runs)."""
+    check(device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    check(dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ``ConfigError(message)`` unless ``condition``."""
     if not condition:
@@ -133,6 +139,8 @@ def check(condition: bool, message: str) -> None:
 
 
 CROPS = ("all", "base")
+DEVICES = ("auto", "cpu", "cuda")  # where a model or the selector runs (pipeline.device resolves auto)
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # the model's weights and activations
 # The retentions a sweep uses unless told otherwise (eval chunks and the held-out selector comparison).
 EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
 
@@ -154,7 +162,9 @@ class ExtractConfig(Config):
     crops: str = "all"
     batch_size: int = 16
     shard_size: int = 64
-    dtype: str = "float16"
+    dtype: str = "float16"           # how features are stored in the shards
+    device: str = "auto"             # where the vision tower runs
+    model_dtype: str = "auto"        # the tower's dtype (--dtype)
 
     def validate(self) -> None:
         check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
@@ -166,12 +176,15 @@ class ExtractConfig(Config):
               f"--shard-size must be a positive integer, got {self.shard_size!r}")
         check(self.dtype in ("float16",), f"feature dtype must be float16, got {self.dtype!r}")
         check(bool(self.images), "--images must name a source (synthetic:docs, synthetic:scenes or a folder)")
+        check_compute(self.device, self.model_dtype)
 
     def cache_relevant(self) -> dict[str, Any]:
         """The fields that change the shard bytes. ``batch_size`` is deliberately
         excluded: the vision tower runs per crop, so batching does not change
         results beyond float round-off, and a user re-running with another batch
-        size expects a cache hit."""
+        size expects a cache hit. ``device`` and ``model_dtype`` enter the key as the
+        resolved compute (``cpu-float32``), not as spelled (``auto``)."""
         d = self.to_dict()
-        d.pop("batch_size")
+        for name in ("batch_size", "device", "model_dtype"):
+            d.pop(name)
         return d

@@ -2,6 +2,12 @@
 
 Every device, dtype and thread choice of the project is made here, so ``flows/``
 never imports torch itself.
+
+``--device auto|cpu|cuda``: auto is CUDA when present. ``--dtype auto|bf16|fp16|fp32``
+(the model's weights and activations): auto is bf16 on a CUDA device that
+supports it (fp16 on one that does not) and fp32 on the CPU. Resolved values are
+torch names (``cuda``, ``bfloat16``), recorded in manifests and, where they change
+results, in cache keys.
 """
 
 from __future__ import annotations
@@ -9,12 +15,47 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .config import DEVICES, DTYPES, ConfigError, check_compute
 
-def default_device() -> tuple[str, str]:
-    """(device, dtype): CUDA in float16 when available, else CPU in float32."""
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``cpu`` or ``cuda``; ``--device cuda`` without a CUDA device is one clear line."""
     import torch
 
-    return ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
+    check_compute(device, "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); "
+                          "use --device auto or cpu")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The torch dtype name for ``dtype`` on the resolved ``device``."""
+    import torch
+
+    check_compute("auto", dtype)
+    if dtype == "auto":
+        if device == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if dtype == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--dtype bf16: this CUDA device does not support bfloat16; use --dtype fp16 or auto")
+    return TORCH_DTYPES[dtype]
+
+
+def compute(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """(device, dtype) resolved, e.g. ``("cuda", "bfloat16")`` or ``("cpu", "float32")``."""
+    d = resolve_device(device)
+    return d, resolve_dtype(dtype, d)
+
+
+def default_device() -> tuple[str, str]:
+    """(device, dtype) of ``--device auto --dtype auto``."""
+    return compute("auto", "auto")
 
 
 def set_torch_threads(threads: int | None = None) -> int:
@@ -37,4 +78,5 @@ def torch_facts() -> dict[str, Any]:
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-__all__ = ["default_device", "set_torch_threads", "torch_facts"]
+__all__ = ["DEVICES", "DTYPES", "resolve_device", "resolve_dtype", "compute", "default_device",
+           "set_torch_threads", "torch_facts"]

@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 
 from .benchmarks import EvalItem, aggregate, spec
-from .config import EVAL_RETENTIONS, Config, check
+from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .prune import encode_images, visual_embeddings
 from .strategies import BUDGETS, STRATEGIES, Context, keep_masks
 
@@ -40,6 +40,8 @@ class EvalConfig(Config):
     seeds: int = 3
     limit: int = 300
     batch_size: int = 16
+    device: str = "auto"             # where the model runs
+    model_dtype: str = "auto"        # the model's dtype (--dtype)
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
@@ -54,6 +56,7 @@ class EvalConfig(Config):
         check(self.budget in BUDGETS, f"unknown budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
         check(self.seeds > 0 and self.limit > 0 and self.batch_size > 0,
               "seeds, limit and batch_size must be positive")
+        check_compute(self.device, self.model_dtype)
 
     def chunks(self) -> list[tuple[str, float, int]]:
         """(strategy, retention, seed) to run: full/none once, random per seed, the rest once per retention."""
@@ -131,7 +134,8 @@ def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], 
         # One selector forward over every crop of the batch (the selector attends within a crop).
         masks = iter(keep_masks(strategy, [f.features for f in encoded], retention, budget,
                                 Context(generator=gen, selector=selector),
-                                cls_attention=[f.cls_attention for f in encoded]))
+                                cls_attention=[f.cls_attention for f in encoded],
+                                valid=[f.valid for f in encoded]))
         feats = iter(encoded)
         visual: list[torch.Tensor | None] = []
         for w in with_image:

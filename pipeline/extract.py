@@ -87,6 +87,26 @@ def glyph_mask(boxes: Sequence[Box], side: int, glyph_boxes: Sequence[Box]) -> n
     return out
 
 
+class ChannelSums:
+    """Per split bucket of the image id (``pipeline.train.split_bucket``): [tokens, sum x, sum x^2] of
+    every channel, in float64, over the features as stored. ``array`` is (100, 1 + 2C); the train
+    stage turns the train split's buckets into channel statistics (``statistics_from_sums``)."""
+
+    def __init__(self, channels: int):
+        self.array = np.zeros((100, 1 + 2 * channels), dtype=np.float64)
+
+    def add(self, image_id: str, features: np.ndarray) -> None:
+        """Add one image's features (crops, L, C)."""
+        from .train import split_bucket
+
+        x = np.asarray(features).astype(np.float64).reshape(-1, features.shape[-1])
+        row = self.array[split_bucket(image_id)]
+        c = x.shape[1]
+        row[0] += x.shape[0]
+        row[1:1 + c] += x.sum(axis=0)
+        row[1 + c:] += (x * x).sum(axis=0)
+
+
 class FeatureExtractor:
     """Run a LLaVA-NeXT model's processor + vision tower; return per-crop projector inputs.
 

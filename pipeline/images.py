@@ -157,13 +157,22 @@ class SyntheticSource(ImageSource):
 
 
 class DirectorySource(ImageSource):
-    """Image files under a folder, scanned recursively on every call (hidden entries skipped)."""
+    """Image files under a folder, scanned recursively once per source object (hidden entries skipped).
+
+    A stage opens one source and asks it for items and a fingerprint: the folder is
+    walked once, not once per shard (100K COCO files take seconds to list)."""
 
     def __init__(self, spec: str, root: Path, seed: int):
         self.spec, self.root, self.seed = spec, root, seed
+        self._paths: list[str] | None = None
 
     def relative_paths(self) -> list[str]:
-        """All image files under the root as sorted '/'-separated relative paths."""
+        """All image files under the root as sorted '/'-separated relative paths (scanned on first use)."""
+        if self._paths is None:
+            self._paths = self._scan()
+        return self._paths
+
+    def _scan(self) -> list[str]:
         found = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]

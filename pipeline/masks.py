@@ -12,26 +12,36 @@ from typing import Any
 import torch
 
 from .extract import FeatureExtractor
-from .selector import keep_count, random_indices
+from .prune import valid_tokens
+from .strategies import Context, budget_counts, keep_mask
 
 
 def kept_tokens(model, processor, selector, image, retention: float, seed: int) -> dict[str, Any]:
-    """Layout and kept indices of ``image`` at ``retention``: the selector's top-k and a seeded random-k.
+    """Layout and kept indices of ``image`` at ``retention``: the selector's top-k and a seeded random-k,
+    both among the valid tokens of each crop (the padding LLaVA-NeXT's unpadding drops is never kept).
 
     Returns ``layout``, ``boxes`` (one per crop, original-image pixels), ``side``
     (the crop's token grid), ``tokens`` (L), ``cls_offset`` (1 when the features
-    carry a CLS token), ``k`` and, per crop, the sorted ``selector`` and
-    ``random`` index lists."""
+    carry a CLS token), ``k`` (per crop), ``valid`` (per crop: the valid token
+    count) and ``valid_indices``, ``selector`` and ``random`` (per crop: sorted
+    index lists)."""
     fx = FeatureExtractor(model, processor, crops="all")
-    feats = fx([image])[0]  # (crops, L, C) float32
+    feats = torch.from_numpy(fx([image])[0])  # (crops, L, C) float32
     layout = fx.layout(*image.size)
     n, tokens = feats.shape[0], fx.tokens_per_crop
-    kept = selector.kept_indices(torch.from_numpy(feats), retention)
-    rand = random_indices(n, tokens, retention, torch.Generator().manual_seed(seed))
+    w, h = image.size
+    valid = valid_tokens(model, n, tokens, (h, w))
+    chosen = keep_mask("selector", feats, retention, "per-crop", Context(selector=selector), valid)
+    rand = keep_mask("random", feats, retention, "per-crop", Context(generator=torch.Generator().manual_seed(seed)),
+                     valid)
+
+    def indices(mask: torch.Tensor) -> list[list[int]]:
+        return [row.nonzero().flatten().tolist() for row in mask]
+
     return {"layout": layout, "boxes": layout.boxes[:n], "side": fx.side, "tokens": tokens,
-            "cls_offset": tokens - fx.side * fx.side, "k": keep_count(retention, tokens),
-            "selector": [sorted(int(i) for i in row) for row in kept.tolist()],
-            "random": [sorted(int(i) for i in row) for row in rand.tolist()]}
+            "cls_offset": tokens - fx.side * fx.side, "k": budget_counts(valid, retention, "per-crop").tolist(),
+            "valid": valid.sum(dim=1).tolist(), "valid_indices": indices(valid),
+            "selector": indices(chosen), "random": indices(rand)}
 
 
 def encoder_shape(model, processor) -> tuple[int, int]:
@@ -46,15 +56,45 @@ def _num(v: float) -> float | int:
 
 
 def mask_json(kept: dict[str, Any], retention: float) -> dict[str, Any]:
-    """``atr mask --json``: one entry per crop (box, token grid, kept indices) for the selector and random."""
+    """``atr mask --json``: one entry per crop (box, token grid, valid token count, k, kept indices) for
+    the selector and random; the top-level ``k`` lists every crop's k."""
     side = kept["side"]
 
     def entries(index_lists):
-        return [{"box": [_num(v) for v in box], "grid": [side, side], "kept": indices}
-                for box, indices in zip(kept["boxes"], index_lists)]
+        return [{"box": [_num(v) for v in box], "grid": [side, side], "valid": valid, "k": k, "kept": indices}
+                for box, valid, k, indices in zip(kept["boxes"], kept["valid"], kept["k"], index_lists)]
 
     return {"crops": entries(kept["selector"]), "random": entries(kept["random"]), "retention": retention,
             "k": kept["k"]}
 
 
-__all__ = ["kept_tokens", "encoder_shape", "mask_json"]
+
+def document_share(kept: dict[str, Any], doc_box: tuple[float, float, float, float]) -> dict[str, float]:
+    """How much of the budget lands on a document pasted into a larger canvas.
+
+    A token is on the document when its centre (original-image pixels) lies in
+    ``doc_box``. Returns the document's share of the valid tokens, the share of
+    the selector's and of random's kept tokens that fall on it, and each of those
+    over the first (1.0 = no better than chance)."""
+    import numpy as np
+
+    from .extract import token_boxes
+
+    x0, y0, x1, y1 = doc_box
+    on_doc, valid, chosen, rand = [], [], [], []
+    for i, box in enumerate(kept["boxes"]):
+        cells = token_boxes(box, kept["side"])
+        cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
+        inside = np.zeros(kept["tokens"], dtype=bool)
+        inside[kept["cls_offset"]:] = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+        on_doc.append(inside)
+        for out, name in ((valid, "valid_indices"), (chosen, "selector"), (rand, "random")):
+            out.append(inside[kept[name][i]])
+    share = {name: float(np.concatenate(v).mean()) for name, v in
+             (("doc_valid_share", valid), ("selector_share", chosen), ("random_share", rand))}
+    share["selector_over_doc"] = share["selector_share"] / share["doc_valid_share"]
+    share["random_over_doc"] = share["random_share"] / share["doc_valid_share"]
+    return share
+
+
+__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share"]

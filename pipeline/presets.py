@@ -275,20 +275,22 @@ def unknown_model_message(spec: str) -> str:
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
-_LOADED: dict[str, tuple[Any, Any]] = {}
+_LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
-def cached_model(model_dir: str | os.PathLike):
-    """(model, processor) of ``model_dir``, loaded once per process on the default device and dtype.
+def cached_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None):
+    """(model, processor) of ``model_dir`` on ``device`` in ``dtype`` (resolved names; None: the
+    defaults of ``pipeline.device``), loaded once per process.
 
     Shard and chunk tasks of one process share it; loading another model drops the previous one."""
     from .device import default_device
 
-    key = str(model_dir)
+    if device is None or dtype is None:
+        device, dtype = default_device()
+    key = (str(model_dir), device, dtype)
     if key not in _LOADED:
         _LOADED.clear()
-        device, dtype = default_device()
-        _LOADED[key] = load_model(key, dtype=dtype, device=device)
+        _LOADED[key] = load_model(key[0], dtype=dtype, device=device)
     return _LOADED[key]
 
 

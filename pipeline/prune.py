@@ -32,6 +32,7 @@ class ImageFeatures:
     features: torch.Tensor
     image_size: tuple[int, int]
     cls_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in the feature layer
+    valid: torch.Tensor | None = None  # (crops, L) bool: the tokens LLaVA-NeXT's unpadding keeps
 
     @property
     def crops(self) -> int:
@@ -90,7 +91,10 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
         if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":
             raise ValueError("attention scores need one vision_feature_layer and the 'default' (CLS) strategy")
         attn = list(torch.split(_cls_attention(tower, out.hidden_states, layer), counts))
-    return [ImageFeatures(f, s, a) for f, s, a in zip(torch.split(feats, counts), sizes, attn)]
+    out = []
+    for f, s, a in zip(torch.split(feats, counts), sizes, attn):
+        out.append(ImageFeatures(f, s, a, valid_tokens(model, f.shape[0], f.shape[1], s, f.device)))
+    return out
 
 
 def _cls_attention(tower, hidden_states, layer: int) -> torch.Tensor:
@@ -138,6 +142,17 @@ def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], 
     return _LAYOUTS[key]
 
 
+def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], device=None) -> torch.Tensor:
+    """(crops, L) bool: the tokens of each crop that survive LLaVA-NeXT's unpadding (the base crop: all).
+
+    Read off :func:`packing_layout`, i.e. the model's own ``pack_image_features``: a
+    grid crop that covers canvas padding loses those rows or columns before the LLM."""
+    source, _, _ = packing_layout(model, crops, tokens, image_size, device)
+    valid = torch.zeros(crops * tokens, dtype=torch.bool, device=source.device)
+    valid[source[source >= 0]] = True
+    return valid.view(crops, tokens)
+
+
 def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
 
@@ -165,7 +180,12 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
 
 
 def split_prompt(tokenizer, prompt: str, image_token_id: int):
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    """(ids before, ids after) the single image placeholder of ``prompt`` (after is None without one).
+
+    The prompt is tokenized exactly as ``processor(images=..., text=...)`` does it:
+    with the tokenizer's special tokens, so a tokenizer that adds BOS (the llava-hf
+    mistral and vicuna ones, whose chat templates do not write ``<s>``) gets it."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
     where = (ids == image_token_id).nonzero()
     if where.shape[0] > 1:
         raise ValueError(f"prompt must contain at most one image placeholder, got {where.shape[0]}: {prompt!r}")
@@ -177,11 +197,20 @@ def split_prompt(tokenizer, prompt: str, image_token_id: int):
 
 @torch.no_grad()
 def generate_answers(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
-             max_new_tokens: int = 16, streamer=None) -> list[str]:
+                     max_new_tokens: int = 16, streamer=None) -> list[str]:
     """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
 
     ``visual[i] is None`` drops the placeholder: the prompt carries no image at all.
     Sequences are left-padded into one batch."""
+    tok = processor.tokenizer
+    out = generate_ids(model, processor, prompts, visual, max_new_tokens, streamer)
+    return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
+                 max_new_tokens: int = 16, streamer=None) -> torch.Tensor:
+    """(batch, new tokens) greedy token ids of :func:`generate_answers`, padded after EOS."""
     tok = processor.tokenizer
     embed = model.get_input_embeddings()
     image_token_id = model.config.image_token_id
@@ -203,10 +232,9 @@ def generate_answers(model, processor, prompts: Sequence[str], visual: Sequence[
     for i, r in enumerate(rows):
         batch[i, width - r.shape[0]:] = r
         mask[i, width - r.shape[0]:] = 1
-    out = model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                         streamer=streamer)
-    return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+    return model.generate(inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          streamer=streamer)
 
 
 def random_keep_mask(crops: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
@@ -218,5 +246,5 @@ def random_keep_mask(crops: int, tokens: int, retention: float, generator: torch
     return keep_mask
 
 
-__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "generate_answers", "random_keep_mask",
+__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids", "random_keep_mask",
            "split_prompt"]

@@ -6,7 +6,7 @@ Shapes: B crops per batch, L tokens per crop, C feature channels (d = C by defau
     S(F)   (B, L)     keep-logits: 3 pre-LN Transformer layers + a linear head
     M      (B, L)     hard binary mask, straight-through Gumbel-Softmax sample of S(F)
     F_pr   (B, L, C)  M*F + (1-M)*E_mask, one shared learnable mask embedding
-    F_rec  (B, L, C)  R(F_pr): 3 pre-LN Transformer layers
+    F_rec  (B, L, C)  R(F_pr): 3 pre-LN Transformer layers, final norm, learned output projection
     loss              mean((F_rec - F)^2) + max(mean(M), p)      (Eq. 7, no weight)
 
 Features are standardized per channel with training-set statistics (stored as
@@ -143,7 +143,9 @@ class TokenSelector(nn.Module):
         self.mask_embedding = nn.Parameter(torch.zeros(channels))
         nn.init.normal_(self.mask_embedding, std=0.02)
         self.reconstructor = Encoder(channels, d, tokens, cfg.reconstructor_layers, cfg)
-        self.out = nn.Identity() if d == channels else nn.Linear(d, channels)
+        # A learned projection after the reconstructor's final norm (as nanoGPT ends in ln_f, then lm_head):
+        # a norm alone gives every token the same scale, so even keeping every token could not reconstruct.
+        self.out = nn.Linear(d, channels)
         self.apply(self._init)
 
     @staticmethod

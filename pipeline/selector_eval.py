@@ -41,13 +41,15 @@ def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[t
     for r in retentions:
         p = min(selectors, key=lambda q: (abs(q - r), q))
         model = selectors[p]
+        device = next(model.parameters()).device  # evaluated where the selector is (CUDA when it trained there)
         totals: dict[str, list[float]] = {}
         for start in range(0, n, batch_size):
-            x = x_all[start:start + batch_size]
-            g = g_all[start:start + batch_size] if g_all is not None else None
-            strategies = {"selector": [model.kept_indices(x, r)], "uniform-grid": [grid_indices(len(x), tokens, r)]}
+            x = x_all[start:start + batch_size].to(device)
+            g = g_all[start:start + batch_size].to(device) if g_all is not None else None
+            strategies = {"selector": [model.kept_indices(x, r)],
+                          "uniform-grid": [grid_indices(len(x), tokens, r).to(device)]}
             strategies["random"] = [random_indices(len(x), tokens, r, torch.Generator().manual_seed(1000 * s + start))
-                                    for s in range(seeds)]
+                                    .to(device) for s in range(seeds)]
             for name, draws in strategies.items():
                 acc = totals.setdefault(name, [0.0, 0.0, 0.0])  # sum mse, kept glyph tokens, glyph tokens
                 for kept_indices in draws:

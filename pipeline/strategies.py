@@ -2,19 +2,27 @@
 
 Every strategy maps one image's tower features ``(crops, L, C)`` (plus what it
 needs: a selector, the tower's CLS attention, a seeded generator) to a boolean
-keep mask ``(crops, L)``; ``none`` returns ``None`` (no image at all). Kept tokens
-always go to the LLM in raster order (``pipeline.prune``).
+``keep_mask`` ``(crops, L)``; ``none`` returns ``None`` (no image at all). Kept
+tokens always go to the LLM in raster order (``pipeline.prune``).
 
-Budgets (retention r counts encoder tokens only):
+Budgets count valid tokens only. A grid crop of an image whose aspect ratio does
+not fit its AnyRes canvas holds padding rows or columns that LLaVA-NeXT's
+unpadding drops before the LLM; ``valid`` ``(crops, L)`` marks the tokens that
+survive (``pipeline.prune.valid_tokens``, from the model's own
+``pack_image_features``; the base crop has no padding). Every strategy chooses
+only among valid tokens:
 
-* ``per-crop`` (default): k = round(r * L) in every crop, the base crop included;
-* ``global``: K = round(r * crops * L) over all crops of the image, wherever the
-  strategy's scores put them.
+* ``per-crop`` (default): k = round(r * valid tokens of that crop) in every crop
+  (at least 1 where the crop has any), the base crop included;
+* ``global``: K = round(r * valid tokens of the image) over all crops, wherever
+  the strategy's scores put them.
+
+Without ``valid`` every token counts (features that fit their canvas exactly).
 
 Strategies:
 
-* ``full``: everything; ``none``: no image (the prompt carries no image tokens);
-* ``random``: uniform, seeded;
+* ``full``: every valid token; ``none``: no image (the prompt carries no image tokens);
+* ``random``: uniform among valid tokens, seeded;
 * ``selector``: the paper's trained selector, top-k by keep-logit;
 * ``attention``: VisionZip's dominant tokens, top-k by the attention the CLS token
   pays them in the feature layer (mean over heads);
@@ -31,7 +39,6 @@ from typing import Any, Sequence
 import torch
 
 from .config import ConfigError
-from .selector import keep_count
 
 STRATEGIES = ("full", "none", "random", "selector", "attention", "diversity")
 BUDGETS = ("per-crop", "global")
@@ -59,41 +66,64 @@ def check_budget(budget: str) -> str:
 
 
 def keep_mask(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
-              context: Context | None = None) -> torch.Tensor | None:
-    """(crops, L) bool mask of the tokens ``strategy`` keeps; None for ``none``."""
+              context: Context | None = None, valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(crops, L) bool mask of the tokens ``strategy`` keeps, all of them valid; None for ``none``."""
     check_strategy(strategy)
     check_budget(budget)
     context = context or Context()
     crops, tokens = features.shape[:2]
+    valid = _valid(valid, crops, tokens, features.device)
     if strategy == "none":
         return None
     if strategy == "full":
-        return torch.ones(crops, tokens, dtype=torch.bool, device=features.device)
+        return valid.clone()
     if strategy == "diversity":
-        return _diversity(features, retention, budget)
+        return _diversity(features, retention, budget, valid)
     scores = _scores(strategy, features, context)
-    return _top(scores, retention, budget)
+    return _top(scores, retention, budget, valid)
 
 
 def keep_masks(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
                context: Context | None = None,
-               cls_attention: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+               cls_attention: Sequence[torch.Tensor | None] | None = None,
+               valid: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
     """:func:`keep_mask` for a batch of images, each ``(crops_i, L, C)``; one mask (or None) per image.
 
     ``selector`` runs once on all crops of all images (``(sum crops_i, L, C)``): it attends
     within each crop, so this gives every image the mask it gets alone. The other
     strategies run image by image in order (``random`` draws from the generator in the
-    same order as one call per image); ``cls_attention[i]`` is image i's (crops_i, L)."""
+    same order as one call per image); ``cls_attention[i]`` and ``valid[i]`` are image i's (crops_i, L)."""
     check_strategy(strategy)
     check_budget(budget)
     context = context or Context()
+    valid = list(valid) if valid is not None else [None] * len(features)
     if strategy != "selector" or not features:
         attn = list(cls_attention) if cls_attention is not None else [context.cls_attention] * len(features)
-        return [keep_mask(strategy, f, retention, budget, replace(context, cls_attention=a))
-                for f, a in zip(features, attn, strict=True)]
+        return [keep_mask(strategy, f, retention, budget, replace(context, cls_attention=a), v)
+                for f, a, v in zip(features, attn, valid, strict=True)]
     counts = [f.shape[0] for f in features]
     logits = _scores(strategy, torch.cat(list(features)), context)
-    return [_top(s, retention, budget) for s in torch.split(logits, counts)]
+    return [_top(s, retention, budget, _valid(v, s.shape[0], s.shape[1], s.device))
+            for s, v in zip(torch.split(logits, counts), valid, strict=True)]
+
+
+def _valid(valid: torch.Tensor | None, crops: int, tokens: int, device) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(crops, tokens, dtype=torch.bool, device=device)
+    if tuple(valid.shape) != (crops, tokens):
+        raise ValueError(f"valid-token mask shape {tuple(valid.shape)} does not match features {(crops, tokens)}")
+    return valid.to(device=device, dtype=torch.bool)
+
+
+def budget_counts(valid: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
+    """Tokens to keep: (crops,) per crop for ``per-crop``, a 1-element tensor for ``global``.
+
+    round(retention * valid tokens), at least 1 where there is any valid token."""
+    if not 0.0 < retention <= 1.0:  # also refuses nan
+        raise ConfigError(f"retention must be in (0, 1], got {retention!r}")
+    n = valid.sum(dim=1) if budget == "per-crop" else valid.sum().reshape(1)
+    k = torch.round(retention * n.double()).long()
+    return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(n)
 
 
 def _scores(strategy: str, features: torch.Tensor, context: Context) -> torch.Tensor:
@@ -113,48 +143,49 @@ def _scores(strategy: str, features: torch.Tensor, context: Context) -> torch.Te
     return context.cls_attention
 
 
-def _top(scores: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
+def _top(scores: torch.Tensor, retention: float, budget: str, valid: torch.Tensor) -> torch.Tensor:
+    """The top-k valid tokens by score, k from :func:`budget_counts` (per crop, or over the image)."""
     crops, tokens = scores.shape
-    keep_mask = torch.zeros(crops, tokens, dtype=torch.bool, device=scores.device)
-    if budget == "per-crop":
-        keep_mask.scatter_(1, scores.topk(keep_count(retention, tokens), dim=1).indices, True)
-    else:
-        flat = keep_mask.view(-1)
-        flat[scores.reshape(-1).topk(keep_count(retention, crops * tokens)).indices] = True
-    return keep_mask
+    k = budget_counts(valid, retention, budget)
+    masked = scores.float().masked_fill(~valid, float("-inf"))
+    if budget != "per-crop":
+        masked = masked.reshape(1, crops * tokens)
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order).contiguous())
+    return (ranks < k[:, None]).reshape(crops, tokens)
 
 
-def _diversity(features: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
+def _diversity(features: torch.Tensor, retention: float, budget: str, valid: torch.Tensor) -> torch.Tensor:
     crops, tokens = features.shape[:2]
+    k = budget_counts(valid, retention, budget)
     if budget == "per-crop":
-        k = keep_count(retention, tokens)
-        chosen = _max_min(features.float(), k)  # (crops, k), all crops at once
-        return torch.zeros(crops, tokens, dtype=torch.bool, device=features.device).scatter_(1, chosen, True)
-    k = keep_count(retention, crops * tokens)
-    chosen = _max_min(features.float().reshape(1, crops * tokens, -1), k)[0]
-    keep_mask = torch.zeros(crops * tokens, dtype=torch.bool, device=features.device)
-    keep_mask[chosen] = True
-    return keep_mask.view(crops, tokens)
+        return _max_min(features.float(), k, valid)  # all crops at once
+    return _max_min(features.float().reshape(1, crops * tokens, -1), k, valid.reshape(1, -1)).view(crops, tokens)
 
 
-def _max_min(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, N, C) -> (B, k) indices: greedy max-min diversity on cosine distance, batched over B."""
+def _max_min(x: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(B, N, C), (B,) counts, (B, N) allowed -> (B, N) mask of k[b] allowed tokens picked by greedy
+    max-min diversity on cosine distance, batched over B."""
     unit = torch.nn.functional.normalize(x, dim=-1)
     dist = 1.0 - unit @ unit.transpose(1, 2)  # (B, N, N)
     b, n = dist.shape[:2]
+    rows = torch.arange(b, device=x.device)
     eye = torch.eye(n, dtype=torch.bool, device=x.device)
-    nearest = dist.masked_fill(eye, float("inf")).min(dim=2).values  # distance to the nearest other token
-    first = nearest.argmax(dim=1) if n > 1 else torch.zeros(b, dtype=torch.long, device=x.device)
-    chosen = [first]
-    to_set = dist[torch.arange(b), first]  # (B, N): distance of every token to the kept set
+    others = (~eye) & allowed[:, None, :]  # distances to other allowed tokens only
+    nearest = dist.masked_fill(~others, float("inf")).min(dim=2).values  # to the nearest other allowed token
+    nearest = nearest.masked_fill(~allowed, float("-inf"))
+    first = nearest.argmax(dim=1)
     taken = torch.zeros(b, n, dtype=torch.bool, device=x.device)
-    taken[torch.arange(b), first] = True
-    for _ in range(k - 1):
-        nxt = to_set.masked_fill(taken, float("-inf")).argmax(dim=1)
-        chosen.append(nxt)
-        taken[torch.arange(b), nxt] = True
-        to_set = torch.minimum(to_set, dist[torch.arange(b), nxt])
-    return torch.stack(chosen, dim=1)
+    taken[rows, first] = k > 0
+    to_set = dist[rows, first]  # (B, N): distance of every token to the kept set
+    for step in range(1, int(k.max()) if k.numel() else 0):
+        nxt = to_set.masked_fill(taken | ~allowed, float("-inf")).argmax(dim=1)
+        more = step < k  # rows that still pick
+        taken[rows[more], nxt[more]] = True
+        to_set = torch.minimum(to_set, dist[rows, nxt])
+    return taken
 
 
-__all__ = ["STRATEGIES", "BUDGETS", "Context", "keep_mask", "keep_masks", "check_strategy", "check_budget"]
+__all__ = ["STRATEGIES", "BUDGETS", "Context", "keep_mask", "keep_masks", "budget_counts", "check_strategy",
+           "check_budget"]

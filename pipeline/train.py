@@ -10,20 +10,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import random
 import time
 from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from .config import EVAL_RETENTIONS, Config, ConfigError, check, check_compute
 from .errors import UserError
-from .config import EVAL_RETENTIONS, Config, ConfigError, check
 from .selector import SelectorConfig, TokenSelector
 
 # The embedded default (tiny presets on 2 CPUs) shortens the paper-scale schedule of
 # DESIGN.md (lr 1e-4, 2000 steps, batch 64) so training fits in about 2 minutes.
 # It applies when the features come from a tiny preset and the user set none of these.
-TINY_SCHEDULE = {"steps": 700, "batch_size": 32, "lr": 1e-3, "warmup_steps": 50}
+TINY_SCHEDULE = {"steps": 700, "batch_size": 32, "lr": 2e-3, "warmup_steps": 50}
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -48,8 +49,10 @@ class TrainConfig(Config):
     loader_workers: int = 2          # DataLoader worker processes reading shards (0: in the training process)
     checkpoint_every: int = 250
     log_every: int = 10
-    eval_retentions: tuple = EVAL_RETENTIONS
+    eval_retentions: tuple = (*EVAL_RETENTIONS, 1.0)  # 1.0: every token kept (the reconstruction floor)
     eval_seeds: int = 3
+    device: str = "auto"             # where the selector trains and is evaluated (auto: CUDA when present)
+    autocast: str = "none"           # "bf16": bfloat16 autocast on CUDA
 
     def validate(self) -> None:
         check(len(self.retentions) > 0, "give at least one --retention")
@@ -62,6 +65,8 @@ class TrainConfig(Config):
         check(self.shuffle_buffer > 0 and self.checkpoint_every > 0 and self.log_every > 0,
               "shuffle_buffer, checkpoint_every and log_every must be positive")
         check(self.eval_seeds > 0, "eval_seeds must be positive")
+        check_compute(self.device, "auto")
+        check(self.autocast in ("none", "bf16"), f"--autocast must be none or bf16, got {self.autocast!r}")
 
     @property
     def eval_mode(self) -> str:
@@ -71,9 +76,27 @@ class TrainConfig(Config):
         return dataclasses.replace(self.selector, retention=float(retention))
 
 
+def split_bucket(image_id: str) -> int:
+    """0..99 from a hash of the image id: buckets below the held-out percent are held out."""
+    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % 100
+
+
 def is_held_out(image_id: str, percent: int) -> bool:
     """Deterministic split by a hash of the image id: no image is in both splits."""
-    return int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) % 100 < percent
+    return split_bucket(image_id) < percent
+
+
+def statistics_from_sums(sums: np.ndarray, held_out_percent: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean and std of the train split from per-bucket sums (100, 1 + 2C) accumulated
+    during extraction: [token count, sum x, sum x^2] per split bucket, in float64."""
+    train = np.asarray(sums, dtype=np.float64)[held_out_percent:].sum(axis=0)
+    total = int(train[0])
+    if not total:
+        raise ConfigError("no training features: the train split is empty")
+    c = (train.shape[0] - 1) // 2
+    mean = train[1:1 + c] / total
+    std = np.sqrt(np.maximum(train[1 + c:] / total - mean * mean, 0.0))
+    return torch.from_numpy(mean).float(), torch.from_numpy(std).float(), total
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -111,11 +134,14 @@ class Callback:
 
 class Trainer:
     """Owns model, optimizer and schedule for one selector; ``state()``/``load_state()`` round-trip
-    everything needed to resume (weights, AdamW moments, step, RNG)."""
+    everything needed to resume (weights, AdamW moments, step, and the python, numpy, torch and CUDA
+    RNG states). ``autocast="bf16"`` runs the forward under bfloat16 autocast on CUDA."""
 
-    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int, device: str = "cpu"):
-        torch.manual_seed(cfg.seed)
+    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int, device: str = "cpu",
+                 autocast: str = "none"):
+        torch.manual_seed(cfg.seed)  # seeds every CUDA device too
         self.cfg, self.device = cfg, device
+        self.autocast = autocast == "bf16" and torch.device(device).type == "cuda"
         self.model = TokenSelector(cfg, tokens, channels).to(device)
         decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "pos" not in n]
         no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "pos" not in n)]
@@ -144,7 +170,8 @@ class Trainer:
                 raise ConfigError("the feature stream ended before training finished") from None
             x = torch.as_tensor(np.asarray(batch), dtype=torch.float32, device=self.device)
             lr = self._set_lr()
-            out = self.model(x)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(x)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -179,8 +206,15 @@ class Trainer:
             for name, value in slot.items():
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["rng.cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+        version, internal, gauss_next = random.getstate()
         meta = {"step": self.step, "param_groups": [{k: v for k, v in g.items() if k != "params"} | {
-            "params": g["params"]} for g in opt["param_groups"]], "config": self.cfg.to_dict()}
+            "params": g["params"]} for g in opt["param_groups"]], "config": self.cfg.to_dict(),
+            "rng": {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
+                    "python": [version, list(internal), gauss_next]}}
         return tensors, meta
 
     def load_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
@@ -194,6 +228,15 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": [dict(g) for g in meta["param_groups"]]})
         if "rng.torch" in tensors:
             torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(tensors["rng.cuda"]))
+        rng = meta.get("rng") or {}
+        if "rng.numpy" in tensors and "numpy" in rng:
+            kind, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+        if "python" in rng:
+            version, internal, gauss_next = rng["python"]
+            random.setstate((version, tuple(internal), gauss_next))
         self.step = int(meta["step"])
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .shards import stream_crops
+from .shards import ShardError, stream_crops
 
 
 def _every_image(image_id: str) -> bool:
@@ -62,6 +62,21 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def unwrapped(loader: DataLoader) -> Iterator[torch.Tensor]:
+    """Iterate ``loader``; a bad shard met in a worker process ends in the reader's own one-line
+    ShardError, not in the DataLoader's multi-line "Caught ShardError in DataLoader worker" text."""
+    try:
+        yield from loader
+    except ShardError as exc:
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else ""
+        prefix = f"{ShardError.__module__}.{ShardError.__name__}: "
+        for p in (prefix, f"{ShardError.__name__}: "):
+            if last.startswith(p):
+                last = last[len(p):]
+        raise ShardError(last or str(exc)) from None
+
+
 def feature_loader(stage_dir: str | Path, manifest: dict[str, Any], batch_size: int,
                    keep_image: Callable[[str], bool] = _every_image, seed: int = 0, buffer_size: int = 2048,
                    workers: int = 2, repeat: bool = True, drop_last: bool = True) -> DataLoader:
@@ -71,9 +86,12 @@ def feature_loader(stage_dir: str | Path, manifest: dict[str, Any], batch_size: 
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     dataset = FeatureCrops(stage_dir, manifest, keep_image, seed=seed, buffer_size=buffer_size, repeat=repeat)
+    # Its own generator: creating the iterator must not draw from torch's global RNG, which the
+    # training loop owns (a resumed run must draw exactly what an uninterrupted one does).
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, drop_last=drop_last,
                       worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))
 
 
-__all__ = ["FeatureCrops", "feature_loader"]
+__all__ = ["FeatureCrops", "feature_loader", "unwrapped"]

@@ -338,6 +338,8 @@ def shard_record(work: Path, index: int) -> dict[str, Any] | None:
     if not isinstance(record, dict) or record.get("name") != tar.name or record.get("bytes") != size \
             or record.get("index") != index:
         return None
+    if record.get("channel_sums") and not (Path(work) / SHARD_RECORDS / record["channel_sums"]).is_file():
+        return None
     return record
 
 
@@ -346,6 +348,51 @@ def write_shard_record(work: Path, index: int, record: dict[str, Any]) -> None:
     path = _record_path(work, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record)
+
+
+CHANNEL_SUMS = "channel_sums.npy"  # in a finished extract stage: per split bucket [count, sum x, sum x^2]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard_sums(work: Path, index: int, sums: np.ndarray) -> str:
+    """Save one shard's channel sums next to its record (before the record); returns the file name."""
+    name = f"{index:06d}.sums.npy"
+    (Path(work) / SHARD_RECORDS).mkdir(parents=True, exist_ok=True)
+    _save_npy(Path(work) / SHARD_RECORDS / name, sums)
+    return name
+
+
+def merge_channel_sums(work: Path, records: list[dict[str, Any]]) -> str | None:
+    """Sum the shards' channel sums into ``CHANNEL_SUMS`` in the work dir (None if a shard has none)."""
+    names = [r.get("channel_sums") for r in records]
+    if not names or not all(names):
+        return None
+    total = sum(np.load(Path(work) / SHARD_RECORDS / n, allow_pickle=False) for n in names)
+    _save_npy(Path(work) / CHANNEL_SUMS, total)
+    return CHANNEL_SUMS
+
+
+def read_channel_sums(stage_dir: Path, manifest: dict[str, Any]) -> np.ndarray | None:
+    """The per-bucket channel sums an extract stage recorded, or None (stages from before them)."""
+    name = manifest.get("channel_sums")
+    if not name:
+        return None
+    path = Path(stage_dir) / name
+    try:
+        sums = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable channel sums ({exc})") from None
+    if sums.ndim != 2 or sums.shape[0] != 100 or sums.dtype != np.float64:
+        raise ShardError(f"{path}: channel sums of shape {sums.shape} ({sums.dtype}), expected (100, 1 + 2C) float64")
+    return sums
 
 
 def drop_shard_records(work: Path) -> None:

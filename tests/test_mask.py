@@ -15,6 +15,8 @@ from PIL import Image
 from flows.cli import one_line as _one_line
 from flows.cli.mask import cmd_mask, mask_parser
 from pipeline.errors import UserError
+from pipeline.prune import valid_tokens
+from pipeline.strategies import Context, budget_counts, keep_mask
 from storage.selectors import resolve_selector
 from pipeline.extract import FeatureExtractor
 from pipeline.images import open_source
@@ -92,19 +94,23 @@ def test_json_lists_the_selectors_kept_tokens_per_crop(session_home, tiny_stage,
     layout = fx.layout(w, h)
     assert len(data["crops"]) == len(layout.boxes) == 1 + layout.grid[0] * layout.grid[1] > 1
     assert data["crops"][0]["box"] == [0, 0, w, h]
-    k = round(0.25 * TOKENS)
-    assert data["k"] == k and data["retention"] == 0.25
     feats = torch.from_numpy(fx([image])[0])
-    expected = trained["selector"].kept_indices(feats, 0.25).tolist()
+    valid = valid_tokens(model, feats.shape[0], TOKENS, (h, w))
+    ks = budget_counts(valid, 0.25, "per-crop").tolist()
+    counts = valid.sum(1).tolist()
+    assert counts[0] == TOKENS and min(counts) < TOKENS  # the base crop is whole; the outer grid crops pad
+    assert ks == [round(0.25 * c) for c in counts] and data["k"] == ks and data["retention"] == 0.25
+    expected = keep_mask("selector", feats, 0.25, "per-crop", Context(selector=trained["selector"]), valid)
     for i, crop in enumerate(data["crops"]):
-        assert set(crop) == {"box", "grid", "kept"}
-        assert crop["grid"] == [8, 8]
+        assert set(crop) == {"box", "grid", "valid", "k", "kept"}
+        assert crop["grid"] == [8, 8] and crop["valid"] == counts[i] and crop["k"] == ks[i]
         np.testing.assert_allclose(crop["box"], layout.boxes[i], atol=1e-3)
-        assert len(crop["kept"]) == k and crop["kept"] == sorted(crop["kept"])
-        assert len(set(crop["kept"])) == k and all(0 <= t < TOKENS for t in crop["kept"])
-        assert crop["kept"] == expected[i]
+        assert len(crop["kept"]) == ks[i] and crop["kept"] == sorted(crop["kept"])
+        assert len(set(crop["kept"])) == ks[i] and all(valid[i, t] for t in crop["kept"])  # never padding
+        assert crop["kept"] == expected[i].nonzero().flatten().tolist()
     assert len(data["random"]) == len(data["crops"])
-    assert all(len(r["kept"]) == k and r["kept"] == sorted(r["kept"]) for r in data["random"])
+    assert all(len(r["kept"]) == k and r["kept"] == sorted(r["kept"]) and all(valid[i, t] for t in r["kept"])
+               for i, (r, k) in enumerate(zip(data["random"], ks)))
     assert [r["kept"] for r in data["random"]] != [c["kept"] for c in data["crops"]]
 
 
@@ -129,7 +135,7 @@ def test_json_and_out_together_keep_stdout_pure_json(session_home, tiny_stage, t
                     "--retention", "0.5", "--out", str(out), "--json") == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert data["k"] == 32 and all(len(c["kept"]) == 32 for c in data["crops"])
+    assert data["k"][0] == 32 and all(len(c["kept"]) == c["k"] == round(0.5 * c["valid"]) for c in data["crops"])
     assert out.is_file() and str(out) in captured.err
 
 

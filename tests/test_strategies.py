@@ -84,3 +84,59 @@ def test_diversity_keeps_outliers_and_spreads():
     batched = keep_mask("diversity", g, 0.25)
     single = torch.cat([keep_mask("diversity", g[i:i + 1], 0.25) for i in range(4)])
     assert torch.equal(batched, single)
+
+
+def _padded_valid(crops=3, tokens=16):
+    """Crop 0 whole (the base crop), crop 1 half padding (its last 8 tokens), crop 2 a quarter."""
+    valid = torch.ones(crops, tokens, dtype=torch.bool)
+    valid[1, 8:] = False
+    valid[2, 12:] = False
+    return valid
+
+
+@pytest.mark.parametrize("strategy", ["random", "attention", "diversity", "selector", "full"])
+def test_budgets_count_valid_tokens_only_and_padding_is_never_kept(strategy):
+    f = _features()
+    sel = TokenSelector(SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=2), tokens=16, channels=8)
+    att = torch.rand(3, 16)
+    att[:, 8:] += 10.0  # the padding looks most attended: it must still not be kept
+    ctx = Context(selector=sel, cls_attention=att)
+    valid = _padded_valid()
+    for r in (0.1, 0.25, 0.5, 1.0):
+        keep = keep_mask(strategy, f, r, "per-crop", ctx, valid)
+        assert not (keep & ~valid).any(), (strategy, r)
+        want = [16, 8, 12] if strategy == "full" else [max(1, round(r * n)) for n in (16, 8, 12)]
+        assert keep.sum(1).tolist() == want, (strategy, r)
+        glob = keep_mask(strategy, f, r, "global", ctx, valid)
+        assert not (glob & ~valid).any() and int(glob.sum()) == (36 if strategy == "full" else max(1, round(r * 36)))
+
+
+@pytest.mark.parametrize("strategy", ["random", "attention", "diversity", "selector"])
+def test_an_all_valid_mask_changes_nothing(strategy):
+    f = _features()
+    sel = TokenSelector(SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=2), tokens=16, channels=8)
+    for budget in ("per-crop", "global"):
+        a = keep_mask(strategy, f, 0.25, budget, Context(selector=sel, cls_attention=torch.rand(3, 16,
+                      generator=torch.Generator().manual_seed(1)), generator=torch.Generator().manual_seed(2)))
+        b = keep_mask(strategy, f, 0.25, budget, Context(selector=sel, cls_attention=torch.rand(3, 16,
+                      generator=torch.Generator().manual_seed(1)), generator=torch.Generator().manual_seed(2)),
+                      torch.ones(3, 16, dtype=torch.bool))
+        assert torch.equal(a, b)
+
+
+def test_valid_tokens_match_the_models_unpadding(tiny_model):
+    """valid_tokens marks exactly the tokens pack_image_features keeps (a wide image pads its grid crops)."""
+    from PIL import Image
+
+    from pipeline.prune import encode_images, valid_tokens, visual_embeddings
+
+    model, processor = tiny_model
+    wide = Image.new("RGB", (160, 64), "white")  # canvas 64x192: 1x3 grid, outer crops partly padding
+    feats = encode_images(model, processor, [wide])[0]
+    valid = valid_tokens(model, feats.crops, feats.tokens_per_crop, feats.image_size)
+    assert torch.equal(valid, feats.valid) and valid[0].all() and not valid.all()
+    full = visual_embeddings(model, feats).shape[0]
+    only_valid = visual_embeddings(model, feats, valid).shape[0]
+    assert full == only_valid  # keeping padding adds nothing: unpadding drops it anyway
+    rows = int((valid[1:].view(3, 8, 8).any(dim=2)).any(dim=0).sum())  # grid rows that keep a token: newlines
+    assert full == int(valid.sum()) + rows

@@ -48,8 +48,10 @@ def trained(features):
 def test_selector_beats_random_on_held_out_crops(trained):
     _, _, _, out = trained
     rows = {(r["strategy"], r["retention"]): r for r in out["manifest"]["selector_metrics"]}
-    assert {r for _, r in rows} == {0.1, 0.25, 0.5, 0.75}
+    assert {r for _, r in rows} == {0.1, 0.25, 0.5, 0.75, 1.0}
     sel, rnd = rows[("selector", 0.25)], rows[("random", 0.25)]
+    every = rows[("selector", 1.0)]["recon_mse"]  # every token kept: the reconstruction floor
+    assert every == rows[("random", 1.0)]["recon_mse"] and every < 0.6 * rnd["recon_mse"], (every, rnd)
     assert sel["recon_mse"] < 0.85 * rnd["recon_mse"], (sel, rnd)
     assert sel["glyph_coverage"] > 1.5 * rnd["glyph_coverage"], (sel, rnd)
     assert abs(rnd["glyph_coverage"] - 0.25) < 0.05  # random keeps a quarter of the glyph tokens
@@ -78,7 +80,7 @@ def test_records_in_duckdb_and_mlflow(trained):
                            "FROM selector_metrics WHERE run_id = ?", [out["run_id"]]).fetchall()
         stage = con.execute("SELECT cached FROM stage_runs WHERE run_id = ? AND stage = 'train'",
                             [out["run_id"]]).fetchone()
-    assert len(rows) == 12 and stage == (False,)
+    assert len(rows) == 15 and stage == (False,)  # 5 retentions x 3 strategies
     assert all(r[4] == "held-out" and r[5].endswith("selector-p0.25.safetensors") for r in rows)
 
     from mlflow import MlflowClient

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.config import ConfigError
 
-from .common import MODEL_HELP, add_command, add_retentions_option, parse_retentions
+from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions
 
 DEFAULT_RETENTIONS = "0.5,0.25,0.11"
 
@@ -48,6 +48,7 @@ def bench_parser(sub, common) -> None:
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: one per core, as every atr command; ATR_TORCH_THREADS also sets it)")
+    add_compute_options(p)
     p.add_argument("--load-threshold", type=float, default=0.2,
                    help="mean CPU cores used by other processes above which the run is flagged untrustworthy "
                         "(default: 0.2)")
@@ -73,7 +74,8 @@ def check_args(args) -> dict[str, Any]:
     return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
             "batch_size": args.batch_size, "shard_size": args.shard_size,
-            "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads}
+            "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads,
+            "device": args.device, "model_dtype": args.dtype}
 
 
 def cmd_bench(home, args) -> int:

@@ -68,6 +68,16 @@ def add_retentions_option(p, default: str | None, help: str, alias: bool = False
     p.add_argument(*names, **kwargs)
 
 
+def add_compute_options(p, dtype: bool = True) -> None:
+    """``--device`` (and ``--dtype``): where the model runs and in which precision."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs: auto (CUDA when present), cpu or cuda (default: auto)")
+    if dtype:
+        p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                       help="the model's weights and activations: auto (bf16 on a CUDA device that supports it, "
+                            "else fp16; fp32 on the CPU), bf16, fp16 or fp32 (default: auto)")
+
+
 def add_dask_options(p) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dask-address", metavar="ADDR", default=None,
@@ -96,5 +106,6 @@ def preflight(model: str, images: str | None = None, seed: int = 0, tiny_world: 
         open_source(images, seed=seed)
 
 
-__all__ = ["MODEL_HELP", "add_command", "wrap", "parse_retentions", "add_retentions_option", "add_dask_options",
+__all__ = ["MODEL_HELP", "add_command", "wrap", "parse_retentions", "add_retentions_option", "add_compute_options",
+           "add_dask_options",
            "on_dask", "preflight"]

@@ -9,6 +9,7 @@ from pipeline.errors import UserError
 from .common import (
     MODEL_HELP,
     add_command,
+    add_compute_options,
     add_dask_options,
     add_retentions_option,
     on_dask,
@@ -46,6 +47,7 @@ def eval_parser(sub, common) -> None:
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
     p.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default: 16)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the random strategy (default: 3)")
+    add_compute_options(p)
     add_dask_options(p)
 
 
@@ -77,7 +79,8 @@ def cmd_eval(home, args) -> int:
     else:
         strategies = ("full", "none", "random", *(("selector",) if args.selector else ()), "attention", "diversity")
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
-                     budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size)
+                     budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
+                     device=args.device, model_dtype=args.dtype)
     data = _parse_data(args.data, benchmarks)
     if "selector" in strategies and not args.selector:
         raise UserError(SELECTOR_NEEDED)

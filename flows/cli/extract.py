@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .common import MODEL_HELP, add_command, add_dask_options, on_dask, preflight
+from .common import MODEL_HELP, add_command, add_compute_options, add_dask_options, on_dask, preflight
 
 
 def extract_parser(sub, common) -> None:
@@ -30,6 +30,7 @@ def extract_parser(sub, common) -> None:
                         "training (default: all)")
     p.add_argument("--batch-size", type=int, default=16, help="images per vision-tower batch (default: 16)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
+    add_compute_options(p)
     add_dask_options(p)
 
 
@@ -40,7 +41,8 @@ def cmd_extract(home, args) -> int:
     from ..present import progress
 
     cfg = ExtractConfig(images=args.images, limit=args.limit or None, seed=args.seed, crops=args.crops,
-                        batch_size=args.batch_size, shard_size=args.shard_size)
+                        batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
+                        model_dtype=args.dtype)
     preflight(args.model, cfg.images, cfg.seed)
     t0 = time.perf_counter()
     progress.enable(True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from pipeline.config import ConfigError
 from pipeline.errors import MissingFile
 
-from .common import MODEL_HELP, add_command, add_retentions_option, parse_retentions
+from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions
 
 DEFAULT_OUT = "mask.png"
 
@@ -32,8 +32,9 @@ def mask_parser(sub, common) -> None:
         description="Run the model's vision tower on one image (every AnyRes crop), apply a trained token "
                     "selector at --retentions R and draw, per crop, the kept tokens (outlined) and the dropped "
                     "ones (dimmed) next to a random selection of the same size, like Fig. 1 of the paper. "
-                    "Row 0 is the base crop (the whole image); the grid crops follow in raster order, with "
-                    "any padding drawn black. Read-only apart from preparing --model if it is not yet prepared: no "
+                    "Row 0 is the base crop (the whole image); the grid crops follow in raster order. Tokens "
+                    "on canvas padding, which LLaVA-NeXT's unpadding drops, are greyed out and never kept: "
+                    "k = round(R * the crop's valid tokens). Read-only apart from preparing --model if it is not yet prepared: no "
                     "flow runs and nothing is recorded in the results store.",
         epilog="examples:\n"
                "  atr mask --selector 3f2a --image photo.jpg --retentions 0.25\n"
@@ -48,17 +49,19 @@ def mask_parser(sub, common) -> None:
                    help=MODEL_HELP + " (must be the model the selector was trained on; default: tiny-trained)")
     p.add_argument("--image", required=True, metavar="PATH", help="the image file to draw on (jpg/png/webp)")
     add_retentions_option(p, None, alias=True,
-                          help="one fraction of tokens to keep per crop, in (0, 1]; k = round(R * tokens per crop) "
+                          help="one fraction of tokens to keep per crop, in (0, 1]; k = round(R * the crop's valid tokens) "
                                "(--retention is the same option)")
     p.add_argument("--out", default=None, metavar="PNG",
                    help=f"where to write the overlay PNG (default: ./{DEFAULT_OUT}, or none when only --json "
                         "is given)")
     p.add_argument("--json", action="store_true",
-                   help='print {"crops": [{"box": [x0, y0, x1, y1], "grid": [rows, cols], "kept": [...]}, ...], '
-                        '"random": [...], "retention": R, "k": k} to stdout and nothing else: one entry per crop, '
-                        "box in original-image pixels, grid = the crop's token grid, kept = the selector's sorted "
-                        "token indices (raster order; random: the baseline's)")
+                   help='print {"crops": [{"box": [x0, y0, x1, y1], "grid": [rows, cols], "valid": V, "k": k, '
+                        '"kept": [...]}, ...], "random": [...], "retention": R, "k": [k per crop]} to stdout and '
+                        "nothing else: one entry per crop, box in original-image pixels, grid = the crop's token "
+                        "grid, valid = its tokens that survive unpadding, k = round(R * valid), kept = the "
+                        "selector's sorted token indices (raster order; random: the baseline's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline column (default: 0)")
+    add_compute_options(p)
 
 
 def load_image(path: str):
@@ -79,8 +82,10 @@ def check_out(out: Path) -> None:
         raise ConfigError(f"--out {out} is a directory; give a .png file name")
 
 
-def mask_tokens(home, selector_ref: str, model: str, image, retention: float, seed: int) -> dict:
+def mask_tokens(home, selector_ref: str, model: str, image, retention: float, seed: int,
+                device: str = "auto", dtype: str = "auto") -> dict:
     """Everything the outputs need: layout, kept indices (selector and random), counts, the checkpoint."""
+    from pipeline.device import compute
     from pipeline.masks import encoder_shape, kept_tokens
     from pipeline.presets import load_model
     from pipeline.train import selector_from_checkpoint
@@ -89,8 +94,9 @@ def mask_tokens(home, selector_ref: str, model: str, image, retention: float, se
     from ..stages.prepare_model import prepare_model
 
     ckpt = resolve_selector(home, selector_ref, retention)
+    device, dtype = compute(device, dtype)
     model_stage = prepare_model(home, model)
-    llava, processor = load_model(model_stage.model_dir)
+    llava, processor = load_model(model_stage.model_dir, dtype=dtype, device=device)
     tokens, channels = encoder_shape(llava, processor)
     loaded = load_selector(ckpt, selector_from_checkpoint, expect_channels=channels, expect_tokens=tokens)
     warnings = []
@@ -116,16 +122,17 @@ def cmd_mask(home, args) -> int:
         check_out(out)
     seed = int(getattr(args, "seed", 0) or 0)
     image = load_image(args.image)
-    res = mask_tokens(home, args.selector, getattr(args, "model", "tiny") or "tiny", image, retention, seed)
+    res = mask_tokens(home, args.selector, getattr(args, "model", "tiny") or "tiny", image, retention, seed,
+                      getattr(args, "device", "auto"), getattr(args, "dtype", "auto"))
     for w in res["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     if out is not None:
         draw_mask(res, image, retention, seed, out, Path(args.image).name)
         kept_sel = sum(len(r) for r in res["selector"])
-        total = len(res["boxes"]) * res["tokens"]
-        line = (f"mask: wrote {out} ({len(res['boxes'])} crops, {res['k']}/{res['tokens']} tokens kept per crop, "
-                f"{kept_sel}/{total} in all; selector {res['checkpoint']} trained at p={res['trained_retention']:g} "
-                f"vs random seed {seed})")
+        padding = len(res["boxes"]) * res["tokens"] - sum(res["valid"])
+        line = (f"mask: wrote {out} ({len(res['boxes'])} crops, {res['k'][0]}/{res['tokens']} tokens kept in the "
+                f"base crop, {kept_sel}/{sum(res['valid'])} valid tokens in all, {padding} padding tokens never "
+                f"kept; selector {res['checkpoint']} trained at p={res['trained_retention']:g} vs random seed {seed})")
         print(line, file=sys.stderr if want_json else sys.stdout)
     if want_json:
         sys.stdout.write(json.dumps(mask_json(res, retention)) + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .common import MODEL_HELP, add_command, add_retentions_option, parse_retentions, preflight
+from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions, preflight
 
 
 def train_parser(sub, common) -> None:
@@ -42,6 +42,10 @@ def train_parser(sub, common) -> None:
                    help="steps between resumable checkpoints (default: 250)")
     p.add_argument("--held-out-percent", type=int, default=10,
                    help="percent of images (by hash of image id) held out for evaluation (default: 10)")
+    add_compute_options(p)
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="train the selector under bfloat16 autocast on CUDA (default: none; --dtype is the "
+                        "model's precision when features are extracted first)")
 
 
 def cmd_train(home, args) -> int:
@@ -58,10 +62,15 @@ def cmd_train(home, args) -> int:
     user_set = {k for k, v in user.items() if v is not None}
     selector = SelectorConfig(seed=args.seed, **{k: v for k, v in user.items() if v is not None})
     cfg = TrainConfig(selector=selector, retentions=parse_retentions(args.retentions),
-                      held_out_percent=args.held_out_percent, checkpoint_every=args.checkpoint_every)
+                      held_out_percent=args.held_out_percent, checkpoint_every=args.checkpoint_every,
+                      device=args.device, autocast=args.autocast)
+    from pipeline.device import resolve_device
+
+    resolve_device(cfg.device)  # --device cuda without CUDA: one line before any flow starts
     extract = None
     if args.features is None:
-        ext = ExtractConfig(images=args.images, limit=args.limit or None, crops=args.crops)
+        ext = ExtractConfig(images=args.images, limit=args.limit or None, crops=args.crops, device=args.device,
+                            model_dtype=args.dtype)
         preflight(args.model, ext.images, ext.seed)
         extract = ext.to_dict()
     else:

@@ -47,8 +47,9 @@ def prepare_model_task(home: str, model: str, cache_key: str, tiny_world: dict[s
 
 
 @task(name="extract-shard", **_CACHED)
-def extract_shard_task(home: str, plan: ExtractPlan, index: int, cache_key: str) -> dict[str, Any]:
-    return extract_shard(home, plan, index)
+def extract_shard_task(home: str, plan: ExtractPlan, index: int, cache_key: str,
+                       items: list | None = None) -> dict[str, Any]:
+    return extract_shard(home, plan, index, items)
 
 
 @task(name="train", **_CACHED)

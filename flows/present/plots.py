@@ -130,6 +130,7 @@ def plot_speedups(prefill: dict, path: Path, title: str = "") -> Path:
 SELECTOR_EDGE = "#ff3b30"   # kept-token outline, selector column
 RANDOM_EDGE = "#00c7ff"     # kept-token outline, random column
 DIM_RGBA = (0.08, 0.08, 0.08, 0.72)  # overlay on dropped tokens
+PADDING_RGBA = (0.55, 0.55, 0.55, 0.92)  # overlay on padding tokens (dropped by unpadding, never kept)
 
 
 def _crop_title(i: int, grid: tuple[int, int]) -> str:
@@ -139,7 +140,7 @@ def _crop_title(i: int, grid: tuple[int, int]) -> str:
     return f"grid crop r{r} c{c}"
 
 
-def _draw_panel(ax, image, box, side: int, kept: list[int], cls_offset: int, edge: str) -> None:
+def _draw_panel(ax, image, box, side: int, kept: list[int], valid: list[int], cls_offset: int, edge: str) -> None:
     import numpy as np
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
@@ -157,8 +158,11 @@ def _draw_panel(ax, image, box, side: int, kept: list[int], cls_offset: int, edg
     cells = [t - cls_offset for t in kept if t >= cls_offset]  # a CLS token (strategy "full") has no cell
     keep_mask = np.zeros(side * side, dtype=bool)
     keep_mask[cells] = True
+    valid_mask = np.zeros(side * side, dtype=bool)
+    valid_mask[[t - cls_offset for t in valid if t >= cls_offset]] = True
     overlay = np.zeros((side, side, 4))
     overlay[~keep_mask.reshape(side, side)] = DIM_RGBA
+    overlay[~valid_mask.reshape(side, side)] = PADDING_RGBA
     ax.imshow(overlay, extent=(x0, x1, y1, y0), interpolation="nearest", zorder=1)
     tw, th = (x1 - x0) / side, (y1 - y0) / side
     rects = [Rectangle((x0 + (c % side) * tw, y0 + (c // side) * th), tw, th) for c in cells]
@@ -177,7 +181,7 @@ def draw_mask(res: dict[str, Any], image, retention: float, seed: int, out: Path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    n, side, k, tokens = len(res["boxes"]), res["side"], res["k"], res["tokens"]
+    n, side = len(res["boxes"]), res["side"]
     panel = 3.0
     fig = Figure(figsize=(2 * panel, n * (panel + 0.35) + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -185,10 +189,12 @@ def draw_mask(res: dict[str, Any], image, retention: float, seed: int, out: Path
     grid = res["layout"].grid
     for i, box in enumerate(res["boxes"]):
         where = _crop_title(i, grid)
-        _draw_panel(axes[i][0], image, box, side, res["selector"][i], res["cls_offset"], SELECTOR_EDGE)
-        axes[i][0].set_title(f"selector: {k}/{tokens} kept\n{where}", fontsize=9)
-        _draw_panel(axes[i][1], image, box, side, res["random"][i], res["cls_offset"], RANDOM_EDGE)
-        axes[i][1].set_title(f"random (seed {seed}): {k}/{tokens} kept\n{where}", fontsize=9)
+        valid, k = res["valid_indices"][i], res["k"][i]
+        of = f"{k}/{len(valid)} valid kept" + ("" if len(valid) == res["tokens"] else " (grey: padding)")
+        _draw_panel(axes[i][0], image, box, side, res["selector"][i], valid, res["cls_offset"], SELECTOR_EDGE)
+        axes[i][0].set_title(f"selector: {of}\n{where}", fontsize=9)
+        _draw_panel(axes[i][1], image, box, side, res["random"][i], valid, res["cls_offset"], RANDOM_EDGE)
+        axes[i][1].set_title(f"random (seed {seed}): {of}\n{where}", fontsize=9)
     fig.suptitle(f"{image_name}  {image.size[0]}x{image.size[1]}  retention {retention:g}  "
                  f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})", fontsize=9)
     out = Path(out)

@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.bench import LoadSampler, extraction_timings, median, prefill_timings, synchronize, use_sdpa
 from pipeline.config import ExtractConfig
-from pipeline.device import set_torch_threads, torch_facts
+from pipeline.device import compute, set_torch_threads, torch_facts
 from pipeline.presets import cached_model
 from storage.home import Home
 from storage.stages import StageResult
@@ -52,7 +52,8 @@ def bench_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, 
     """The options plus what the run measures on: model key, device, dtype, attention, torch threads."""
     if config.get("threads"):
         set_torch_threads(config["threads"])
-    model, _ = cached_model(str(model_stage.model_dir))
+    resolved = compute(config.get("device", "auto"), config.get("model_dtype", "auto"))
+    model, _ = cached_model(str(model_stage.model_dir), *resolved)
     param = next(model.parameters())
     device, dtype = str(param.device), str(param.dtype).replace("torch.", "")
     ttft = config["ttft"] if config["ttft"] is not None else device.startswith("cuda")
@@ -67,7 +68,8 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
     warnings, the ``bench_results`` rows of run ``run_id`` and the figures against
     their targets. Nothing is recorded here; the extraction runs in a private
     scratch home that is removed at the end."""
-    model, processor = cached_model(str(model_stage.model_dir))
+    model, processor = cached_model(str(model_stage.model_dir), *compute(config.get("device", "auto"),
+                                                                         config.get("model_dtype", "auto")))
     device = config["device"]
     threshold = config["load_threshold"]
     phases = {}

@@ -29,7 +29,7 @@ from . import Mapper, serial
 from .benchmark import synthetic_benchmark
 from .prepare_model import model_stage
 
-EVAL_VERSION = "1"
+EVAL_VERSION = "2"  # 2: budgets count valid tokens, the prompt keeps BOS, the compute is an input
 SYNTHETIC = ("synthetic-ocr", "synthetic-scene")
 SELECTOR_NEEDED = "strategy 'selector' needs --selector (a train stage hash or a .safetensors checkpoint)"
 
@@ -78,19 +78,25 @@ class Chunk:
     retention: float
     seed: int
     key: str
+    device: str = "cpu"              # resolved --device and --dtype the model runs in
+    dtype: str = "float32"
 
 
 def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
-              retention: float, seed: int, cfg: EvalConfig) -> str:
+              retention: float, seed: int, cfg: EvalConfig, compute: str = "cpu-float32") -> str:
     chunk = {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
              "budget": cfg.budget, "limit": cfg.limit}
-    inputs = {"model": model_key, "data": data_fp, **({"selector": selector_sha} if selector_sha else {})}
+    inputs = {"model": model_key, "data": data_fp, "compute": compute,
+              **({"selector": selector_sha} if selector_sha else {})}
     return stage_key("eval", EVAL_VERSION, chunk, inputs)
 
 
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
               data: dict[str, str]) -> list[Chunk]:
     """Every chunk of an evaluation with its content-hashed key (fails fast, one line, on bad inputs)."""
+    from pipeline.device import compute
+
+    device, dtype = compute(cfg.device, cfg.model_dtype)
     if "selector" in cfg.strategies and not selector:
         raise ConfigError(SELECTOR_NEEDED)
     sel_sha = {}
@@ -104,8 +110,8 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
         fp = files_fingerprint(files)
         for strategy, retention, seed in cfg.chunks():
             key = chunk_key(model.key, fp, sel_sha.get(retention) if strategy == "selector" else None,
-                            bench, strategy, retention, seed, cfg)
-            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key))
+                            bench, strategy, retention, seed, cfg, f"{device}-{dtype}")
+            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key, device, dtype))
     return plan
 
 
@@ -121,7 +127,7 @@ def eval_chunk(home: str | Home, chunk: Chunk, model_key: str, config: dict[str,
     def build(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
         model_dir = model_stage(home, model_key).model_dir
-        model, processor = cached_model(str(model_dir))
+        model, processor = cached_model(str(model_dir), c.device, c.dtype)
         loaded = None
         if c.strategy == "selector":
             loaded = eval_selector(home, selector, c.retention, model_stage(home, model_key)).selector
@@ -133,6 +139,7 @@ def eval_chunk(home: str | Home, chunk: Chunk, model_key: str, config: dict[str,
         return {"config": {"benchmark": c.benchmark, "strategy": c.strategy, "retention": c.retention,
                            "seed": c.seed, "budget": cfg.budget, "limit": cfg.limit},
                 "inputs": {"model": model_key, "files": list(c.files), "selector": selector},
+                "compute": {"device": c.device, "dtype": c.dtype},
                 "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
                             "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms},
                 "counts": {"samples": res.n_samples}, "code_version": code_version(),

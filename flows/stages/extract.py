@@ -23,7 +23,8 @@ from typing import Any, Callable
 from pipeline.config import ConfigError, ExtractConfig
 from pipeline.presets import cached_model
 from storage.home import Home
-from storage.shards import drop_shard_records, shard_name, shard_record, write_shard, write_shard_record
+from storage.shards import (drop_shard_records, merge_channel_sums, shard_name, shard_record, write_shard,
+                            write_shard_record, write_shard_sums)
 from storage.stages import StageDir, StageResult, code_version, run_stage, stage_key
 
 from ..present import progress
@@ -42,6 +43,8 @@ class ExtractPlan:
     source_fingerprint: str
     config: ExtractConfig
     n_items: int
+    device: str = "cpu"              # resolved --device and --dtype the tower runs in
+    dtype: str = "float32"
 
     @property
     def n_shards(self) -> int:
@@ -52,30 +55,34 @@ class ExtractPlan:
         return index * size, min((index + 1) * size, self.n_items)
 
 
-def plan_extract(model_stage: StageResult, config: ExtractConfig) -> ExtractPlan:
+def plan_extract(model_stage: StageResult, config: ExtractConfig, source=None) -> ExtractPlan:
+    """The plan of an extraction; ``source`` (an open ImageSource of ``config.images``) saves a rescan."""
+    from pipeline.device import compute
     from pipeline.images import open_source
 
-    source = open_source(config.images, seed=config.seed)
+    source = source or open_source(config.images, seed=config.seed)
     items = source.items(config.limit)
     if not items:
         raise ConfigError(f"image source {config.images!r} yields no images")
     fingerprint = source.fingerprint(limit=config.limit)
-    from pipeline.device import default_device
-
-    # Features computed on CUDA in fp16 differ from CPU fp32 ones, so where they ran is an input.
+    device, dtype = compute(config.device, config.model_dtype)
+    # Features computed on CUDA in bf16 differ from CPU fp32 ones, so where they ran is an input.
     key = stage_key("extract", EXTRACT_VERSION, config.cache_relevant(),
-                    {"model": model_stage.key, "images": fingerprint, "compute": "-".join(default_device())})
-    return ExtractPlan(key, model_stage.key, str(model_stage.model_dir), fingerprint, config, len(items))
+                    {"model": model_stage.key, "images": fingerprint, "compute": f"{device}-{dtype}"})
+    return ExtractPlan(key, model_stage.key, str(model_stage.model_dir), fingerprint, config, len(items),
+                       device, dtype)
 
 
-def extract_shard(home: str | Home, plan: ExtractPlan, index: int,
+def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list | None = None,
                   on_images: Callable[[int], None] | None = progress.advance) -> dict[str, Any]:
     """Compute and write one shard into the stage's work dir; return its record.
 
-    The shard record (``_shards/NNNNNN.json``: counts, skipped files, sha256) is
-    written after the tar; a shard with both is done and is returned without
-    model work when an interrupted run resumes."""
-    from pipeline.extract import FeatureExtractor, glyph_mask
+    ``items`` are the shard's ImageItems (the stage passes them so a folder is
+    scanned once; without them they are listed again). The shard record
+    (``_shards/NNNNNN.json``: counts, skipped files, sha256) is written after the
+    tar and the shard's channel sums; a shard with all three is done and is
+    returned without model work when an interrupted run resumes."""
+    from pipeline.extract import ChannelSums, FeatureExtractor, glyph_mask
     from pipeline.images import BadImage, open_source
 
     home = Home.resolve(home)
@@ -86,9 +93,11 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int,
     t0 = time.perf_counter()
     cfg = plan.config
     lo, hi = plan.shard_items(index)
-    items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)[lo:hi]
-    model, processor = cached_model(plan.model_dir)
+    if items is None:
+        items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)[lo:hi]
+    model, processor = cached_model(plan.model_dir, plan.device, plan.dtype)
     fx = FeatureExtractor(model, processor, crops=cfg.crops)
+    sums = ChannelSums(fx.feature_dim)  # so the train stage needs no second pass over the shards
     samples: list[tuple[str, Any, dict[str, Any]]] = []
     skipped: list[dict[str, str]] = []
     tower_seconds = 0.0
@@ -114,7 +123,9 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int,
                         "glyph_mask": None if li.glyph_boxes is None else
                         glyph_mask(boxes, fx.side, li.glyph_boxes).astype(int).tolist(),
                         "n_glyphs": None if li.glyph_boxes is None else len(li.glyph_boxes)}
-                samples.append((f"s{item.index:09d}", feat.astype(cfg.dtype), meta))
+                stored = feat.astype(cfg.dtype)
+                samples.append((f"s{item.index:09d}", stored, meta))
+                sums.add(str(item.image_id), stored)
         if on_images:
             on_images(len(batch))
     info = {"index": index, "images": len(items), "samples": len(samples), "skipped": skipped,
@@ -123,7 +134,7 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int,
     # The tar lands first, its record second; a shard counts as done only with both.
     written = write_shard(work / shard_name(index), samples)
     info.update(sha256=written["sha256"], bytes=written["bytes"], name=written["name"],
-                seconds=time.perf_counter() - t0)
+                channel_sums=write_shard_sums(work, index, sums.array), seconds=time.perf_counter() - t0)
     write_shard_record(work, index, info)
     return info
 
@@ -133,10 +144,14 @@ def extract(home: Home, config: ExtractConfig, model_stage: StageResult, *, forc
     """Features of ``config.images`` under the model of ``model_stage``, one unit per missing shard.
 
     ``force`` recomputes every shard (``atr run --from extract``)."""
+    from pipeline.images import open_source
+
     t0 = time.perf_counter()
-    plan = plan_extract(model_stage, config)
+    source = open_source(config.images, seed=config.seed)
+    plan = plan_extract(model_stage, config, source)
 
     def build(work: Path) -> dict[str, Any]:
+        items = source.items(config.limit)  # the scan plan_extract made, not a new one
         done = [shard_record(work, i) is not None for i in range(plan.n_shards)]
         remote = getattr(mapper, "remote", False)  # units in other processes advance no bar here
         with progress.bar(f"extract {config.images}", total=plan.n_items) as bar:
@@ -150,7 +165,8 @@ def extract(home: Home, config: ExtractConfig, model_stage: StageResult, *, forc
                 if remote and not done[i]:  # in-process units advance the bar per batch themselves
                     bar.advance(images(i))
 
-            calls = [{"home": str(home.root), "plan": plan, "index": i} for i in range(plan.n_shards)]
+            calls = [{"home": str(home.root), "plan": plan, "index": i, "items": items[slice(*plan.shard_items(i))]}
+                     for i in range(plan.n_shards)]
             records = mapper(extract_shard, calls, [shard_key(plan, i) for i in range(plan.n_shards)], advance)
         return extract_manifest(work, plan, records, time.perf_counter() - t0, resumed_shards=sum(done))
 
@@ -201,6 +217,8 @@ def extract_manifest(work: Path, plan: ExtractPlan, records: list[dict[str, Any]
         "tower_seconds": tower,
         "images_per_second": images / work_seconds if work_seconds > 0 else None,
         "device": records[0].get("device"),
+        "compute": {"device": plan.device, "dtype": plan.dtype},
+        "channel_sums": merge_channel_sums(work, records),
     }
     drop_shard_records(work)
     return manifest

@@ -23,18 +23,18 @@ import numpy as np
 from pipeline.config import ConfigError
 from pipeline.selector_eval import held_out_metrics
 from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, is_held_out,
-                            selector_from_tensors, selector_tensors)
+                            selector_from_tensors, selector_tensors, statistics_from_sums)
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
-from storage.loader import feature_loader
-from storage.shards import ShardError, iter_features
+from storage.loader import feature_loader, unwrapped
+from storage.shards import ShardError, iter_features, read_channel_sums
 from storage.stages import (StageError, StageResult, code_version, find_stage, read_manifest, run_stage, stage_key,
                             write_json_atomic)
 
 from ..present import progress
 from ..present.plots import plot_selector_metrics
 
-TRAIN_VERSION = "2"  # 2: crops read through DataLoader workers (another crop order)
+TRAIN_VERSION = "3"  # 2: crops read through DataLoader workers; 3: the reconstructor ends in a projection
 EVAL_MAX_CROPS = 2048
 
 
@@ -43,7 +43,11 @@ def checkpoint_name(retention: float) -> str:
 
 
 def train_key(features: StageResult, cfg: TrainConfig) -> str:
-    return stage_key("train", TRAIN_VERSION, cfg, {"features": features.key})
+    """The stage key: the config (``device`` as resolved, an input) and the features' key."""
+    from pipeline.device import resolve_device
+
+    config = {k: v for k, v in cfg.to_dict().items() if k != "device"}
+    return stage_key("train", TRAIN_VERSION, config, {"features": features.key, "device": resolve_device(cfg.device)})
 
 
 class _Progress(Callback):
@@ -104,9 +108,12 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
     ``callbacks(p)`` adds training callbacks for the selector at p (the orchestration
     layer attaches MLflow curves). ``force`` retrains from scratch even when the stage
     is complete (``atr run --from train``)."""
+    from pipeline.device import resolve_device
+
     t0 = time.perf_counter()
     cfg = config
     key = train_key(features, cfg)
+    device = resolve_device(cfg.device)
     fm = features.manifest
     tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
 
@@ -114,8 +121,12 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
         try:
             fdir = Path(features.path)
             pct = cfg.held_out_percent
-            mean, std, n_tokens = channel_statistics(
-                batched((f for f, _ in _split_crops(fdir, fm, False, pct)), 256, drop_last=False))
+            sums = read_channel_sums(fdir, fm)
+            if sums is not None and sums.shape[1] == 1 + 2 * channels:  # accumulated during extraction
+                mean, std, n_tokens = statistics_from_sums(sums, pct)
+            else:  # extracted before the sums existed, or sums that do not fit the manifest: one pass
+                mean, std, n_tokens = channel_statistics(
+                    batched((f for f, _ in _split_crops(fdir, fm, False, pct)), 256, drop_last=False))
             encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
                        "features_key": features.key, "tokens": tokens, "channels": channels}
             selectors, timings = {}, {}
@@ -125,20 +136,24 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
                 final = work / f"{name}.safetensors"
                 if final.is_file():
                     tensors, _ = load_checkpoint(final, channels, tokens)
-                    selectors[float(p)] = selector_from_tensors(scfg, tokens, channels, tensors)
+                    selectors[float(p)] = selector_from_tensors(scfg, tokens, channels, tensors).to(device)
                     continue
                 t1 = time.perf_counter()
-                trainer = Trainer(scfg, tokens, channels)
-                trainer.model.set_statistics(mean, std)
+                trainer = Trainer(scfg, tokens, channels, device=device, autocast=cfg.autocast)
+                trainer.model.set_statistics(mean.to(device), std.to(device))
                 last = work / f"last-p{p:g}.safetensors"
                 if last.is_file():
                     tensors, meta = load_checkpoint(last)
-                    trainer.load_state(tensors, meta)
-                # Shards are decoded in DataLoader worker processes while this one trains.
-                batches = iter(feature_loader(fdir, fm, scfg.batch_size,
-                                              keep_image=functools.partial(_in_train_split, pct),
-                                              seed=scfg.seed + trainer.step, buffer_size=cfg.shuffle_buffer,
-                                              workers=cfg.loader_workers))
+                    trainer.load_state({k: v.to(device) if k.startswith("model.") else v for k, v in tensors.items()},
+                                       meta)
+                # Shards are decoded in DataLoader worker processes while this one trains. The crop
+                # order is a function of the seed alone: a resumed run skips the batches already used.
+                batches = unwrapped(feature_loader(fdir, fm, scfg.batch_size,
+                                                   keep_image=functools.partial(_in_train_split, pct),
+                                                   seed=scfg.seed, buffer_size=cfg.shuffle_buffer,
+                                                   workers=cfg.loader_workers))
+                for _ in range(trainer.step):
+                    next(batches)
                 attached = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last),
                             *callbacks(p)]
                 with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
