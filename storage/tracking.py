@@ -6,6 +6,7 @@ to `{home}/mlartifacts`; MLFLOW_TRACKING_URI overrides the tracking store.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -66,10 +67,20 @@ class Tracker:
         self.uri = tracking_uri(home)
         if self.uri.startswith("sqlite:"):
             home.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # SQLAlchemy deprecation noise from MLflow's store
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.experiment_id = self._experiment_id(experiment, home / "mlartifacts")
+        # A fresh sqlite store is created by alembic migrations on first use; two processes doing
+        # that at once (two `atr` commands on a new home) collide, so the first use is serialized.
+        lock = open(home / ".mlflow.lock", "w") if self.uri.startswith("sqlite:") else None
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            with warnings.catch_warnings():  # SQLAlchemy deprecation noise from MLflow's store
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._experiment_id(experiment, home / "mlartifacts")
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
 
     def _experiment_id(self, name: str, artifacts: Path) -> str:
         found = self.client.get_experiment_by_name(name)
