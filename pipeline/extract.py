@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import ConfigError
+from .train import split_bucket
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
 
@@ -97,8 +98,6 @@ class ChannelSums:
 
     def add(self, image_id: str, features: np.ndarray) -> None:
         """Add one image's features (crops, L, C)."""
-        from .train import split_bucket
-
         x = np.asarray(features).astype(np.float64).reshape(-1, features.shape[-1])
         row = self.array[split_bucket(image_id)]
         c = x.shape[1]

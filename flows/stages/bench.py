@@ -68,9 +68,8 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
     warnings, the ``bench_results`` rows of run ``run_id`` and the figures against
     their targets. Nothing is recorded here; the extraction runs in a private
     scratch home that is removed at the end."""
-    model, processor = cached_model(str(model_stage.model_dir), *compute(config.get("device", "auto"),
-                                                                         config.get("model_dtype", "auto")))
-    device = config["device"]
+    device = config["device"]  # resolved by bench_config, as is config["dtype"]
+    model, processor = cached_model(str(model_stage.model_dir), device, config["dtype"])
     threshold = config["load_threshold"]
     phases = {}
     with LoadSampler(threshold=threshold) as sampler:

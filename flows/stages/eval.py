@@ -126,11 +126,11 @@ def eval_chunk(home: str | Home, chunk: Chunk, model_key: str, config: dict[str,
 
     def build(work: Path) -> dict[str, Any]:
         t0 = time.perf_counter()
-        model_dir = model_stage(home, model_key).model_dir
-        model, processor = cached_model(str(model_dir), c.device, c.dtype)
+        model_result = model_stage(home, model_key)
+        model, processor = cached_model(str(model_result.model_dir), c.device, c.dtype)
         loaded = None
         if c.strategy == "selector":
-            loaded = eval_selector(home, selector, c.retention, model_stage(home, model_key)).selector
+            loaded = eval_selector(home, selector, c.retention, model_result).selector
             loaded = loaded.to(model.device)
         rows = benchmark_items(c.benchmark, [Path(f) for f in c.files], cfg.limit)
         res = evaluate_chunk(model, processor, c.benchmark, rows, c.strategy, c.retention, c.seed, cfg.budget,
