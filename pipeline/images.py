@@ -22,7 +22,6 @@ Decoding a file (``decode_image``) is strict and bounded:
 from __future__ import annotations
 
 import colorsys
-import functools
 import hashlib
 import json
 import os
@@ -30,7 +29,6 @@ import random
 import re
 import warnings
 from dataclasses import dataclass
-from math import ceil
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +37,17 @@ from PIL import Image, ImageDraw, ImageFile, ImageFont, ImageOps
 
 from .config import ConfigError
 from .errors import MissingFile, UserError
+from .fonts import font, fonts_fingerprint
 
 SYNTHETIC_KINDS = ("docs", "scenes")
-GENERATOR_VERSION = "1"  # bump when the synthetic renderers change
+GENERATOR_VERSION = "2"  # bump when the synthetic renderers change
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused as decompression bombs (PIL's limit is set to this)
 MIN_SIDE = 2  # smaller images (1x1, 40x1) are refused: no crop can be made of them
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-SIZES = (64, 96, 128, 160, 192, 256)  # synthetic widths and heights (aspect <= 3:1)
+SIDES = (48, 240)  # synthetic scenes: any width and height in this range (aspect <= 3:1)
 
 _VALID_FORMS = "synthetic:docs, synthetic:scenes, DIR or dir:DIR (a folder of .jpg/.jpeg/.png/.webp files)"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 Box = tuple[float, float, float, float]
 
@@ -146,8 +144,9 @@ class SyntheticSource(ImageSource):
 
     def fingerprint(self, limit: int | None = None) -> str:
         self._require_limit(limit)
-        # Pillow's version is included because it ships the font the renderer draws with.
-        return _sha256_json("synthetic", self.kind, GENERATOR_VERSION, PIL.__version__, self.seed, limit)
+        # Pillow's version (its FreeType rasterizes the glyphs) and the DejaVu files are part of it.
+        return _sha256_json("synthetic", self.kind, GENERATOR_VERSION, PIL.__version__, fonts_fingerprint(),
+                            self.seed, limit)
 
     @staticmethod
     def _require_limit(limit: int | None) -> None:
@@ -271,53 +270,129 @@ def render_synthetic(kind: str, seed: int, index: int) -> LoadedImage:
 
 
 def _pick_size(rng: random.Random) -> tuple[int, int]:
+    """A scene's (width, height): any integers in ``SIDES``, aspect at most 3:1."""
+    lo, hi = SIDES
     while True:
-        w, h = rng.choice(SIZES), rng.choice(SIZES)
+        w, h = rng.randint(lo, hi), rng.randint(lo, hi)
         if max(w, h) <= 3 * min(w, h):
             return w, h
 
 
-@functools.lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+# Document kinds: (name, weight, width range, height/width range). Real aspect ratios: A4/letter pages,
+# receipts, slides and screenshots, labels; none is tied to the AnyRes pinpoints.
+DOC_KINDS = (("page", 4, (96, 190), (1.25, 1.45)), ("receipt", 1, (64, 96), (2.0, 2.9)),
+             ("slide", 2, (128, 256), (0.55, 0.78)), ("label", 1, (150, 256), (0.34, 0.5)))
+
+
+def _page_size(rng: random.Random) -> tuple[int, int]:
+    _, _, (w_lo, w_hi), (a_lo, a_hi) = rng.choices(DOC_KINDS, weights=[k[1] for k in DOC_KINDS])[0]
+    w = rng.randint(w_lo, w_hi)
+    h = min(256, max(48, round(w * rng.uniform(a_lo, a_hi))))
+    return w, h
 
 
 def _render_doc(rng: random.Random) -> LoadedImage:
-    """Lines of dark A-Z/0-9 words at random places and sizes on a light background."""
-    w, h = _pick_size(rng)
+    """A page of DejaVu text (matplotlib's fonts): an optional bold heading, then paragraphs,
+    lists and mono tables at one body size (7-16 px, scaled to the page), left-aligned in
+    margins, wrapped at word boundaries, filling a random share of the page."""
+    w, h = _page_size(rng)
     bg = (255, 255, 255) if rng.random() < 0.5 else tuple(rng.randint(232, 255) for _ in range(3))
     ink = tuple(rng.randint(0, 70) for _ in range(3))
     img = Image.new("RGB", (w, h), bg)
     draw = ImageDraw.Draw(img)
-    target = rng.uniform(0.05, 0.30) * w * h  # area of line boxes to fill
-    covered, lines = 0, []  # lines: (y0, y1, text, glyph boxes), vertically disjoint
-    for _ in range(60):
-        if covered >= target:
-            break
-        font = _font(rng.randint(7, 16))
-        line_h = sum(font.getmetrics())
-        text = _random_line(rng, font, max_width=rng.randint(w // 4, w - 2))
-        line_w = ceil(font.getlength(text))
-        x, y = rng.randint(1, w - 1 - line_w), rng.randint(0, h - line_h)
-        if any(y <= y1 and y0 <= y + line_h for y0, y1, _, _ in lines):
-            continue
-        lines.append((y, y + line_h, text, _draw_line(draw, font, (x, y), text, ink)))
-        covered += line_w * line_h
-    lines.sort()  # reading order: glyph_boxes follow the characters of text
-    boxes = tuple(_clip(box, w, h) for *_, line_boxes in lines for box in line_boxes)
-    return LoadedImage(img, boxes, "\n".join(text for _, _, text, _ in lines))
-
-
-def _random_line(rng: random.Random, font: ImageFont.FreeTypeFont, max_width: int) -> str:
-    words: list[str] = []
+    body_face = rng.choice(("sans", "serif", "sans", "mono"))
+    size = min(16, max(7, round(min(w, 1.4 * h) * rng.uniform(0.045, 0.085))))
+    margin = max(2, round(w * rng.uniform(0.04, 0.10)))
+    bottom = margin + round((h - 2 * margin) * rng.uniform(0.35, 1.0))  # text fills this much of the page
+    y, lines = margin, []  # lines: (text, glyph boxes), top to bottom
+    blocks = 0
     while True:
-        word = "".join(rng.choices(_ALPHABET, k=rng.randint(1, 7)))
-        if font.getlength(" ".join([*words, word])) > max_width:
-            return " ".join(words) or word[0]
-        words.append(word)
+        kind = "heading" if blocks == 0 and rng.random() < 0.6 else rng.choice(("paragraph", "paragraph", "list",
+                                                                             "table"))
+        blocks += 1
+        if kind == "heading":
+            f = font("sans-bold" if body_face != "serif" else "serif-bold", min(20, round(size * rng.uniform(1.3, 1.7))))
+            texts = [_words(rng, rng.randint(1, 4), title=True)]
+        elif kind == "table":
+            f = font("mono", size)
+            cols = rng.randint(2, 3)
+            texts = ["  ".join(_cell(rng) for _ in range(cols)) for _ in range(rng.randint(2, 5))]
+        else:
+            f = font(body_face, size)
+            items = rng.randint(2, 5) if kind == "list" else 1
+            texts = []
+            for _ in range(items):
+                bullet = rng.choice(("- ", "* ", f"{len(texts) + 1}. ")) if kind == "list" else ""
+                texts += _wrap(rng, f, bullet, rng.randint(6, 40), w - 2 * margin)
+        ascent, descent = f.getmetrics()
+        step = ascent + descent + max(0, round(size * rng.uniform(0.0, 0.35)))
+        for text in texts:
+            if y + ascent + descent > min(bottom, h - 1):
+                return _document(img, w, h, lines)
+            fitted = _fit(f, text, w - margin - 1)
+            if fitted.strip():
+                lines.append((fitted, _draw_line(draw, f, (margin, y), fitted, ink)))
+            y += step
+        y += round(size * rng.uniform(0.5, 1.5))  # the gap between blocks
 
 
-def _draw_line(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, xy: tuple[int, int],
+def _document(img: Image.Image, w: int, h: int, lines) -> LoadedImage:
+    boxes = tuple(_clip(box, w, h) for _, line_boxes in lines for box in line_boxes)
+    return LoadedImage(img, boxes, "\n".join(text for text, _ in lines))
+
+
+_CONSONANTS, _VOWELS = "bcdfghjklmnprstvwxyz", "aeiou"
+
+
+def _word(rng: random.Random) -> str:
+    """A pronounceable pseudo-word (1-4 syllables), sometimes a number."""
+    if rng.random() < 0.1:
+        return str(rng.randint(0, 2000))
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_CONSONANTS) if rng.random() < 0.3
+                                                                      else "")
+                   for _ in range(rng.randint(1, 4)))
+
+
+def _words(rng: random.Random, n: int, title: bool = False) -> str:
+    words = [_word(rng) for _ in range(n)]
+    return " ".join(w.capitalize() for w in words) if title else " ".join(words)
+
+
+def _cell(rng: random.Random) -> str:
+    return rng.choice((_word(rng).capitalize(), f"{rng.randint(0, 999)}.{rng.randint(0, 99):02d}",
+                       str(rng.randint(1, 99999))))
+
+
+def _wrap(rng: random.Random, f: ImageFont.FreeTypeFont, lead: str, n_words: int, width: int) -> list[str]:
+    """Sentences of ``n_words`` pseudo-words, wrapped at word boundaries into lines of at most ``width`` px."""
+    words, sentence = [], 0
+    for _ in range(n_words):
+        word = _word(rng)
+        words.append(word.capitalize() if sentence == 0 else word)
+        sentence += 1
+        if sentence > 3 and rng.random() < 0.2:
+            words[-1] += rng.choice((".", ".", ",", ";", ":"))
+            sentence = 0 if words[-1].endswith(".") else sentence
+    words[-1] = words[-1].rstrip(",;:") + "."
+    lines, line = [], lead
+    for word in words:
+        trial = f"{line} {word}" if line.strip() else line + word
+        if line.strip() and f.getlength(trial) > width:
+            lines.append(line)
+            line = " " * len(lead) + word if lead else word
+        else:
+            line = trial
+    return [*lines, line]
+
+
+def _fit(f: ImageFont.FreeTypeFont, text: str, width: int) -> str:
+    """``text`` cut at the last character that still fits ``width`` px (one long word on a narrow page)."""
+    while text and f.getlength(text) > width:
+        text = text[:-1]
+    return text.rstrip()
+
+
+def _draw_line(draw: ImageDraw.ImageDraw, f: ImageFont.FreeTypeFont, xy: tuple[int, int],
                text: str, ink: tuple[int, ...]) -> list[Box]:
     """Draw ``text`` one character at a time; return each glyph's tight ink box."""
     x, y = xy
@@ -325,10 +400,13 @@ def _draw_line(draw: ImageDraw.ImageDraw, font: ImageFont.FreeTypeFont, xy: tupl
     for k, char in enumerate(text):
         if char.isspace():
             continue
-        cx = x + round(font.getlength(text[:k]))
-        draw.text((cx, y), char, font=font, fill=ink)
-        mask, (dx, dy) = font.getmask2(char, mode="L")  # the same mask draw.text pastes
-        x0, y0, x1, y1 = mask.getbbox()
+        cx = x + round(f.getlength(text[:k]))
+        draw.text((cx, y), char, font=f, fill=ink)
+        mask, (dx, dy) = f.getmask2(char, mode="L")  # the same mask draw.text pastes
+        bbox = mask.getbbox()
+        if bbox is None:  # a character without ink
+            continue
+        x0, y0, x1, y1 = bbox
         boxes.append((cx + dx + x0, y + dy + y0, cx + dx + x1, y + dy + y1))
     return boxes
 

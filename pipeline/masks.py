@@ -97,4 +97,28 @@ def document_share(kept: dict[str, Any], doc_box: tuple[float, float, float, flo
     return share
 
 
-__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share"]
+def padding_share(model, sizes) -> dict[str, float]:
+    """How much of a set of images LLaVA-NeXT's unpadding drops, from the model's own packing.
+
+    ``sizes`` are (width, height). Returns ``images``, ``padded_images`` (the share of
+    images that lose at least one grid row or column) and ``padding_tokens`` (the
+    share of grid-crop tokens dropped; the base crop is never padded)."""
+    from .extract import crop_layout
+
+    cfg = model.config
+    crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
+    tokens = (crop // patch) ** 2 + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+    padded = dropped = grid = 0
+    sizes = list(sizes)
+    for w, h in sizes:
+        crops = len(crop_layout(w, h, crop, cfg.image_grid_pinpoints).boxes)
+        valid = valid_tokens(model, crops, tokens, (h, w))[1:]
+        lost = int((~valid).sum())
+        padded += lost > 0
+        dropped += lost
+        grid += valid.numel()
+    n = max(1, len(sizes))
+    return {"images": len(sizes), "padded_images": padded / n, "padding_tokens": dropped / max(1, grid)}
+
+
+__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share", "padding_share"]

@@ -237,14 +237,5 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
                           streamer=streamer)
 
 
-def random_keep_mask(crops: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
-    """(crops, tokens) mask keeping k = round(retention * tokens) random tokens in every crop."""
-    k = max(1, round(retention * tokens))
-    order = torch.rand(crops, tokens, generator=generator).argsort(dim=1)
-    keep_mask = torch.zeros(crops, tokens, dtype=torch.bool)
-    keep_mask.scatter_(1, order[:, :k], True)
-    return keep_mask
-
-
-__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids", "random_keep_mask",
+__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
            "split_prompt"]

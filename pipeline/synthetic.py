@@ -3,15 +3,25 @@
 Both are generated deterministically from ``(seed, split, index)`` and reproduce
 the paper's two regimes on a model small enough to train on 2 CPUs:
 
-* ``synthetic-ocr``: a mostly white image of one of five aspect ratios (so AnyRes
-  picks different crop grids) holding one short dark code of 1-3 glyphs (A-Z,
-  0-9), each glyph inside one 16-pixel cell. "What is written in the image?"
+* ``synthetic-ocr``: a mostly white image of one of ten sizes (``OCR_SIZES``; so
+  AnyRes picks different crop grids) holding one short dark code of 1-3 glyphs
+  (A-Z, 0-9) in a DejaVu face (sans, bold, serif or mono; ``pipeline.fonts``) at
+  11-15 px, each glyph inside one 16-pixel cell. "What is written in the image?"
   The answer lives in 1-3 of the image's tokens per crop, so *which* tokens are
   kept decides the answer.
 * ``synthetic-scene``: one large coloured shape (50-85 % of the width and height
-  of the image) and one to three small shapes of other colours on a pale background.
+  of the image) and one to three small shapes of other colours on a pale
+  background, at any size from 48 to 208 px a side (aspect at most 3:1).
   "What colour is the large shape?" The answer is spread over many tokens, so
   keeping a random quarter of them is nearly as good as keeping all.
+
+**Real geometry.** Most images fit no AnyRes pinpoint, so their canvas is padded
+and LLaVA-NeXT's unpadding drops rows or columns of grid tokens, as on real
+photos and pages (``pipeline.masks.padding_share`` measures it). Seven of the
+ten OCR sizes are a pinpoint less whole 32-px strips (64x96 lands on 64x128 at
+scale 1): the padding is centred in whole 16-px patches, so every glyph cell
+stays one token, which a 2-layer tower can read. Scenes take any size, so they
+are also resized by arbitrary factors.
 
 Splits are disjoint by construction: every sample has a *content key* (size,
 layout, answer; not the pixel jitter) and a key belongs to exactly one split by
@@ -24,24 +34,29 @@ Rows carry the lmms-lab columns (``question_id``, ``question``, ``answers``,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from .config import ConfigError
+from .fonts import font
 
-GENERATOR_VERSION = "1"  # bump when a renderer changes: it changes every sample
+GENERATOR_VERSION = "2"  # bump when a renderer changes: it changes every sample
 BENCHMARKS = ("synthetic-ocr", "synthetic-scene")
 SPLITS = ("train", "val", "test")
 SPLIT_SHARES = {"train": (0, 80), "val": (80, 90), "test": (90, 100)}  # percent ranges of the key hash
 GLYPHS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 CELL = 16  # pixels: one tiny-trained patch
-SIZES = ((64, 128), (128, 64), (128, 128), (64, 192), (192, 64))  # (height, width) = the AnyRes pinpoints
+# (height, width). The first seven fit no pinpoint (padded by whole 32-px strips); the last three do.
+OCR_SIZES = ((64, 64), (64, 96), (96, 64), (64, 160), (160, 64), (96, 128), (128, 96),
+             (64, 128), (128, 64), (128, 128))
+OCR_FACES = ("sans", "sans-bold", "serif", "mono")
+OCR_FONT_SIZES = (11, 12, 13, 14, 15)
+SCENE_SIDES = (48, 208)  # scene widths and heights are any integer in this range (aspect <= 3:1)
 CODE_LENGTHS = (1, 2, 3)
 CODE_WEIGHTS = (0.6, 0.25, 0.15)
 COLOURS = {
@@ -127,17 +142,13 @@ def _candidates(benchmark: str, split: str, seed: int) -> Iterator[Sample]:
                      key, tuple(boxes))
 
 
-@functools.lru_cache(maxsize=None)
-def _font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
 def _render_ocr(rng: random.Random):
     """Layout first (cheap, gives the content key); pixels only when the key is kept."""
-    h, w = rng.choice(SIZES)
+    h, w = rng.choice(OCR_SIZES)
     n = rng.choices(CODE_LENGTHS, weights=CODE_WEIGHTS)[0]
     code = "".join(rng.choice(GLYPHS) for _ in range(n))
     row, col = rng.randrange(h // CELL), rng.randrange(w // CELL - n + 1)
+    face, size = rng.choice(OCR_FACES), rng.choice(OCR_FONT_SIZES)
     jitter = [(rng.randint(-1, 1), rng.randint(-1, 1)) for _ in range(n)]
     ink = tuple(rng.randint(0, 60) for _ in range(3))
     paper = tuple(rng.randint(240, 255) for _ in range(3))
@@ -146,21 +157,32 @@ def _render_ocr(rng: random.Random):
     def make():
         img = Image.new("RGB", (w, h), paper)
         d = ImageDraw.Draw(img)
-        font = _font(14)
+        f = font(face, size)
         boxes = []
         for k, char in enumerate(code):
-            x0, y0, x1, y1 = font.getbbox(char)
-            cx = (col + k) * CELL + (CELL - (x1 - x0)) // 2 - x0 + jitter[k][0]
-            cy = row * CELL + (CELL - (y1 - y0)) // 2 - y0 + jitter[k][1]
-            d.text((cx, cy), char, font=font, fill=ink)
+            x0, y0, x1, y1 = f.getbbox(char)
+            gw, gh = x1 - x0, y1 - y0
+            # centred in its cell, jittered by a pixel, never across the cell's border
+            left = min(max((CELL - gw) // 2 + jitter[k][0], 0), CELL - gw)
+            top = min(max((CELL - gh) // 2 + jitter[k][1], 0), CELL - gh)
+            cx, cy = (col + k) * CELL + left - x0, row * CELL + top - y0
+            d.text((cx, cy), char, font=f, fill=ink)
             boxes.append((float(cx + x0), float(cy + y0), float(cx + x1), float(cy + y1), char))
         return img, OCR_QUESTION, code, boxes
 
     return key, make
 
 
+def _scene_size(rng: random.Random) -> tuple[int, int]:
+    lo, hi = SCENE_SIDES
+    while True:
+        h, w = rng.randint(lo, hi), rng.randint(lo, hi)
+        if max(h, w) <= 3 * min(h, w):
+            return h, w
+
+
 def _render_scene(rng: random.Random):
-    h, w = rng.choice(SIZES)
+    h, w = _scene_size(rng)
     names = list(COLOURS)
     big = rng.choice(names)
     shape = rng.choice(("rectangle", "ellipse", "triangle"))
@@ -197,5 +219,12 @@ def _shape(d: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], co
         d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
 
 
+def generator_fingerprint() -> str:
+    """What the samples depend on besides (benchmark, split, n, seed): the renderer and its fonts."""
+    from .fonts import fonts_fingerprint
+
+    return f"{GENERATOR_VERSION}:{fonts_fingerprint()}"
+
+
 __all__ = ["Sample", "generate_samples", "chance_accuracy", "split_of", "BENCHMARKS", "SPLITS", "COLOURS", "GLYPHS",
-           "OCR_QUESTION", "SCENE_QUESTION", "GENERATOR_VERSION"]
+           "OCR_QUESTION", "SCENE_QUESTION", "GENERATOR_VERSION", "OCR_SIZES", "generator_fingerprint"]

@@ -38,7 +38,7 @@ from .presets import IMAGE_TOKEN, TinyPreset, build_tiny
 from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
-TINYWORLD_VERSION = "1"  # bump when the recipe changes in a way that changes the trained weights
+TINYWORLD_VERSION = "2"  # bump when the recipe changes in a way that changes the trained weights
 
 TINY_TRAINED_PRESET = TinyPreset(
     name="tiny-trained", patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
@@ -61,7 +61,7 @@ class TinyWorldConfig(Config):
     train_ocr: int = 6000
     train_scene: int = 3000
     seed: int = 0
-    tower_steps: int = 600
+    tower_steps: int = 2500
     tower_batch: int = 128
     tower_lr: float = 3e-3
     steps: int = 2000
@@ -204,19 +204,19 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     return stats
 
 
-def _sample_keep_mask(feats: torch.Tensor, enc: Encoded, config: TinyWorldConfig,
-                 gen: torch.Generator) -> torch.Tensor | None:
+def _sample_keep_mask(feats: torch.Tensor, enc: Encoded, valid: torch.Tensor, config: TinyWorldConfig,
+                      gen: torch.Generator) -> torch.Tensor | None:
     """Pruning augmentation: with ``drop_prob``, keep a random ``drop_retentions`` share of
-    each crop's tokens -- always including the tokens that hold a glyph."""
-    from .prune import random_keep_mask
+    each crop's valid tokens -- always including the tokens that hold a glyph."""
+    from .strategies import Context, keep_mask
 
     if torch.rand((), generator=gen) >= config.drop_prob:
         return None
     r = config.drop_retentions[int(torch.randint(0, len(config.drop_retentions), (), generator=gen))]
-    keep_mask = random_keep_mask(feats.shape[0], feats.shape[1], r, gen)
+    mask = keep_mask("random", feats, r, context=Context(generator=gen), valid=valid)
     if enc.glyph_targets is not None:
-        keep_mask |= enc.glyph_targets > 0
-    return keep_mask
+        mask |= (enc.glyph_targets > 0) & valid
+    return mask
 
 
 def _batch(model, items, keep_masks):
@@ -249,9 +249,12 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
     tower = model.model.vision_tower
     for p in tower.parameters():
         p.requires_grad_(False)
+    from .prune import valid_tokens
+
     with torch.no_grad():
         feats = [tower_features(model, d.pixels) for d in data]
-    items = list(zip(feats, data))
+    valid = [valid_tokens(model, f.shape[0], f.shape[1], d.image_size) for f, d in zip(feats, data)]
+    items = list(zip(feats, data, valid))
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -266,8 +269,8 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
             g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
         idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
         batch = [items[i] for i in idx]
-        keep_masks = [_sample_keep_mask(f, e, config, gen) for f, e in batch]
-        embeds, mask, labels = _batch(model, batch, keep_masks)
+        keep_masks = [_sample_keep_mask(f, e, v, config, gen) for f, e, v in batch]
+        embeds, mask, labels = _batch(model, [(f, e) for f, e, _ in batch], keep_masks)
         loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
         if not torch.isfinite(loss):
             raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
@@ -333,9 +336,11 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
     """Accuracy (exact match) and ANLS of ``strategy`` on ``samples``.
 
     ``full`` keeps every token, ``none`` sends the question without the image,
-    ``random`` keeps round(retention * L) random tokens in every crop (seeded)."""
+    ``random`` keeps round(retention * valid tokens) random valid tokens in every crop
+    (seeded; the padding LLaVA-NeXT's unpadding drops is never counted)."""
     from .metrics import anls, exact_match
-    from .prune import encode_images, generate_answers, random_keep_mask, visual_embeddings
+    from .prune import encode_images, generate_answers, visual_embeddings
+    from .strategies import Context, keep_mask
 
     if strategy not in ("full", "none", "random"):
         raise ValueError(f"unknown strategy {strategy!r}; valid: full, none, random")
@@ -350,9 +355,9 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
             prompts = [prompt_for(s.question) for s in chunk]
             vis = []
             for feats in encode_images(model, processor, [s.image for s in chunk]):
-                keep_mask = None if strategy == "full" else random_keep_mask(feats.crops, feats.tokens_per_crop, retention,
-                                                                             gen)
-                vis.append(visual_embeddings(model, feats, keep_mask))
+                mask = None if strategy == "full" else keep_mask("random", feats.features, retention,
+                                                                 context=Context(generator=gen), valid=feats.valid)
+                vis.append(visual_embeddings(model, feats, mask))
         with torch.no_grad():
             preds = generate_answers(model, processor, prompts, vis, max_new_tokens=max_new_tokens)
         for s, p, v in zip(chunk, preds, vis):
@@ -387,11 +392,11 @@ def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", t
     ``threshold`` of the largest change (per crop, CLS dropped)."""
     from PIL import ImageDraw
 
-    from .synthetic import _font
+    from .fonts import font
 
     edited = image.copy()
     x, y = cell
-    ImageDraw.Draw(edited).text((x + 2, y), glyph, font=_font(14), fill=(0, 0, 0))
+    ImageDraw.Draw(edited).text((x + 2, y), glyph, font=font("sans", 14), fill=(0, 0, 0))
     enc = processor.image_processor(images=[image, edited], return_tensors="pt")
     with torch.no_grad():
         a = tower_features(model, enc["pixel_values"][0])
@@ -412,7 +417,7 @@ def code_hash() -> str:
     import importlib
 
     h = hashlib.sha256()
-    for name in ("config", "presets", "synthetic", "extract", "train", "prune", "tinyworld"):
+    for name in ("config", "presets", "fonts", "synthetic", "extract", "train", "prune", "strategies", "tinyworld"):
         module = importlib.import_module(f"{__package__}.{name}")
         with open(module.__file__, "rb") as fh:
             h.update(fh.read())

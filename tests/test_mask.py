@@ -72,9 +72,10 @@ def trained(tmp_path_factory, tiny_model):
     ckpt = save_checkpoint(root / "selector-p0.25.safetensors", selector_tensors(selector),
                            {"config": cfg.to_dict(), "tokens": TOKENS, "channels": CHANNELS, "retention": 0.25})
     image_path = root / "doc.png"
-    # A wide 160x64 doc (not a training image): base + a 1x3 grid whose outer crops cover padding.
+    # A wide 249x118 doc (not a training image): it lands on the 192x64 canvas, base + a 1x3 grid whose
+    # outer crops cover padding.
     wide = open_source("synthetic:docs", seed=7).items(20)[19].load().image
-    assert wide.size == (160, 64)
+    assert wide.size == (249, 118)
     wide.save(image_path)
     return {"ckpt": ckpt, "image": image_path, "selector": selector, "root": root}
 

@@ -5,31 +5,39 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.prune import encode_images, generate_answers, random_keep_mask, visual_embeddings
+from pipeline.extract import crop_layout
+from pipeline.prune import encode_images, generate_answers, visual_embeddings
+from pipeline.strategies import Context, keep_mask
 from pipeline.synthetic import generate_samples as make_samples
 from pipeline.tinyworld import PROMPT, prompt_for
 
 
-def _full_count(h: int, w: int) -> int:
-    # tiny-trained: 4x4 tokens per 64-px crop; exact-fit canvases, so no unpadding
-    rows, cols = h // 64 * 4, w // 64 * 4
-    return 16 + rows * cols + rows
+def _full_count(valid: torch.Tensor, grid: tuple[int, int]) -> int:
+    """tiny-trained: 4x4 tokens per 64-px crop. The base crop's 16, then every grid token that survives
+    unpadding, plus one newline per token row that keeps any."""
+    rows, cols = grid
+    canvas = valid[1:].view(rows, cols, 4, 4).permute(0, 2, 1, 3).reshape(rows * 4, cols * 4)
+    return 16 + int(canvas.sum()) + int(canvas.any(dim=1).sum())
 
 
 def test_full_keep_equals_the_models_own_packing(trained_model):
     model, processor = trained_model
     samples = make_samples("synthetic-ocr", "test", 6)
     feats = encode_images(model, processor, [s.image for s in samples])
+    padded = 0
     for f, s in zip(feats, samples):
         w, h = s.image.size
-        assert f.features.shape == (1 + (h // 64) * (w // 64), 16, 64)
+        grid = crop_layout(w, h, 64, model.config.image_grid_pinpoints).grid
+        assert f.features.shape == (1 + grid[0] * grid[1], 16, 64)
+        padded += not bool(f.valid.all())
         vis = visual_embeddings(model, f)
-        assert vis.shape[0] == _full_count(h, w)
+        assert vis.shape[0] == _full_count(f.valid, grid)
         # the same as HF's get_image_features on the processor's pixel values
         enc = processor.image_processor(images=[s.image], return_tensors="pt")
         with torch.no_grad():
             ref = model.model.get_image_features(enc["pixel_values"], torch.tensor([[h, w]])).pooler_output[0]
         torch.testing.assert_close(vis, ref)
+    assert padded >= 2  # the check covers images whose unpadding drops rows or columns
 
 
 def test_row_newline_kept_iff_its_row_keeps_a_token(trained_model):
@@ -52,15 +60,6 @@ def test_row_newline_kept_iff_its_row_keeps_a_token(trained_model):
         visual_embeddings(model, f, torch.ones(4, 16, dtype=torch.bool))
 
 
-def test_random_keep_mask_is_per_crop_and_seeded():
-    g = torch.Generator().manual_seed(0)
-    keep = random_keep_mask(5, 16, 0.25, g)
-    assert keep.sum(1).tolist() == [4] * 5
-    again = random_keep_mask(5, 16, 0.25, torch.Generator().manual_seed(0))
-    assert torch.equal(keep, again)
-    assert random_keep_mask(3, 576, 0.222, g).sum(1).tolist() == [128] * 3
-
-
 def test_batched_generation_equals_batch_of_one(trained_model):
     model, processor = trained_model
     samples = make_samples("synthetic-ocr", "test", 5) + make_samples("synthetic-scene", "test", 5)
@@ -71,7 +70,8 @@ def test_batched_generation_equals_batch_of_one(trained_model):
         if i % 3 == 0:
             vis.append(visual_embeddings(model, f))
         elif i % 3 == 1:
-            vis.append(visual_embeddings(model, f, random_keep_mask(f.crops, 16, 0.5, g)))
+            vis.append(visual_embeddings(model, f, keep_mask("random", f.features, 0.5, context=Context(generator=g),
+                                                             valid=f.valid)))
         else:
             vis.append(None)
     prompts = [prompt_for(s.question) if v is not None else PROMPT.replace("<image>\n", "").format(question=s.question)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (BENCHMARKS, CELL, COLOURS, GLYPHS, SIZES, chance_accuracy, generate_samples, split_of)
+from pipeline.synthetic import (BENCHMARKS, CELL, COLOURS, GLYPHS, OCR_SIZES, chance_accuracy, generate_samples,
+                                split_of)
 
 
 def _digest(sample) -> str:
@@ -45,7 +46,7 @@ def test_splits_are_disjoint_by_content_and_pixels(bench):
 def test_ocr_glyphs_sit_in_one_cell_each_and_spell_the_answer():
     for s in generate_samples("synthetic-ocr", "val", 200):
         w, h = s.image.size
-        assert (h, w) in SIZES
+        assert (h, w) in OCR_SIZES
         assert 1 <= len(s.answer) <= 3 and set(s.answer) <= set(GLYPHS)
         assert "".join(g[4] for g in s.glyph_boxes) == s.answer
         cells = []
@@ -57,6 +58,30 @@ def test_ocr_glyphs_sit_in_one_cell_each_and_spell_the_answer():
         assert [c[0] for c in cells] == list(range(cells[0][0], cells[0][0] + len(cells)))  # left to right
         ink = (np.asarray(s.image).min(axis=-1) < 120).mean()
         assert 0 < ink < 0.06  # mostly blank
+
+
+def test_most_images_fit_no_pinpoint_so_unpadding_drops_tokens(trained_model):
+    """Real geometry: most synthetic images are padded onto their AnyRes canvas, as real photos and pages are."""
+    from pipeline.images import open_source
+    from pipeline.masks import padding_share
+
+    model, _ = trained_model
+    shares = {b: padding_share(model, [s.image.size for s in generate_samples(b, "test", 300)]) for b in BENCHMARKS}
+    shares["docs"] = padding_share(model, [i.load().image.size for i in open_source("synthetic:docs").items(300)])
+    for name, share in shares.items():
+        assert share["padded_images"] > 0.6, (name, share)
+        assert 0.1 < share["padding_tokens"] < 0.4, (name, share)
+    fitting = [s for s in generate_samples("synthetic-ocr", "test", 100) if (s.image.height, s.image.width)
+               in ((64, 128), (128, 64), (128, 128))]
+    assert fitting and padding_share(model, [s.image.size for s in fitting])["padding_tokens"] == 0
+
+
+def test_ocr_uses_several_dejavu_faces_and_sizes():
+    from pipeline.synthetic import OCR_FACES, OCR_FONT_SIZES
+
+    heights = {round(g[3] - g[1]) for s in generate_samples("synthetic-ocr", "val", 300) for g in s.glyph_boxes}
+    assert len(OCR_FACES) >= 3 and len(OCR_FONT_SIZES) >= 3
+    assert min(heights) <= 9 and max(heights) >= 11, heights
 
 
 def test_scene_answer_is_the_dominant_colour():

@@ -33,9 +33,9 @@ def train_parser(sub, common) -> None:
                           help="target keep ratio p, or a comma-separated list for one selector per p (default: "
                                "0.25; --retention is the same option)")
     p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps per selector (default: 2000; 700 for the tiny presets)")
+                   help="optimizer steps per selector (default: 2000, also for the tiny presets)")
     p.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 64; 32 for the tiny presets)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default: 1e-4; 1e-3 for tiny)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate (default: 1e-4; 4e-3 for the tiny presets)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps (default: 100; 50 for tiny)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=250,

@@ -19,7 +19,7 @@ BENCHMARK_VERSION = "1"
 
 def synthetic_benchmark(home: Home, name: str, split: str, n: int, seed: int = 0) -> Path:
     """``<name>-<split>.parquet`` (lmms-lab layout) in a content-hashed stage dir; cached."""
-    from pipeline.synthetic import BENCHMARKS, GENERATOR_VERSION, SPLITS, generate_samples
+    from pipeline.synthetic import BENCHMARKS, SPLITS, generate_samples, generator_fingerprint
     from storage.benchmarks import write_parquet
 
     if name not in BENCHMARKS:
@@ -28,7 +28,7 @@ def synthetic_benchmark(home: Home, name: str, split: str, n: int, seed: int = 0
         raise ConfigError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if n <= 0:
         raise ConfigError(f"-n must be positive, got {n}")
-    config = {"benchmark": name, "split": split, "n": n, "seed": seed, "generator": GENERATOR_VERSION}
+    config = {"benchmark": name, "split": split, "n": n, "seed": seed, "generator": generator_fingerprint()}
     key = stage_key("benchmark", BENCHMARK_VERSION, config, {})
     filename = f"{name}-{split}.parquet"
 

@@ -42,10 +42,12 @@ def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[st
         raise ConfigError(f"training options (--retrain, --seed, --steps) apply only to "
                           f"{', '.join(TRAINED_PRESETS)}, not to {model!r}")
     if model in TRAINED_PRESETS:
+        from pipeline.synthetic import generator_fingerprint
         from pipeline.tinyworld import TinyWorldConfig
 
         cfg = TinyWorldConfig.from_dict(tiny_world) if tiny_world is not None else TinyWorldConfig()
-        return "trained", {"tiny_world": cfg.to_dict()}
+        # the training data also depends on the renderer and its DejaVu font files
+        return "trained", {"tiny_world": cfg.to_dict(), "data": generator_fingerprint()}
     if model in PRESETS:
         return "preset", {"preset": PRESETS[model].to_dict()}
     path = Path(model).expanduser()
@@ -165,7 +167,7 @@ def _trained_model(model: str, identity: dict[str, Any], work: Path, retrain: bo
     trained.save_pretrained(work)
     processor.save_pretrained(work)
     prov = {"model": model, "config": cfg.to_dict(), "config_hash": cfg.hash(), "code_hash": now_code,
-            "metrics": metrics, "quality": card, **torch_facts(), "code_version": code_version()}
+            "data": identity.get("data"), "metrics": metrics, "quality": card, **torch_facts(), "code_version": code_version()}
     (work / PROVENANCE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
     out = {"source": "trained", "provenance": prov, "quality": card, "metrics": metrics}
     old = read_provenance(shipped)
