@@ -34,15 +34,49 @@ MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 
 
+class BadRow(ConfigError):
+    """One benchmark row that cannot be used (an undecodable image, a missing field): the sweep skips it
+    with one warning line; ``str(exc)`` names the row."""
+
+
+class ImageCell:
+    """A row's encoded image (PNG/JPEG bytes), decoded only when a batch needs its pixels: a benchmark
+    of 5,000 pages is never held as pixels."""
+
+    __slots__ = ("data", "where")
+
+    def __init__(self, data: bytes, where: str):
+        self.data, self.where = data, where
+
+    def decode(self) -> Image.Image:
+        try:
+            img = Image.open(io.BytesIO(self.data))
+            img.load()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types
+            raise BadRow(f"{self.where}: undecodable image ({type(exc).__name__})") from None
+        return img.convert("RGB")
+
+
 @dataclass
 class EvalItem:
-    """One question ready for the model."""
+    """One question ready for the model. ``image_data`` is a PIL image, an :class:`ImageCell` (decoded on
+    use) or None; ``image`` gives the decoded RGB image."""
 
     sample_id: str
-    image: Image.Image | None
+    image_data: Image.Image | ImageCell | None
     prompt: str  # the user text; the chat template and image placeholder are added by the caller
     answers: list[str]  # references as strings (what gets stored in eval_samples.answer)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_data is not None
+
+    @property
+    def image(self) -> Image.Image | None:
+        """The decoded image (decoded again on every access; hold the result, not the item)."""
+        d = self.image_data
+        return d.decode() if isinstance(d, ImageCell) else d
 
 
 @dataclass(frozen=True)
@@ -56,17 +90,17 @@ class BenchmarkSpec:
     aggregate: Callable[[list[float], list[EvalItem]], float] | None = None  # default: mean
 
 
-def decode_image_cell(cell: Any, where: str) -> Image.Image:
-    """An lmms-lab image cell (``{"bytes": ..., "path": ...}`` or raw bytes) as RGB."""
+def image_cell(cell: Any, where: str) -> ImageCell:
+    """An lmms-lab image cell (``{"bytes": ..., "path": ...}`` or raw bytes), kept encoded."""
     data = cell.get("bytes") if isinstance(cell, dict) else cell
     if not data:
-        raise ConfigError(f"{where}: empty image cell")
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types
-        raise ConfigError(f"{where}: undecodable image ({type(exc).__name__})") from None
-    return img.convert("RGB")
+        raise BadRow(f"{where}: empty image cell")
+    return ImageCell(bytes(data), where)
+
+
+def decode_image_cell(cell: Any, where: str) -> Image.Image:
+    """An lmms-lab image cell as RGB, decoded now."""
+    return image_cell(cell, where).decode()
 
 
 def _options(row: dict, letters: str = "ABCDE") -> list[tuple[str, str]]:
@@ -184,8 +218,8 @@ def _mmstar_aggregate(scores: list[float], items: list[EvalItem]) -> float:
 
 # ---------------------------------------------------------------- builders
 
-def _image(row: dict, name: str, column: str = "image") -> Image.Image:
-    return decode_image_cell(row[column], f"{name} row {row.get('question_id', row.get('questionId', row.get('index', '?')))}")
+def _image(row: dict, name: str, column: str = "image") -> ImageCell:
+    return image_cell(row[column], f"{name} row {row.get('question_id', row.get('questionId', row.get('index', '?')))}")
 
 
 def _docvqa(name: str):
@@ -232,7 +266,7 @@ def _mmmu(row: dict) -> EvalItem:
     try:
         options = ast.literal_eval(str(row.get("options") or "[]"))
     except (ValueError, SyntaxError):
-        raise ConfigError(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
+        raise BadRow(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
     letters = "".join(chr(65 + i) for i in range(len(options)))
     if qtype == "multiple-choice" and options:
         lines = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(options))
@@ -306,17 +340,34 @@ def spec(name: str) -> BenchmarkSpec:
     return BENCHMARK_SPECS[name]
 
 
-def items(name: str, rows: Sequence[dict]) -> list[EvalItem]:
-    """EvalItems of ``rows`` (GQA rows must already carry their joined ``image``)."""
+def items(name: str, rows: Sequence[dict], offset: int = 0) -> list[EvalItem]:
+    """EvalItems of ``rows`` (GQA rows must already carry their joined ``image``); row i is benchmark row
+    ``offset + i`` (the index default sample ids use). A malformed row raises :class:`BadRow`."""
+    out, _, skipped = build_items(name, rows, offset)
+    if skipped:
+        raise BadRow(skipped[0][1])
+    return out
+
+
+def build_items(name: str, rows: Sequence[dict], offset: int = 0
+                ) -> tuple[list[EvalItem], list[int], list[tuple[int, str]]]:
+    """(items, their row indices, skipped): rows that cannot be built are skipped as (row index, reason)."""
     s = spec(name)
-    out = []
-    for i, row in enumerate(rows):
-        row = {"__index__": i, **row}
-        item = s.build(row)
+    out, where, skipped = [], [], []
+    for i, row in enumerate(rows, start=offset):
+        try:
+            item = s.build({"__index__": i, **row})
+        except BadRow as exc:
+            skipped.append((i, str(exc)))
+            continue
+        except (KeyError, TypeError, ValueError) as exc:
+            skipped.append((i, f"{name} row {i}: malformed ({type(exc).__name__}: {exc})"))
+            continue
         if not item.sample_id:
             item.sample_id = str(i)
         out.append(item)
-    return out
+        where.append(i)
+    return out, where, skipped
 
 
 def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> float:
@@ -326,5 +377,5 @@ def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> floa
     return sum(scores) / max(1, len(scores))
 
 
-__all__ = ["EvalItem", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
+__all__ = ["EvalItem", "ImageCell", "BadRow", "build_items", "image_cell", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
            "extract_mcq_answer", "multiple_choice_accuracy", "decode_image_cell"]

@@ -39,7 +39,8 @@ class EvalConfig(Config):
     budget: str = "per-crop"
     seeds: int = 3
     limit: int = 300
-    batch_size: int = 16
+    batch_size: int | str = 16       # sequences per generate call, or "auto" (grows on CUDA; 16 on a CPU)
+    shard_size: int = 100            # items per work unit: the tower runs once per image of a shard
     device: str = "auto"             # where the model runs
     model_dtype: str = "auto"        # the model's dtype (--dtype)
 
@@ -54,8 +55,9 @@ class EvalConfig(Config):
         for r in self.retentions:
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
         check(self.budget in BUDGETS, f"unknown budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
-        check(self.seeds > 0 and self.limit > 0 and self.batch_size > 0,
-              "seeds, limit and batch_size must be positive")
+        check(self.seeds > 0 and self.limit > 0 and self.shard_size > 0, "seeds, limit and shard_size must be positive")
+        check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
+              f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         check_compute(self.device, self.model_dtype)
 
     def chunks(self) -> list[tuple[str, float, int]]:
@@ -74,12 +76,14 @@ class EvalConfig(Config):
 
 @dataclasses.dataclass
 class ChunkResult:
-    samples: list[dict[str, Any]]  # sample_id, prediction, answer, score, visual_tokens
+    samples: list[dict[str, Any]]  # sample_id, prediction, answer, score, visual_tokens, index (, meta)
     score: float
     metric: str
     n_samples: int
     mean_visual_tokens: float
     prefill_ms: float
+    padding: int = 0               # left-padding positions in the generate batches
+    positions: int = 0             # all positions of those batches (padding share = padding / positions)
 
 
 class _FirstTokenTimer:
@@ -105,57 +109,204 @@ def chat_prompt(processor, text: str, with_image: bool) -> str:
 
 @torch.no_grad()
 def generate_timed(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
-                   max_new_tokens: int) -> tuple[list[str], float]:
+                   max_new_tokens: int, stats: dict[str, int] | None = None) -> tuple[list[str], float]:
     """``prune.generate_answers`` plus the batch's time to first token in ms."""
     from .prune import generate_answers
 
     timer = _FirstTokenTimer()
     t0 = time.perf_counter()
-    out = generate_answers(model, processor, prompts, visual, max_new_tokens=max_new_tokens, streamer=timer)
+    out = generate_answers(model, processor, prompts, visual, max_new_tokens=max_new_tokens, streamer=timer,
+                           stats=stats)
     ttft = ((timer.first or time.perf_counter()) - t0) * 1000.0
     return out, ttft
 
 
+AUTO_BATCH_CPU = 16   # --batch-size auto on a CPU: a fixed size
+AUTO_BATCH_START, AUTO_BATCH_MAX = 8, 256  # on CUDA: start here, double after every batch that fits
+
+
+class BatchSizer:
+    """How many sequences go into the next ``generate`` call.
+
+    A fixed size stays fixed. ``auto`` on CUDA starts at ``AUTO_BATCH_START`` and
+    doubles after every batch that fits (up to ``AUTO_BATCH_MAX``); a batch that
+    runs out of memory is retried at half the size, and the size stays there. On a
+    CPU ``auto`` is ``AUTO_BATCH_CPU``."""
+
+    def __init__(self, batch_size: int | str, device: str):
+        self.auto = batch_size == "auto" and device.startswith("cuda")
+        fixed = AUTO_BATCH_CPU if batch_size == "auto" else int(batch_size)
+        self.size = AUTO_BATCH_START if self.auto else fixed
+        self.ceiling = AUTO_BATCH_MAX
+
+    def run(self, n: int, call: Callable[[int, int], Any]) -> list[Any]:
+        """``call(start, stop)`` over ``range(n)`` in batches; results in order."""
+        out, start = [], 0
+        while start < n:
+            stop = min(n, start + self.size)
+            try:
+                out.append(call(start, stop))
+            except torch.OutOfMemoryError:
+                if not self.auto or stop - start == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.size = self.ceiling = max(1, (stop - start) // 2)
+                continue
+            start = stop
+            if self.auto:
+                self.size = min(self.ceiling, self.size * 2)
+        return out
+
+
+@dataclasses.dataclass
+class ShardFeatures:
+    """A shard's items with their tower output, computed once and shared by every (strategy, retention,
+    seed) evaluated on the shard. ``features[i]`` is None for an item without an image; items whose
+    image does not decode are in ``skipped`` (sample id, reason), not in ``items``."""
+
+    items: list[EvalItem]
+    indices: list[int]               # each item's row index in the benchmark (seeds random keeps)
+    features: list[Any]              # ImageFeatures or None, per item
+    skipped: list[tuple[str, str]]
+    images: int                      # images the tower encoded (one tower pass each)
+    attention: bool                  # whether CLS attention was computed
+
+
 @torch.no_grad()
-def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], strategy: str, retention: float,
-                   seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int = 16,
-                   on_batch: Callable[[int], None] | None = None) -> ChunkResult:
-    bench = spec(benchmark)
-    gen = torch.Generator().manual_seed(seed)
-    rows: list[dict[str, Any]] = []
-    scores: list[float] = []
-    prefill: list[float] = []
-    visual_total = 0
+def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[int] | None = None,
+                 attention: bool = False, images: bool = True, batch_size: int = 16,
+                 on_batch: Callable[[int], None] | None = None) -> ShardFeatures:
+    """One tower pass per image of ``items``, ``batch_size`` images per forward; images are decoded per
+    batch and dropped after it. ``images=False`` (only ``none`` to evaluate) encodes nothing."""
+    from .benchmarks import BadRow
+
+    indices = list(range(len(items))) if indices is None else list(indices)
+    kept, kept_idx, feats, skipped, encoded = [], [], [], [], 0
     for start in range(0, len(items), batch_size):
-        batch = list(items[start:start + batch_size])
-        with_image = [strategy != "none" and it.image is not None for it in batch]
-        encoded = encode_images(model, processor, [it.image for it, w in zip(batch, with_image) if w],
-                                attention=strategy == "attention") if any(with_image) else []
-        # One selector forward over every crop of the batch (the selector attends within a crop).
-        masks = iter(keep_masks(strategy, [f.features for f in encoded], retention, budget,
-                                Context(generator=gen, selector=selector),
-                                cls_attention=[f.cls_attention for f in encoded],
-                                valid=[f.valid for f in encoded]))
-        feats = iter(encoded)
-        visual: list[torch.Tensor | None] = []
-        for w in with_image:
-            visual.append(visual_embeddings(model, next(feats), next(masks)) if w else None)
-        prompts = [chat_prompt(processor, it.prompt, v is not None) for it, v in zip(batch, visual)]
-        preds, ttft = generate_timed(model, processor, prompts, visual, bench.max_new_tokens)
-        prefill.append(ttft / len(batch))
-        for it, pred, v in zip(batch, preds, visual):
-            pred = pred.split("\n\n")[0].strip()  # lmms-eval's default `until`
-            s = float(bench.score(pred, it))
-            n_vis = 0 if v is None else int(v.shape[0])
-            visual_total += n_vis
-            scores.append(s)
-            rows.append({"sample_id": it.sample_id, "prediction": pred, "answer": " | ".join(it.answers),
-                         "score": s, "visual_tokens": n_vis})
+        batch = list(zip(items[start:start + batch_size], indices[start:start + batch_size]))
+        pixels, owners = [], []
+        for it, i in batch:
+            if not (images and it.has_image):
+                kept.append(it), kept_idx.append(i), feats.append(None)
+                continue
+            try:
+                img = it.image
+            except BadRow as exc:
+                skipped.append((it.sample_id, str(exc)))
+                continue
+            kept.append(it), kept_idx.append(i), feats.append(None)
+            pixels.append(img)
+            owners.append(len(feats) - 1)
+        if pixels:
+            for pos, f in zip(owners, encode_images(model, processor, pixels, attention=attention)):
+                feats[pos] = f
+            encoded += len(pixels)
         if on_batch:
             on_batch(len(batch))
-    n = len(rows)
-    return ChunkResult(rows, aggregate(benchmark, scores, list(items)), bench.metric, n,
-                       visual_total / max(1, n), sum(prefill) / max(1, len(prefill)))
+    return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention)
+
+
+@torch.no_grad()
+def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, strategy: str, retention: float,
+                      seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
+                      group: bool = True, on_batch: Callable[[int], None] | None = None) -> ChunkResult:
+    """One (strategy, retention, seed) on a shard's cached tower features.
+
+    Random keeps draw from a generator seeded by (seed, row index), so a result does
+    not depend on how the benchmark is cut into shards or batches. With ``group``
+    the items are batched by sequence length (visual plus prompt tokens), longest
+    first, so a batch's left padding is small; outputs keep the items' order."""
+    from .strategies import keep_mask
+
+    bench = spec(benchmark)
+    n = len(shard.items)
+    use_image = [strategy != "none" and f is not None for f in shard.features]
+    masks: list[Any] = [None] * n
+    if strategy != "none":
+        with_img = [i for i in range(n) if use_image[i]]
+        if strategy == "random":
+            for i in with_img:
+                f = shard.features[i]
+                g = torch.Generator().manual_seed(seed * 1_000_003 + shard.indices[i])
+                masks[i] = keep_mask("random", f.features, retention, budget, Context(generator=g), f.valid)
+        else:
+            if strategy == "attention" and not shard.attention:
+                raise ValueError("strategy 'attention' needs features encoded with attention=True")
+            for start in range(0, len(with_img), 64):  # one selector forward per 64 images
+                part = with_img[start:start + 64]
+                feats = [shard.features[i] for i in part]
+                for i, m in zip(part, keep_masks(strategy, [f.features for f in feats], retention, budget,
+                                                 Context(selector=selector),
+                                                 cls_attention=[f.cls_attention for f in feats],
+                                                 valid=[f.valid for f in feats])):
+                    masks[i] = m
+    prompts = [chat_prompt(processor, it.prompt, use_image[i]) for i, it in enumerate(shard.items)]
+    tok = processor.tokenizer
+    lengths = [len(tok(p)["input_ids"]) + (int(masks[i].sum()) if masks[i] is not None else 0)
+               for i, p in enumerate(prompts)]
+    order = sorted(range(n), key=lambda i: -lengths[i]) if group else list(range(n))
+    preds: list[str] = [""] * n
+    n_visual = [0] * n
+    prefill: list[float] = []
+    pad = {"padding": 0, "positions": 0}
+
+    def run(start: int, stop: int) -> None:
+        part = order[start:stop]
+        visual = [visual_embeddings(model, shard.features[i], masks[i]) if use_image[i] else None for i in part]
+        out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, bench.max_new_tokens,
+                                   stats=pad)
+        prefill.append(ttft / len(part))
+        for i, p, v in zip(part, out, visual):
+            preds[i] = p
+            n_visual[i] = 0 if v is None else int(v.shape[0])
+        if on_batch:
+            on_batch(len(part))
+
+    sizer = BatchSizer(batch_size, str(getattr(model, "device", "cpu")))
+    sizer.run(n, run)
+    rows, scores = [], []
+    for i, it in enumerate(shard.items):
+        pred = preds[i].split("\n\n")[0].strip()  # lmms-eval's default `until`
+        sc = float(bench.score(pred, it))
+        scores.append(sc)
+        rows.append({"sample_id": it.sample_id, "prediction": pred, "answer": " | ".join(it.answers), "score": sc,
+                     "visual_tokens": n_visual[i], "index": shard.indices[i],
+                     **({"meta": _json_meta(it.meta)} if it.meta else {})})
+    return ChunkResult(rows, aggregate(benchmark, scores, list(shard.items)), bench.metric, n,
+                       sum(n_visual) / max(1, n), sum(prefill) / max(1, len(prefill)),
+                       pad["padding"], pad["positions"])
+
+
+def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The item metadata an aggregate needs, as JSON values."""
+    return {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)) for k, v in meta.items()}
+
+
+def merge_results(benchmark: str, parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One (strategy, retention, seed) result from its shards' ``{"samples", "summary"}``: the samples in
+    row order and the benchmark's aggregate over all of them (CircularEval and MMStar group across shards)."""
+    samples = sorted((r for p in parts for r in p["samples"]), key=lambda r: r.get("index", 0))
+    stand_in = [EvalItem(r["sample_id"], None, "", r["answer"].split(" | "), r.get("meta", {})) for r in samples]
+    scores = [r["score"] for r in samples]
+    n = len(samples)
+    weights = [p["summary"]["n_samples"] for p in parts]
+    prefill = sum(p["summary"]["prefill_ms"] * w for p, w in zip(parts, weights)) / max(1, sum(weights))
+    return {"samples": samples,
+            "summary": {"metric": spec(benchmark).metric, "score": aggregate(benchmark, scores, stand_in),
+                        "n_samples": n, "mean_visual_tokens": sum(r["visual_tokens"] for r in samples) / max(1, n),
+                        "prefill_ms": prefill}}
+
+
+@torch.no_grad()
+def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], strategy: str, retention: float,
+                   seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
+                   on_batch: Callable[[int], None] | None = None) -> ChunkResult:
+    """:func:`encode_shard` then :func:`evaluate_features`: one result on ``items``."""
+    shard = encode_shard(model, processor, items, attention=strategy == "attention", images=strategy != "none",
+                         batch_size=batch_size if isinstance(batch_size, int) else AUTO_BATCH_CPU)
+    return evaluate_features(model, processor, benchmark, shard, strategy, retention, seed, budget, selector,
+                             batch_size, on_batch=on_batch)
 
 
 def eval_table(summary: list[dict]) -> list[dict]:
@@ -177,4 +328,5 @@ def eval_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["EvalConfig", "ChunkResult", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]
+__all__ = ["EvalConfig", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
+           "merge_results", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]

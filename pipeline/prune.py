@@ -197,20 +197,22 @@ def split_prompt(tokenizer, prompt: str, image_token_id: int):
 
 @torch.no_grad()
 def generate_answers(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
-                     max_new_tokens: int = 16, streamer=None) -> list[str]:
+                     max_new_tokens: int = 16, streamer=None, stats: dict[str, int] | None = None) -> list[str]:
     """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
 
     ``visual[i] is None`` drops the placeholder: the prompt carries no image at all.
     Sequences are left-padded into one batch."""
     tok = processor.tokenizer
-    out = generate_ids(model, processor, prompts, visual, max_new_tokens, streamer)
+    out = generate_ids(model, processor, prompts, visual, max_new_tokens, streamer, stats)
     return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
 
 
 @torch.no_grad()
 def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
-                 max_new_tokens: int = 16, streamer=None) -> torch.Tensor:
-    """(batch, new tokens) greedy token ids of :func:`generate_answers`, padded after EOS."""
+                 max_new_tokens: int = 16, streamer=None, stats: dict[str, int] | None = None) -> torch.Tensor:
+    """(batch, new tokens) greedy token ids of :func:`generate_answers`, padded after EOS.
+
+    ``stats`` (optional) accumulates ``padding`` (left-pad positions) and ``positions`` (batch x width)."""
     tok = processor.tokenizer
     embed = model.get_input_embeddings()
     image_token_id = model.config.image_token_id
@@ -226,6 +228,9 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
             parts.append(embed(after.to(embed.weight.device)))
         rows.append(torch.cat(parts))
     width = max(r.shape[0] for r in rows)
+    if stats is not None:
+        stats["padding"] = stats.get("padding", 0) + sum(width - r.shape[0] for r in rows)
+        stats["positions"] = stats.get("positions", 0) + width * len(rows)
     dim = rows[0].shape[1]
     batch = rows[0].new_zeros(len(rows), width, dim)
     mask = torch.zeros(len(rows), width, dtype=torch.long, device=batch.device)

@@ -199,6 +199,17 @@ TABLES: dict[str, Table] = {
             key=("run_id", "name", "retention"),
             primary_key=False,  # retention may be NULL
         ),
+        Table(
+            "stage_metrics",
+            "Per-stage figures of a run (eval: images, tower_passes, shards, skipped, padding_share, ...)",
+            (
+                _RUN_ID,
+                Column("stage", "VARCHAR", "Stage name (e.g. eval)"),
+                Column("name", "VARCHAR", "Figure name"),
+                Column("value", "DOUBLE", "Figure value"),
+            ),
+            key=("run_id", "stage", "name"),
+        ),
     )
 }
 

@@ -19,6 +19,9 @@ report and the synthetic benchmark stage on fixed inputs.
   tokens, the prompt keeps the tokenizer's BOS, the compute is an input) changed
   on purpose; before: 09430ba04dcbb4fc and 2345352157043801 / 97e68575ca5d9ab3 /
   ee8b15eac9fc336d.
+- eval again (EVAL_VERSION 3: shards share one tower pass, a merged result's key
+  records the shard size, random keeps are seeded per row); before:
+  f68383022a24c89c / 0d728a5f92839dca / b4d92f138fa4803a.
 """
 
 from __future__ import annotations
@@ -54,12 +57,20 @@ def test_the_default_run_keys_are_the_golden_ones():
 
 
 @pytest.mark.parametrize("args, golden", [
-    (("m" * 16, "d" * 16, None, "synthetic-ocr", "full", 1.0, 0), "f68383022a24c89c"),
-    (("m" * 16, "d" * 16, "s" * 16, "synthetic-scene", "selector", 0.25, 0), "0d728a5f92839dca"),
-    (("m" * 16, "d" * 16, None, "synthetic-ocr", "random", 0.1, 2), "b4d92f138fa4803a"),
+    (("m" * 16, "d" * 16, None, "synthetic-ocr", "full", 1.0, 0), "6b4b9305aae467b4"),
+    (("m" * 16, "d" * 16, "s" * 16, "synthetic-scene", "selector", 0.25, 0), "ad57f44c7566ca76"),
+    (("m" * 16, "d" * 16, None, "synthetic-ocr", "random", 0.1, 2), "a9d13e6a3e098a50"),
 ])
 def test_eval_chunk_keys_are_the_golden_ones(args, golden):
     assert chunk_key(*args, EvalConfig()) == golden
+
+
+def test_eval_shard_result_keys_are_the_golden_ones():
+    from flows.stages.eval import result_key
+
+    args = ("m" * 16, "d" * 16, None, "synthetic-ocr", "full", 1.0, 0, EvalConfig())
+    keys = [result_key(*args, a, b) for a, b in ((0, 100), (100, 200))]
+    assert keys == ["cd0d84c596ce4063", "6dd249836663da3d"]
 
 
 def test_report_and_benchmark_keys_are_unchanged(tmp_path):

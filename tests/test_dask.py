@@ -1,4 +1,5 @@
-"""Scale-out: extraction shards mapped over a real distributed.LocalCluster equal a serial run's bytes."""
+"""Scale-out: extraction shards and eval shards mapped over a real distributed.LocalCluster equal a serial
+run's results."""
 
 from __future__ import annotations
 
@@ -43,6 +44,34 @@ def test_extraction_on_two_dask_workers_equals_serial_byte_for_byte(prefect_api_
     # The shards really ran on the workers: each worker process holds a loaded model now.
     loaded = cluster_models(cluster)
     assert sum(loaded.values()) >= 1, loaded
+
+
+def test_eval_shards_on_two_dask_workers_equal_serial(prefect_api_url, tmp_path, cluster):
+    import json
+    from pathlib import Path
+
+    from flows.orchestration.dask import task_runner
+    from flows.orchestration.flows import eval_flow
+    from pipeline.evaluate import EvalConfig
+    from storage.home import Home
+
+    cfg = EvalConfig(benchmarks=("synthetic-ocr",), strategies=("full", "random"), retentions=(0.25,), seeds=1,
+                     limit=12, shard_size=4, batch_size=4).to_dict()
+    outs = []
+    for name, flow in (("serial", eval_flow),
+                       ("dask", eval_flow.with_options(task_runner=task_runner(cluster.scheduler_address)))):
+        home = Home.resolve(tmp_path / name).ensure()
+        out = flow(str(home.root), "tiny", cfg)
+        samples = {}
+        for p in sorted((home.stages / "eval").glob("*/samples.json")):
+            c = json.loads((p.parent / "_manifest.json").read_text())["config"]
+            for r in json.loads(Path(p).read_text()):  # keys differ by home (the data file's path is an input)
+                samples[(c["strategy"], c["retention"], c["seed"], r["sample_id"])] = r["prediction"]
+        outs.append((out, samples))
+    (serial, s_samples), (dask, d_samples) = outs
+    assert serial["figures"]["shards"] == dask["figures"]["shards"] == 3
+    assert serial["figures"]["tower_passes"] == dask["figures"]["tower_passes"] == 12
+    assert len(s_samples) == 2 * 12 and s_samples == d_samples  # same keys, same predictions
 
 
 def cluster_models(cluster) -> dict[str, int]:

@@ -45,23 +45,31 @@ def store_path(tmp_path_factory):
         {"run_id": "r1", "benchmark": "synthetic-ocr", "sample_id": "q2", "strategy": "random", "retention": 0.25,
          "seed": 0, "prediction": "B", "answer": "B", "score": 1.0},
     ])
+    store.insert_rows("stage_metrics", [{"run_id": run, "stage": "eval", "name": k, "value": v}
+                                        for run, figures in (("r1", {"images": 600, "tower_passes": 600, "computed": 52,
+                                                                     "skipped": 1}),
+                                                             ("r2", {"images": 0, "tower_passes": 0, "computed": 0,
+                                                                     "skipped": 0}))
+                                        for k, v in figures.items()])
     return path
 
 
 def test_results_store_page_has_the_queries():
-    assert len(documented_queries()) == 5
+    assert len(documented_queries()) == 6
 
 
 def test_every_documented_query_gives_the_expected_rows(store_path):
     from storage.results import query
 
     results = [query(store_path, q) for q in documented_queries()]
-    (c1, r1), (c2, r2), (c3, r3), (c4, r4), (c5, r5) = results
+    (c1, r1), (c2, r2), (c6, r6), (c3, r3), (c4, r4), (c5, r5) = results
     assert c1 == ["benchmark", "strategy", "score", "seeds"]
     assert r1 == [("synthetic-ocr", "random", 0.2, 2), ("synthetic-ocr", "selector", 0.99, 1),
                   ("synthetic-scene", "random", 0.2, 2), ("synthetic-scene", "selector", 0.99, 1)]
     assert r2 == [("synthetic-ocr", "random", 0.5), ("synthetic-ocr", "selector", 0.25),
                   ("synthetic-scene", "random", 0.5), ("synthetic-scene", "selector", 0.25)]
+    assert c6 == ["run_id", "images", "tower_passes", "computed", "skipped"]
+    assert r6 == [("r1", 600, 600, 52, 1), ("r2", 0, 0, 0, 0)]
     assert r3 == [("eval", 2, 0.5), ("prepare-model", 1, 1.0)]
     assert r4[0] == ("eval", "e1", 30.0) and len(r4) == 3
     assert r5 == [("synthetic-ocr", "q1", "K7", "X")]

@@ -33,7 +33,7 @@ def test_schema_has_all_tables_with_comments(store):
             "SELECT table_name, column_name, comment FROM duckdb_columns()"
             " WHERE NOT internal AND schema_name = 'main'"
         ).fetchall()
-    expected = {"runs", "stage_runs", "selector_metrics", "eval_scores", "eval_samples", "bench_results"}
+    expected = {"runs", "stage_runs", "selector_metrics", "eval_scores", "eval_samples", "bench_results", "stage_metrics"}
     assert expected <= set(tables) and set(TABLES) == expected
     assert all(tables[t] for t in expected)
     documented = {(t, c) for t, c, comment in columns if comment}

@@ -1,4 +1,4 @@
-"""``atr eval``: pruned LLaVA-NeXT evaluation on benchmarks, cached per chunk."""
+"""``atr eval``: pruned LLaVA-NeXT evaluation on benchmarks, one tower pass per image, cached per result."""
 
 from __future__ import annotations
 
@@ -23,9 +23,12 @@ def eval_parser(sub, common) -> None:
         sub, common, "eval",
         help="evaluate pruned LLaVA-NeXT on benchmarks",
         description="Evaluate the model on benchmarks with each token-reduction strategy at each "
-                    "retention. One cached chunk per (benchmark, strategy, retention, seed): adding "
-                    "a strategy or retention reuses what is done. Rows go to eval_samples and "
-                    "eval_scores; plots to $ATR_HOME/reports/eval-<run>/ and MLflow.",
+                    "retention. The work unit is a shard of a benchmark's questions: the vision tower "
+                    "runs once per image, and every missing (strategy, retention, seed) result of the "
+                    "shard is computed from those features. Each result is cached per shard: adding a "
+                    "strategy or retention reuses what is done. Unreadable rows are skipped with a "
+                    "warning. Rows go to eval_samples, eval_scores and stage_metrics; plots to "
+                    "$ATR_HOME/reports/eval-<run>/ and MLflow.",
         epilog="examples:\n  atr eval --selector <train-hash>\n"
                "  atr eval --benchmark synthetic-ocr --strategies full,random --retentions 0.25\n"
                "  atr eval --model llava-hf/llava-v1.6-mistral-7b-hf --selector sel.safetensors "
@@ -45,7 +48,12 @@ def eval_parser(sub, common) -> None:
     p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
                    help="per-crop: k = round(r*L) in every crop; global: r * all encoder tokens of the image")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per generate call (default: 16)")
+    p.add_argument("--batch-size", type=_batch_size, default=16,
+                   help="questions per generate call, or auto: on CUDA it starts at 8 and doubles while memory "
+                        "lasts (halving after an out-of-memory batch); on a CPU auto is 16 (default: 16)")
+    p.add_argument("--shard-size", type=int, default=100,
+                   help="questions per work unit: the vision tower runs once per image of a shard for every "
+                        "strategy, retention and seed, and --dask-* distributes shards (default: 100)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for the random strategy (default: 3)")
     add_compute_options(p)
     add_dask_options(p)
@@ -65,12 +73,26 @@ def _parse_data(values: list[str], benchmarks: tuple[str, ...]) -> dict[str, str
     return out
 
 
+def _batch_size(value: str) -> int | str:
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or auto, got {value!r}")
+    return n
+
+
 def cmd_eval(home, args) -> int:
     from pipeline.evaluate import EvalConfig
 
     from ..orchestration.flows import eval_flow
     from ..present import progress
-    from ..present.tables import print_eval
+    from ..present.tables import print_eval, print_eval_figures
     from ..stages.eval import SELECTOR_NEEDED, data_files
 
     benchmarks = tuple(b.strip() for b in args.benchmark.split(",") if b.strip())
@@ -80,6 +102,7 @@ def cmd_eval(home, args) -> int:
         strategies = ("full", "none", "random", *(("selector",) if args.selector else ()), "attention", "diversity")
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
                      budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
+                     shard_size=args.shard_size,
                      device=args.device, model_dtype=args.dtype)
     data = _parse_data(args.data, benchmarks)
     if "selector" in strategies and not args.selector:
@@ -92,6 +115,7 @@ def cmd_eval(home, args) -> int:
     t0 = time.perf_counter()
     out = on_dask(eval_flow, args)(str(home.root), args.model, cfg.to_dict(), args.selector, data)
     print_eval(out["summary"])
+    print_eval_figures(out["figures"])
     print(f"  report  {out['report']}  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

@@ -44,7 +44,7 @@ def cmd_run(home, args) -> int:
     from ..orchestration.flows import run_flow
     from ..present import progress
     from ..present.report import stage_summary
-    from ..present.tables import print_eval, print_stages
+    from ..present.tables import print_eval, print_eval_figures, print_stages
     from ..stages.eval import data_files
 
     cfg, user_set = load_run_config(args.config)
@@ -61,6 +61,7 @@ def cmd_run(home, args) -> int:
     out = run_flow(str(home.root), cfg.to_dict(), args.from_stage, user_set, args.dask_address, args.dask_workers)
     print_eval(out["summary"])
     print_stages(stage_summary(out["stages"]))
+    print_eval_figures(out.get("eval_figures"))
     print(f"  report  {out['report']}/summary.md  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

@@ -158,8 +158,10 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
         model_stage = prepare_model_run(h, model)
         recorder.stage(model_stage)
         plan = plan_eval(h, model_stage, cfg, selector, data)
-        results = eval_chunks(h, cfg, model_stage, plan, selector, mapper=TASK_MAPPER)
+        run = eval_chunks(h, cfg, model_stage, plan, selector, mapper=TASK_MAPPER)
+        results = run.results
         recorder.eval(model, results)
+        recorder.stage_metrics("eval", run.figures, child=recorder.mlflow_run_id)
         summary = eval_summary(results)
         folder = h.reports / f"eval-{recorder.run_id}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -167,11 +169,11 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
         pngs = plot_eval(summary, folder)
         for png in pngs:
             recorder.tracker.log_artifact(recorder.mlflow_run_id, png)
-        return summary, folder, pngs
+        return summary, folder, pngs, run.figures
 
-    summary, folder, pngs = _recorded(recorder, body)
+    summary, folder, pngs, figures = _recorded(recorder, body)
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "summary": summary,
-            "report": str(folder), "plots": [str(p) for p in pngs]}
+            "report": str(folder), "plots": [str(p) for p in pngs], "figures": figures}
 
 
 # ---------------------------------------------------------------- atr run
@@ -196,19 +198,21 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         plan = plan_eval(h, model_stage, cfg.eval, train.key if "selector" in strategies else None, dict(cfg.data))
         child = recorder.begin_stage("eval")
         recorder.tracker.log_params(child, {"stage": "eval", "config": cfg.eval.to_dict(), "data": dict(cfg.data)})
-        results = eval_chunks(h, cfg.eval, model_stage, plan, train.key, force="eval" in force, mapper=TASK_MAPPER)
+        run = eval_chunks(h, cfg.eval, model_stage, plan, train.key, force="eval" in force, mapper=TASK_MAPPER)
+        results = run.results
         recorder.eval(cfg.model, results, child=child)
+        recorder.stage_metrics("eval", run.figures, child=child)
         recorder.tracker.end_run(child)
         rep = report(h, cfg.model, feat, train, results, force="report" in force)
         plots = [rep.path / p for p in rep.manifest["plots"]]
         recorder.stage(rep, artifacts=(rep.path / "summary.md", rep.path / "summary.json", *plots))
         folder = write_run_folder(h, recorder.run_ids(), rep, recorder.stages)
         recorder.tracker.log_artifact(recorder.mlflow_run_id, folder / "summary.md")
-        return folder, results
+        return folder, results, run.figures
 
-    folder, results = _recorded(recorder, body)
+    folder, results, figures = _recorded(recorder, body)
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "report": str(folder),
-            "summary": eval_summary(results), "stages": stage_dicts(recorder.stages)}
+            "summary": eval_summary(results), "stages": stage_dicts(recorder.stages), "eval_figures": figures}
 
 
 @flow(name="atr-run-on-dask")

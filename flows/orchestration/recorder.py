@@ -63,6 +63,13 @@ class RunRecorder:
         self.tracker.end_run(child)
         return child
 
+    def stage_metrics(self, stage: str, figures: dict[str, float], child: str | None = None) -> None:
+        """A stage's figures as ``stage_metrics`` rows (one write) and, with ``child``, MLflow metrics."""
+        self.store.insert_rows("stage_metrics", [{"run_id": self.run_id, "stage": stage, "name": k, "value": float(v)}
+                                                 for k, v in figures.items()])
+        if child is not None:
+            self.tracker.log_metrics(child, {f"stage/{k}": float(v) for k, v in figures.items()})
+
     def stages_batch(self, results: list[StageResult]) -> None:
         """Record many stage results (eval chunks) as stage_runs rows in one write, no MLflow runs."""
         self.stages.extend(results)

@@ -17,13 +17,14 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from pipeline.train import TrainConfig
 from storage.home import Home
 from storage.stages import StageResult, stage_result
 
 from ..present import progress
-from ..stages.eval import Chunk, eval_chunk
+from ..stages.eval import Shard, eval_shard
 from ..stages.extract import ExtractPlan, extract_shard
 from ..stages.prepare_model import prepare_model, prepare_model_key
 from ..stages.train import train, train_key
@@ -61,10 +62,12 @@ def train_task(home: str, features_key: str, config: dict[str, Any], cache_key: 
     return train(h, TrainConfig.from_dict(config), features, force=force, callbacks=curves).to_dict()
 
 
-@task(name="eval-chunk", **_CACHED)
-def eval_chunk_task(home: str, chunk: Chunk, model_key: str, config: dict[str, Any], selector: str | None,
+@task(name="eval-shard", cache_policy=NO_CACHE)
+def eval_shard_task(home: str, shard: Shard, model_key: str, config: dict[str, Any], selector: str | None,
                     cache_key: str, force: bool = False) -> dict[str, Any]:
-    return eval_chunk(home, chunk, model_key, config, selector, force)
+    """Not cached by Prefect: each result of the shard is a cached stage dir already, and the unit's
+    figures (images encoded, tower passes) must describe this run, not the one that computed it."""
+    return eval_shard(home, shard, model_key, config, selector, force)
 
 
 # ---------------------------------------------------------------- stage calls as tasks
@@ -86,7 +89,7 @@ def train_run(home: Home, features: StageResult, cfg: TrainConfig, mlflow_run_id
     return StageResult.from_dict(out)
 
 
-_TASKS = {extract_shard: extract_shard_task, eval_chunk: eval_chunk_task}
+_TASKS = {extract_shard: extract_shard_task, eval_shard: eval_shard_task}
 
 
 class TaskMapper:
@@ -105,5 +108,5 @@ class TaskMapper:
 
 TASK_MAPPER = TaskMapper()
 
-__all__ = ["prepare_model_task", "extract_shard_task", "train_task", "eval_chunk_task", "prepare_model_run",
+__all__ = ["prepare_model_task", "extract_shard_task", "train_task", "eval_shard_task", "prepare_model_run",
            "train_run", "TaskMapper", "TASK_MAPPER"]

@@ -42,6 +42,23 @@ def print_quality(rows: list[dict]) -> None:
           "the LM saw)")
 
 
+def eval_figures_line(f: dict) -> str:
+    """One line: what the eval stage encoded and computed (its ``stage_metrics``)."""
+    line = (f"  tower   {int(f['images'])} images encoded, {int(f['tower_passes'])} tower passes for "
+            f"{int(f['computed'])} of {int(f['shard_results'])} shard results ({int(f['shards'])} shards, "
+            f"{int(f['cached_shards'])} fully cached)")
+    if f["computed"]:
+        line += f"; left padding {f['padding_share']:.1%} of batch positions"
+    if f["skipped"]:
+        line += f"; {int(f['skipped'])} rows skipped (see the warnings above)"
+    return line
+
+
+def print_eval_figures(figures: dict | None) -> None:
+    if figures:
+        print(eval_figures_line(figures))
+
+
 def print_eval(summary: list[dict]) -> None:
 
     rows = eval_table(summary)

@@ -1,25 +1,41 @@
-"""The eval stage: pruned LLaVA-NeXT evaluation, one cached chunk per (benchmark, strategy, retention, seed).
+"""The eval stage: pruned LLaVA-NeXT evaluation, one tower pass per image per sweep.
 
-A chunk's output ``stages/eval/<key>/`` (``samples.json`` + manifest with the
-summary) is keyed by a content hash of the model stage, the data files, the
-selector checkpoint (for ``selector``), the budget, the sample limit and the
-chunk itself, so adding a strategy or a retention reuses every chunk already
-done. The work unit is one chunk (:func:`eval_chunk`); the stage maps them
-through its ``mapper``.
+The work unit is a **shard** of a benchmark's items (``EvalConfig.shard_size``
+rows). A shard unit (:func:`eval_shard`) reads only its rows from the parquet
+(streamed by record batch), runs the vision tower once per image, together with
+the CLS attention when a missing result needs it, and then computes every
+missing (strategy, retention, seed) result of the shard from those features.
+Each result is cached on its own, ``stages/eval-shard/<key>/`` (``samples.json``
++ manifest), keyed by the model stage, the data files, the selector checkpoint
+(for ``selector``), the budget, the sample limit, the shard's rows and the
+result's coordinates. Adding a strategy or a retention computes only what is
+new, with one more tower pass per image for that addition.
+
+Each (benchmark, strategy, retention, seed) -- a :class:`Chunk` -- is then the
+merge of its shards' results, ``stages/eval/<key>/``, with the benchmark's
+aggregate over all of them (MMBench's CircularEval groups across shards).
+Features are reused in memory within a shard, not cached on disk: at real scale
+they would cost about 31 GB for DocVQA val on NeXT.
+
+A row that cannot be used (an undecodable image, a malformed field) is skipped
+with one warning line and counted (``skipped`` in the shard manifests and in
+``stage_metrics``); it never stops the sweep.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.benchmarks import items, spec
-from pipeline.config import ConfigError
-from pipeline.evaluate import EvalConfig
+from pipeline.benchmarks import build_items, spec
+from pipeline.config import ConfigError, content_hash
+from pipeline.evaluate import AUTO_BATCH_CPU, EvalConfig
 from pipeline.presets import cached_model
-from storage.benchmarks import benchmark_files, files_fingerprint, load_benchmark_rows, parquet_rows
+from storage.benchmarks import benchmark_files, benchmark_size, files_fingerprint, load_benchmark_rows
 from storage.home import Home
 from storage.selectors import LoadedSelector, load_selector, resolve_selector
 from storage.stages import StageDir, StageResult, code_version, run_stage, stage_key, write_json_atomic
@@ -29,7 +45,7 @@ from . import Mapper, serial
 from .benchmark import synthetic_benchmark
 from .prepare_model import model_stage
 
-EVAL_VERSION = "2"  # 2: budgets count valid tokens, the prompt keeps BOS, the compute is an input
+EVAL_VERSION = "3"  # 3: shards share one tower pass; random keeps are seeded per row; batches grouped by length
 SYNTHETIC = ("synthetic-ocr", "synthetic-scene")
 SELECTOR_NEEDED = "strategy 'selector' needs --selector (a train stage hash or a .safetensors checkpoint)"
 
@@ -46,15 +62,21 @@ def data_files(benchmark: str, data: dict[str, str], home: Home, limit: int) -> 
     return benchmark_files(benchmark, data[benchmark])
 
 
-def benchmark_items(benchmark: str, files: list[Path], limit: int):
-    """The first ``limit`` EvalItems of a benchmark's parquet files (one line naming the file if malformed)."""
-    s = spec(benchmark)
-    rows = load_benchmark_rows(benchmark, files, limit, s.required)
-    try:
-        return items(benchmark, rows)
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"{benchmark}: malformed row in {files[0]} ({exc}); expected columns "
-                          f"{', '.join(s.required)}") from None
+def benchmark_items(benchmark: str, files: list[Path], limit: int, start: int = 0):
+    """EvalItems of rows ``start`` to ``limit`` of a benchmark's parquet files (only those rows are read).
+    A row that cannot be built raises one line naming it; :func:`shard_items` skips such rows instead."""
+    from pipeline.benchmarks import BadRow
+
+    items, _, skipped = shard_items(benchmark, files, start, limit)
+    if skipped:
+        raise BadRow(skipped[0][1])
+    return items
+
+
+def shard_items(benchmark: str, files: list[Path], start: int, stop: int):
+    """(items, row indices, skipped) of rows ``start`` to ``stop``: skipped rows as (row index, reason)."""
+    rows = load_benchmark_rows(benchmark, files, stop, spec(benchmark).required, start=start)
+    return build_items(benchmark, rows, offset=start)
 
 
 def eval_selector(home: Home, ref: str, retention: float, model: StageResult) -> LoadedSelector:
@@ -66,11 +88,12 @@ def eval_selector(home: Home, ref: str, retention: float, model: StageResult) ->
                          expect_channels=d.get("vision_hidden"), expect_tokens=d.get("tokens_per_crop"))
 
 
-# ---------------------------------------------------------------- chunks
+# ---------------------------------------------------------------- chunks and shards
 
 @dataclass(frozen=True)
 class Chunk:
-    """One planned eval chunk: its inputs and its stage key."""
+    """One (benchmark, strategy, retention, seed) result: its inputs, its key, and its shards' result keys
+    as (first row, end row, key)."""
 
     benchmark: str
     files: tuple[str, ...]
@@ -80,23 +103,59 @@ class Chunk:
     key: str
     device: str = "cpu"              # resolved --device and --dtype the model runs in
     dtype: str = "float32"
+    shards: tuple[tuple[int, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One work unit: rows ``start`` to ``stop`` of a benchmark and the results wanted on them, as
+    (strategy, retention, seed, result key)."""
+
+    benchmark: str
+    files: tuple[str, ...]
+    start: int
+    stop: int
+    device: str
+    dtype: str
+    results: tuple[tuple[str, float, int, str], ...] = field(default=())
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def _coords(cfg: EvalConfig, benchmark: str, strategy: str, retention: float, seed: int) -> dict[str, Any]:
+    return {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
+            "budget": cfg.budget, "limit": cfg.limit}
+
+
+def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str) -> dict[str, Any]:
+    return {"model": model_key, "data": data_fp, "compute": compute, **({"selector": selector_sha} if selector_sha else {})}
 
 
 def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
               retention: float, seed: int, cfg: EvalConfig, compute: str = "cpu-float32") -> str:
-    chunk = {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
-             "budget": cfg.budget, "limit": cfg.limit}
-    inputs = {"model": model_key, "data": data_fp, "compute": compute,
-              **({"selector": selector_sha} if selector_sha else {})}
-    return stage_key("eval", EVAL_VERSION, chunk, inputs)
+    """The key of a merged result: its coordinates, inputs and how its rows were cut into shards."""
+    chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "shard_size": cfg.shard_size}
+    return stage_key("eval", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute))
+
+
+def result_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
+              retention: float, seed: int, cfg: EvalConfig, start: int, stop: int,
+              compute: str = "cpu-float32") -> str:
+    """The key of one shard's result: the result's coordinates and inputs plus the shard's rows."""
+    chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "rows": [start, stop]}
+    return stage_key("eval-shard", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute))
 
 
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
               data: dict[str, str]) -> list[Chunk]:
-    """Every chunk of an evaluation with its content-hashed key (fails fast, one line, on bad inputs)."""
+    """Every result of an evaluation with its content-hashed key and its shards' keys (fails fast, one
+    line, on bad inputs)."""
     from pipeline.device import compute
 
     device, dtype = compute(cfg.device, cfg.model_dtype)
+    where = f"{device}-{dtype}"
     if "selector" in cfg.strategies and not selector:
         raise ConfigError(SELECTOR_NEEDED)
     sel_sha = {}
@@ -106,75 +165,180 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     plan = []
     for bench in cfg.benchmarks:
         files = data_files(bench, data, home, cfg.limit)
-        benchmark_items(bench, files, 1)  # fail fast with one line on a malformed file
+        shard_items(bench, files, 0, 1)  # fail fast with one line on a malformed file
         fp = files_fingerprint(files)
+        n = min(cfg.limit, benchmark_size(bench, files))
+        cuts = [(a, min(n, a + cfg.shard_size)) for a in range(0, n, cfg.shard_size)]
         for strategy, retention, seed in cfg.chunks():
-            key = chunk_key(model.key, fp, sel_sha.get(retention) if strategy == "selector" else None,
-                            bench, strategy, retention, seed, cfg, f"{device}-{dtype}")
-            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key, device, dtype))
+            sha = sel_sha.get(retention) if strategy == "selector" else None
+            key = chunk_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, where)
+            shards = tuple((a, b, result_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, a, b, where))
+                           for a, b in cuts)
+            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key, device, dtype,
+                              shards))
     return plan
 
 
-def eval_chunk(home: str | Home, chunk: Chunk, model_key: str, config: dict[str, Any], selector: str | None,
+def plan_shards(plan: list[Chunk]) -> list[Shard]:
+    """The work units of a plan: one per (benchmark, files, rows), with every result wanted on them."""
+    units: dict[tuple, list[tuple[str, float, int, str]]] = {}
+    meta: dict[tuple, tuple[str, str]] = {}
+    for c in plan:
+        for a, b, key in c.shards:
+            unit = (c.benchmark, c.files, a, b)
+            units.setdefault(unit, []).append((c.strategy, c.retention, c.seed, key))
+            meta[unit] = (c.device, c.dtype)
+    return [Shard(bench, files, a, b, *meta[(bench, files, a, b)], tuple(results))
+            for (bench, files, a, b), results in units.items()]
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str, Any], selector: str | None,
                force: bool = False) -> dict[str, Any]:
-    """Evaluate one chunk (cached); returns its StageResult as a dict (what crosses a task boundary)."""
-    from pipeline.evaluate import evaluate_chunk
+    """Every missing result of one shard from one tower pass per image (each result cached on its own).
+
+    Returns the results' StageResults as dicts (in ``shard.results`` order) and the unit's figures:
+    ``images`` (distinct images encoded), ``tower_passes``, ``skipped``, ``computed`` (results
+    computed here), ``padding`` and ``positions`` (left padding of the generate batches)."""
+    from pipeline.evaluate import encode_shard, evaluate_features
 
     home = Home.resolve(home)
     cfg = EvalConfig.from_dict(config)
-    c = chunk
-
-    def build(work: Path) -> dict[str, Any]:
+    s = shard
+    dirs = [StageDir(home, "eval-shard", key) for *_, key in s.results]
+    missing = [i for i, d in enumerate(dirs) if force or not d.is_complete()]
+    figures = {"images": 0, "tower_passes": 0, "skipped": 0, "computed": 0, "padding": 0, "positions": 0}
+    outs: list[StageResult | None] = [None] * len(s.results)
+    if missing:
         t0 = time.perf_counter()
         model_result = model_stage(home, model_key)
-        model, processor = cached_model(str(model_result.model_dir), c.device, c.dtype)
-        loaded = None
-        if c.strategy == "selector":
-            loaded = eval_selector(home, selector, c.retention, model_result).selector
-            loaded = loaded.to(model.device)
-        rows = benchmark_items(c.benchmark, [Path(f) for f in c.files], cfg.limit)
-        res = evaluate_chunk(model, processor, c.benchmark, rows, c.strategy, c.retention, c.seed, cfg.budget,
-                             loaded, cfg.batch_size, on_batch=progress.advance)
-        write_json_atomic(work / "samples.json", res.samples)
-        return {"config": {"benchmark": c.benchmark, "strategy": c.strategy, "retention": c.retention,
-                           "seed": c.seed, "budget": cfg.budget, "limit": cfg.limit},
-                "inputs": {"model": model_key, "files": list(c.files), "selector": selector},
-                "compute": {"device": c.device, "dtype": c.dtype},
-                "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
-                            "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms},
-                "counts": {"samples": res.n_samples}, "code_version": code_version(),
-                "seconds": time.perf_counter() - t0}
+        model, processor = cached_model(str(model_result.model_dir), s.device, s.dtype)
+        items, rows, bad_rows = shard_items(s.benchmark, [Path(f) for f in s.files], s.start, s.stop)
+        wanted = [s.results[i][0] for i in missing]
+        tower_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else AUTO_BATCH_CPU
+        feats = encode_shard(model, processor, items, rows, attention="attention" in wanted,
+                             images=any(w != "none" for w in wanted), batch_size=tower_batch)
+        skipped = [{"row": i, "reason": r} for i, r in bad_rows] + \
+                  [{"sample_id": sid, "reason": r} for sid, r in feats.skipped]
+        for entry in skipped:
+            _warn(f"skipped {entry['reason']}")
+        figures.update(images=feats.images, tower_passes=feats.images, skipped=len(skipped))
+        tower_seconds = time.perf_counter() - t0
+        selectors: dict[float, Any] = {}
+        for i in missing:
+            strategy, retention, seed, key = s.results[i]
+            sel = None
+            if strategy == "selector":
+                if retention not in selectors:
+                    selectors[retention] = eval_selector(home, selector, retention, model_result).selector.to(model.device)
+                sel = selectors[retention]
 
-    return run_stage(home, "eval", c.key, build, force=force).to_dict()
+            def build(work: Path, strategy=strategy, retention=retention, seed=seed, sel=sel) -> dict[str, Any]:
+                t1 = time.perf_counter()
+                res = evaluate_features(model, processor, s.benchmark, feats, strategy, retention, seed, cfg.budget,
+                                        sel, cfg.batch_size, on_batch=progress.advance)
+                write_json_atomic(work / "samples.json", res.samples)
+                figures["padding"] += res.padding
+                figures["positions"] += res.positions
+                return {"config": {**_coords(cfg, s.benchmark, strategy, retention, seed), "rows": [s.start, s.stop]},
+                        "inputs": {"model": model_key, "files": list(s.files), "selector": selector},
+                        "compute": {"device": s.device, "dtype": s.dtype},
+                        "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
+                                    "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms},
+                        "counts": {"samples": res.n_samples, "skipped": len(skipped), "padding": res.padding,
+                                   "positions": res.positions},
+                        "skipped": skipped, "tower_seconds": tower_seconds, "code_version": code_version(),
+                        "seconds": time.perf_counter() - t1}
+
+            outs[i] = run_stage(home, "eval-shard", key, build, force=force)
+            figures["computed"] += not outs[i].cached
+    for i, d in enumerate(dirs):
+        if outs[i] is None:
+            outs[i] = StageResult("eval-shard", d.key, d.path, True, 0.0, d.manifest())
+    return {"results": [o.to_dict() for o in outs], **figures}
+
+
+def merge_chunk(home: Home, chunk: Chunk, shard_results: list[StageResult], force: bool = False) -> StageResult:
+    """The ``eval`` result of one chunk: its shards' samples in row order and the aggregate over them."""
+    from pipeline.evaluate import merge_results
+
+    def build(work: Path) -> dict[str, Any]:
+        parts = [{"samples": json.loads((r.path / "samples.json").read_text()), "summary": r.manifest["summary"]}
+                 for r in shard_results]
+        merged = merge_results(chunk.benchmark, parts)
+        write_json_atomic(work / "samples.json", merged["samples"])
+        skipped = sum(r.manifest.get("counts", {}).get("skipped", 0) for r in shard_results)
+        return {"config": {"benchmark": chunk.benchmark, "strategy": chunk.strategy, "retention": chunk.retention,
+                           "seed": chunk.seed},
+                "inputs": {"shards": [r.key for r in shard_results], "files": list(chunk.files)},
+                "compute": {"device": chunk.device, "dtype": chunk.dtype}, "summary": merged["summary"],
+                "counts": {"samples": merged["summary"]["n_samples"], "shards": len(shard_results),
+                           "skipped": skipped},
+                "code_version": code_version(), "seconds": sum(r.manifest.get("seconds", 0.0) for r in shard_results)}
+
+    return run_stage(home, "eval", chunk.key, build, force=force, fresh=True)
 
 
 # ---------------------------------------------------------------- the stage
 
+@dataclass
+class EvalRun:
+    """What :func:`eval_chunks` did: one (Chunk, merged StageResult) per result, and the stage's figures
+    (``stage_metrics``): images, tower_passes, shards, shard_results, computed, skipped, padding_share."""
+
+    results: list[tuple[Chunk, StageResult]]
+    figures: dict[str, float]
+
+
 def eval_chunks(home: Home, config: EvalConfig, model: StageResult, plan: list[Chunk], selector: str | None = None, *,
-             force: bool = False, mapper: Mapper = serial) -> list[tuple[Chunk, StageResult]]:
-    """Run (or reuse) every chunk of ``plan`` (from :func:`plan_eval`); ``force`` recomputes them all
-    (``atr run --from eval``). A cache hit reports its share of the lookup time, not the original time."""
-    files = {c.files for c in plan}
-    rows = {f: parquet_rows([Path(x) for x in f]) for f in files}  # footers, once per file set
-    total = sum(min(config.limit, rows[c.files]) if c.benchmark != "gqa" else config.limit for c in plan)
-    complete = [StageDir(home, "eval", c.key).is_complete() and not force for c in plan]
+                force: bool = False, mapper: Mapper = serial) -> EvalRun:
+    """Run (or reuse) every shard of ``plan`` (from :func:`plan_eval`) and merge each result; ``force``
+    recomputes them all (``atr run --from eval``). A cache hit reports its share of the lookup time."""
+    shards = plan_shards(plan)
+    complete = [all(StageDir(home, "eval-shard", k).is_complete() for *_, k in u.results) and not force
+                for u in shards]
     remote = getattr(mapper, "remote", False)
+    total = sum(u.rows * len(u.results) for u in shards)
     t0 = time.perf_counter()
     with progress.bar("eval", total=total, unit="questions") as bar:
         def done(i: int, out: dict[str, Any]) -> None:
-            if complete[i] or remote:  # in-process chunks advance the bar per batch themselves
-                bar.advance(out["manifest"]["summary"]["n_samples"])
+            if remote:
+                bar.advance(shards[i].rows * len(shards[i].results))
+            else:  # computed results advanced the bar per batch; cached ones advance here
+                bar.advance(shards[i].rows * (len(shards[i].results) - out["computed"]))
 
-        calls = [{"home": str(home.root), "chunk": c, "model_key": model.key, "config": config.to_dict(),
-                  "selector": selector, "force": force} for c in plan]
-        outs = mapper(eval_chunk, calls, [c.key for c in plan], done)
+        calls = [{"home": str(home.root), "shard": u, "model_key": model.key, "config": config.to_dict(),
+                  "selector": selector, "force": force} for u in shards]
+        outs = mapper(eval_shard, calls, [content_key(u) for u in shards], done)
+    by_key: dict[str, StageResult] = {}
+    for out in outs:
+        for r in out["results"]:
+            by_key[r["key"]] = StageResult.from_dict(r)
     results = []
-    for c, was_complete, out in zip(plan, complete, outs):
-        r = StageResult.from_dict(out)
-        if was_complete:
-            r.cached, r.seconds = True, (time.perf_counter() - t0) / len(plan)
+    for c in plan:
+        parts = [by_key[k] for *_, k in c.shards]
+        r = merge_chunk(home, c, parts, force=force or not all(p.cached for p in parts))
+        r.cached = all(p.cached for p in parts) and not force
         results.append((c, r))
-    return results
+    # Shards share their tower pass, so a result's own time is not separable: each result carries an
+    # equal share of the stage's wall time (a cache hit: of the lookup time), and they sum to the stage's.
+    for _, r in results:
+        r.seconds = (time.perf_counter() - t0) / max(1, len(plan))
+    padding, positions = sum(o["padding"] for o in outs), sum(o["positions"] for o in outs)
+    figures = {"images": sum(o["images"] for o in outs), "tower_passes": sum(o["tower_passes"] for o in outs),
+               "shards": len(shards), "shard_results": sum(len(u.results) for u in shards),
+               "computed": sum(o["computed"] for o in outs), "skipped": sum(o["skipped"] for o in outs),
+               "cached_shards": sum(complete), "padding_share": padding / positions if positions else 0.0,
+               "seconds": time.perf_counter() - t0}
+    return EvalRun(results, figures)
+
+
+def content_key(shard: Shard) -> str:
+    """A work unit's task cache key: the keys of every result it owns."""
+    return content_hash([k for *_, k in shard.results])
 
 
 def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any]]:
@@ -183,5 +347,6 @@ def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any
              "cached": o.cached, **o.manifest["summary"]} for c, o in results]
 
 
-__all__ = ["Chunk", "plan_eval", "eval_chunk", "eval_chunks", "eval_summary", "data_files", "benchmark_items",
-           "eval_selector", "chunk_key", "SELECTOR_NEEDED"]
+__all__ = ["Chunk", "Shard", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk", "eval_chunks",
+           "eval_summary", "data_files", "benchmark_items", "shard_items", "eval_selector", "chunk_key", "result_key",
+           "content_key", "SELECTOR_NEEDED"]
