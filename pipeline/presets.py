@@ -87,6 +87,58 @@ BENCH_PRESET = TinyPreset(
     text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=8,
 )
 PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset(), "bench": BENCH_PRESET}
+
+
+@dataclasses.dataclass(frozen=True)
+class SizedPreset(Config):
+    """A random-init LLaVA-NeXT with exactly the dimensions of a real checkpoint, for timing on a GPU.
+
+    Its prepare-model stage saves only the config and a processor (no weights: 14 GB of random
+    numbers would mean nothing). Loading builds the model straight on the target device in the
+    target dtype, seeded (:func:`materialize`); ``on_meta`` builds it on the meta device to check
+    shapes and parameter counts without allocating anything. The processor's tokenizer is the tiny
+    one (ids fit the real vocabulary): timings do not depend on which ids the prompt holds."""
+
+    kind = "sized-preset"
+
+    name: str = "bench-vicuna-7b"
+    mirrors: str = "llava-hf/llava-v1.6-vicuna-7b-hf"
+    text_model: str = "llama"                # llama (Vicuna) or mistral
+    text_hidden: int = 4096
+    text_layers: int = 32
+    text_heads: int = 32
+    text_kv_heads: int = 32
+    text_intermediate: int = 11008
+    vocab_size: int = 32064
+    max_position: int = 4096
+    rope_theta: float = 10000.0
+    vision_hidden: int = 1024                # CLIP ViT-L/14-336
+    vision_layers: int = 24
+    vision_heads: int = 16
+    vision_intermediate: int = 4096
+    crop_size: int = 336
+    patch_size: int = 14
+    grid_pinpoints: tuple = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+    vision_feature_layer: int = -2
+    seed: int = 0
+    version: str = PRESET_VERSION
+
+    def validate(self) -> None:
+        check(self.text_model in ("llama", "mistral"), f"text_model must be llama or mistral, got {self.text_model!r}")
+        check(self.text_heads % self.text_kv_heads == 0, "text_heads must be a multiple of text_kv_heads")
+
+    @property
+    def tokens_per_crop(self) -> int:
+        return (self.crop_size // self.patch_size) ** 2
+
+
+SIZED_PRESETS: dict[str, SizedPreset] = {
+    "bench-vicuna-7b": SizedPreset(),
+    "bench-mistral-7b": SizedPreset(name="bench-mistral-7b", mirrors="llava-hf/llava-v1.6-mistral-7b-hf",
+                                    text_model="mistral", text_kv_heads=8, text_intermediate=14336,
+                                    max_position=32768, rope_theta=1000000.0),
+}
+SIZED_MARKER = "atr_sized_preset.json"  # in a model dir: no weights, materialize SizedPreset on load
 # Presets whose weights are trained in-project (pipeline.tinyworld); built by the prepare-model stage.
 TRAINED_PRESETS = ("tiny-trained",)
 
@@ -185,6 +237,82 @@ def build_tiny(preset: TinyPreset):
     return model, processor
 
 
+def sized_config(preset: SizedPreset, image_token_id: int):
+    """The LlavaNextConfig of a sized preset (the real checkpoint's dimensions)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, MistralConfig
+
+    vision = CLIPVisionConfig(hidden_size=preset.vision_hidden, intermediate_size=preset.vision_intermediate,
+                              num_hidden_layers=preset.vision_layers, num_attention_heads=preset.vision_heads,
+                              image_size=preset.crop_size, patch_size=preset.patch_size, projection_dim=768,
+                              hidden_act="quick_gelu")
+    text_cls = LlamaConfig if preset.text_model == "llama" else MistralConfig
+    text = text_cls(vocab_size=preset.vocab_size, hidden_size=preset.text_hidden,
+                    intermediate_size=preset.text_intermediate, num_hidden_layers=preset.text_layers,
+                    num_attention_heads=preset.text_heads, num_key_value_heads=preset.text_kv_heads,
+                    max_position_embeddings=preset.max_position, rope_theta=preset.rope_theta,
+                    tie_word_embeddings=False)
+    return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                           image_grid_pinpoints=[list(p) for p in preset.grid_pinpoints],
+                           vision_feature_layer=preset.vision_feature_layer, vision_feature_select_strategy="default",
+                           projector_hidden_act="gelu")
+
+
+def on_meta(preset: SizedPreset):
+    """The sized model built on the meta device: shapes and parameter counts, no memory."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaNextForConditionalGeneration(sized_config(preset, image_token_id=32000)).eval()
+
+
+def save_sized(preset: SizedPreset, out_dir: Path) -> None:
+    """config.json, the processor and the marker: everything but weights."""
+    import json
+
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tokenizer = build_tokenizer(TinyPreset())
+    config = sized_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    out_dir = Path(out_dir)
+    config.save_pretrained(out_dir)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": preset.crop_size},
+                                                 crop_size={"height": preset.crop_size, "width": preset.crop_size},
+                                                 image_grid_pinpoints=[list(p) for p in preset.grid_pinpoints])
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=preset.patch_size,
+                       vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+                       num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE).save_pretrained(out_dir)
+    (out_dir / SIZED_MARKER).write_text(json.dumps(preset.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def materialize(model_dir: Path, device: str, dtype: str, allow_cpu: bool = False):
+    """(model, processor) of a sized preset's dir: random weights (seeded) built directly on ``device``
+    in ``dtype``. A CPU is refused in one line unless ``allow_cpu``."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoProcessor, LlavaNextForConditionalGeneration
+
+    preset = SizedPreset.from_dict(json.loads((Path(model_dir) / SIZED_MARKER).read_text()))
+    if not device.startswith("cuda") and not allow_cpu:
+        n = sum(p.numel() for p in on_meta(preset).parameters())
+        raise ModelLoadError(f"{preset.name} has {n / 1e9:.1f} B parameters ({n * 2 / 2**30:.0f} GiB in bf16): it is "
+                             f"for timing on a CUDA device; on the CPU pass --allow-cpu (atr bench) to run it anyway")
+    config = AutoConfig.from_pretrained(model_dir)
+    before = torch.get_default_dtype()
+    torch.manual_seed(preset.seed)
+    try:
+        torch.set_default_dtype(getattr(torch, dtype))
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(before)
+    return model.eval(), AutoProcessor.from_pretrained(model_dir, backend="pil")
+
+
 def save_tiny(preset: TinyPreset, out_dir: Path) -> None:
     """Build the preset and ``save_pretrained`` model + processor into ``out_dir``."""
     model, processor = build_tiny(preset)
@@ -217,14 +345,17 @@ def resolve_hub_snapshot(repo_id: str) -> tuple[Path, str]:
     return path, path.name
 
 
-def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
-    """``from_pretrained`` the LLaVA-NeXT model and its processor (PIL backend) from a local dir."""
+def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu", allow_cpu: bool = False):
+    """``from_pretrained`` the LLaVA-NeXT model and its processor (PIL backend) from a local dir
+    (a sized preset's dir: :func:`materialize`)."""
     import torch
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ModelLoadError(f"cannot load model from {model_dir}: no config.json there")
+    if (model_dir / SIZED_MARKER).is_file():
+        return materialize(model_dir, device, dtype, allow_cpu)
     try:
         # safetensors only: a folder holding just pytorch_model.bin is refused, never torch.load-ed.
         model = LlavaNextForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype),
@@ -271,16 +402,19 @@ def describe(model_or_config) -> dict[str, Any]:
 
 
 def unknown_model_message(spec: str) -> str:
-    return (f"unknown model {spec!r}: use a preset ({', '.join([*TRAINED_PRESETS, *PRESETS])}), a local directory "
+    return (f"unknown model {spec!r}: use a preset ({', '.join([*TRAINED_PRESETS, *PRESETS, *SIZED_PRESETS])}), "
+            f"a local directory "
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
 _LOADED: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
 
-def cached_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None):
+def cached_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | None = None,
+                 allow_cpu: bool = False):
     """(model, processor) of ``model_dir`` on ``device`` in ``dtype`` (resolved names; None: the
-    defaults of ``pipeline.device``), loaded once per process.
+    defaults of ``pipeline.device``), loaded once per process (``allow_cpu``: a sized preset may
+    materialize on the CPU).
 
     Shard and chunk tasks of one process share it; loading another model drops the previous one."""
     from .device import default_device
@@ -290,7 +424,7 @@ def cached_model(model_dir: str | os.PathLike, device: str | None = None, dtype:
     key = (str(model_dir), device, dtype)
     if key not in _LOADED:
         _LOADED.clear()
-        _LOADED[key] = load_model(key[0], dtype=dtype, device=device)
+        _LOADED[key] = load_model(key[0], dtype=dtype, device=device, allow_cpu=allow_cpu)
     return _LOADED[key]
 
 
@@ -304,5 +438,6 @@ def check_processor(model_dir: str | os.PathLike, name: str) -> None:
         raise ModelLoadError(f"cannot load the processor of {name}: {first_line(exc)}") from None
 
 
-__all__ = ["TinyPreset", "PRESETS", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny", "load_model",
+__all__ = ["TinyPreset", "PRESETS", "SizedPreset", "SIZED_PRESETS", "SIZED_MARKER", "sized_config", "on_meta",
+           "save_sized", "materialize", "ModelLoadError", "ConfigError", "build_tiny", "save_tiny", "load_model",
            "resolve_hub_snapshot", "is_hub_id", "describe", "load_model_config", "cached_model", "check_processor"]

@@ -263,8 +263,9 @@ class _Saver:
 # ---------------------------------------------------------------------------------- eval
 
 def _complete_chunks(home: Path) -> dict[str, int]:
-    """Finished eval chunks: {chunk dir: mtime_ns of its samples.json}."""
-    parent = home / "stages" / "eval"
+    """Finished eval shard results: {result dir: mtime_ns of its samples.json} (16 questions: one shard,
+    whose three results are computed one after another from one tower pass)."""
+    parent = home / "stages" / "eval-shard"
     return {p.name: (p / "samples.json").stat().st_mtime_ns for p in parent.iterdir()
             if p.is_dir() and (p / "_manifest.json").is_file()} if parent.is_dir() else {}
 
@@ -282,7 +283,7 @@ def test_killed_eval_keeps_finished_chunks_and_redoes_only_the_rest(cli_env, tmp
     proc.wait()
     kept = _complete_chunks(home)
     assert 1 <= len(kept) < 3, kept
-    unfinished = [p for p in (home / "stages" / "eval").iterdir() if p.name.endswith(".tmp")]
+    unfinished = [p for p in (home / "stages" / "eval-shard").iterdir() if p.name.endswith(".tmp")]
     assert all(not (p / "_manifest.json").exists() for p in unfinished)
 
     resumed = subprocess.run(args, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
@@ -293,7 +294,7 @@ def test_killed_eval_keeps_finished_chunks_and_redoes_only_the_rest(cli_env, tmp
     report = resumed.stdout.split("report  ")[1].split()[0]
     summary = json.loads(Path(report, "summary.json").read_text())
     cached = {r["strategy"]: r["cached"] for r in summary}
-    strategy_of = {k: read_manifest(home / "stages" / "eval" / k)["config"]["strategy"] for k in done}
+    strategy_of = {k: read_manifest(home / "stages" / "eval-shard" / k)["config"]["strategy"] for k in done}
     assert cached == {strategy_of[k]: k in kept for k in done}  # only the rest was redone
     assert all(r["n_samples"] == 16 for r in summary)
 

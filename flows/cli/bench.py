@@ -11,6 +11,7 @@ from pipeline.config import ConfigError
 from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions
 
 DEFAULT_RETENTIONS = "0.5,0.25,0.11"
+SIZED_RETENTIONS = "0.5,0.222,0.111,0.056"  # the field's 1440 / 640 / 320 / 160 of LLaVA-NeXT's 2,880 tokens
 
 
 def bench_parser(sub, common) -> None:
@@ -26,20 +27,27 @@ def bench_parser(sub, common) -> None:
                     "is sampled during the run; a warning says when it makes the ratios untrustworthy. Rows go to "
                     "bench_results, the speed-up plot to $ATR_HOME/reports/bench-<run_id>/ and MLflow.",
         epilog="examples:\n  atr bench\n  atr bench --retentions 0.5,0.25,0.11 --repeats 7\n"
+               "  atr bench --model bench-vicuna-7b                                   # real size, on a CUDA machine\n"
                "  atr bench --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
                "  atr query \"SELECT name, retention, measured_speedup, ideal_speedup, value, unit FROM "
                "bench_results ORDER BY name\"")
     p.add_argument("--model", default="bench",
                    help=MODEL_HELP + " (default: bench, a random-init LLaVA-NeXT with the real token counts: "
-                                     "336-px crops of 14-px patches, 576 tokens per crop, up to 5 crops)")
-    add_retentions_option(p, DEFAULT_RETENTIONS,
+                                     "336-px crops of 14-px patches, 576 tokens per crop, up to 5 crops; "
+                                     "bench-vicuna-7b and bench-mistral-7b: random-init with the exact dimensions "
+                                     "of llava-v1.6-vicuna-7b / -mistral-7b, built on the target device in bf16)")
+    add_retentions_option(p, "",
                           help=f"comma-separated fractions of encoder tokens kept per crop, each in (0, 1]; the "
-                               f"full prompt (1) is always measured (default: {DEFAULT_RETENTIONS})")
+                               f"full prompt (1) is always measured (default: {DEFAULT_RETENTIONS}; "
+                               f"{SIZED_RETENTIONS} for bench-vicuna-7b and bench-mistral-7b)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="let bench-vicuna-7b / bench-mistral-7b run on the CPU (14 GiB, minutes per prefill)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds per measurement; medians are reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default: 1)")
-    p.add_argument("--extract-images", type=int, default=32,
-                   help="synthetic:docs images per extract-stage run (default: 32; 0 skips extraction)")
+    p.add_argument("--extract-images", type=int, default=None,
+                   help="synthetic:docs images per extract-stage run (default: 32; 0 for the 7B presets; "
+                        "0 skips extraction)")
     p.add_argument("--extract-repeats", type=int, default=5,
                    help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per vision-tower batch in extraction (default: 8)")
@@ -56,7 +64,12 @@ def bench_parser(sub, common) -> None:
 
 def check_args(args) -> dict[str, Any]:
     """The validated options as a config dict (ConfigError names the bad option)."""
-    retentions = list(parse_retentions(args.retentions))
+    from pipeline.presets import SIZED_PRESETS
+
+    sized = args.model in SIZED_PRESETS
+    retentions = list(parse_retentions(args.retentions or (SIZED_RETENTIONS if sized else DEFAULT_RETENTIONS)))
+    if args.extract_images is None:
+        args.extract_images = 0 if sized else 32
     if args.repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     if args.warmup < 0:
@@ -75,7 +88,7 @@ def check_args(args) -> dict[str, Any]:
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
             "batch_size": args.batch_size, "shard_size": args.shard_size,
             "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads,
-            "device": args.device, "model_dtype": args.dtype}
+            "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu}
 
 
 def cmd_bench(home, args) -> int:

@@ -53,11 +53,12 @@ def bench_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, 
     if config.get("threads"):
         set_torch_threads(config["threads"])
     resolved = compute(config.get("device", "auto"), config.get("model_dtype", "auto"))
-    model, _ = cached_model(str(model_stage.model_dir), *resolved)
+    model, _ = cached_model(str(model_stage.model_dir), *resolved, allow_cpu=config.get("allow_cpu", False))
     param = next(model.parameters())
     device, dtype = str(param.device), str(param.dtype).replace("torch.", "")
     ttft = config["ttft"] if config["ttft"] is not None else device.startswith("cuda")
     return {**config, "ttft": ttft, "model_key": model_stage.key, "device": device, "dtype": dtype,
+            "load": list(resolved),  # the names the model was loaded under (one load per process)
             "attn_implementation": use_sdpa(model), **torch_facts()}
 
 
@@ -69,7 +70,8 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
     their targets. Nothing is recorded here; the extraction runs in a private
     scratch home that is removed at the end."""
     device = config["device"]  # resolved by bench_config, as is config["dtype"]
-    model, processor = cached_model(str(model_stage.model_dir), device, config["dtype"])
+    model, processor = cached_model(str(model_stage.model_dir), *config.get("load", (device, config["dtype"])),
+                                    allow_cpu=config.get("allow_cpu", False))
     threshold = config["load_threshold"]
     phases = {}
     with LoadSampler(threshold=threshold) as sampler:

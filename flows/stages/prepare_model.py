@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import pipeline
 from pipeline.config import ConfigError
-from pipeline.presets import (PRESETS, TRAINED_PRESETS, ModelLoadError, TinyPreset, is_hub_id, load_model,
+from pipeline.presets import (PRESETS, SIZED_PRESETS, TRAINED_PRESETS, ModelLoadError, SizedPreset, TinyPreset,
+                              is_hub_id, load_model, save_sized,
                               resolve_hub_snapshot, save_tiny, unknown_model_message)
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key
@@ -50,6 +51,8 @@ def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[st
         return "trained", {"tiny_world": cfg.to_dict(), "data": generator_fingerprint()}
     if model in PRESETS:
         return "preset", {"preset": PRESETS[model].to_dict()}
+    if model in SIZED_PRESETS:
+        return "sized", {"sized": SIZED_PRESETS[model].to_dict()}
     path = Path(model).expanduser()
     if path.is_dir():
         return "local", {"dir": str(path.resolve()), "files": _dir_fingerprint(path)}
@@ -107,6 +110,12 @@ def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = No
             manifest["model_dir"] = None  # the stage dir itself
             loaded, _ = load_model(work)  # proves from_pretrained reads what we saved
             manifest["describe"] = describe(loaded)
+        elif kind == "sized":
+            # Real dimensions, random weights: config + processor only, materialized where it runs.
+            save_sized(SizedPreset.from_dict(identity["sized"]), work)
+            manifest["model_dir"] = None
+            manifest["describe"] = describe(load_model_config(work))
+            check_processor(work, model)
         else:
             # A user's model (7B on a GPU box): check config + processor load, not the weights.
             manifest["model_dir"] = identity["dir"]
