@@ -269,13 +269,17 @@ def render_synthetic(kind: str, seed: int, index: int) -> LoadedImage:
     return _render_doc(rng) if kind == "docs" else _render_scene(rng)
 
 
+def random_sides(rng: random.Random, lo: int, hi: int, max_aspect: int = 3) -> tuple[int, int]:
+    """Two sides drawn from ``[lo, hi]`` (in draw order) whose ratio is at most ``max_aspect``."""
+    while True:
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        if max(a, b) <= max_aspect * min(a, b):
+            return a, b
+
+
 def _pick_size(rng: random.Random) -> tuple[int, int]:
     """A scene's (width, height): any integers in ``SIDES``, aspect at most 3:1."""
-    lo, hi = SIDES
-    while True:
-        w, h = rng.randint(lo, hi), rng.randint(lo, hi)
-        if max(w, h) <= 3 * min(w, h):
-            return w, h
+    return random_sides(rng, *SIDES)
 
 
 # Document kinds: (name, weight, width range, height/width range). Real aspect ratios: A4/letter pages,

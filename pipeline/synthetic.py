@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 from .config import ConfigError
 from .fonts import font
+from .images import random_sides
 
 GENERATOR_VERSION = "2"  # bump when a renderer changes: it changes every sample
 BENCHMARKS = ("synthetic-ocr", "synthetic-scene")
@@ -173,16 +174,8 @@ def _render_ocr(rng: random.Random):
     return key, make
 
 
-def _scene_size(rng: random.Random) -> tuple[int, int]:
-    lo, hi = SCENE_SIDES
-    while True:
-        h, w = rng.randint(lo, hi), rng.randint(lo, hi)
-        if max(h, w) <= 3 * min(h, w):
-            return h, w
-
-
 def _render_scene(rng: random.Random):
-    h, w = _scene_size(rng)
+    h, w = random_sides(rng, *SCENE_SIDES)
     names = list(COLOURS)
     big = rng.choice(names)
     shape = rng.choice(("rectangle", "ellipse", "triangle"))

@@ -72,16 +72,8 @@ def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | N
         raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
     rows: list[dict[str, Any]] = []
     for f in files:
-        try:
-            pf = pq.ParquetFile(f)
-        except (OSError, pa.ArrowException) as exc:
-            raise BenchmarkFileError(f"{f}: not a readable parquet file ({str(exc).splitlines()[0]}); "
-                                     f"expected columns {', '.join(required)}") from None
+        pf = _open(f, required)
         names = pf.schema_arrow.names
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise BenchmarkFileError(f"{f}: missing column(s) {', '.join(missing)}; expected columns "
-                                     f"{', '.join(required)} (has {', '.join(names)})")
         want = None if columns is None else [c for c in columns if c in names]
         try:
             for batch in pf.iter_batches(batch_size=256, columns=want):
