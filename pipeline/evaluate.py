@@ -23,8 +23,8 @@ import torch
 
 from .benchmarks import EvalItem, aggregate, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
-from .prune import encode_images, visual_embeddings
-from .strategies import BUDGETS, STRATEGIES, Context, keep_masks
+from .prune import encode_images, project, visual_embeddings
+from .strategies import BUDGETS, PROJECTED, STRATEGIES, Context, keep_masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +236,11 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
             for start in range(0, len(with_img), 64):  # one selector forward per 64 images
                 part = with_img[start:start + 64]
                 feats = [shard.features[i] for i in part]
+                projected = [project(model, f.features) for f in feats] if strategy in PROJECTED else None
                 for i, m in zip(part, keep_masks(strategy, [f.features for f in feats], retention, budget,
                                                  Context(selector=selector),
                                                  cls_attention=[f.cls_attention for f in feats],
-                                                 valid=[f.valid for f in feats])):
+                                                 valid=[f.valid for f in feats], projected=projected)):
                     masks[i] = m
     prompts = [chat_prompt(processor, it.prompt, use_image[i]) for i, it in enumerate(shard.items)]
     tok = processor.tokenizer

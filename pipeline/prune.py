@@ -153,6 +153,11 @@ def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], de
     return valid.view(crops, tokens)
 
 
+def project(model, features: torch.Tensor) -> torch.Tensor:
+    """(crops, L, D): the model's projector on tower features, the LLM-space tokens it would see."""
+    return _inner(model).multi_modal_projector(features)
+
+
 def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
 
@@ -168,7 +173,7 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     if keep_mask.shape != feats.shape[:2]:
         raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} does not match features {tuple(feats.shape[:2])}")
     source, row, rows = packing_layout(model, crops, tokens, image.image_size, feats.device)
-    projected = inner.multi_modal_projector(feats).flatten(0, 1)
+    projected = project(model, feats).flatten(0, 1)
     table = torch.cat([projected, inner.image_newline.to(projected.dtype)[None]])
     is_newline = source < 0
     token_kept = keep_mask.to(feats.device).flatten()[source.clamp(min=0)] & ~is_newline
@@ -242,5 +247,5 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
                           streamer=streamer)
 
 
-__all__ = ["ImageFeatures", "encode_images", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
+__all__ = ["ImageFeatures", "encode_images", "project", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
            "split_prompt"]

@@ -26,9 +26,18 @@ Strategies:
 * ``selector``: the paper's trained selector, top-k by keep-logit;
 * ``attention``: VisionZip's dominant tokens, top-k by the attention the CLS token
   pays them in the feature layer (mean over heads);
-* ``diversity``: DivPrune, greedy max-min diversity on cosine distance between
-  tower features (first the token farthest from its nearest neighbour, then
-  repeatedly the token farthest from everything kept).
+* ``diversity``: the simple variant of DivPrune: greedy max-min diversity on
+  cosine distance between *tower* features, within each crop's budget (first the
+  token farthest from its nearest neighbour, then repeatedly the token farthest
+  from everything kept);
+* ``divprune``: DivPrune as its paper and reference code run it (vbdi/divprune,
+  ``DivPrune(visual_feature_vectors, ...)`` on the output of ``mm_projector``):
+  the same greedy max-min on cosine distance, but over the *projected*
+  (LLM-space) tokens of the whole image, so K = round(r * the image's valid
+  tokens) falls wherever diversity puts it (``--budget`` does not apply). What
+  differs: only valid tokens are candidates (the reference runs before
+  LLaVA-NeXT's unpadding), and row newlines follow the kept rows as for every
+  strategy (the reference prunes after packing, newlines included).
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ import torch
 
 from .config import ConfigError
 
-STRATEGIES = ("full", "none", "random", "selector", "attention", "diversity")
+STRATEGIES = ("full", "none", "random", "selector", "attention", "diversity", "divprune")
+PROJECTED = ("divprune",)  # strategies that choose on the projector's output (Context.projected)
 BUDGETS = ("per-crop", "global")
 
 
@@ -51,6 +61,7 @@ class Context:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     selector: Any = None  # a TokenSelector (pipeline.selector)
     cls_attention: torch.Tensor | None = None  # (crops, L) CLS -> token attention of the feature layer
+    projected: torch.Tensor | None = None  # (crops, L, D) the projector's output: LLM-space tokens
 
 
 def check_strategy(name: str) -> str:
@@ -79,6 +90,10 @@ def keep_mask(strategy: str, features: torch.Tensor, retention: float, budget: s
         return valid.clone()
     if strategy == "diversity":
         return _diversity(features, retention, budget, valid)
+    if strategy == "divprune":
+        if context.projected is None or tuple(context.projected.shape[:2]) != (crops, tokens):
+            raise ValueError("strategy 'divprune' needs the projected tokens (crops, L, D) of the same image")
+        return _diversity(context.projected, retention, "global", valid)
     scores = _scores(strategy, features, context)
     return _top(scores, retention, budget, valid)
 
@@ -86,7 +101,8 @@ def keep_mask(strategy: str, features: torch.Tensor, retention: float, budget: s
 def keep_masks(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
                context: Context | None = None,
                cls_attention: Sequence[torch.Tensor | None] | None = None,
-               valid: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+               valid: Sequence[torch.Tensor | None] | None = None,
+               projected: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
     """:func:`keep_mask` for a batch of images, each ``(crops_i, L, C)``; one mask (or None) per image.
 
     ``selector`` runs once on all crops of all images (``(sum crops_i, L, C)``): it attends
@@ -99,8 +115,9 @@ def keep_masks(strategy: str, features: Sequence[torch.Tensor], retention: float
     valid = list(valid) if valid is not None else [None] * len(features)
     if strategy != "selector" or not features:
         attn = list(cls_attention) if cls_attention is not None else [context.cls_attention] * len(features)
-        return [keep_mask(strategy, f, retention, budget, replace(context, cls_attention=a), v)
-                for f, a, v in zip(features, attn, valid, strict=True)]
+        proj = list(projected) if projected is not None else [context.projected] * len(features)
+        return [keep_mask(strategy, f, retention, budget, replace(context, cls_attention=a, projected=p), v)
+                for f, a, v, p in zip(features, attn, valid, proj, strict=True)]
     counts = [f.shape[0] for f in features]
     logits = _scores(strategy, torch.cat(list(features)), context)
     return [_top(s, retention, budget, _valid(v, s.shape[0], s.shape[1], s.device))
@@ -187,5 +204,5 @@ def _max_min(x: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.T
     return taken
 
 
-__all__ = ["STRATEGIES", "BUDGETS", "Context", "keep_mask", "keep_masks", "budget_counts", "check_strategy",
+__all__ = ["STRATEGIES", "PROJECTED", "BUDGETS", "Context", "keep_mask", "keep_masks", "budget_counts", "check_strategy",
            "check_budget"]

@@ -140,3 +140,52 @@ def test_valid_tokens_match_the_models_unpadding(tiny_model):
     assert full == only_valid  # keeping padding adds nothing: unpadding drops it anyway
     rows = int((valid[1:].view(3, 8, 8).any(dim=2)).any(dim=0).sum())  # grid rows that keep a token: newlines
     assert full == int(valid.sum()) + rows
+
+
+def _divprune_reference(x: torch.Tensor, k: int) -> list[int]:
+    """DivPrune's greedy max-min as its paper states it, one token at a time: first the token farthest
+    (cosine distance) from its nearest neighbour, then the one farthest from everything kept."""
+    unit = torch.nn.functional.normalize(x.double(), dim=-1)
+    dist = 1.0 - unit @ unit.T
+    n = len(x)
+    nearest = [min(float(dist[i, j]) for j in range(n) if j != i) for i in range(n)]
+    chosen = [max(range(n), key=lambda i: nearest[i])]
+    while len(chosen) < k:
+        chosen.append(max((i for i in range(n) if i not in chosen),
+                          key=lambda i: min(float(dist[i, j]) for j in chosen)))
+    return sorted(chosen)
+
+
+def test_divprune_is_max_min_over_the_projected_tokens_of_the_whole_image():
+    from pipeline.strategies import Context, keep_mask
+
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(3, 16, 8, generator=g)  # tower features: divprune must not look at them
+    projected = torch.randn(3, 16, 12, generator=g)
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    valid[1, 12:] = valid[2, :4] = False  # padding rows of two grid crops
+    mask = keep_mask("divprune", feats, 0.25, "per-crop", Context(projected=projected), valid)
+    assert int(mask.sum()) == round(0.25 * int(valid.sum())) and not (mask & ~valid).any()
+    flat = projected.reshape(-1, 12)
+    allowed = valid.flatten().nonzero().flatten()
+    expect = [int(allowed[i]) for i in _divprune_reference(flat[allowed], int(mask.sum()))]
+    assert mask.flatten().nonzero().flatten().tolist() == sorted(expect)
+    with pytest.raises(ValueError, match="needs the projected tokens"):
+        keep_mask("divprune", feats, 0.25, valid=valid)
+
+
+def test_divprune_runs_through_evaluation_at_random_s_budget(trained_model):
+    from pipeline.benchmarks import EvalItem
+    from pipeline.evaluate import evaluate_chunk
+    from pipeline.synthetic import generate_samples
+
+    model, processor = trained_model
+    items = [EvalItem(s.question_id, s.image, s.question, [s.answer])
+             for s in generate_samples("synthetic-scene", "test", 12)]
+    div = evaluate_chunk(model, processor, "synthetic-scene", items, "divprune", 0.25, batch_size=6)
+    rnd = evaluate_chunk(model, processor, "synthetic-scene", items, "random", 0.25, batch_size=6)
+    kept = [r["visual_tokens"] for r in div.samples]
+    assert all(v > 0 for v in kept)
+    # global K = round(r * valid tokens) against random's per-crop round(r * valid): the same up to
+    # rounding (a token per crop) and row newlines (up to a row per kept row)
+    assert abs(div.mean_visual_tokens - rnd.mean_visual_tokens) <= 8, (div.mean_visual_tokens, rnd.mean_visual_tokens)
