@@ -59,8 +59,8 @@ def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | N
                  limit: int | None = None) -> list[dict[str, Any]]:
     """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name), at most ``limit``.
 
-    Reads record batches and stops at ``limit``, so a 5000-question file with
-    images is not decoded whole for a 300-question run. A missing path, an
+    Streams through :func:`iter_rows` and stops at ``limit``, so a 5000-question
+    file with images is not decoded whole for a 300-question run. A missing path, an
     unreadable file or a missing column ends in one :class:`BenchmarkFileError`
     line that names the file and the expected columns."""
     path = Path(path)
@@ -70,19 +70,7 @@ def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | N
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
-    rows: list[dict[str, Any]] = []
-    for f in files:
-        pf = _open(f, required)
-        names = pf.schema_arrow.names
-        want = None if columns is None else [c for c in columns if c in names]
-        try:
-            for batch in pf.iter_batches(batch_size=256, columns=want):
-                rows.extend(batch.to_pylist())
-                if limit is not None and len(rows) >= limit:
-                    return rows[:limit]
-        except (OSError, pa.ArrowException) as exc:
-            raise BenchmarkFileError(f"{f}: cannot read ({str(exc).splitlines()[0]})") from None
-    return rows
+    return list(iter_rows(files, required, 0, limit, columns))
 
 
 def parquet_rows(files: Sequence[Path]) -> int:
