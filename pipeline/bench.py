@@ -379,6 +379,76 @@ def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft:
             "lm": vars(dims.lm)}
 
 
+def strategy_timings(model, processor, strategies, retentions, repeats: int, warmup: int,
+                     device: str) -> dict[str, Any]:
+    """Every strategy side by side on the bench image, at equal budgets (interleaved rounds).
+
+    Per (strategy, retention): ``select_seconds``, the strategy's own work per image once the tower has
+    run (its inputs that are not tower outputs -- projection, crop regions -- and the choice itself),
+    ``ttft_seconds``, image -> processor -> tower (with the CLS attention and keys where the strategy
+    scores with them) -> choice -> packing -> prefill -> first token, and the tokens sent. ``cdpruner``
+    runs unconditioned (no text encoder here). The selector is random-init, as in the prefill timings."""
+    from .evaluate import chat_prompt
+    from .prune import base_regions, encode_images, project, split_prompt, visual_embeddings
+    from .strategies import PROJECTED, TOWER_SCORES, Context, check_strategy, select
+
+    for s in strategies:
+        check_strategy(s)
+    image = bench_image(model)
+    prompt = chat_prompt(processor, QUESTION, True)
+    embed = model.get_input_embeddings()
+    with torch.inference_mode():
+        feats = encode_images(model, processor, [image], attention=True)[0]
+        crops, tokens, channels = feats.features.shape
+        ctx = Context(selector=bench_selector(tokens, channels, feats.features.device))
+        before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
+        head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
+
+    def inputs(strategy, f):
+        out = {}
+        if strategy in TOWER_SCORES:
+            out.update(cls_attention=f.cls_attention, early_attention=f.early_attention, keys=f.keys)
+        if strategy == "hired":
+            out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
+        if strategy in PROJECTED:
+            out["projected"] = project(model, f.features)
+        return out
+
+    def choose(strategy, r, f):
+        from dataclasses import replace
+
+        c = replace(ctx, generator=torch.Generator().manual_seed(0), **inputs(strategy, f))
+        return select(strategy, f.features, r, "per-crop", c, f.valid)
+
+    def first_token(strategy, r):
+        def run():
+            f = encode_images(model, processor, [image], attention=strategy in TOWER_SCORES)[0]
+            sel = choose(strategy, r, f)
+            x = torch.cat([head, visual_embeddings(model, f, sel.mask, sel.extra), tail])[None]
+            return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        return run
+
+    pruned = [r for r in retentions if r < 1.0]
+    candidates, sent = {}, {}
+    with torch.inference_mode():
+        for s in strategies:
+            for r in pruned:
+                sel = choose(s, r, feats)
+                sent[(s, r)] = (sel.tokens, int(visual_embeddings(model, feats, sel.mask, sel.extra).shape[0]))
+                candidates[f"select/{s}@{r:g}"] = (lambda s=s, r=r: choose(s, r, feats))
+                candidates[f"ttft/{s}@{r:g}"] = first_token(s, r)
+        candidates["ttft/full"] = first_token("full", 1.0)
+        times = interleaved(candidates, repeats, warmup, device)
+    rows = {}
+    for s in strategies:
+        for r in pruned:
+            rows.setdefault(s, {})[r] = {"select_seconds": median(times[f"select/{s}@{r:g}"]),
+                                         "ttft_seconds": median(times[f"ttft/{s}@{r:g}"]),
+                                         "tokens": sent[(s, r)][0], "visual_tokens": sent[(s, r)][1]}
+    return {"strategies": rows, "ttft_full_seconds": median(times["ttft/full"]), "crops": crops,
+            "tokens_per_crop": tokens, "image_size": list(image.size)}
+
+
 def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_again: Callable[[], object],
                        before_round: Callable[[], object]) -> dict[str, Any]:
     """Interleaved rounds of the whole extract stage (``stage_again``), the bare vision-tower forward
@@ -421,4 +491,5 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
 
 
 __all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",
-           "use_sdpa", "bench_image", "bench_selector", "cache_bytes", "prefill_timings", "extraction_timings"]
+           "use_sdpa", "bench_image", "bench_selector", "cache_bytes", "prefill_timings", "extraction_timings",
+           "strategy_timings"]

@@ -23,8 +23,8 @@ import torch
 
 from .benchmarks import EvalItem, aggregate, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
-from .prune import encode_images, project, visual_embeddings
-from .strategies import BUDGETS, PROJECTED, STRATEGIES, Context, keep_masks
+from .prune import base_regions, encode_images, project, visual_embeddings
+from .strategies import BUDGETS, PROJECTED, STRATEGIES, TOWER_SCORES, Context, selections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class EvalConfig(Config):
     kind: ClassVar[str] = "eval"
 
     benchmarks: tuple = ("synthetic-ocr", "synthetic-scene")
-    strategies: tuple = ("full", "none", "random", "selector", "attention", "diversity")
+    strategies: tuple = STRATEGIES
     retentions: tuple = EVAL_RETENTIONS
     budget: str = "per-crop"
     seeds: int = 3
@@ -43,6 +43,7 @@ class EvalConfig(Config):
     shard_size: int = 100            # items per work unit: the tower runs once per image of a shard
     device: str = "auto"             # where the model runs
     model_dtype: str = "auto"        # the model's dtype (--dtype)
+    text_encoder: str | None = None  # cdpruner's CLIP text tower (--text-encoder); None: the unconditioned DPP
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
@@ -72,6 +73,11 @@ class EvalConfig(Config):
                 for r in self.retentions:
                     out.extend((s, float(r), seed) for seed in (range(self.seeds) if s == "random" else [0]))
         return out
+
+
+def default_strategies(selector: bool = True) -> tuple[str, ...]:
+    """Every strategy, ``selector`` only when there is one to evaluate."""
+    return tuple(s for s in STRATEGIES if selector or s != "selector")
 
 
 @dataclasses.dataclass
@@ -170,13 +176,14 @@ class ShardFeatures:
     features: list[Any]              # ImageFeatures or None, per item
     skipped: list[tuple[str, str]]
     images: int                      # images the tower encoded (one tower pass each)
-    attention: bool                  # whether CLS attention was computed
+    attention: bool                  # whether CLS attention (and keys, layer-0 attention) was computed
+    embeds: bool = False             # whether the tower's post-norm last layer was kept (CDPruner's relevance)
 
 
 @torch.no_grad()
 def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[int] | None = None,
                  attention: bool = False, images: bool = True, batch_size: int = 16,
-                 on_batch: Callable[[int], None] | None = None) -> ShardFeatures:
+                 on_batch: Callable[[int], None] | None = None, embeds: bool = False) -> ShardFeatures:
     """One tower pass per image of ``items``, ``batch_size`` images per forward; images are decoded per
     batch and dropped after it. ``images=False`` (only ``none`` to evaluate) encodes nothing."""
     from .benchmarks import BadRow
@@ -199,25 +206,28 @@ def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[
             pixels.append(img)
             owners.append(len(feats) - 1)
         if pixels:
-            for pos, f in zip(owners, encode_images(model, processor, pixels, attention=attention)):
+            for pos, f in zip(owners, encode_images(model, processor, pixels, attention=attention, embeds=embeds)):
                 feats[pos] = f
             encoded += len(pixels)
         if on_batch:
             on_batch(len(batch))
-    return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention)
+    return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention, embeds)
 
 
 @torch.no_grad()
 def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, strategy: str, retention: float,
                       seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
-                      group: bool = True, on_batch: Callable[[int], None] | None = None) -> ChunkResult:
+                      group: bool = True, on_batch: Callable[[int], None] | None = None,
+                      relevance=None) -> ChunkResult:
     """One (strategy, retention, seed) on a shard's cached tower features.
 
     Random keeps draw from a generator seeded by (seed, row index), so a result does
     not depend on how the benchmark is cut into shards or batches. With ``group``
     the items are batched by sequence length (visual plus prompt tokens), longest
-    first, so a batch's left padding is small; outputs keep the items' order."""
-    from .strategies import keep_mask
+    first, so a batch's left padding is small; outputs keep the items' order. ``relevance`` (a
+    ``pipeline.relevance.TextRelevance``) conditions ``cdpruner`` on each item's question; without it
+    ``cdpruner`` is the unconditioned DPP."""
+    from .strategies import select
 
     bench = spec(benchmark)
     n = len(shard.items)
@@ -229,22 +239,22 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
             for i in with_img:
                 f = shard.features[i]
                 g = torch.Generator().manual_seed(seed * 1_000_003 + shard.indices[i])
-                masks[i] = keep_mask("random", f.features, retention, budget, Context(generator=g), f.valid)
+                masks[i] = select("random", f.features, retention, budget, Context(generator=g), f.valid)
         else:
-            if strategy == "attention" and not shard.attention:
-                raise ValueError("strategy 'attention' needs features encoded with attention=True")
+            if strategy in TOWER_SCORES and not shard.attention:
+                raise ValueError(f"strategy {strategy!r} needs features encoded with attention=True")
             for start in range(0, len(with_img), 64):  # one selector forward per 64 images
                 part = with_img[start:start + 64]
+                per_image = [_strategy_inputs(model, strategy, shard.features[i], shard.items[i], relevance)
+                             for i in part]
                 feats = [shard.features[i] for i in part]
-                projected = [project(model, f.features) for f in feats] if strategy in PROJECTED else None
-                for i, m in zip(part, keep_masks(strategy, [f.features for f in feats], retention, budget,
-                                                 Context(selector=selector),
-                                                 cls_attention=[f.cls_attention for f in feats],
-                                                 valid=[f.valid for f in feats], projected=projected)):
+                for i, m in zip(part, selections(strategy, [f.features for f in feats], retention, budget,
+                                                 Context(selector=selector), valid=[f.valid for f in feats],
+                                                 per_image=per_image)):
                     masks[i] = m
     prompts = [chat_prompt(processor, it.prompt, use_image[i]) for i, it in enumerate(shard.items)]
     tok = processor.tokenizer
-    lengths = [len(tok(p)["input_ids"]) + (int(masks[i].sum()) if masks[i] is not None else 0)
+    lengths = [len(tok(p)["input_ids"]) + (masks[i].tokens if masks[i] is not None else 0)
                for i, p in enumerate(prompts)]
     order = sorted(range(n), key=lambda i: -lengths[i]) if group else list(range(n))
     preds: list[str] = [""] * n
@@ -254,7 +264,8 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
 
     def run(start: int, stop: int) -> None:
         part = order[start:stop]
-        visual = [visual_embeddings(model, shard.features[i], masks[i]) if use_image[i] else None for i in part]
+        visual = [visual_embeddings(model, shard.features[i], masks[i].mask, masks[i].extra) if use_image[i] else None
+                  for i in part]
         out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, bench.max_new_tokens,
                                    stats=pad)
         prefill.append(ttft / len(part))
@@ -277,6 +288,22 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
     return ChunkResult(rows, aggregate(benchmark, scores, list(shard.items)), bench.metric, n,
                        sum(n_visual) / max(1, n), sum(prefill) / max(1, len(prefill)),
                        pad["padding"], pad["positions"])
+
+
+def _strategy_inputs(model, strategy: str, f, item: EvalItem, relevance) -> dict[str, Any]:
+    """The Context fields ``strategy`` needs for one image (``f``: its ImageFeatures)."""
+    out: dict[str, Any] = {}
+    if strategy in TOWER_SCORES:
+        out.update(cls_attention=f.cls_attention, early_attention=f.early_attention, keys=f.keys)
+    if strategy == "hired":
+        out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
+    if strategy in PROJECTED:
+        out["projected"] = project(model, f.features)
+    if strategy == "cdpruner" and relevance is not None:
+        if f.last_hidden is None:
+            raise ValueError("strategy 'cdpruner' with a text encoder needs features encoded with embeds=True")
+        out["relevance"] = relevance.relevance(f.last_hidden, item.prompt)
+    return out
 
 
 def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
@@ -302,12 +329,13 @@ def merge_results(benchmark: str, parts: Sequence[dict[str, Any]]) -> dict[str, 
 @torch.no_grad()
 def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], strategy: str, retention: float,
                    seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
-                   on_batch: Callable[[int], None] | None = None) -> ChunkResult:
+                   on_batch: Callable[[int], None] | None = None, relevance=None) -> ChunkResult:
     """:func:`encode_shard` then :func:`evaluate_features`: one result on ``items``."""
-    shard = encode_shard(model, processor, items, attention=strategy == "attention", images=strategy != "none",
-                         batch_size=batch_size if isinstance(batch_size, int) else AUTO_BATCH_CPU)
+    shard = encode_shard(model, processor, items, attention=strategy in TOWER_SCORES, images=strategy != "none",
+                         batch_size=batch_size if isinstance(batch_size, int) else AUTO_BATCH_CPU,
+                         embeds=strategy == "cdpruner" and relevance is not None)
     return evaluate_features(model, processor, benchmark, shard, strategy, retention, seed, budget, selector,
-                             batch_size, on_batch=on_batch)
+                             batch_size, on_batch=on_batch, relevance=relevance)
 
 
 def eval_table(summary: list[dict]) -> list[dict]:
@@ -329,5 +357,5 @@ def eval_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["EvalConfig", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
+__all__ = ["EvalConfig", "default_strategies", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
            "merge_results", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]

@@ -33,6 +33,9 @@ class ImageFeatures:
     image_size: tuple[int, int]
     cls_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in the feature layer
     valid: torch.Tensor | None = None  # (crops, L) bool: the tokens LLaVA-NeXT's unpadding keeps
+    early_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in encoder layer 0
+    keys: torch.Tensor | None = None  # (crops, L, head_dim): the feature layer's keys, mean over heads
+    last_hidden: torch.Tensor | None = None  # (crops, L, C'): the tower's last layer, post-norm (embeds=True)
 
     @property
     def crops(self) -> int:
@@ -63,13 +66,18 @@ def _inner(model):
 
 
 @torch.no_grad()
-def encode_images(model, processor, images: Sequence[Any], attention: bool = False) -> list[ImageFeatures]:
+def encode_images(model, processor, images: Sequence[Any], attention: bool = False,
+                  embeds: bool = False) -> list[ImageFeatures]:
     """Tower features of every crop of every image, in one tower forward.
 
     ``attention=True`` also gives each token the attention the CLS token pays it
-    inside the feature layer (mean over heads), recomputed from that layer's input
-    hidden state with the layer's own norm and q/k projections (VisionZip's
-    dominance score; SDPA kernels do not return attention weights)."""
+    inside the feature layer (mean over heads) and inside encoder layer 0, and the
+    feature layer's attention keys (mean over heads), recomputed from each layer's
+    input hidden state with the layer's own norm and q/k projections (SDPA kernels
+    do not return attention weights). These are what VisionZip (dominance, key
+    similarity) and HiRED (layer-0 budget split) score with. ``embeds=True`` also
+    keeps the tower's last hidden state after its ``post_layernorm`` (CLS dropped):
+    the input of a CLIP ``visual_projection`` (CDPruner's relevance)."""
     cfg = model.config
     inner = _inner(model)
     crop = cfg.vision_config.image_size
@@ -86,21 +94,34 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     out = tower(torch.cat(pixels).to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
     layer = cfg.vision_feature_layer
     feats = projector_inputs(out.hidden_states, layer, cfg.vision_feature_select_strategy)
-    attn: list[torch.Tensor | None] = [None] * len(counts)
+    n_img = len(counts)
+    attn: list[Any] = [None] * n_img
+    early: list[Any] = [None] * n_img
+    keys: list[Any] = [None] * n_img
+    last: list[Any] = [None] * n_img
     if attention:
         if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":
             raise ValueError("attention scores need one vision_feature_layer and the 'default' (CLS) strategy")
-        attn = list(torch.split(_cls_attention(tower, out.hidden_states, layer), counts))
-    out = []
-    for f, s, a in zip(torch.split(feats, counts), sizes, attn):
-        out.append(ImageFeatures(f, s, a, valid_tokens(model, f.shape[0], f.shape[1], s, f.device)))
-    return out
+        index = layer % len(out.hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
+        cls, k = _layer_attention(tower, out.hidden_states, index)
+        attn, keys = list(torch.split(cls, counts)), list(torch.split(k, counts))
+        early = list(torch.split(_layer_attention(tower, out.hidden_states, 1)[0], counts))
+    if embeds:
+        post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+        hidden = out.hidden_states[-1]
+        hidden = post(hidden) if post is not None else hidden
+        last = list(torch.split(hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden, counts))
+    result = []
+    for i, (f, s) in enumerate(zip(torch.split(feats, counts), sizes)):
+        result.append(ImageFeatures(f, s, attn[i], valid_tokens(model, f.shape[0], f.shape[1], s, f.device),
+                                    early[i], keys[i], last[i]))
+    return result
 
 
-def _cls_attention(tower, hidden_states, layer: int) -> torch.Tensor:
-    """(N, L) attention from CLS to every patch token inside the layer whose output is ``layer``."""
+def _layer_attention(tower, hidden_states, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inside the encoder layer whose output is ``hidden_states[index]``: (N, L) attention from CLS to
+    every patch token (mean over heads) and (N, L, head_dim) the patch tokens' keys (mean over heads)."""
     encoder = getattr(tower, "vision_model", tower).encoder
-    index = layer % len(hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
     block = encoder.layers[index - 1]
     attn = block.self_attn
     x = block.layer_norm1(hidden_states[index - 1])
@@ -108,7 +129,31 @@ def _cls_attention(tower, hidden_states, layer: int) -> torch.Tensor:
     q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
     weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # (N, heads, 1, T)
-    return weights.mean(dim=1)[:, 0, 1:].float()
+    return weights.mean(dim=1)[:, 0, 1:].float(), k.mean(dim=1)[:, 1:].float()
+
+
+def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) -> torch.Tensor:
+    """(L,) long: for each base-crop token, the grid crop (1-based crop index) that covers its centre in
+    the original image, 0 where none does (a one-crop image: all 0). HiRED splits its budget by it."""
+    import numpy as np
+
+    from .extract import token_boxes
+
+    cfg = model.config
+    h, w = image_size
+    layout = crop_layout(w, h, cfg.vision_config.image_size, cfg.image_grid_pinpoints)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    out = torch.zeros(tokens, dtype=torch.long)
+    if crops <= 1:
+        return out
+    cells = token_boxes(layout.boxes[0], side)
+    cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
+    region = np.zeros(side * side, dtype=np.int64)
+    for c, (x0, y0, x1, y1) in enumerate(layout.boxes[1:crops], start=1):
+        inside = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1) & (region == 0)
+        region[inside] = c
+    out[tokens - side * side:] = torch.from_numpy(region)
+    return out
 
 
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
@@ -158,11 +203,13 @@ def project(model, features: torch.Tensor) -> torch.Tensor:
     return _inner(model).multi_modal_projector(features)
 
 
-def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order.
+def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | None = None,
+                      extra: torch.Tensor | None = None) -> torch.Tensor:
+    """(visual_tokens, D) LM-width embeddings of the kept tokens in raster order, then ``extra``.
 
     ``keep_mask`` is a (crops, L) bool mask; None keeps everything. A row-newline is kept
-    iff its row keeps a token. No Python loop over crops or tokens: one projector
+    iff its row keeps a token. ``extra`` (E, C) are tower-space tokens that are not the
+    image's own (VisionZip's contextual tokens): projected, they follow the kept ones. No Python loop over crops or tokens: one projector
     call and one gather through :func:`packing_layout`. Differentiable (the tiny
     world trains through it); wrap in ``torch.no_grad()`` for inference."""
     inner = _inner(model)
@@ -181,7 +228,10 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     kept_per_row.index_add_(0, row, token_kept.long())
     kept = torch.where(is_newline, kept_per_row[row] > 0, token_kept)
     gather = torch.where(is_newline, torch.full_like(source, crops * tokens), source)
-    return table[gather[kept]]
+    out = table[gather[kept]]
+    if extra is not None and extra.shape[0]:
+        out = torch.cat([out, project(model, extra.to(feats.device, feats.dtype)).to(out.dtype)])
+    return out
 
 
 def split_prompt(tokenizer, prompt: str, image_token_id: int):
@@ -247,5 +297,5 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
                           streamer=streamer)
 
 
-__all__ = ["ImageFeatures", "encode_images", "project", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
+__all__ = ["ImageFeatures", "encode_images", "base_regions", "project", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
            "split_prompt"]

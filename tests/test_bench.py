@@ -89,12 +89,31 @@ def test_bench_figures_are_consistent(bench_run):
     assert by[("load/trustworthy", None)]["value"] in (0.0, 1.0)
 
 
+def test_bench_times_every_strategy_at_equal_budgets(bench_run):
+    from pipeline.config import PRUNERS
+
+    _, rows, _ = bench_run
+    by = _by(rows)
+    full_ttft = by[("select/full/ttft_seconds", 1.0)]["value"]
+    assert full_ttft > 0
+    for r in (0.5, 0.25):
+        sent = {s: by[(f"select/{s}/tokens", r)]["value"] for s in PRUNERS}
+        assert set(sent.values()) == {5 * round(r * 64)}, sent  # every strategy sends what random sends
+        for s in PRUNERS:
+            ms, ttft = by[(f"select/{s}/ms_per_image", r)], by[(f"select/{s}/ttft_seconds", r)]
+            assert ms["unit"] == "ms" and ms["value"] > 0
+            assert ttft["measured"] == pytest.approx(full_ttft / ttft["value"])
+            vis = by[(f"select/{s}/visual_tokens", r)]["value"]
+            assert sent[s] <= vis <= sent[s] + 16  # plus at most one newline per grid row
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--retentions", "0,0.5"], "retention must be in (0, 1], got 0"),
     (["--retentions", "1.5"], "retention must be in (0, 1], got 1.5"),
     (["--retentions", "half"], "'half' is not a number"),
     (["--repeats", "0"], "--repeats must be >= 1, got 0"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--strategies", "random,fastv"], "unknown strategy 'fastv'; valid: random, selector, attention"),
 ])
 def test_bench_user_errors_are_one_line(tmp_path, capsys, argv, needle):
     assert main(["bench", "--home", str(tmp_path / "h"), *argv]) == 2
@@ -109,7 +128,7 @@ def test_bench_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--extract-repeats",
                 "--batch-size",
-                "--shard-size", "--ttft", "--load-threshold"):
+                "--shard-size", "--ttft", "--load-threshold", "--strategies"):
         assert opt in out
 
 

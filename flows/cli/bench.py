@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.config import PRUNERS, ConfigError
 
 from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions
 
@@ -52,6 +52,9 @@ def bench_parser(sub, common) -> None:
                    help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per vision-tower batch in extraction (default: 8)")
     p.add_argument("--shard-size", type=int, default=16, help="samples per shard in extraction (default: 16)")
+    p.add_argument("--strategies", default=",".join(PRUNERS),
+                   help="strategies timed side by side (selection ms per image and time to first token at each "
+                        "retention, equal budgets); 'none' skips them (default: " + ",".join(PRUNERS) + ")")
     p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -84,11 +87,17 @@ def check_args(args) -> dict[str, Any]:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if not args.load_threshold > 0:
         raise ConfigError(f"--load-threshold must be positive, got {args.load_threshold}")
+    strategies = [] if args.strategies.strip() in ("", "none") else \
+        [x.strip() for x in args.strategies.split(",") if x.strip()]
+    for x in strategies:
+        if x not in PRUNERS:
+            raise ConfigError(f"--strategies: unknown strategy {x!r}; valid: {', '.join(PRUNERS)} (the full prompt "
+                              f"is always timed)")
     return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
             "batch_size": args.batch_size, "shard_size": args.shard_size,
             "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads,
-            "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu}
+            "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu, "strategies": strategies}
 
 
 def cmd_bench(home, args) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pipeline.errors import UserError
+from pipeline.config import STRATEGIES
 
 from .common import (
     MODEL_HELP,
@@ -42,11 +43,18 @@ def eval_parser(sub, common) -> None:
     p.add_argument("--data", action="append", default=[], metavar="PATH|NAME=PATH",
                    help="lmms-lab parquet file or directory of a real benchmark; NAME=PATH when giving several")
     p.add_argument("--strategies", default=None,
-                   help="comma-separated from full,none,random,selector,attention,diversity (default: all; "
-                        "selector only with --selector)")
+                   help="comma-separated from " + ",".join(STRATEGIES) + " (default: all; selector only with "
+                        "--selector). visionzip, hired, divprune and cdpruner are the published pruners, "
+                        "attention and diversity their simple variants")
+    p.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
+                   help="a CLIP checkpoint (hub id or save_pretrained folder, e.g. openai/clip-vit-large-patch14-336) "
+                        "whose text tower gives cdpruner the question's relevance; without it cdpruner runs the "
+                        "unconditioned DPP")
     add_retentions_option(p, "0.1,0.25,0.5,0.75", help="comma-separated (default: 0.1,0.25,0.5,0.75)")
     p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
-                   help="per-crop: k = round(r*L) in every crop; global: r * all encoder tokens of the image")
+                   help="per-crop: k = round(r * valid tokens) in every crop; global: r * the image's valid tokens. "
+                        "Every strategy sends the LLM that many tokens; hired, divprune and cdpruner spread them "
+                        "their way")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
     p.add_argument("--batch-size", type=_batch_size, default=16,
                    help="questions per generate call, or auto: on CUDA it starts at 8 and doubles while memory "
@@ -88,7 +96,7 @@ def _batch_size(value: str) -> int | str:
 
 
 def cmd_eval(home, args) -> int:
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluate import EvalConfig, default_strategies
 
     from ..orchestration.flows import eval_flow
     from ..present import progress
@@ -99,11 +107,11 @@ def cmd_eval(home, args) -> int:
     if args.strategies:
         strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     else:
-        strategies = ("full", "none", "random", *(("selector",) if args.selector else ()), "attention", "diversity")
+        strategies = default_strategies(bool(args.selector))
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
                      budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
-                     shard_size=args.shard_size,
-                     device=args.device, model_dtype=args.dtype)
+                     shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
+                     text_encoder=args.text_encoder)
     data = _parse_data(args.data, benchmarks)
     if "selector" in strategies and not args.selector:
         raise UserError(SELECTOR_NEEDED)

@@ -276,7 +276,8 @@ def bench_run(home: Home, config: dict[str, Any]) -> dict[str, Any]:
                  f"{full_config['torch_threads']} threads); other processes: {other} cores")
         plot = plot_speedups(out["prefill"], folder / "speedup.png", title)
         summary = {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "config": full_config,
-                   "prefill": jsonable(out["prefill"]), "extract": jsonable(out["extract"]), "load": load.as_dict(),
+                   "prefill": jsonable(out["prefill"]), "extract": jsonable(out["extract"]),
+                   "strategies": jsonable(out["strategies"]), "load": load.as_dict(),
                    "load_by_phase": {k: v.as_dict() for k, v in out["phases"].items()},
                    "warnings": out["warnings"], "figures": out["figures"], "plot": str(plot)}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

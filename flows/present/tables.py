@@ -105,6 +105,38 @@ def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def strategy_cost_lines(st: dict[str, Any]) -> list[str]:
+    """Which strategy is cheapest at each retention and where the selector stands (plain lines)."""
+    lines = []
+    by = {name: {float(r): v for r, v in x.items()} for name, x in st["strategies"].items()}
+    retentions = sorted({r for x in by.values() for r in x}, reverse=True)
+    for r in retentions:
+        ms = sorted((x[r]["select_seconds"] * 1000.0, name) for name, x in by.items() if r in x)
+        line = f"at {r:g}: cheapest {ms[0][1]} ({ms[0][0]:.2f} ms), dearest {ms[-1][1]} ({ms[-1][0]:.2f} ms)"
+        names = [n for _, n in ms]
+        if "selector" in names:
+            line += f"; selector {names.index('selector') + 1} of {len(names)} ({ms[names.index('selector')][0]:.2f} ms)"
+        lines.append(line)
+    return lines
+
+
+def print_strategy_costs(console, st: dict[str, Any]) -> None:
+    t = Table(title=f"strategies side by side: selection per image and time to first token (equal budgets; "
+                    f"{st['crops']} crops × {st['tokens_per_crop']} tokens, full TTFT "
+                    f"{st['ttft_full_seconds'] * 1000:.1f} ms)")
+    for col in ("strategy", "retention", "tokens sent", "LLM visual tokens", "select ms", "TTFT ms", "TTFT full ÷"):
+        t.add_column(col, justify="right")
+    full = st["ttft_full_seconds"]
+    for name, by in st["strategies"].items():
+        for r, x in sorted(by.items(), key=lambda kv: -float(kv[0])):
+            t.add_row(name, f"{float(r):g}", str(x["tokens"]), str(x["visual_tokens"]),
+                      f"{x['select_seconds'] * 1000:.2f}", f"{x['ttft_seconds'] * 1000:.1f}",
+                      f"{full / x['ttft_seconds']:.2f}")
+    console.print(t)
+    for line in strategy_cost_lines(st):
+        console.print(line)
+
+
 def print_bench(out: dict[str, Any]) -> None:
     """The bench tables: prefill per retention, selector share, extraction, figures vs targets, load."""
     from rich.markup import escape
@@ -140,6 +172,8 @@ def print_bench(out: dict[str, Any]) -> None:
     console.print(f"projection: {proj['selector']} selector vs {proj['model']} prefill ({proj['text_tokens']} text + "
                   f"{proj['visual_tokens']} visual tokens): {proj['selector_flops'] / 1e9:.0f} GFLOP / "
                   f"{proj['prefill_flops'] / 1e12:.1f} TFLOP = {proj['selector_share']:.2%}")
+    if out.get("strategies"):
+        print_strategy_costs(console, out["strategies"])
     if e is not None:
         console.print(f"extraction ({e['images']} {e['source']} images, {e['crops']} crops, batch {e['batch_size']}, "
                       f"{e['shards']} shards): stage {e['stage_images_per_second']:.2f} images/s, bare tower "

@@ -17,7 +17,10 @@ What is timed (medians of ``--repeats`` interleaved rounds after ``--warmup`` ro
   processor, tower, fp16 shards, manifest) against the
   bare vision-tower forward on the same pixel batches; cold vs cached stage time;
 * **time to first token** (on CUDA, or with ``--ttft``): image -> processor -> tower ->
-  [selector] -> packing -> prefill -> first token.
+  [selector] -> packing -> prefill -> first token;
+* **every strategy side by side** (``--strategies``, default all): each one's own selection time per
+  image and its time to first token at each retention, at equal budgets
+  (``pipeline.bench.strategy_timings``; rows ``select/<strategy>/...``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ import shutil
 import time
 from typing import Any
 
-from pipeline.bench import LoadSampler, extraction_timings, median, prefill_timings, synchronize, use_sdpa
+from pipeline.bench import (
+    LoadSampler,
+    extraction_timings,
+    median,
+    prefill_timings,
+    strategy_timings,
+    synchronize,
+    use_sdpa,
+)
 from pipeline.config import ExtractConfig
 from pipeline.device import compute, set_torch_threads, torch_facts
 from pipeline.presets import cached_model
@@ -78,6 +89,12 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
         with LoadSampler(threshold=threshold, label="the prefill and selector timings") as phase:
             prefill = prefill_timings(model, processor, config, device, config["ttft"])
         phases["prefill"] = phase.report
+        strategies = None
+        if config.get("strategies"):
+            with LoadSampler(threshold=threshold, label="the strategy timings") as phase:
+                strategies = strategy_timings(model, processor, config["strategies"], config["retentions"],
+                                              config["repeats"], config["warmup"], device)
+            phases["strategies"] = phase.report
         extract_figures = None
         if config["extract_images"] > 0:
             with LoadSampler(threshold=threshold, label="the extraction and cache timings") as phase:
@@ -90,8 +107,8 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
         load.warnings.append(f"prefill timings varied by more than {SPREAD_WARN:.0%} between rounds (retention: "
                              f"(max - min) / median = {', '.join(f'{k}: {v:.0%}' for k, v in noisy.items())}); "
                              f"medians are less certain")
-    rows = bench_rows(run_id, prefill, extract_figures, load, phases)
-    return {"prefill": prefill, "extract": extract_figures, "load": load, "phases": phases,
+    rows = bench_rows(run_id, prefill, extract_figures, load, phases, strategies)
+    return {"prefill": prefill, "extract": extract_figures, "strategies": strategies, "load": load, "phases": phases,
             "warnings": load.warnings, "rows": rows, "figures": figures(rows)}
 
 
@@ -151,7 +168,8 @@ def _bench_extract(home: Home, model_stage: StageResult, model, processor, confi
             pass
 
 
-def bench_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict) -> list[dict[str, Any]]:
+def bench_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict,
+               strategies: dict | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(name, value, unit, retention=None, measured=None, ideal=None):
@@ -189,6 +207,15 @@ def bench_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: d
         add("selector/achieved_flops_per_second", x["selector_flops"] / x["selector_seconds"], "FLOP/s", r)
     proj = prefill["projection"]
     add("selector/projected_share/llava-v1.6-vicuna-7b", proj["selector_share"], "fraction")
+    if strategies is not None:
+        full = strategies["ttft_full_seconds"]
+        add("select/full/ttft_seconds", full, "s", 1.0, 1.0, None)
+        for name, by in strategies["strategies"].items():
+            for r, x in by.items():
+                add(f"select/{name}/ms_per_image", x["select_seconds"] * 1000.0, "ms", r)
+                add(f"select/{name}/ttft_seconds", x["ttft_seconds"], "s", r, full / x["ttft_seconds"], None)
+                add(f"select/{name}/tokens", x["tokens"], "tokens", r)
+                add(f"select/{name}/visual_tokens", x["visual_tokens"], "tokens", r)
     if extract is not None:
         add("extract/images_per_second/stage", extract["stage_images_per_second"], "images/s")
         add("extract/images_per_second/bare_tower", extract["bare_tower_images_per_second"], "images/s")

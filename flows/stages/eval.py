@@ -34,6 +34,7 @@ from typing import Any
 from pipeline.benchmarks import build_items, spec
 from pipeline.config import ConfigError, content_hash
 from pipeline.evaluate import AUTO_BATCH_CPU, EvalConfig
+from pipeline.strategies import TOWER_SCORES
 from pipeline.presets import cached_model
 from storage.benchmarks import benchmark_files, benchmark_size, files_fingerprint, load_benchmark_rows
 from storage.home import Home
@@ -77,6 +78,16 @@ def shard_items(benchmark: str, files: list[Path], start: int, stop: int):
     """(items, row indices, skipped) of rows ``start`` to ``stop``: skipped rows as (row index, reason)."""
     rows = load_benchmark_rows(benchmark, files, stop, spec(benchmark).required, start=start)
     return build_items(benchmark, rows, offset=start)
+
+
+def eval_text_encoder(cfg: EvalConfig, model: StageResult, device: str = "cpu"):
+    """cdpruner's ``--text-encoder`` (a ``pipeline.relevance.TextRelevance``), checked against the tower's
+    width; None without one (the unconditioned DPP)."""
+    from pipeline.relevance import load_text_encoder
+
+    if not cfg.text_encoder:
+        return None
+    return load_text_encoder(cfg.text_encoder, model.manifest.get("describe", {}).get("vision_hidden"), device)
 
 
 def eval_selector(home: Home, ref: str, retention: float, model: StageResult) -> LoadedSelector:
@@ -129,23 +140,28 @@ def _coords(cfg: EvalConfig, benchmark: str, strategy: str, retention: float, se
             "budget": cfg.budget, "limit": cfg.limit}
 
 
-def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str) -> dict[str, Any]:
-    return {"model": model_key, "data": data_fp, "compute": compute, **({"selector": selector_sha} if selector_sha else {})}
+def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str,
+            text_encoder: str | None = None) -> dict[str, Any]:
+    return {"model": model_key, "data": data_fp, "compute": compute, **({"selector": selector_sha} if selector_sha else {}),
+            **({"text_encoder": text_encoder} if text_encoder else {})}
 
 
 def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
-              retention: float, seed: int, cfg: EvalConfig, compute: str = "cpu-float32") -> str:
-    """The key of a merged result: its coordinates, inputs and how its rows were cut into shards."""
+              retention: float, seed: int, cfg: EvalConfig, compute: str = "cpu-float32",
+              text_encoder: str | None = None) -> str:
+    """The key of a merged result: its coordinates, inputs and how its rows were cut into shards
+    (``text_encoder``: the fingerprint of cdpruner's text encoder, when it has one)."""
     chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "shard_size": cfg.shard_size}
-    return stage_key("eval", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute))
+    return stage_key("eval", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute, text_encoder))
 
 
 def result_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
               retention: float, seed: int, cfg: EvalConfig, start: int, stop: int,
-              compute: str = "cpu-float32") -> str:
+              compute: str = "cpu-float32", text_encoder: str | None = None) -> str:
     """The key of one shard's result: the result's coordinates and inputs plus the shard's rows."""
     chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "rows": [start, stop]}
-    return stage_key("eval-shard", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute))
+    return stage_key("eval-shard", EVAL_VERSION, chunk,
+                     _inputs(model_key, data_fp, selector_sha, compute, text_encoder))
 
 
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
@@ -158,6 +174,16 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     where = f"{device}-{dtype}"
     if "selector" in cfg.strategies and not selector:
         raise ConfigError(SELECTOR_NEEDED)
+    text_fp = None
+    if "cdpruner" in cfg.strategies and cfg.text_encoder:
+        from pipeline.relevance import text_encoder_fingerprint
+
+        eval_text_encoder(cfg, model)  # fails fast, one line, when it does not load or fit the tower
+        text_fp = text_encoder_fingerprint(cfg.text_encoder)
+    elif "cdpruner" in cfg.strategies:
+        from pipeline.relevance import UNCONDITIONED
+
+        print(UNCONDITIONED, file=sys.stderr)
     sel_sha = {}
     if "selector" in cfg.strategies:
         for r in cfg.retentions:
@@ -171,9 +197,10 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
         cuts = [(a, min(n, a + cfg.shard_size)) for a in range(0, n, cfg.shard_size)]
         for strategy, retention, seed in cfg.chunks():
             sha = sel_sha.get(retention) if strategy == "selector" else None
-            key = chunk_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, where)
-            shards = tuple((a, b, result_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, a, b, where))
-                           for a, b in cuts)
+            tfp = text_fp if strategy == "cdpruner" else None
+            key = chunk_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, where, tfp)
+            shards = tuple((a, b, result_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, a, b, where,
+                                             tfp)) for a, b in cuts)
             plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key, device, dtype,
                               shards))
     return plan
@@ -219,8 +246,10 @@ def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str,
         items, rows, bad_rows = shard_items(s.benchmark, [Path(f) for f in s.files], s.start, s.stop)
         wanted = [s.results[i][0] for i in missing]
         tower_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else AUTO_BATCH_CPU
-        feats = encode_shard(model, processor, items, rows, attention="attention" in wanted,
-                             images=any(w != "none" for w in wanted), batch_size=tower_batch)
+        relevance = eval_text_encoder(cfg, model_result, s.device) if "cdpruner" in wanted else None
+        feats = encode_shard(model, processor, items, rows, attention=any(w in TOWER_SCORES for w in wanted),
+                             images=any(w != "none" for w in wanted), batch_size=tower_batch,
+                             embeds=relevance is not None)
         skipped = [{"row": i, "reason": r} for i, r in bad_rows] + \
                   [{"sample_id": sid, "reason": r} for sid, r in feats.skipped]
         for entry in skipped:
@@ -239,12 +268,14 @@ def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str,
             def build(work: Path, strategy=strategy, retention=retention, seed=seed, sel=sel) -> dict[str, Any]:
                 t1 = time.perf_counter()
                 res = evaluate_features(model, processor, s.benchmark, feats, strategy, retention, seed, cfg.budget,
-                                        sel, cfg.batch_size, on_batch=progress.advance)
+                                        sel, cfg.batch_size, on_batch=progress.advance,
+                                        relevance=relevance if strategy == "cdpruner" else None)
                 write_json_atomic(work / "samples.json", res.samples)
                 figures["padding"] += res.padding
                 figures["positions"] += res.positions
                 return {"config": {**_coords(cfg, s.benchmark, strategy, retention, seed), "rows": [s.start, s.stop]},
-                        "inputs": {"model": model_key, "files": list(s.files), "selector": selector},
+                        "inputs": {"model": model_key, "files": list(s.files), "selector": selector,
+                                   **({"text_encoder": cfg.text_encoder} if strategy == "cdpruner" else {})},
                         "compute": {"device": s.device, "dtype": s.dtype},
                         "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
                                     "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms},
@@ -348,5 +379,5 @@ def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any
 
 
 __all__ = ["Chunk", "Shard", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk", "eval_chunks",
-           "eval_summary", "data_files", "benchmark_items", "shard_items", "eval_selector", "chunk_key", "result_key",
+           "eval_summary", "data_files", "benchmark_items", "shard_items", "eval_selector", "eval_text_encoder", "chunk_key", "result_key",
            "content_key", "SELECTOR_NEEDED"]

@@ -1,0 +1,186 @@
+"""The published pruners (VisionZip, HiRED, DivPrune, CDPruner): each on small fixed tensors with the
+answer worked out by hand from its paper's algorithm, and every strategy at the same budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.strategies import (
+    STRATEGIES,
+    Context,
+    cdpruner,
+    divprune,
+    dpp_greedy,
+    hired,
+    image_budget,
+    select,
+    visionzip,
+    visionzip_split,
+)
+
+# ---------------------------------------------------------------- VisionZip
+
+
+def test_visionzip_split_is_540_to_100():
+    assert visionzip_split(640) == (540, 100)
+    assert visionzip_split(128) == (108, 20)  # 640 over LLaVA-NeXT's 5 crops
+    assert visionzip_split(64) == (54, 10)    # their LLaVA-1.5 example
+    assert visionzip_split(3) == (3, 0)       # too small for a contextual token
+    assert visionzip_split(7) == (6, 1)
+
+
+def test_visionzip_dominant_then_contextual_by_hand():
+    # 8 tokens; CLS attention picks dominant tokens 1 (0.30) and 4 (0.25). The rest, in index order,
+    # are [0, 2, 3, 5, 6, 7]: m = 6, 2 targets, step = 3 -> targets at positions 0 and 3 = tokens 0, 5.
+    # Keys: 2 and 6 point like token 0's, 3 and 7 like token 5's, so
+    #   contextual(0) = h0 + mean(h2, h6),   contextual(5) = h5 + mean(h3, h7).
+    attn = torch.tensor([[0.05, 0.30, 0.02, 0.03, 0.25, 0.05, 0.10, 0.20]])
+    keys = torch.tensor([[[1, 0], [0, 0], [0.9, 0.1], [0.2, 0.8], [0, 0], [0, 1], [1, 0.2], [0.1, 1]]])
+    h = torch.tensor([[[float(i), 1.0] for i in range(8)]])
+    sel = visionzip(h, attn, keys, 0.5, "per-crop", torch.ones(1, 8, dtype=torch.bool), split=(1, 1))
+    assert sel.mask[0].nonzero().flatten().tolist() == [1, 4]
+    torch.testing.assert_close(sel.extra, torch.tensor([[0 + 4.0, 1 + 1.0], [5 + 5.0, 1 + 1.0]]))
+    assert sel.tokens == 4  # k = round(0.5 * 8): 2 dominant + 2 contextual
+
+
+def test_visionzip_never_keeps_or_merges_padding():
+    attn = torch.tensor([[0.9, 0.8, 0.01, 0.02, 0.03, 0.04]])
+    valid = torch.tensor([[False, True, True, True, True, True]])  # token 0 is canvas padding
+    h = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0], [5.0]]])
+    keys = torch.ones(1, 6, 2)
+    sel = visionzip(h, attn, keys, 0.6, "per-crop", valid, split=(1, 1))  # k = 3: 1 dominant, 2 contextual
+    assert sel.mask[0].nonzero().flatten().tolist() == [1]  # not the padding token 0, whatever its attention
+    # remaining valid: 2, 3, 4, 5 (m = 4, step 2): targets 2 and 4; equal keys send 3 and 5 to the first
+    torch.testing.assert_close(sel.extra, torch.tensor([[2.0 + 4.0], [4.0]]))
+
+
+# ---------------------------------------------------------------- HiRED
+
+
+def test_hired_splits_the_budget_by_layer0_attention_by_hand():
+    # base + 2 grid crops of 4 tokens, r = 0.5: K = 2 + 2 + 2 = 6. The base gets int(0.5 * 6) = 3.
+    # The base's top int(4 * 0.5) = 2 tokens by layer-0 attention are tokens 0 and 1, both in grid
+    # crop 1, so crop 1 gets all 3 of the rest and crop 2 none. Then top-k by feature-layer attention.
+    cls = torch.tensor([[0.1, 0.4, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1], [0.9, 0.8, 0.7, 0.6]])
+    early = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.0] * 4, [0.0] * 4])
+    regions = torch.tensor([1, 1, 2, 2])
+    keep = hired(cls, early, regions, 0.5, "per-crop", torch.ones(3, 4, dtype=torch.bool))
+    assert keep.sum(1).tolist() == [3, 3, 0]
+    assert keep[0].nonzero().flatten().tolist() == [1, 2, 3]
+    assert keep[1].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_hired_caps_a_crop_at_its_valid_tokens():
+    cls = torch.rand(3, 4, generator=torch.Generator().manual_seed(0))
+    early = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.0] * 4, [0.0] * 4])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    valid[1, 2:] = False  # crop 1 has 2 valid tokens: per-crop K = 2 + 1 + 2 = 5, base int(2.5) = 2
+    keep = hired(cls, early, torch.tensor([1, 1, 2, 2]), 0.5, "per-crop", valid)
+    assert keep.sum(1).tolist() == [2, 2, 1]  # crop 1 is full at 2; the third goes to crop 2
+    assert not (keep & ~valid).any()
+
+
+def test_hired_splits_evenly_between_equal_regions():
+    cls = torch.rand(3, 4, generator=torch.Generator().manual_seed(1))
+    early = torch.tensor([[0.4, 0.1, 0.3, 0.2], [0.0] * 4, [0.0] * 4])  # top 2: tokens 0 (crop 1), 2 (crop 2)
+    keep = hired(cls, early, torch.tensor([1, 1, 2, 2]), 0.5, "per-crop", torch.ones(3, 4, dtype=torch.bool))
+    assert keep.sum(1).tolist() == [3, 2, 1]  # 3 left, 1.5 each: the tie's extra one to the lower crop
+
+
+# ---------------------------------------------------------------- DivPrune
+
+
+def test_divprune_max_min_over_the_whole_image_by_hand():
+    # crop 0 = [t0, t3], crop 1 = [t1, t2] with t0 = (1, 0), t1 = (0.99, 0.14), t2 = (0, 1), t3 = (-1, 0).
+    # Nearest-neighbour cosine distances: t0 ~0.01, t1 ~0.01, t2 0.86, t3 1.0 -> first t3. Then the token
+    # farthest from {t3}: t0 (2.0). K = 2 (per-crop 1 + 1), both in crop 0: the budget is the image's.
+    t0, t1, t2, t3 = [1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [-1.0, 0.0]
+    proj = torch.tensor([[t0, t3], [t1, t2]])
+    keep = divprune(proj, 0.5, "per-crop", torch.ones(2, 2, dtype=torch.bool))
+    assert keep.tolist() == [[True, True], [False, False]]
+    keep3 = divprune(proj, 0.75, "global", torch.ones(2, 2, dtype=torch.bool))  # K = 3: then t2 (1.0 > 0.01)
+    assert keep3.tolist() == [[True, True], [False, True]]
+
+
+# ---------------------------------------------------------------- CDPruner
+
+
+def test_dpp_greedy_map_by_hand():
+    # L = [[1, .9, 0], [.9, 1, 0], [0, 0, .5]]: d^2 = (1, 1, .5) -> pick 0; e = L[0] / 1 = (1, .9, 0),
+    # d^2 -= e^2 -> (0, .19, .5) -> pick 2 (not the near-duplicate 1, though its diagonal is larger).
+    kernel = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    assert dpp_greedy(kernel, 2).tolist() == [0, 2]
+    assert dpp_greedy(kernel, 3).tolist() == [0, 2, 1]
+    torch.testing.assert_close(torch.tensor(1 - 0.81), torch.tensor(0.19))
+
+
+def test_cdpruner_relevance_conditions_the_choice_by_hand():
+    # S = cosine similarity of t0 = (1, 0), t1 = (.9, sqrt(.19)), t2 = (0, 1): S01 = .9, S02 = 0.
+    # Unconditioned (L = S, every diagonal 1): one of the near-duplicates t0, t1, then t2.
+    # q = (1, .9, .9): L = (1, .81, .81) on the diagonal, L01 = .81 -> t0; d^2 = (0, .81 - .81^2, .81) -> t2.
+    # q = (1, .95, .3): L = (1, .9025, .09), L01 = .855 -> t0; d^2 = (0, .9025 - .855^2 = .1715, .09) -> t1.
+    proj = torch.tensor([[[1.0, 0.0], [0.9, math.sqrt(0.19)], [0.0, 1.0]]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    plain = cdpruner(proj, None, 2 / 3, "per-crop", valid)[0].tolist()
+    assert plain[2] and plain[0] != plain[1]
+    assert cdpruner(proj, torch.tensor([[1.0, 0.9, 0.9]]), 2 / 3, "per-crop", valid)[0].tolist() == [True, False, True]
+    assert cdpruner(proj, torch.tensor([[1.0, 0.95, 0.3]]), 2 / 3, "per-crop", valid)[0].tolist() == [True, True, False]
+
+
+def test_cdpruner_runs_per_crop_with_each_crops_budget():
+    proj = torch.randn(3, 8, 4, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(3, 8, dtype=torch.bool)
+    valid[2, 5:] = False
+    keep = cdpruner(proj, None, 0.5, "per-crop", valid)
+    assert keep.sum(1).tolist() == [4, 4, 2] and not (keep & ~valid).any()
+    assert int(cdpruner(proj, None, 0.5, "global", valid).sum()) == 10  # round(0.5 * 21)
+
+
+# ---------------------------------------------------------------- one budget for all
+
+
+def _context(crops, tokens, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    regions = torch.randint(1, crops, (tokens,), generator=g) if crops > 1 else torch.zeros(tokens, dtype=torch.long)
+    return Context(generator=torch.Generator().manual_seed(seed), cls_attention=torch.rand(crops, tokens, generator=g),
+                   early_attention=torch.rand(crops, tokens, generator=g), keys=torch.randn(crops, tokens, 4, generator=g),
+                   regions=regions, projected=torch.randn(crops, tokens, 6, generator=g),
+                   relevance=torch.rand(crops, tokens, generator=g))
+
+
+@pytest.mark.parametrize("budget", ["per-crop", "global"])
+def test_every_strategy_sends_as_many_tokens_as_random(budget):
+    from pipeline.selector import SelectorConfig, TokenSelector
+
+    sel = TokenSelector(SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=2), tokens=40, channels=8)
+    for crops, seed in ((1, 0), (3, 1), (5, 2)):
+        feats = torch.randn(crops, 40, 8, generator=torch.Generator().manual_seed(seed))
+        valid = torch.ones(crops, 40, dtype=torch.bool)
+        if crops > 1:
+            valid[-1, 25:] = False  # an unpadded grid crop
+        ctx = _context(crops, 40, seed)
+        ctx.selector = sel
+        for r in (0.1, 0.25, 0.5, 1.0):
+            want = select("random", feats, r, budget, ctx, valid).tokens
+            assert want == image_budget(valid, r, budget)
+            for s in STRATEGIES:
+                if s in ("none", "full"):
+                    continue
+                got = select(s, feats, r, budget, ctx, valid)
+                assert got.tokens == want, (s, crops, r, budget)
+                assert not (got.mask & ~valid).any(), s
+
+
+def test_strategies_refuse_missing_inputs_in_one_line():
+    f = torch.randn(2, 4, 3)
+    for s, what in (("visionzip", "CLS attention"), ("hired", "CLS attention"), ("divprune", "projected tokens"),
+                    ("cdpruner", "projected tokens")):
+        with pytest.raises(ValueError, match=what):
+            select(s, f, 0.5)
+    with pytest.raises(ConfigError, match="valid: full, none, random, selector, attention, diversity, visionzip, hired, "
+                                          "divprune, cdpruner"):
+        select("fastv", f, 0.5)
