@@ -121,4 +121,35 @@ def padding_share(model, sizes) -> dict[str, float]:
     return {"images": len(sizes), "padded_images": padded / n, "padding_tokens": dropped / max(1, grid)}
 
 
-__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share", "padding_share"]
+def attention_profile(model, processor, images, top_share: float = 0.02) -> dict[str, float]:
+    """Does the tower's CLS attention sit on a few high-norm tokens, as in real CLIP towers (Darcet et
+    al., "Vision Transformers Need Registers")? Over every crop of ``images``:
+
+    ``top_mass``: the share of CLS attention on the top ``top_share`` of tokens (at least one token;
+    ``uniform``: that share under uniform attention);
+    ``norm_ratio``: max / median token norm of the feature layer (Darcet's artifacts: about 10x);
+    ``top_attention_norm_rank``: the mean norm percentile of each crop's most attended token
+    (1.0: it is the highest-norm token); ``norm_attention_corr``: Pearson correlation of norm and attention."""
+    import torch
+
+    from .prune import encode_images
+
+    top_mass, ratio, rank, corr, uniform = [], [], [], [], []
+    for f in encode_images(model, processor, list(images), attention=True):
+        a, norms = f.cls_attention.float(), f.features.float().norm(dim=-1)
+        k = max(1, round(top_share * a.shape[1]))
+        top_mass.append((a.topk(k, dim=1).values.sum(1) / a.sum(1)).mean())
+        uniform.append(torch.tensor(k / a.shape[1]))
+        ratio.append((norms.max(1).values / norms.median(1).values).mean())
+        best = a.argmax(1)
+        pct = (norms <= norms.gather(1, best[:, None])).float().mean(1)
+        rank.append(pct.mean())
+        x, y = norms - norms.mean(1, keepdim=True), a - a.mean(1, keepdim=True)
+        corr.append(((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp(min=1e-12)).mean())
+    mean = lambda v: float(torch.stack(v).mean())  # noqa: E731
+    return {"images": len(top_mass), "top_share": top_share, "top_mass": mean(top_mass), "uniform": mean(uniform),
+            "norm_ratio": mean(ratio),
+            "top_attention_norm_rank": mean(rank), "norm_attention_corr": mean(corr)}
+
+
+__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share", "padding_share", "attention_profile"]

@@ -98,6 +98,7 @@ def check_budget(budget: str) -> str:
     return budget
 
 
+@torch.no_grad()
 def select(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
            context: Context | None = None, valid: torch.Tensor | None = None) -> Selection | None:
     """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``."""

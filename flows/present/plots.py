@@ -39,7 +39,8 @@ def plot_selector_metrics(rows: list[dict], path: Path, title: str = "") -> Path
 
 
 EVAL_STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "attention": ("tab:purple", "^"),
-              "diversity": ("tab:orange", "D")}
+              "diversity": ("tab:orange", "D"), "visionzip": ("tab:blue", "v"), "hired": ("tab:olive", "P"),
+              "divprune": ("tab:brown", "X"), "cdpruner": ("tab:cyan", "*")}
 
 
 def _eval_axes(ax, rows: list[dict], benchmark: str) -> None:
