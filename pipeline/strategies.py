@@ -55,6 +55,7 @@ TOWER_SCORES = ("attention", "visionzip", "hired")  # strategies that need the t
 BUDGETS = ("per-crop", "global")
 
 VISIONZIP_SPLIT = (540, 100)  # VisionZip's dominant:contextual split for LLaVA-NeXT (640 tokens)
+VISIONZIP_MERGE = "reference"  # contextual token: "reference" target + mean(merged); ablations: "average", "target"
 HIRED_ALPHA = 0.5             # HiRED's share of the budget for the base (full-image) crop
 
 
@@ -310,7 +311,8 @@ def visionzip_split(k: int, split: tuple[int, int] = VISIONZIP_SPLIT) -> tuple[i
 
 
 def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, retention: float,
-              budget: str, valid: torch.Tensor, split: tuple[int, int] = VISIONZIP_SPLIT) -> Selection:
+              budget: str, valid: torch.Tensor, split: tuple[int, int] = VISIONZIP_SPLIT,
+              merge: str | None = None) -> Selection:
     """``visionzip``: VisionZip's dominant and contextual tokens (dvlab-research/VisionZip).
 
     Per crop (VisionZip runs inside the CLIP encoder, one crop at a time: their issue #17), the crop's
@@ -349,15 +351,22 @@ def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.T
     else:
         groups = [(features.reshape(crops * tokens, -1), keys.reshape(crops * tokens, -1),
                    (valid & ~mask).reshape(-1), split[0][1])]
-    extra = [_contextual(f, kk, rest, c) for f, kk, rest, c in groups if c > 0]
+    merge = merge or VISIONZIP_MERGE
+    extra = [_contextual(f, kk, rest, c, merge) for f, kk, rest, c in groups if c > 0]
     extra = [e for e in extra if e.shape[0]]
     if not extra:
         return Selection(mask)
     return Selection(mask, torch.cat(extra))
 
 
-def _contextual(hidden: torch.Tensor, keys: torch.Tensor, remaining: torch.Tensor, count: int) -> torch.Tensor:
-    """(c, C) VisionZip contextual tokens from the ``remaining`` tokens of one group (a crop or the image)."""
+def _contextual(hidden: torch.Tensor, keys: torch.Tensor, remaining: torch.Tensor, count: int,
+                merge: str = "reference") -> torch.Tensor:
+    """(c, C) VisionZip contextual tokens from the ``remaining`` tokens of one group (a crop or the image).
+
+    ``merge``: "reference", target + mean(merged) (their code); the ablations "average", the mean of
+    target and merged together, and "target", the target alone (docs/peers.md)."""
+    if merge not in ("reference", "average", "target"):
+        raise ValueError(f"unknown VisionZip merge {merge!r}; valid: reference, average, target")
     idx = remaining.nonzero().flatten()
     m = int(idx.numel())
     count = min(count, m)
@@ -368,13 +377,16 @@ def _contextual(hidden: torch.Tensor, keys: torch.Tensor, remaining: torch.Tenso
     targets = torch.arange(0, m, step, device=hidden.device)[:count]
     is_target = torch.zeros(m, dtype=torch.bool, device=hidden.device)
     is_target[targets] = True
-    merge = (~is_target).nonzero().flatten()
+    others = (~is_target).nonzero().flatten()
     out = h[targets].clone()
-    if merge.numel():
-        assign = (metric[merge] @ metric[targets].T).argmax(dim=1)  # (merge,) -> target slot
-        sums = torch.zeros_like(out).index_add_(0, assign, h[merge])
+    if others.numel() and merge != "target":
+        assign = (metric[others] @ metric[targets].T).argmax(dim=1)  # (others,) -> target slot
+        sums = torch.zeros_like(out).index_add_(0, assign, h[others])
         counts = torch.zeros(count, device=hidden.device).index_add_(0, assign, torch.ones_like(assign, dtype=torch.float))
-        out = out + sums / counts.clamp(min=1)[:, None]
+        if merge == "reference":
+            out = out + sums / counts.clamp(min=1)[:, None]
+        else:
+            out = (out + sums) / (counts + 1)[:, None]
     return out.to(hidden.dtype)
 
 
