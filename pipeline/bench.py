@@ -388,9 +388,9 @@ def strategy_timings(model, processor, strategies, retentions, repeats: int, war
     ``ttft_seconds``, image -> processor -> tower (with the CLS attention and keys where the strategy
     scores with them) -> choice -> packing -> prefill -> first token, and the tokens sent. ``cdpruner``
     runs unconditioned (no text encoder here). The selector is random-init, as in the prefill timings."""
-    from .evaluate import chat_prompt
-    from .prune import base_regions, encode_images, project, split_prompt, visual_embeddings
-    from .strategies import PROJECTED, TOWER_SCORES, Context, check_strategy, select
+    from .evaluate import chat_prompt, strategy_inputs
+    from .prune import encode_images, split_prompt, visual_embeddings
+    from .strategies import TOWER_SCORES, Context, check_strategy, select
 
     for s in strategies:
         check_strategy(s)
@@ -404,20 +404,10 @@ def strategy_timings(model, processor, strategies, retentions, repeats: int, war
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
 
-    def inputs(strategy, f):
-        out = {}
-        if strategy in TOWER_SCORES:
-            out.update(cls_attention=f.cls_attention, early_attention=f.early_attention, keys=f.keys)
-        if strategy == "hired":
-            out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
-        if strategy in PROJECTED:
-            out["projected"] = project(model, f.features)
-        return out
-
     def choose(strategy, r, f):
         from dataclasses import replace
 
-        c = replace(ctx, generator=torch.Generator().manual_seed(0), **inputs(strategy, f))
+        c = replace(ctx, generator=torch.Generator().manual_seed(0), **strategy_inputs(model, strategy, f))
         return select(strategy, f.features, r, "per-crop", c, f.valid)
 
     def first_token(strategy, r):

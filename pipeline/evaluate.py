@@ -245,7 +245,7 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
                 raise ValueError(f"strategy {strategy!r} needs features encoded with attention=True")
             for start in range(0, len(with_img), 64):  # one selector forward per 64 images
                 part = with_img[start:start + 64]
-                per_image = [_strategy_inputs(model, strategy, shard.features[i], shard.items[i], relevance)
+                per_image = [strategy_inputs(model, strategy, shard.features[i], shard.items[i].prompt, relevance)
                              for i in part]
                 feats = [shard.features[i] for i in part]
                 for i, m in zip(part, selections(strategy, [f.features for f in feats], retention, budget,
@@ -290,11 +290,13 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
                        pad["padding"], pad["positions"])
 
 
-def _strategy_inputs(model, strategy: str, f, item: EvalItem, relevance) -> dict[str, Any]:
+def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None) -> dict[str, Any]:
     """The Context fields ``strategy`` needs for one image (``f``: its ImageFeatures)."""
     out: dict[str, Any] = {}
     if strategy in TOWER_SCORES:
         out.update(cls_attention=f.cls_attention, early_attention=f.early_attention, keys=f.keys)
+    if strategy == "visionzip":
+        out["cls_tokens"] = f.cls_tokens
     if strategy == "hired":
         out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
     if strategy in PROJECTED:
@@ -302,7 +304,7 @@ def _strategy_inputs(model, strategy: str, f, item: EvalItem, relevance) -> dict
     if strategy == "cdpruner" and relevance is not None:
         if f.last_hidden is None:
             raise ValueError("strategy 'cdpruner' with a text encoder needs features encoded with embeds=True")
-        out["relevance"] = relevance.relevance(f.last_hidden, item.prompt)
+        out["relevance"] = relevance.relevance(f.last_hidden, question)
     return out
 
 
@@ -357,5 +359,5 @@ def eval_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["EvalConfig", "default_strategies", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
+__all__ = ["EvalConfig", "default_strategies", "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
            "merge_results", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]

@@ -36,6 +36,7 @@ class ImageFeatures:
     early_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in encoder layer 0
     keys: torch.Tensor | None = None  # (crops, L, head_dim): the feature layer's keys, mean over heads
     last_hidden: torch.Tensor | None = None  # (crops, L, C'): the tower's last layer, post-norm (embeds=True)
+    cls_tokens: torch.Tensor | None = None  # (crops, C): the CLS token's hidden state of the feature layer
 
     @property
     def crops(self) -> int:
@@ -72,7 +73,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
 
     ``attention=True`` also gives each token the attention the CLS token pays it
     inside the feature layer (mean over heads) and inside encoder layer 0, and the
-    feature layer's attention keys (mean over heads), recomputed from each layer's
+    feature layer's attention keys (mean over heads) and its CLS token, recomputed from each layer's
     input hidden state with the layer's own norm and q/k projections (SDPA kernels
     do not return attention weights). These are what VisionZip (dominance, key
     similarity) and HiRED (layer-0 budget split) score with. ``embeds=True`` also
@@ -99,6 +100,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     early: list[Any] = [None] * n_img
     keys: list[Any] = [None] * n_img
     last: list[Any] = [None] * n_img
+    cls_tok: list[Any] = [None] * n_img
     if attention:
         if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":
             raise ValueError("attention scores need one vision_feature_layer and the 'default' (CLS) strategy")
@@ -106,6 +108,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
         cls, k = _layer_attention(tower, out.hidden_states, index)
         attn, keys = list(torch.split(cls, counts)), list(torch.split(k, counts))
         early = list(torch.split(_layer_attention(tower, out.hidden_states, 1)[0], counts))
+        cls_tok = list(torch.split(out.hidden_states[layer][:, 0], counts))
     if embeds:
         post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
         hidden = out.hidden_states[-1]
@@ -114,7 +117,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     result = []
     for i, (f, s) in enumerate(zip(torch.split(feats, counts), sizes)):
         result.append(ImageFeatures(f, s, attn[i], valid_tokens(model, f.shape[0], f.shape[1], s, f.device),
-                                    early[i], keys[i], last[i]))
+                                    early[i], keys[i], last[i], cls_tok[i]))
     return result
 
 

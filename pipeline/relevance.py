@@ -73,9 +73,23 @@ class TextRelevance:
         return (rel - rel.min() + 1e-6) / (rel.max() - rel.min())
 
 
+_LOADED: dict[tuple[str, str], TextRelevance] = {}
+
+
 def load_text_encoder(spec: str, expect_width: int | None = None, device: str = "cpu") -> TextRelevance:
-    """The ``--text-encoder`` CLIP model (local folder or hub id, offline-aware); one line when it does not
-    load or its visual projection does not take ``expect_width``."""
+    """The ``--text-encoder`` CLIP model (local folder or hub id, offline-aware), loaded once per process;
+    one line when it does not load or its visual projection does not take ``expect_width``."""
+    if (spec, device) not in _LOADED:
+        _LOADED.clear()
+        _LOADED[(spec, device)] = _load(spec, device)
+    rel = _LOADED[(spec, device)]
+    if expect_width is not None and rel.vision_width != expect_width:
+        raise ConfigError(f"--text-encoder {spec}: its visual_projection takes width {rel.vision_width}, but the "
+                          f"model's vision tower gives {expect_width}")
+    return rel
+
+
+def _load(spec: str, device: str) -> TextRelevance:
     from transformers import AutoTokenizer, CLIPModel
 
     from .config import first_line
@@ -95,11 +109,7 @@ def load_text_encoder(spec: str, expect_width: int | None = None, device: str = 
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"--text-encoder {spec}: cannot load a CLIP model: {first_line(exc)}") from None
-    rel = TextRelevance(model.to(device), tokenizer, spec)
-    if expect_width is not None and rel.vision_width != expect_width:
-        raise ConfigError(f"--text-encoder {spec}: its visual_projection takes width {rel.vision_width}, but the "
-                          f"model's vision tower gives {expect_width}")
-    return rel
+    return TextRelevance(model.to(device), tokenizer, spec)
 
 
 def text_encoder_fingerprint(spec: str) -> str:

@@ -54,7 +54,11 @@ PROJECTED = ("divprune", "cdpruner")  # strategies that choose on the projector'
 TOWER_SCORES = ("attention", "visionzip", "hired")  # strategies that need the tower's CLS attention
 BUDGETS = ("per-crop", "global")
 
+# Bumped when a strategy's choice changes, so cached eval results of the old one are not reused
+# (part of the eval keys of these strategies only; the others' keys are fixed by EVAL_VERSION).
+STRATEGY_VERSIONS = {"visionzip": "2", "hired": "1", "divprune": "1", "cdpruner": "1"}
 VISIONZIP_SPLIT = (540, 100)  # VisionZip's dominant:contextual split for LLaVA-NeXT (640 tokens)
+VISIONZIP_CLS = True  # send each crop's CLS as a dominant token, as VisionZip does (False: the ablation)
 VISIONZIP_MERGE = "reference"  # contextual token: "reference" target + mean(merged); ablations: "average", "target"
 HIRED_ALPHA = 0.5             # HiRED's share of the budget for the base (full-image) crop
 
@@ -71,6 +75,7 @@ class Context:
     regions: torch.Tensor | None = None  # (L,) the grid crop (1..) each base-crop token lies in, 0 for none
     projected: torch.Tensor | None = None  # (crops, L, D) the projector's output: LLM-space tokens
     relevance: torch.Tensor | None = None  # (crops, L) relevance of each token to the question (cdpruner)
+    cls_tokens: torch.Tensor | None = None  # (crops, C) the feature layer's CLS token per crop (visionzip)
 
 
 @dataclass
@@ -116,7 +121,8 @@ def select(strategy: str, features: torch.Tensor, retention: float, budget: str 
         return Selection(diversity(features, retention, budget, valid))
     if strategy == "visionzip":
         return visionzip(features, _need(context, "cls_attention", strategy, crops, tokens),
-                         _need(context, "keys", strategy, crops, tokens), retention, budget, valid)
+                         _need(context, "keys", strategy, crops, tokens), retention, budget, valid,
+                         cls_tokens=context.cls_tokens if VISIONZIP_CLS else None)
     if strategy == "hired":
         return Selection(hired(_need(context, "cls_attention", strategy, crops, tokens),
                                _need(context, "early_attention", strategy, crops, tokens), context.regions,
@@ -312,7 +318,7 @@ def visionzip_split(k: int, split: tuple[int, int] = VISIONZIP_SPLIT) -> tuple[i
 
 def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.Tensor, retention: float,
               budget: str, valid: torch.Tensor, split: tuple[int, int] = VISIONZIP_SPLIT,
-              merge: str | None = None) -> Selection:
+              merge: str | None = None, cls_tokens: torch.Tensor | None = None) -> Selection:
     """``visionzip``: VisionZip's dominant and contextual tokens (dvlab-research/VisionZip).
 
     Per crop (VisionZip runs inside the CLIP encoder, one crop at a time: their issue #17), the crop's
@@ -328,10 +334,13 @@ def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.T
     Faithful: the layer, the sum-over-heads CLS attention, the head-mean keys, the stride rule, the
     argmax assignment and ``target + mean``, the per-crop budget. What differs, and why:
 
-    * CLS. VisionZip forces the CLS token into its dominant set and sends it through the projector
-      (its ``dominant`` count includes CLS). LLaVA-NeXT's ``default`` feature select drops CLS before
-      the projector, and the budget counts only image tokens, so here CLS is neither kept, a target,
-      nor merged: its slot goes to one more dominant token.
+    * CLS, as VisionZip does: its dominant set always holds the crop's CLS token (their
+      ``dominant`` count includes it) and sends it through the projector, although LLaVA-NeXT's
+      ``default`` feature select drops CLS. With ``cls_tokens`` (crops, C), the feature layer's CLS
+      of each crop, every crop with a budget sends its CLS as one of its d dominant tokens (d - 1
+      patch tokens), in ``extra`` before the contextual tokens, as their NeXT code appends the
+      crops' CLS tokens before the contextual ones (``--budget global``: one CLS, the base crop's).
+      CLS is never a target nor merged. Without ``cls_tokens`` all d dominant tokens are patch tokens.
     * Placement. Dominant tokens stay in place (raster order, with their row newlines and
       LLaVA-NeXT's unpadding); all contextual tokens (``extra``) follow them. VisionZip's NeXT code
       drops newlines and unpadding and puts the base crop's tokens first, then the grid's dominant
@@ -344,7 +353,10 @@ def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.T
     per_crop = budget == "per-crop"
     k = budget_counts(valid, retention, budget)
     split = [visionzip_split(int(v), split) for v in k]
-    dominant_k = torch.tensor([d for d, _ in split], device=features.device)
+    with_cls = cls_tokens is not None
+    if with_cls and tuple(cls_tokens.shape[:1]) != (crops,):
+        raise ValueError(f"cls_tokens shape {tuple(cls_tokens.shape)} does not match {crops} crops")
+    dominant_k = torch.tensor([max(0, d - with_cls) for d, _ in split], device=features.device)
     mask = _top_k(cls_attention, dominant_k, valid, per_crop)
     if per_crop:
         groups = [(features[c], keys[c], valid[c] & ~mask[c], split[c][1]) for c in range(crops)]
@@ -352,7 +364,11 @@ def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.T
         groups = [(features.reshape(crops * tokens, -1), keys.reshape(crops * tokens, -1),
                    (valid & ~mask).reshape(-1), split[0][1])]
     merge = merge or VISIONZIP_MERGE
-    extra = [_contextual(f, kk, rest, c, merge) for f, kk, rest, c in groups if c > 0]
+    extra = []
+    if with_cls:  # one CLS per crop with a budget (per-crop), or the image's first crop's (global)
+        has = [int(v) > 0 for v in k] if per_crop else [int(k[0]) > 0] + [False] * (crops - 1)
+        extra.append(cls_tokens[torch.tensor(has, device=cls_tokens.device)].to(features.dtype))
+    extra += [_contextual(f, kk, rest, c, merge) for f, kk, rest, c in groups if c > 0]
     extra = [e for e in extra if e.shape[0]]
     if not extra:
         return Selection(mask)
@@ -531,7 +547,7 @@ def dpp_greedy(kernel: torch.Tensor, k: int, eps: float = 1e-10) -> torch.Tensor
     return out
 
 
-__all__ = ["STRATEGIES", "PEERS", "PROJECTED", "TOWER_SCORES", "BUDGETS", "VISIONZIP_SPLIT", "HIRED_ALPHA", "Context",
+__all__ = ["STRATEGIES", "STRATEGY_VERSIONS", "PEERS", "PROJECTED", "TOWER_SCORES", "BUDGETS", "VISIONZIP_SPLIT", "HIRED_ALPHA", "Context",
            "Selection", "select", "keep_mask", "selections", "keep_masks", "budget_counts", "image_budget",
            "check_strategy", "check_budget", "attention", "diversity", "divprune", "visionzip", "visionzip_split",
            "hired", "cdpruner", "dpp_greedy"]

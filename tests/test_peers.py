@@ -47,6 +47,23 @@ def test_visionzip_dominant_then_contextual_by_hand():
     assert sel.tokens == 4  # k = round(0.5 * 8): 2 dominant + 2 contextual
 
 
+def test_visionzip_sends_each_crops_cls_as_a_dominant_token():
+    # As VisionZip does: its dominant count includes CLS. k = 4 per crop, split (1, 1): 2 dominant =
+    # the CLS + 1 patch token (the top by attention), then 2 contextual; the CLS tokens lead the extras.
+    attn = torch.tensor([[0.05, 0.30, 0.02, 0.03, 0.25, 0.05, 0.10, 0.20]] * 2)
+    keys = torch.tensor([[[1, 0], [0, 0], [0.9, 0.1], [0.2, 0.8], [0, 0], [0, 1], [1, 0.2], [0.1, 1]]] * 2)
+    h = torch.tensor([[[float(i), 1.0] for i in range(8)]] * 2)
+    cls = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])
+    sel = visionzip(h, attn, keys, 0.5, "per-crop", torch.ones(2, 8, dtype=torch.bool), split=(1, 1), cls_tokens=cls)
+    assert sel.mask.sum(1).tolist() == [1, 1] and sel.mask[:, 1].all()
+    assert sel.tokens == 8 and sel.extra.shape == (6, 2)
+    torch.testing.assert_close(sel.extra[:2], cls)
+    # a budget of 1 per crop is the CLS alone
+    one = visionzip(h, attn, keys, 1 / 8, "per-crop", torch.ones(2, 8, dtype=torch.bool), cls_tokens=cls)
+    assert not one.mask.any() and one.tokens == 2
+    torch.testing.assert_close(one.extra, cls)
+
+
 def test_visionzip_never_keeps_or_merges_padding():
     attn = torch.tensor([[0.9, 0.8, 0.01, 0.02, 0.03, 0.04]])
     valid = torch.tensor([[False, True, True, True, True, True]])  # token 0 is canvas padding
@@ -149,7 +166,7 @@ def _context(crops, tokens, seed=0):
     return Context(generator=torch.Generator().manual_seed(seed), cls_attention=torch.rand(crops, tokens, generator=g),
                    early_attention=torch.rand(crops, tokens, generator=g), keys=torch.randn(crops, tokens, 4, generator=g),
                    regions=regions, projected=torch.randn(crops, tokens, 6, generator=g),
-                   relevance=torch.rand(crops, tokens, generator=g))
+                   relevance=torch.rand(crops, tokens, generator=g), cls_tokens=torch.randn(crops, 8, generator=g))
 
 
 @pytest.mark.parametrize("budget", ["per-crop", "global"])
@@ -222,12 +239,17 @@ def test_why_visionzip_trails_on_tiny_scenes(trained_model, session_home, monkey
         distract = sum(x["prediction"].strip().lower() in small[x["sample_id"]] for x in wrong)
         score[(strategy, r)] = res.score
         print(f"{strategy}@{r}: {res.score:.3f}, {len(wrong)} wrong, {distract} name a distractor's colour")
+    monkeypatch.setattr(S, "VISIONZIP_CLS", False)  # the ablation: the CLS slot goes to a patch token
+    for r in (0.1, 0.25):
+        score[("no-cls", r)] = evaluate_features(model, processor, bench, shard, "visionzip", r).score
+        print(f"visionzip@{r} without CLS: {score[('no-cls', r)]:.3f}")
     for merge in ("average", "target"):
         monkeypatch.setattr(S, "VISIONZIP_MERGE", merge)
         score[(merge, 0.25)] = evaluate_features(model, processor, bench, shard, "visionzip", 0.25).score
-        print(f"visionzip@0.25 with merge={merge}: {score[(merge, 0.25)]:.3f}")
+        print(f"visionzip@0.25 without CLS, merge={merge}: {score[(merge, 0.25)]:.3f}")
+    assert score[("visionzip", 0.25)] < score[("no-cls", 0.25)]  # the CLS tokens are what hurts most
     assert score[("attention", 0.25)] < score[("random", 0.25)]  # CLS attention misses the big shape
-    assert score[("visionzip", 0.1)] == score[("attention", 0.1)]  # k <= 2 per crop: no contextual token
+    assert score[("no-cls", 0.1)] == score[("attention", 0.1)]  # k <= 2 per crop: no contextual token
     assert max(score[("average", 0.25)], score[("target", 0.25)]) < 0.9  # no merge variant reaches 0.9x
     for b in ("synthetic-scene", "synthetic-ocr"):
         images = [it.image for it in benchmark_items(b, data_files(b, {}, session_home, 300), 100)]

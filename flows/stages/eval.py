@@ -136,8 +136,11 @@ class Shard:
 
 
 def _coords(cfg: EvalConfig, benchmark: str, strategy: str, retention: float, seed: int) -> dict[str, Any]:
+    from pipeline.strategies import STRATEGY_VERSIONS
+
+    version = STRATEGY_VERSIONS.get(strategy)
     return {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
-            "budget": cfg.budget, "limit": cfg.limit}
+            "budget": cfg.budget, "limit": cfg.limit, **({"strategy_version": version} if version else {})}
 
 
 def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str,
