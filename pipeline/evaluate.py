@@ -5,7 +5,7 @@ Pure compute: items in, per-sample predictions and scores out. The flow
 
 Per batch: the tower runs once on every crop of every image
 (``prune.encode_images``), the strategy picks each image's kept tokens
-(``strategies.keep_masks``), the kept tokens are packed in raster order
+(``strategies.selections``), the kept tokens are packed in raster order
 (``prune.visual_embeddings``) and replace the ``<image>`` placeholder of the
 processor's chat-template prompt; ``generate`` decodes greedily with left
 padding. ``prefill_ms`` is the time to the first generated token of a batch
