@@ -10,7 +10,15 @@ import os
 import tempfile
 from pathlib import Path
 
-_SESSION_TMP = Path(tempfile.mkdtemp(prefix="atr-tests-"))
+# pytest imports this file as ``conftest``; a test that imports it under another name
+# (``tests.conftest``) would run this body again and point the environment at a second
+# directory that this session's Prefect settings never read. The pid-tagged variable makes
+# a second import in the same process reuse the first one's directory.
+if os.environ.get("ATR_TESTS_PID") == str(os.getpid()):
+    _SESSION_TMP = Path(os.environ["ATR_TESTS_TMP"])
+else:
+    _SESSION_TMP = Path(tempfile.mkdtemp(prefix="atr-tests-"))
+    os.environ["ATR_TESTS_PID"], os.environ["ATR_TESTS_TMP"] = str(os.getpid()), str(_SESSION_TMP)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect")

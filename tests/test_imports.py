@@ -70,3 +70,15 @@ def test_nothing_is_called_plain_keep():
                 elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in ("keep", "keeps"):
                     bad.append(f"{path.relative_to(REPO)}:{node.lineno} def {node.name}")
     assert not bad, bad
+
+
+def test_the_test_session_set_up_survives_a_second_import_of_conftest():
+    """``import tests.conftest`` runs conftest's body a second time under another name: it must
+    keep this session's directories (it once pointed the Prefect result path elsewhere)."""
+    import importlib.util
+    import os
+
+    before = {k: os.environ[k] for k in ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH")}
+    spec = importlib.util.spec_from_file_location("_conftest_again", REPO / "tests" / "conftest.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert {k: os.environ[k] for k in before} == before

@@ -97,15 +97,12 @@ def test_relevance_changes_what_cdpruner_keeps(trained_model, clip_dir):
     assert differ >= 1
 
 
-@pytest.mark.slow  # run before tests/test_run_flow.py it breaks that file's Prefect-record test: not yet understood
 def test_eval_cdpruner_with_a_text_encoder(cli_env, clip_dir, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO, assert_one_line_errors
+    from conftest import REPO, assert_one_line_errors
 
-    # its own Prefect result store: the session's is read by tests/test_run_flow.py
-    cli_env = {**cli_env, "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results")}
     base = ["eval", "--benchmark", "synthetic-ocr", "--strategies", "cdpruner", "--retentions", "0.25",
             "--limit", "6", "--shard-size", "6"]
     plain = subprocess.run([sys.executable, "-m", "flows.cli", *base], cwd=REPO, env=cli_env, capture_output=True,
