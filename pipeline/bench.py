@@ -19,6 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .families import family_of
 from .config import ConfigError
 
 QUESTION = "What is written in the image? Answer with the text."
@@ -295,7 +296,7 @@ def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft:
     from .prune import encode_images, split_prompt, visual_embeddings
     from .strategies import Context, keep_mask
 
-    dims = F.LlavaNextDims.from_config(model.config)
+    dims = family_of(model.config).flops_dims(model.config)
     image = bench_image(model)
     prompt = chat_prompt(processor, QUESTION, True)
     with torch.inference_mode():
@@ -447,7 +448,7 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
     ``before_round`` runs outside the clock before each round (it removes the last stage output).
     Returns the three timing lists, the image and crop counts and the tower's FLOPs."""
     from .extract import FeatureExtractor
-    from .flops import LlavaNextDims, vision_tower_flops
+    from .flops import vision_tower_flops
     from .images import open_source
 
     fx = FeatureExtractor(model, processor, crops=cfg.crops)
@@ -477,7 +478,7 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
             times[name] += seconds
     crops = sum(int(b.shape[0]) for b in batches)
     return {"times": times, "images": len(items), "crops": crops,
-            "tower_flops": vision_tower_flops(LlavaNextDims.from_config(model.config).vision, crops)}
+            "tower_flops": vision_tower_flops(family_of(model.config).flops_dims(model.config).vision, crops)}
 
 
 __all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",

@@ -23,7 +23,8 @@ import torch
 
 from .benchmarks import EvalItem, aggregate, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
-from .prune import base_regions, encode_images, project, visual_embeddings
+from .families import family_of
+from .prune import base_regions, encode_images, project, stock_visual_tokens, visual_embeddings
 from .strategies import BUDGETS, PROJECTED, STRATEGIES, TOWER_SCORES, Context, selections
 
 
@@ -44,6 +45,7 @@ class EvalConfig(Config):
     device: str = "auto"             # where the model runs
     model_dtype: str = "auto"        # the model's dtype (--dtype)
     text_encoder: str | None = None  # cdpruner's CLIP text tower (--text-encoder); None: the unconditioned DPP
+    interpolation: bool = False      # LLaVA-OneVision's grid interpolation (--interpolation); off to prune
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
@@ -90,6 +92,7 @@ class ChunkResult:
     prefill_ms: float
     padding: int = 0               # left-padding positions in the generate batches
     positions: int = 0             # all positions of those batches (padding share = padding / positions)
+    stock_visual_tokens: float | None = None  # OneVision: what the stock (interpolating) model would see
 
 
 class _FirstTokenTimer:
@@ -277,6 +280,10 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
 
     sizer = BatchSizer(batch_size, str(getattr(model, "device", "cpu")))
     sizer.run(n, run)
+    stock = family_of(model).stock_config(model, processor)
+    n_stock = [stock_visual_tokens(model, shard.features[i].crops, shard.features[i].tokens_per_crop,
+                                   shard.features[i].image_size, stock) if use_image[i] else 0
+               for i in range(n)] if stock else None
     rows, scores = [], []
     for i, it in enumerate(shard.items):
         pred = preds[i].split("\n\n")[0].strip()  # lmms-eval's default `until`
@@ -284,10 +291,11 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
         scores.append(sc)
         rows.append({"sample_id": it.sample_id, "prediction": pred, "answer": " | ".join(it.answers), "score": sc,
                      "visual_tokens": n_visual[i], "index": shard.indices[i],
+                     **({"stock_visual_tokens": n_stock[i]} if n_stock else {}),
                      **({"meta": _json_meta(it.meta)} if it.meta else {})})
     return ChunkResult(rows, aggregate(benchmark, scores, list(shard.items)), bench.metric, n,
                        sum(n_visual) / max(1, n), sum(prefill) / max(1, len(prefill)),
-                       pad["padding"], pad["positions"])
+                       pad["padding"], pad["positions"], sum(n_stock) / max(1, n) if n_stock else None)
 
 
 def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None) -> dict[str, Any]:
@@ -325,7 +333,9 @@ def merge_results(benchmark: str, parts: Sequence[dict[str, Any]]) -> dict[str, 
     return {"samples": samples,
             "summary": {"metric": spec(benchmark).metric, "score": aggregate(benchmark, scores, stand_in),
                         "n_samples": n, "mean_visual_tokens": sum(r["visual_tokens"] for r in samples) / max(1, n),
-                        "prefill_ms": prefill}}
+                        "prefill_ms": prefill,
+                        **({"stock_visual_tokens": sum(r["stock_visual_tokens"] for r in samples) / max(1, n)}
+                           if samples and "stock_visual_tokens" in samples[0] else {})}}
 
 
 @torch.no_grad()

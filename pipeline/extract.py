@@ -64,24 +64,27 @@ def crop_layout(width: int, height: int, crop_size: int, pinpoints: Sequence[Seq
     return CropLayout(grid=(rows, cols), boxes=tuple(boxes))
 
 
-def token_boxes(box: Box, side: int) -> np.ndarray:
-    """(side*side, 4) pixel boxes of the tokens of one crop, raster order."""
+def token_boxes(box: Box, side: int, span: float = 1.0) -> np.ndarray:
+    """(side*side, 4) pixel boxes of the tokens of one crop, raster order.
+
+    ``span`` is the share of the crop side the token grid covers: 1 for CLIP-336/14, 378/384 for
+    SigLIP-384/14, whose stride-14 convolution never sees the crop's last 6 pixels."""
     x0, y0, x1, y1 = box
-    xs = np.linspace(x0, x1, side + 1)
-    ys = np.linspace(y0, y1, side + 1)
+    xs = np.linspace(x0, x0 + span * (x1 - x0), side + 1)
+    ys = np.linspace(y0, y0 + span * (y1 - y0), side + 1)
     gx0, gy0 = np.meshgrid(xs[:-1], ys[:-1])
     gx1, gy1 = np.meshgrid(xs[1:], ys[1:])
     return np.stack([gx0, gy0, gx1, gy1], axis=-1).reshape(-1, 4)
 
 
-def glyph_mask(boxes: Sequence[Box], side: int, glyph_boxes: Sequence[Box]) -> np.ndarray:
+def glyph_mask(boxes: Sequence[Box], side: int, glyph_boxes: Sequence[Box], span: float = 1.0) -> np.ndarray:
     """(crops, side*side) bool: token cell overlaps some glyph box with positive area."""
     out = np.zeros((len(boxes), side * side), dtype=bool)
     if not glyph_boxes:
         return out
     g = np.asarray(glyph_boxes, dtype=np.float64)  # (G, 4)
     for i, box in enumerate(boxes):
-        t = token_boxes(box, side)[:, None, :]  # (L, 1, 4)
+        t = token_boxes(box, side, span)[:, None, :]  # (L, 1, 4)
         w = np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0])
         h = np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1])
         out[i] = ((w > 0) & (h > 0)).any(axis=1)
@@ -107,7 +110,7 @@ class ChannelSums:
 
 
 class FeatureExtractor:
-    """Run a LLaVA-NeXT model's processor + vision tower; return per-crop projector inputs.
+    """Run a LLaVA-NeXT / LLaVA-OneVision model's processor + vision tower; return per-crop projector inputs.
 
     ``crops="base"`` keeps only the base crop of each image (and runs the tower on
     it alone); ``"all"`` keeps every crop.
@@ -116,13 +119,17 @@ class FeatureExtractor:
     def __init__(self, model, processor, crops: str = "all"):
         if crops not in ("all", "base"):
             raise ValueError(f"crops must be 'all' or 'base', got {crops!r}")
+        from .families import family_of
+
         cfg = model.config
         self.model, self.processor, self.crops = model, processor, crops
+        self.family = family_of(cfg)
         self.layer = cfg.vision_feature_layer
         self.strategy = cfg.vision_feature_select_strategy
         self.crop_size = cfg.vision_config.image_size
         self.patch_size = cfg.vision_config.patch_size
-        self.side = self.crop_size // self.patch_size
+        self.side = self.family.side(cfg)
+        self.span = self.family.covered(cfg)  # share of the crop side the token grid covers
         self.pinpoints = cfg.image_grid_pinpoints
         self.tower = _vision_tower(model)
         if self.strategy not in ("default", "full"):
@@ -130,7 +137,7 @@ class FeatureExtractor:
 
     @property
     def tokens_per_crop(self) -> int:
-        return self.side * self.side + (1 if self.strategy == "full" else 0)
+        return self.family.tokens_per_crop(self.model.config)
 
     @property
     def feature_dim(self) -> int:
@@ -164,8 +171,9 @@ class FeatureExtractor:
 
 
 def projector_inputs(hidden_states, layer, strategy: str):
-    """What LLaVA-NeXT feeds its projector: the ``layer`` hidden state (several layers
-    concatenated on channels), CLS dropped for the ``default`` select strategy."""
+    """What LLaVA feeds its projector: the ``layer`` hidden state (several layers
+    concatenated on channels), CLS dropped for the ``default`` select strategy (CLIP;
+    OneVision's SigLIP has no CLS and uses ``full``)."""
     import torch
 
     feats = (torch.cat([hidden_states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple))
@@ -177,7 +185,7 @@ def _vision_tower(model):
     inner = getattr(model, "model", model)
     tower = getattr(inner, "vision_tower", None)
     if tower is None:
-        raise TypeError(f"{type(model).__name__} has no vision_tower; expected a LlavaNext model")
+        raise TypeError(f"{type(model).__name__} has no vision_tower; expected a LlavaNext or LlavaOnevision model")
     return tower
 
 

@@ -52,7 +52,8 @@ class LMDims:
 
 @dataclass(frozen=True)
 class ViTDims:
-    """CLIP-style vision tower: one crop is ``image_size``^2 pixels of ``patch_size`` patches, plus CLS."""
+    """ViT tower: one crop is ``image_size``^2 pixels of ``patch_size`` patches, plus CLS for CLIP
+    (``cls=0`` for SigLIP, which has none)."""
 
     layers: int
     hidden: int
@@ -61,6 +62,7 @@ class ViTDims:
     image_size: int
     patch_size: int
     channels: int = 3
+    cls: int = 1
 
     @property
     def patches(self) -> int:
@@ -68,8 +70,8 @@ class ViTDims:
 
     @property
     def tokens(self) -> int:
-        """Tokens the tower runs on per crop (patches + CLS), e.g. 577 for CLIP ViT-L/14-336."""
-        return self.patches + 1
+        """Tokens the tower runs on per crop (patches + CLS), e.g. 577 for CLIP ViT-L/14-336, 729 for SigLIP-384/14."""
+        return self.patches + self.cls
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,9 @@ class LlavaNextDims:
     projector_in: int  # feature width entering the projector (C, or C * layers when several are concatenated)
 
     @classmethod
-    def from_config(cls, config) -> "LlavaNextDims":
-        """From a transformers ``LlavaNextConfig`` (or anything with the same attributes)."""
+    def from_config(cls, config, cls_token: bool = True) -> "LlavaNextDims":
+        """From a transformers ``LlavaNextConfig`` / ``LlavaOnevisionConfig`` (or anything with the same
+        attributes); ``cls_token=False`` for a tower without CLS (SigLIP; ``Family.flops_dims`` decides)."""
         t, v = config.text_config, config.vision_config
         layer = getattr(config, "vision_feature_layer", -2)
         n_layers = len(layer) if isinstance(layer, (list, tuple)) else 1
@@ -106,7 +109,7 @@ class LlavaNextDims:
                     vocab=t.vocab_size, head_dim=getattr(t, "head_dim", None))
         vit = ViTDims(layers=v.num_hidden_layers, hidden=v.hidden_size, intermediate=v.intermediate_size,
                       heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-                      channels=getattr(v, "num_channels", 3))
+                      channels=getattr(v, "num_channels", 3), cls=int(cls_token))
         return cls(lm=lm, vision=vit, projector_in=v.hidden_size * n_layers)
 
 

@@ -38,7 +38,7 @@ def kept_tokens(model, processor, selector, image, retention: float, seed: int) 
     def indices(mask: torch.Tensor) -> list[list[int]]:
         return [row.nonzero().flatten().tolist() for row in mask]
 
-    return {"layout": layout, "boxes": layout.boxes[:n], "side": fx.side, "tokens": tokens,
+    return {"layout": layout, "boxes": layout.boxes[:n], "side": fx.side, "span": fx.span, "tokens": tokens,
             "cls_offset": tokens - fx.side * fx.side, "k": budget_counts(valid, retention, "per-crop").tolist(),
             "valid": valid.sum(dim=1).tolist(), "valid_indices": indices(valid),
             "selector": indices(chosen), "random": indices(rand)}
@@ -83,7 +83,7 @@ def document_share(kept: dict[str, Any], doc_box: tuple[float, float, float, flo
     x0, y0, x1, y1 = doc_box
     on_doc, valid, chosen, rand = [], [], [], []
     for i, box in enumerate(kept["boxes"]):
-        cells = token_boxes(box, kept["side"])
+        cells = token_boxes(box, kept["side"], kept.get("span", 1.0))
         cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
         inside = np.zeros(kept["tokens"], dtype=bool)
         inside[kept["cls_offset"]:] = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
@@ -98,16 +98,18 @@ def document_share(kept: dict[str, Any], doc_box: tuple[float, float, float, flo
 
 
 def padding_share(model, sizes) -> dict[str, float]:
-    """How much of a set of images LLaVA-NeXT's unpadding drops, from the model's own packing.
+    """How much of a set of images the model's unpadding drops (LLaVA-NeXT and OneVision), from its own packing.
 
     ``sizes`` are (width, height). Returns ``images``, ``padded_images`` (the share of
     images that lose at least one grid row or column) and ``padding_tokens`` (the
     share of grid-crop tokens dropped; the base crop is never padded)."""
     from .extract import crop_layout
 
+    from .families import family_of
+
     cfg = model.config
-    crop, patch = cfg.vision_config.image_size, cfg.vision_config.patch_size
-    tokens = (crop // patch) ** 2 + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+    crop = cfg.vision_config.image_size
+    tokens = family_of(cfg).tokens_per_crop(cfg)
     padded = dropped = grid = 0
     sizes = list(sizes)
     for w, h in sizes:

@@ -1,4 +1,7 @@
-"""Pruned LLaVA-NeXT inference on stock HF transformers (no fork of the modeling code).
+"""Pruned LLaVA-NeXT / LLaVA-OneVision inference on stock HF transformers (no fork of the modeling code).
+
+What differs between the families (packing call, CLS, geometry, interpolation)
+comes from ``pipeline.families``; the description below holds for both.
 
 Per image: the vision tower runs once on every AnyRes crop (one batched forward),
 the projector maps the ``(crops, L, C)`` tower features to LM width, and the
@@ -23,6 +26,8 @@ from typing import Any, Sequence
 import torch
 
 from .extract import crop_layout, projector_inputs
+from .families import family_of
+from .families.base import InterpolatedGridError
 
 
 @dataclass
@@ -48,7 +53,7 @@ class ImageFeatures:
 
 
 def _inner(model):
-    """The LlavaNextModel inside, checked for the public pieces pruning relies on.
+    """The LlavaNextModel / LlavaOnevisionModel inside, checked for the public pieces pruning relies on.
 
     These moved between transformers releases (4.4x kept them on the top-level
     class; 5.x on ``model.model``); a version without them fails here with one line."""
@@ -61,8 +66,8 @@ def _inner(model):
         import transformers
 
         raise ModelLoadError(f"{type(model).__name__} (transformers {transformers.__version__}) lacks "
-                             f"model.{', model.'.join(missing)}; pruned inference needs a LlavaNext model from "
-                             f"transformers 5.x")
+                             f"model.{', model.'.join(missing)}; pruned inference needs a LlavaNext or LlavaOnevision "
+                             f"model from transformers 5.x")
     return inner
 
 
@@ -72,7 +77,9 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     """Tower features of every crop of every image, in one tower forward.
 
     ``attention=True`` also gives each token the attention the CLS token pays it
-    inside the feature layer (mean over heads) and inside encoder layer 0, and the
+    inside the feature layer (mean over heads) and inside encoder layer 0 -- on a tower
+    without CLS (SigLIP, LLaVA-OneVision) the mean attention the token *receives* from
+    every token instead (see :func:`_layer_attention`) -- and the
     feature layer's attention keys (mean over heads) and its CLS token, recomputed from each layer's
     input hidden state with the layer's own norm and q/k projections (SDPA kernels
     do not return attention weights). These are what VisionZip (dominance, key
@@ -101,19 +108,24 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     keys: list[Any] = [None] * n_img
     last: list[Any] = [None] * n_img
     cls_tok: list[Any] = [None] * n_img
+    family = family_of(cfg)
+    has_cls = family.has_cls(cfg)
     if attention:
-        if isinstance(layer, (list, tuple)) or cfg.vision_feature_select_strategy != "default":
-            raise ValueError("attention scores need one vision_feature_layer and the 'default' (CLS) strategy")
+        if isinstance(layer, (list, tuple)) or family.cls_in_features(cfg):
+            raise ValueError("attention scores need one vision_feature_layer and patch-only features "
+                             "(the 'default' strategy on a CLIP tower)")
         index = layer % len(out.hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
-        cls, k = _layer_attention(tower, out.hidden_states, index)
+        cls, k = _layer_attention(tower, out.hidden_states, index, has_cls)
         attn, keys = list(torch.split(cls, counts)), list(torch.split(k, counts))
-        early = list(torch.split(_layer_attention(tower, out.hidden_states, 1)[0], counts))
-        cls_tok = list(torch.split(out.hidden_states[layer][:, 0], counts))
+        early = list(torch.split(_layer_attention(tower, out.hidden_states, 1, has_cls)[0], counts))
+        if has_cls:
+            cls_tok = list(torch.split(out.hidden_states[layer][:, 0], counts))
     if embeds:
         post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
         hidden = out.hidden_states[-1]
         hidden = post(hidden) if post is not None else hidden
-        last = list(torch.split(hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden, counts))
+        drop = has_cls and not family.cls_in_features(cfg)
+        last = list(torch.split(hidden[:, 1:] if drop else hidden, counts))
     result = []
     for i, (f, s) in enumerate(zip(torch.split(feats, counts), sizes)):
         result.append(ImageFeatures(f, s, attn[i], valid_tokens(model, f.shape[0], f.shape[1], s, f.device),
@@ -121,18 +133,31 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     return result
 
 
-def _layer_attention(tower, hidden_states, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inside the encoder layer whose output is ``hidden_states[index]``: (N, L) attention from CLS to
-    every patch token (mean over heads) and (N, L, head_dim) the patch tokens' keys (mean over heads)."""
+def _layer_attention(tower, hidden_states, index: int, cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inside the encoder layer whose output is ``hidden_states[index]``: (N, L) attention scores of the
+    patch tokens (mean over heads) and (N, L, head_dim) their keys (mean over heads).
+
+    With a CLS token (CLIP) the score is the attention CLS pays each patch token. Without one
+    (SigLIP) it is the mean attention each token *receives* from all tokens, sum_i A[i, j] / T:
+    the CLS-free score of VisionZip's community OneVision/Qwen ports (no official port exists),
+    and on CLIP it correlates with the CLS row. It is computed in query chunks so a 729-token
+    crop never holds more than one (chunk x T) block per head."""
     encoder = getattr(tower, "vision_model", tower).encoder
     block = encoder.layers[index - 1]
     attn = block.self_attn
     x = block.layer_norm1(hidden_states[index - 1])
     n, t, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(x).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-    weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # (N, heads, 1, T)
-    return weights.mean(dim=1)[:, 0, 1:].float(), k.mean(dim=1)[:, 1:].float()
+    if cls:
+        q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        weights = torch.softmax((q @ k.transpose(-1, -2)) * attn.scale, dim=-1)  # (N, heads, 1, T)
+        return weights.mean(dim=1)[:, 0, 1:].float(), k.mean(dim=1)[:, 1:].float()
+    q = attn.q_proj(x).view(n, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    received = torch.zeros(n, t, dtype=torch.float32, device=x.device)
+    for start in range(0, t, 256):
+        w = torch.softmax((q[:, :, start:start + 256] @ k.transpose(-1, -2)) * attn.scale, dim=-1)
+        received += w.float().mean(dim=1).sum(dim=1)
+    return received / t, k.mean(dim=1).float()
 
 
 def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) -> torch.Tensor:
@@ -143,13 +168,14 @@ def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) ->
     from .extract import token_boxes
 
     cfg = model.config
+    family = family_of(cfg)
     h, w = image_size
     layout = crop_layout(w, h, cfg.vision_config.image_size, cfg.image_grid_pinpoints)
-    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    side = family.side(cfg)
     out = torch.zeros(tokens, dtype=torch.long)
     if crops <= 1:
         return out
-    cells = token_boxes(layout.boxes[0], side)
+    cells = token_boxes(layout.boxes[0], side, family.covered(cfg))
     cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
     region = np.zeros(side * side, dtype=np.int64)
     for c, (x0, y0, x1, y1) in enumerate(layout.boxes[1:crops], start=1):
@@ -159,46 +185,98 @@ def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) ->
     return out
 
 
-_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int, bool]] = {}
 
 
-def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None):
-    """Where LLaVA-NeXT puts every token of one image, computed once per geometry.
-
-    Returns ``(source, row, rows)``: for each packed position, ``source`` is the
-    flat index ``crop * L + token`` it comes from, or -1 for a row-newline; ``row``
-    is the grid row it belongs to (``rows`` for base-crop tokens, which have no
-    newline). It is found by running the model's own ``pack_image_features`` on
-    token *indices*, so unpadding and newline placement are HF's, not a copy."""
+def _layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None, interpolate: bool = True):
+    """(source, row, rows, interpolated) of :func:`packing_layout`; ``interpolated`` is True when the
+    family shrank this grid (OneVision's ratio rule), and ``source`` is then meaningless.
+    ``interpolate=False`` packs as if interpolation were off (what unpadding keeps)."""
     cfg = model.config
-    key = (crops, tokens, tuple(image_size), cfg.vision_config.image_size, cfg.vision_config.patch_size,
-           str(cfg.image_grid_pinpoints), cfg.vision_feature_select_strategy, str(device))
+    family = family_of(cfg)
+    aspect = getattr(cfg, "vision_aspect_ratio", None)
+    key = (family.name, crops, tokens, tuple(image_size), cfg.vision_config.image_size, cfg.vision_config.patch_size,
+           str(cfg.image_grid_pinpoints), cfg.vision_feature_select_strategy, aspect, interpolate, str(device))
     if key not in _LAYOUTS:
         inner = _inner(model)
         index = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
-        packed, _ = inner.pack_image_features([index], torch.tensor([list(image_size)]),
-                                              cfg.vision_feature_select_strategy,
-                                              image_newline=torch.tensor([-1.0], dtype=torch.float64))
-        source = packed[0][:, 0].round().long()
+        if not interpolate and aspect is not None:
+            cfg.vision_aspect_ratio = family.off_value(cfg)
+        try:
+            packed = family.pack(inner, [index], torch.tensor([list(image_size)]),
+                                 torch.tensor([-1.0], dtype=torch.float64), cfg)
+        finally:
+            if aspect is not None:
+                cfg.vision_aspect_ratio = aspect
+        flat = packed[0][:, 0]
+        source = flat.round().long()
         is_newline = source < 0
+        real = source[~is_newline]
+        # bilinear shrinking averages neighbours: indices stop being whole, or some are lost
+        interpolated = bool((flat - flat.round()).abs().max() > 1e-6) or real.unique().numel() != real.numel()
+        if interpolate and aspect is not None and not interpolated:  # a shrink that lands on whole indices
+            interpolated = source.numel() != _layout(model, crops, tokens, image_size, device, False)[0].numel()
         start = tokens if crops > 1 else 0  # base-crop tokens lead and have no newline
         grid_nl = is_newline[start:].long()
         grid_row = torch.cumsum(grid_nl, 0) - grid_nl
         rows = int(grid_nl.sum())
         row = torch.cat([torch.full((start,), rows, dtype=torch.long), grid_row])
-        _LAYOUTS[key] = (source.to(device), row.to(device), rows)
+        _LAYOUTS[key] = (source.to(device), row.to(device), rows, interpolated)
     return _LAYOUTS[key]
 
 
-def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], device=None) -> torch.Tensor:
-    """(crops, L) bool: the tokens of each crop that survive LLaVA-NeXT's unpadding (the base crop: all).
+def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None):
+    """Where the model puts every token of one image, computed once per geometry.
 
-    Read off :func:`packing_layout`, i.e. the model's own ``pack_image_features``: a
-    grid crop that covers canvas padding loses those rows or columns before the LLM."""
-    source, _, _ = packing_layout(model, crops, tokens, image_size, device)
+    Returns ``(source, row, rows)``: for each packed position, ``source`` is the
+    flat index ``crop * L + token`` it comes from, or -1 for a row-newline; ``row``
+    is the grid row it belongs to (``rows`` for base-crop tokens, which have no
+    newline in NeXT; a one-crop OneVision image's trailing newline is row 0). It is found by
+    running the model's own ``pack_image_features`` on token *indices*, so unpadding and
+    newline placement are HF's, not a copy. A grid the model shrinks by interpolation
+    (LLaVA-OneVision with ``vision_aspect_ratio`` on) has no such map: refused in one line."""
+    source, row, rows, interpolated = _layout(model, crops, tokens, image_size, device)
+    if interpolated:
+        raise InterpolatedGridError(interpolation_message(model, image_size))
+    return source, row, rows
+
+
+def interpolation_message(model, image_size: tuple[int, int]) -> str:
+    cfg = model.config
+    family = family_of(cfg)
+    return (f"{family.label} shrinks the token grid of this {image_size[1]}x{image_size[0]} image by interpolation "
+            f"(vision_aspect_ratio={cfg.vision_aspect_ratio!r}), so a keep mask cannot be gathered through it; "
+            f"turn interpolation off (atr: --interpolation off, the default; in code: "
+            f"model.config.vision_aspect_ratio = {family.off_value(cfg)!r})")
+
+
+def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], device=None) -> torch.Tensor:
+    """(crops, L) bool: the tokens of each crop that survive the model's unpadding (the base crop: all).
+
+    Read off the model's own ``pack_image_features`` with interpolation off (unpadding does
+    not depend on it): a grid crop that covers canvas padding loses those rows or columns
+    before the LLM."""
+    source, _, _, _ = _layout(model, crops, tokens, image_size, device, interpolate=False)
     valid = torch.zeros(crops * tokens, dtype=torch.bool, device=source.device)
     valid[source[source >= 0]] = True
     return valid.view(crops, tokens)
+
+
+def stock_visual_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], stock: dict | None = None) -> int:
+    """How many visual tokens the unpruned model sends for this image with the checkpoint's own settings
+    (``stock``: ``Family.stock_config``; OneVision's interpolation on), newlines included."""
+    cfg = model.config
+    saved = {k: getattr(cfg, k) for k in (stock or {})}
+    try:
+        for k, v in (stock or {}).items():
+            setattr(cfg, k, v)
+        index = torch.zeros(crops, tokens, 1, dtype=torch.float64)
+        packed = family_of(cfg).pack(_inner(model), [index], torch.tensor([list(image_size)]),
+                                     torch.tensor([-1.0], dtype=torch.float64), cfg)
+    finally:
+        for k, v in saved.items():
+            setattr(cfg, k, v)
+    return int(packed[0].shape[0])
 
 
 def project(model, features: torch.Tensor) -> torch.Tensor:
@@ -218,6 +296,12 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     inner = _inner(model)
     feats = image.features
     crops, tokens = feats.shape[:2]
+    if keep_mask is None and (extra is None or not extra.shape[0]) and \
+            _layout(model, crops, tokens, image.image_size, feats.device)[3]:
+        # the unpruned image through a grid the model interpolates: the model's own packing
+        packed = family_of(model.config).pack(inner, [project(model, feats)], torch.tensor([list(image.image_size)]),
+                                              inner.image_newline, model.config)
+        return packed[0]
     if keep_mask is None:
         keep_mask = torch.ones(crops, tokens, dtype=torch.bool, device=feats.device)
     if keep_mask.shape != feats.shape[:2]:
@@ -300,5 +384,6 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
                           streamer=streamer)
 
 
-__all__ = ["ImageFeatures", "encode_images", "base_regions", "project", "visual_embeddings", "packing_layout", "valid_tokens", "generate_answers", "generate_ids",
+__all__ = ["ImageFeatures", "encode_images", "base_regions", "project", "visual_embeddings", "packing_layout",
+           "valid_tokens", "stock_visual_tokens", "interpolation_message", "InterpolatedGridError", "generate_answers", "generate_ids",
            "split_prompt"]

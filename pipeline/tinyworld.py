@@ -1,4 +1,10 @@
-"""Train ``tiny-trained``: a LLaVA-NeXT (real HF classes) that reads the synthetic benchmarks.
+"""Train ``tiny-trained`` (LLaVA-NeXT) and ``tiny-ov-trained`` (LLaVA-OneVision): tiny models with the
+real HF classes that read the synthetic benchmarks.
+
+Both follow one recipe; the family decides the classes, the prompt format (its chat
+template) and the token geometry. The OneVision one trains with interpolation off,
+the setting pruned runs use (``pipeline.families.llava_onevision``), and ships with its
+stock ``vision_aspect_ratio``.
 
 The recipe follows LLaVA's own: a vision tower pre-trained on its own task, then
 frozen while the projector and the LM learn to answer questions about images.
@@ -34,7 +40,8 @@ import torch
 
 from .config import Config, check
 from .extract import crop_layout, projector_inputs, token_boxes
-from .presets import IMAGE_TOKEN, TinyPreset, build_tiny
+from .families import LLAVA_NEXT, family_of
+from .presets import IMAGE_TOKEN, TinyOvPreset, TinyPreset, build_tiny
 from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
@@ -45,7 +52,14 @@ TINY_TRAINED_PRESET = TinyPreset(
     text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
 )
 
-PROMPT = "USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:"  # = CHAT_TEMPLATE with one image + question
+# tiny-ov-trained: tiny-trained's dimensions with a SigLIP tower (64-px crops, 16-px patches: the tiny
+# world's one glyph per cell), a Qwen2 LM and OneVision's pinpoints up to 3 x 3.
+TINY_OV_TRAINED_PRESET = TinyOvPreset(
+    name="tiny-ov-trained", patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
+)
+
+PROMPT = "USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:"  # NeXT's CHAT_TEMPLATE with one image + question
 
 Progress = Callable[[str, int, int, dict], None]  # (phase, step, total, metrics)
 
@@ -88,6 +102,19 @@ class TinyWorldConfig(Config):
               f"drop_retentions must be in (0, 1], got {self.drop_retentions!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyOvWorldConfig(TinyWorldConfig):
+    """Everything that determines the ``tiny-ov-trained`` weights: the same recipe on a OneVision preset."""
+
+    kind: ClassVar[str] = "tiny-ov-world"
+
+    preset: TinyOvPreset = TINY_OV_TRAINED_PRESET
+
+
+TRAINED_CONFIGS: dict[str, type[TinyWorldConfig]] = {"tiny-trained": TinyWorldConfig,
+                                                     "tiny-ov-trained": TinyOvWorldConfig}
+
+
 # ---------------------------------------------------------------- data
 
 @dataclasses.dataclass
@@ -102,29 +129,36 @@ class Encoded:
     glyph_targets: torch.Tensor | None  # (crops, L) class per token (-100 unlabelled), OCR only
 
 
-def prompt_for(question: str) -> str:
-    return PROMPT.format(question=question)
+def prompt_for(question: str, processor=None, with_image: bool = True) -> str:
+    """The prompt of one question: the processor's chat template (NeXT's vicuna format without one)."""
+    if processor is None:
+        return PROMPT.format(question=question) if with_image else \
+            PROMPT.replace(IMAGE_TOKEN + "\n", "").format(question=question)
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
 
 
-def encode(sample: Sample, processor) -> Encoded:
+def encode(sample: Sample, processor, config) -> Encoded:
+    """One sample for the model whose LLaVA config is ``config`` (geometry and family from it)."""
     from .prune import split_prompt
 
+    family = family_of(config)
     tok = processor.tokenizer
-    before, after = split_prompt(tok, prompt_for(sample.question), tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    prompt = prompt_for(sample.question, None if family is LLAVA_NEXT else processor)
+    before, after = split_prompt(tok, prompt, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     answer_ids = torch.tensor(tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     w, h = sample.image.size
-    layout = crop_layout(w, h, processor.image_processor.crop_size["height"],
-                         processor.image_processor.image_grid_pinpoints)
+    layout = crop_layout(w, h, config.vision_config.image_size, config.image_grid_pinpoints)
     pixels = processor.image_processor(images=[sample.image], return_tensors="pt")["pixel_values"][0]
     pixels = pixels[: len(layout.boxes)]
     targets = None
     if sample.glyph_boxes:
-        side = processor.image_processor.crop_size["height"] // processor.patch_size
-        targets = glyph_targets(layout.boxes, side, sample.glyph_boxes)
+        targets = glyph_targets(layout.boxes, family.side(config), sample.glyph_boxes, family.covered(config))
     return Encoded(pixels, (h, w), before, after, answer_ids, targets)
 
 
-def glyph_targets(boxes, side: int, glyph_boxes) -> torch.Tensor:
+def glyph_targets(boxes, side: int, glyph_boxes, span: float = 1.0) -> torch.Tensor:
     """(crops, side*side) class per token: 1 + glyph index for the glyph covering most of the
     cell's share of ink (at least half of that glyph's ink box), else 0 (blank)."""
     out = torch.zeros(len(boxes), side * side, dtype=torch.long)
@@ -132,7 +166,7 @@ def glyph_targets(boxes, side: int, glyph_boxes) -> torch.Tensor:
     cls = np.asarray([1 + GLYPHS.index(b[4]) for b in glyph_boxes])
     area = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
     for i, box in enumerate(boxes):
-        t = token_boxes(box, side)[:, None, :]
+        t = token_boxes(box, side, span)[:, None, :]
         w = np.clip(np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0]), 0, None)
         h = np.clip(np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1]), 0, None)
         share = (w * h) / area  # (L, G): fraction of each glyph's ink box inside the cell
@@ -168,7 +202,7 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     are not drowned by blank ones."""
     gen = torch.Generator().manual_seed(config.seed)
     pixels = torch.cat([d.pixels for d in data])
-    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    side = family_of(model.config).side(model.config)
     targets = torch.cat([d.glyph_targets if d.glyph_targets is not None
                          else torch.zeros(d.pixels.shape[0], side * side, dtype=torch.long) for d in data])
     with_glyph = (targets > 0).any(-1).nonzero()[:, 0]
@@ -293,13 +327,15 @@ def train_tiny_world(config: TinyWorldConfig, progress: Progress | None = None):
     """Build ``config.preset`` and train it; returns (model, processor, metrics)."""
     t0 = time.perf_counter()
     model, processor = build_tiny(config.preset)
+    family = family_of(model.config)
+    family.set_interpolation(model, processor, False)  # trained as pruned runs see it (OneVision)
     torch.manual_seed(config.seed)
     samples = training_samples(config)
     if progress:
         progress("data", 0, len(samples), {})
     data = []
     for i, s in enumerate(samples):
-        data.append(encode(s, processor))
+        data.append(encode(s, processor, model.config))
         if progress and ((i + 1) % 256 == 0 or i + 1 == len(samples)):
             progress("data", i + 1, len(samples), {})
     metrics: dict[str, Any] = {"data_seconds": time.perf_counter() - t0}
@@ -311,6 +347,11 @@ def train_tiny_world(config: TinyWorldConfig, progress: Progress | None = None):
     metrics["lm_seconds"] = time.perf_counter() - t2
     metrics["train_seconds"] = time.perf_counter() - t0
     return model, processor, metrics
+
+
+def restore_stock(model, processor) -> None:
+    """Put back the checkpoint's own interpolation setting (before ``save_pretrained``)."""
+    family_of(model.config).set_interpolation(model, processor, True)
 
 
 # ---------------------------------------------------------------- answering and quality
@@ -348,11 +389,12 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
     acc, nls, visual = 0.0, 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
+        own = None if family_of(model.config) is LLAVA_NEXT else processor
         if strategy == "none":
-            prompts = [PROMPT.replace(IMAGE_TOKEN + "\n", "").format(question=s.question) for s in chunk]
+            prompts = [prompt_for(s.question, own, with_image=False) for s in chunk]
             vis: list = [None] * len(chunk)
         else:
-            prompts = [prompt_for(s.question) for s in chunk]
+            prompts = [prompt_for(s.question, own) for s in chunk]
             vis = []
             for feats in encode_images(model, processor, [s.image for s in chunk]):
                 mask = None if strategy == "full" else keep_mask("random", feats.features, retention,
@@ -407,7 +449,8 @@ def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", t
             "crops_changed": int(changed.any(-1).sum())}
 
 
-__all__ = ["TinyWorldConfig", "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
+__all__ = ["TinyWorldConfig", "TinyOvWorldConfig", "TRAINED_CONFIGS", "TINY_OV_TRAINED_PRESET", "restore_stock",
+           "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
            "locality", "PROMPT"]
 
 

@@ -116,13 +116,16 @@ def test_bad_model_specs_fail_clearly(tmp_path):
         prepare_model(home, str(tmp_path / "empty"))
 
 
-def test_a_model_that_is_not_llava_next_is_refused(tmp_path):
+def test_a_model_of_neither_family_is_refused_naming_the_supported_ones(tmp_path):
     from transformers import LlamaConfig
 
     LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                 vocab_size=50).save_pretrained(tmp_path / "llama")
-    with pytest.raises(ModelLoadError, match="model_type is 'llama', expected 'llava_next'"):
+    with pytest.raises(ModelLoadError) as err:
         prepare_model(Home.resolve(tmp_path / "home"), str(tmp_path / "llama"))
+    line = str(err.value)
+    assert "\n" not in line and "model_type 'llama' is not a supported family" in line
+    assert "'llava_next' (LLaVA-NeXT)" in line and "'llava_onevision' (LLaVA-OneVision)" in line
 
 
 def test_a_model_folder_with_only_pickle_weights_is_refused(tiny_stage, tmp_path):

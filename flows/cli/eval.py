@@ -22,7 +22,7 @@ from .common import (
 def eval_parser(sub, common) -> None:
     p = add_command(
         sub, common, "eval",
-        help="evaluate pruned LLaVA-NeXT on benchmarks",
+        help="evaluate pruned LLaVA-NeXT / LLaVA-OneVision on benchmarks",
         description="Evaluate the model on benchmarks with each token-reduction strategy at each "
                     "retention. The work unit is a shard of a benchmark's questions: the vision tower "
                     "runs once per image, and every missing (strategy, retention, seed) result of the "
@@ -50,6 +50,10 @@ def eval_parser(sub, common) -> None:
                    help="a CLIP checkpoint (hub id or save_pretrained folder, e.g. openai/clip-vit-large-patch14-336) "
                         "whose text tower gives cdpruner the question's relevance; without it cdpruner runs the "
                         "unconditioned DPP")
+    p.add_argument("--interpolation", choices=["off", "on"], default="off",
+                   help="LLaVA-OneVision only: its anyres_max_9 bilinearly shrinks large token grids. off (default, "
+                        "as in the paper): vision_aspect_ratio is set so no grid shrinks, the only way a keep mask "
+                        "can be gathered; on: the checkpoint's own setting, for full/none only (stock baseline)")
     add_retentions_option(p, "0.1,0.25,0.5,0.75", help="comma-separated (default: 0.1,0.25,0.5,0.75)")
     p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
                    help="per-crop: k = round(r * valid tokens) in every crop; global: r * the image's valid tokens. "
@@ -111,7 +115,7 @@ def cmd_eval(home, args) -> int:
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
                      budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
                      shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
-                     text_encoder=args.text_encoder)
+                     text_encoder=args.text_encoder, interpolation=args.interpolation == "on")
     data = _parse_data(args.data, benchmarks)
     if "selector" in strategies and not args.selector:
         raise UserError(SELECTOR_NEEDED)

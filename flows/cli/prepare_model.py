@@ -34,16 +34,17 @@ def _tiny_world_overrides(args) -> dict | None:
     if args.seed is None and args.steps is None:
         return None
     from pipeline.presets import TRAINED_PRESETS
-    from pipeline.tinyworld import TinyWorldConfig
+    from pipeline.tinyworld import TRAINED_CONFIGS
 
     if args.model not in TRAINED_PRESETS:
         raise UserError(f"--seed/--steps train a preset ({', '.join(TRAINED_PRESETS)}); {args.model!r} is not one")
-    data = TinyWorldConfig().to_dict()
+    config = TRAINED_CONFIGS[args.model]
+    data = config().to_dict()
     if args.seed is not None:
         data["seed"] = args.seed
     if args.steps is not None:
         data["steps"] = args.steps
-    return TinyWorldConfig.from_dict(data).to_dict()
+    return config.from_dict(data).to_dict()
 
 
 def cmd_prepare_model(home, args) -> int:

@@ -35,6 +35,7 @@ from pipeline.benchmarks import build_items, spec
 from pipeline.config import ConfigError, content_hash
 from pipeline.evaluate import AUTO_BATCH_CPU, EvalConfig
 from pipeline.strategies import TOWER_SCORES
+from pipeline.families import family_of
 from pipeline.presets import cached_model
 from storage.benchmarks import benchmark_files, benchmark_size, files_fingerprint, load_benchmark_rows
 from storage.home import Home
@@ -140,7 +141,8 @@ def _coords(cfg: EvalConfig, benchmark: str, strategy: str, retention: float, se
 
     version = STRATEGY_VERSIONS.get(strategy)
     return {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
-            "budget": cfg.budget, "limit": cfg.limit, **({"strategy_version": version} if version else {})}
+            "budget": cfg.budget, "limit": cfg.limit, **({"strategy_version": version} if version else {}),
+            **({"interpolation": True} if cfg.interpolation else {})}
 
 
 def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str,
@@ -167,6 +169,28 @@ def result_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark
                      _inputs(model_key, data_fp, selector_sha, compute, text_encoder))
 
 
+PAPER_MAX_RETENTION = 0.6  # the paper's OneVision runs keep p <= 0.6: the pruned context stays under the stock one
+
+
+def check_interpolation(model: StageResult, cfg: EvalConfig) -> None:
+    """LLaVA-OneVision only: refuse pruning with interpolation on (one line saying how to turn it off),
+    and warn when a retention above the paper's 0.6 may send more tokens than the stock model."""
+    facts = (model.manifest or {}).get("describe") or {}
+    if facts.get("family") != "llava-onevision":
+        return
+    pruning = [s for s in cfg.strategies if s not in ("full", "none")]
+    if cfg.interpolation and pruning and facts.get("interpolates", True):
+        raise ConfigError(f"{', '.join(pruning)} cannot prune LLaVA-OneVision with interpolation on: "
+                          f"vision_aspect_ratio={facts.get('vision_aspect_ratio')!r} shrinks large grids and a keep "
+                          f"mask cannot be gathered through that; drop --interpolation on (off is the default: "
+                          f"vision_aspect_ratio={facts.get('interpolation_off')!r}) or evaluate only full,none")
+    high = [r for r in cfg.retentions if r > PAPER_MAX_RETENTION]
+    if pruning and high and not cfg.interpolation:
+        _warn(f"retention {', '.join(f'{r:g}' for r in high)} > {PAPER_MAX_RETENTION}: with interpolation off a "
+              f"pruned LLaVA-OneVision may see more visual tokens than the stock (interpolated) model; the paper "
+              f"keeps p <= {PAPER_MAX_RETENTION} (compare mean_visual_tokens with stock_visual_tokens)")
+
+
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
               data: dict[str, str]) -> list[Chunk]:
     """Every result of an evaluation with its content-hashed key and its shards' keys (fails fast, one
@@ -177,6 +201,7 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     where = f"{device}-{dtype}"
     if "selector" in cfg.strategies and not selector:
         raise ConfigError(SELECTOR_NEEDED)
+    check_interpolation(model, cfg)
     text_fp = None
     if "cdpruner" in cfg.strategies and cfg.text_encoder:
         from pipeline.relevance import text_encoder_fingerprint
@@ -246,6 +271,7 @@ def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str,
         t0 = time.perf_counter()
         model_result = model_stage(home, model_key)
         model, processor = cached_model(str(model_result.model_dir), s.device, s.dtype)
+        family_of(model).set_interpolation(model, processor, cfg.interpolation)
         items, rows, bad_rows = shard_items(s.benchmark, [Path(f) for f in s.files], s.start, s.stop)
         wanted = [s.results[i][0] for i in missing]
         tower_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else AUTO_BATCH_CPU
@@ -281,7 +307,9 @@ def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str,
                                    **({"text_encoder": cfg.text_encoder} if strategy == "cdpruner" else {})},
                         "compute": {"device": s.device, "dtype": s.dtype},
                         "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
-                                    "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms},
+                                    "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms,
+                                    **({"stock_visual_tokens": res.stock_visual_tokens}
+                                       if res.stock_visual_tokens is not None else {})},
                         "counts": {"samples": res.n_samples, "skipped": len(skipped), "padding": res.padding,
                                    "positions": res.positions},
                         "skipped": skipped, "tower_seconds": tower_seconds, "code_version": code_version(),

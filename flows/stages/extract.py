@@ -121,7 +121,7 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
                         "size": [w, h], "grid": list(layout.grid), "crops": int(feat.shape[0]),
                         "boxes": [[round(v, 3) for v in b] for b in boxes],
                         "glyph_mask": None if li.glyph_boxes is None else
-                        glyph_mask(boxes, fx.side, li.glyph_boxes).astype(int).tolist(),
+                        glyph_mask(boxes, fx.side, li.glyph_boxes, fx.span).astype(int).tolist(),
                         "n_glyphs": None if li.glyph_boxes is None else len(li.glyph_boxes)}
                 stored = feat.astype(cfg.dtype)
                 samples.append((f"s{item.index:09d}", stored, meta))

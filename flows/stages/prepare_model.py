@@ -44,9 +44,10 @@ def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[st
                           f"{', '.join(TRAINED_PRESETS)}, not to {model!r}")
     if model in TRAINED_PRESETS:
         from pipeline.synthetic import generator_fingerprint
-        from pipeline.tinyworld import TinyWorldConfig
+        from pipeline.tinyworld import TRAINED_CONFIGS
 
-        cfg = TinyWorldConfig.from_dict(tiny_world) if tiny_world is not None else TinyWorldConfig()
+        config = TRAINED_CONFIGS[model]
+        cfg = config.from_dict(tiny_world) if tiny_world is not None else config()
         # the training data also depends on the renderer and its DejaVu font files
         return "trained", {"tiny_world": cfg.to_dict(), "data": generator_fingerprint()}
     if model in PRESETS:
@@ -151,9 +152,9 @@ def read_provenance(model_dir: Path) -> dict[str, Any] | None:
 def _trained_model(model: str, identity: dict[str, Any], work: Path, retrain: bool,
                    on_progress: Callable[[str, int, int, dict], None] | None) -> dict[str, Any]:
     """Copy the shipped checkpoint when its training config matches; else train and evaluate."""
-    from pipeline.tinyworld import TinyWorldConfig, code_hash, quality_card, train_tiny_world
+    from pipeline.tinyworld import TRAINED_CONFIGS, code_hash, quality_card, restore_stock, train_tiny_world
 
-    cfg = TinyWorldConfig.from_dict(identity["tiny_world"])
+    cfg = TRAINED_CONFIGS[model].from_dict(identity["tiny_world"])
     shipped = shipped_model_dir(model)
     prov = read_provenance(shipped)
     now_code = code_hash()
@@ -173,6 +174,7 @@ def _trained_model(model: str, identity: dict[str, Any], work: Path, retrain: bo
     card = quality_card(trained, processor, n=cfg.eval_samples, data_seed=cfg.data_seed,
                         random_seeds=cfg.eval_seeds, progress=on_progress)
     metrics["eval_seconds"] = time.perf_counter() - t_eval
+    restore_stock(trained, processor)  # OneVision trains and is carded with interpolation off; ships stock
     trained.save_pretrained(work)
     processor.save_pretrained(work)
     prov = {"model": model, "config": cfg.to_dict(), "config_hash": cfg.hash(), "code_hash": now_code,

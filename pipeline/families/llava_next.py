@@ -1,0 +1,56 @@
+"""LLaVA-NeXT (llava-v1.6): a CLIP ViT tower with a CLS token, Vicuna / Mistral LMs, AnyRes with unpadding.
+
+The paper's first model. ``vision_feature_select_strategy="default"`` drops CLS
+before the projector; the ``full`` strategy keeps it as token 0 of every crop.
+A grid row ends in one ``image_newline`` token; the base crop has none.
+"""
+
+from __future__ import annotations
+
+from .base import Family
+
+# Vicuna-style LLaVA conversation ("USER: <image>\n{question} ASSISTANT:"), the format
+# llava-v1.6-vicuna uses; ``apply_chat_template`` gives the tiny models the same prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    " {% else %}ASSISTANT: {% for item in message['content'] %}{{ item['text'] }}{% endfor %}</s>{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+class LlavaNext(Family):
+    name = "llava-next"
+    label = "LLaVA-NeXT"
+    model_type = "llava_next"
+    tower = "CLIP"
+    chat_template = CHAT_TEMPLATE
+
+    def model_class(self):
+        from transformers import LlavaNextForConditionalGeneration
+
+        return LlavaNextForConditionalGeneration
+
+    def image_processor_class(self):
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil
+
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, chat_template: str):
+        from transformers import LlavaNextProcessor
+
+        return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                                  vision_feature_select_strategy="default", image_token=image_token,
+                                  num_additional_image_tokens=1, chat_template=chat_template)
+
+    def has_cls(self, cfg) -> bool:
+        return True
+
+    def pack(self, inner, features, image_sizes, image_newline, cfg):
+        packed, _ = inner.pack_image_features(features, image_sizes, cfg.vision_feature_select_strategy,
+                                              image_newline=image_newline)
+        return packed
+
+
+FAMILY = LlavaNext()

@@ -1,0 +1,170 @@
+"""LLaVA-OneVision: a SigLIP tower without CLS, a Qwen2 LM, ``anyres_max_9``.
+
+The paper's second model. Differences from LLaVA-NeXT that pruning must respect:
+
+- **No CLS.** SigLIP has no class token; the ``full`` select strategy sends every
+  patch token. CLS-attention scores (``attention``, ``visionzip``, ``hired``) use
+  the mean attention each token *receives* instead (``pipeline.prune.encode_images``).
+- **Geometry.** SigLIP-384/14 makes a 27 x 27 grid (729 tokens) that covers 378 of
+  the crop's 384 pixels: the stride-14 patch convolution drops the last 6.
+- **Interpolation.** ``pack_image_features`` bilinearly shrinks an unpadded grid
+  whose area exceeds ``max`` crops (``anyres_max_9``: ratio = sqrt(h*w / (9*27^2))
+  > 1.1). A keep mask cannot be gathered through that, so pruned runs turn it off
+  through the public ``vision_aspect_ratio`` config (``anyres_max_N`` with N the
+  largest grid of the pinpoints: the ratio never exceeds 1), as the paper does.
+- **Packing call.** ``LlavaOnevisionModel.pack_image_features(features, sizes,
+  image_newline, vision_aspect_ratio)`` has no select-strategy argument; the top-level
+  ``LlavaOnevisionForConditionalGeneration.pack_image_features`` wrapper of
+  transformers 5.24 passes ``vision_feature_select_strategy`` to it and fails, so
+  the inner model's method is called.
+- **Newlines.** A one-crop image gets one trailing ``image_newline`` (NeXT: none).
+- **Processor.** ``LlavaOnevisionProcessor`` wants a video processor, which needs
+  torchvision; images only need ``LlavaOnevisionImageProcessorPil``, so the tiny
+  presets save the processor without one and the loader falls back to the image
+  processor + tokenizer when the stock one cannot be built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Family
+
+# llava-onevision-qwen2's chat format (its chat_template.json, images first, for one image
+# and one text): "<|im_start|>user <image>\n{question}<|im_end|>\n<|im_start|>assistant\n".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + ' ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ '\n' + item['text'] }}{% endif %}"
+    "{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+STOCK_ASPECT = "anyres_max_9"
+
+
+class LlavaOnevision(Family):
+    name = "llava-onevision"
+    label = "LLaVA-OneVision"
+    model_type = "llava_onevision"
+    tower = "SigLIP"
+    chat_template = CHAT_TEMPLATE
+
+    def model_class(self):
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        return LlavaOnevisionForConditionalGeneration
+
+    def image_processor_class(self):
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil)
+
+        return LlavaOnevisionImageProcessorPil
+
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, chat_template: str,
+                  vision_aspect_ratio: str = STOCK_ASPECT):
+        side = image_processor.size["height"] // patch_size
+        return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer,
+                                      num_image_tokens=side * side, vision_feature_select_strategy="full",
+                                      image_token=image_token, chat_template=chat_template,
+                                      vision_aspect_ratio=vision_aspect_ratio)
+
+    def load_processor(self, model_dir):
+        """The processor of a OneVision dir without a video processor: the PIL image processor,
+        the tokenizer, the chat template and ``processor_config.json``'s settings."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        settings = {}
+        if (model_dir / "processor_config.json").is_file():
+            settings = json.loads((model_dir / "processor_config.json").read_text())
+        image_processor = self.image_processor_class().from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = None
+        if (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+        template = template or getattr(tokenizer, "chat_template", None)
+        keep = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "vision_aspect_ratio")
+        return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                                      **{k: settings[k] for k in keep if k in settings})
+
+    def has_cls(self, cfg) -> bool:
+        return False
+
+    def pack(self, inner, features, image_sizes, image_newline, cfg):
+        packed, _ = inner.pack_image_features(features, image_sizes, image_newline=image_newline,
+                                              vision_aspect_ratio=cfg.vision_aspect_ratio)
+        return packed
+
+    # ------------------------------------------------------------- interpolation
+    def max_crops(self, cfg) -> int:
+        """The largest grid (rows x cols) among the pinpoints."""
+        crop = cfg.vision_config.image_size
+        return max((h // crop) * (w // crop) for h, w in cfg.image_grid_pinpoints)
+
+    def off_value(self, cfg) -> str:
+        """``vision_aspect_ratio`` under which no grid of the pinpoints is ever shrunk."""
+        return f"anyres_max_{self.max_crops(cfg)}"
+
+    def interpolation(self, cfg) -> bool:
+        limit = int(str(cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
+        # ratio = sqrt(area / (limit * side^2)) <= sqrt(max_crops / limit): shrinking needs > 1.1
+        return self.max_crops(cfg) / limit > 1.1 ** 2
+
+    def describe(self, cfg) -> dict[str, Any]:
+        return {**super().describe(cfg), "vision_aspect_ratio": cfg.vision_aspect_ratio,
+                "interpolates": self.interpolation(cfg), "interpolation_off": self.off_value(cfg)}
+
+    def stock_config(self, model, processor) -> dict[str, Any]:
+        stock = getattr(model, "_atr_stock_aspect", None) or model.config.vision_aspect_ratio
+        return {"vision_aspect_ratio": stock}
+
+    def set_interpolation(self, model, processor, on: bool) -> None:
+        if getattr(model, "_atr_stock_aspect", None) is None:
+            model._atr_stock_aspect = model.config.vision_aspect_ratio  # as the checkpoint ships it
+        model.config.vision_aspect_ratio = model._atr_stock_aspect if on else self.off_value(model.config)
+
+
+_PROCESSOR = None
+
+
+def image_text_processor():
+    """``LlavaOnevisionProcessor`` for images and text only (built on first use: it imports transformers).
+
+    The stock class cannot be built without a video processor, and its video processor
+    needs torchvision. This subclass drops that one attribute and changes nothing else:
+    prompts expand ``<image>`` with the stock ``_get_number_of_features``, and it saves the
+    stock layout (``processor_config.json`` names ``LlavaOnevisionProcessor``), so a saved dir
+    loads with ``AutoProcessor`` wherever torchvision is installed."""
+    global _PROCESSOR
+    if _PROCESSOR is None:
+        from transformers import LlavaOnevisionProcessor
+        from transformers.processing_utils import ProcessorMixin
+
+        class LlavaOnevisionImageTextProcessor(LlavaOnevisionProcessor):
+            def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                         vision_feature_select_strategy=None, chat_template=None, image_token="<image>",
+                         video_token="<video>", vision_aspect_ratio=STOCK_ASPECT, **kwargs):
+                self.num_image_tokens = num_image_tokens
+                self.vision_feature_select_strategy = vision_feature_select_strategy
+                self.image_token = getattr(tokenizer, "image_token", None) or image_token
+                self.video_token = video_token
+                self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+                self.video_token_id = None
+                self.vision_aspect_ratio = vision_aspect_ratio
+                ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+            def to_dict(self):
+                out = super().to_dict()
+                out["processor_class"] = "LlavaOnevisionProcessor"
+                return out
+
+        _PROCESSOR = LlavaOnevisionImageTextProcessor
+    return _PROCESSOR
+
+
+FAMILY = LlavaOnevision()
