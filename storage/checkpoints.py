@@ -94,12 +94,18 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
         meta = {k: v for k, v in side.items() if k != META_SHA_KEY}  # the sidecar of these tensors
     else:
         meta = embedded  # no sidecar, or one from another write: the meta saved with the tensors
-    for key, want, what in (("channels", expect_channels, "C (encoder width)"),
-                            ("tokens", expect_tokens, "L (tokens per crop)")):
-        for source in (side, embedded):  # both must fit: neither may claim another width
-            if want is not None and isinstance(source, dict) and source.get(key) != want:
-                raise CheckpointError(f"{path}: selector was trained for {what} = {source.get(key)}, "
-                                      f"these features have {want}")
+    for source in (side, embedded):  # both must fit: neither may claim another shape
+        if not isinstance(source, dict):
+            continue
+        got = (source.get("tokens"), source.get("channels"))
+        if (expect_tokens is not None and got[0] != expect_tokens) or \
+                (expect_channels is not None and got[1] != expect_channels):
+            want = (expect_tokens if expect_tokens is not None else got[0],
+                    expect_channels if expect_channels is not None else got[1])
+            raise CheckpointError(f"{path}: selector was trained on features of shape (L, C) = {got} "
+                                  f"(L tokens per crop, C encoder width), this model's are {want}; "
+                                  f"train one on this model's features (another family's or tower's "
+                                  f"selector does not fit)")
     return tensors, meta
 
 

@@ -339,10 +339,12 @@ def test_checkpoints_are_refused_in_one_line_by_the_eval_loader(tiny_stage, tmp_
     save_file({k: v for k, v in tensors.items() if k != "reconstructor.ln.bias"}, partial)  # a tensor short; no embedded meta
     cases = {
         _selector_checkpoint(tmp_path / "c32.safetensors", channels=32):
-            "selector was trained for C (encoder width) = 32, these features have 64",
+            "selector was trained on features of shape (L, C) = (64, 32) (L tokens per crop, C encoder width), "
+            "this model's are (64, 64)",
         _selector_checkpoint(tmp_path / "l16.safetensors", channels=64, tokens=16):
-            "selector was trained for L (tokens per crop) = 16, these features have 64",
-        lying: "selector was trained for C (encoder width) = 32",  # the width inside the file decides
+            "selector was trained on features of shape (L, C) = (16, 64) (L tokens per crop, C encoder width), "
+            "this model's are (64, 64)",
+        lying: "selector was trained on features of shape (L, C) = (64, 32)",  # the width inside the file decides
         partial: "cannot build a selector from it",
         tmp_path / "garbage.safetensors": "not a valid safetensors file",
     }
@@ -363,7 +365,7 @@ def test_checkpoint_refusals_reach_the_user_as_one_line(tiny_stage, tmp_path, cl
     wide = _selector_checkpoint(tmp_path / "c32.safetensors", channels=32)
     assert_one_line_errors([
         (["mask", "--model", "tiny", "--selector", str(wide), "--image", str(image), "--retention", "0.25"],
-         "C (encoder width) = 32, these features have 64"),
+         "(L, C) = (64, 32) (L tokens per crop, C encoder width), this model's are (64, 64)"),
     ], cli_env)  # a pickled .pt through `atr mask`: tests/test_mask.py::test_pickle_checkpoint_is_refused
 
 
