@@ -20,13 +20,15 @@ from .train import TINY_SCHEDULE, TrainConfig
 class RunConfig(Config):
     """Every stage's config for one end-to-end run (the TOML file of ``atr run --config``).
 
-    ``model`` is prepare-model's config; ``extract`` says which images the selector
+    ``model`` is prepare-model's config: one model, or a list of them (``model =
+    ["tiny-trained", "tiny-ov-trained"]``: both families in one run, each with its own
+    features, selectors, evaluation and report); ``extract`` says which images the selector
     is trained on (the paper: base-resolution crops, one per image); ``data`` maps
     a real benchmark name to its lmms-lab parquet file or directory."""
 
     kind = "run"
 
-    model: str = "tiny-trained"
+    model: str | tuple = "tiny-trained"
     extract: ExtractConfig = ExtractConfig(images="synthetic:docs", limit=2048, crops="base")
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -44,8 +46,17 @@ class RunConfig(Config):
                 data["extract"] = {**base, **data["extract"]}
         return super().from_dict(data)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The models of the run, in order."""
+        return (self.model,) if isinstance(self.model, str) else tuple(self.model)
+
     def validate(self) -> None:
-        check(isinstance(self.model, str) and bool(self.model.strip()), "model must name a model")
+        check(isinstance(self.model, str) or (isinstance(self.model, (list, tuple)) and len(self.model) > 0),
+              "model must name a model or be a list of models")
+        for m in self.models:
+            check(isinstance(m, str) and bool(m.strip()), f"model must name a model, got {m!r}")
+        check(len(set(self.models)) == len(self.models), f"model lists a model twice: {list(self.models)}")
         check(isinstance(self.data, Mapping), "[data] must be a table of benchmark = path")
         from .benchmarks import BENCHMARKS
 
@@ -95,8 +106,8 @@ def _toml_value(v: Any) -> str:
 
 
 _COMMENTS = {
-    "model": "preset (tiny-trained, tiny), a save_pretrained directory, or a HF id "
-             "(llava-hf/llava-v1.6-mistral-7b-hf)",
+    "model": "preset (tiny-trained, tiny-ov-trained, tiny, tiny-ov), a save_pretrained directory, or a HF id "
+             "(llava-hf/llava-v1.6-mistral-7b-hf); a list runs several, e.g. [\"tiny-trained\", \"tiny-ov-trained\"]",
     "extract": "selector training images: synthetic:docs, synthetic:scenes or a folder (COCO train2017)",
     "train": "one selector per retention p; loss = MSE + max(mean(M), p)",
     "train.selector": "architecture and optimizer (paper-scale defaults from DESIGN.md)",

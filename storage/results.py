@@ -173,6 +173,7 @@ TABLES: dict[str, Table] = {
             "Per-sample predictions and scores of an evaluation",
             (
                 _RUN_ID,
+                Column("model", "VARCHAR", "Evaluated model id (a run may evaluate several)"),
                 Column("benchmark", "VARCHAR", "Benchmark name"),
                 Column("sample_id", "VARCHAR", "Sample id within the benchmark"),
                 _STRATEGY,
@@ -182,7 +183,7 @@ TABLES: dict[str, Table] = {
                 Column("answer", "VARCHAR", "Reference answer(s)"),
                 Column("score", "DOUBLE", "Per-sample score"),
             ),
-            key=("run_id", "benchmark", "sample_id", "strategy", "retention", "seed"),
+            key=("run_id", "model", "benchmark", "sample_id", "strategy", "retention", "seed"),
         ),
         Table(
             "bench_results",
@@ -243,6 +244,38 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# How a column added by a later schema is filled in rows an older atr wrote (default: NULL).
+# A key column cannot be NULL: a run with no eval_scores row gets 'unknown'.
+_BACKFILL = {("eval_samples", "model"):
+             "coalesce((SELECT any_value(s.model) FROM eval_scores s WHERE s.run_id = old.run_id), 'unknown')"}
+
+
+def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> tuple[str, ...]:
+    rows = conn.execute("SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index",
+                        [table]).fetchall()
+    return tuple(r[0] for r in rows)
+
+
+def _migrate(conn: duckdb.DuckDBPyConnection, table: Table) -> None:
+    """Rebuild ``table`` in the current schema (inside the caller's transaction): columns it lacks are
+    backfilled (``_BACKFILL``) or NULL, and the primary key is the new one (DuckDB cannot alter one).
+    Only added columns are supported: a column the schema dropped is refused, not lost."""
+    old = _columns(conn, table.name)
+    dropped = [c for c in old if c not in table.column_names]
+    if dropped:
+        raise RuntimeError(f"results table {table.name} has columns {dropped} this atr does not know; "
+                           f"it was written by a newer atr")
+    conn.execute(f"ALTER TABLE {table.name} RENAME TO {table.name}__old")
+    conn.execute(table.ddl())
+    select = ", ".join(f'old."{c}"' if c in old else _BACKFILL.get((table.name, c), "NULL")
+                       for c in table.column_names)
+    conn.execute(f"INSERT INTO {table.name} SELECT {select} FROM {table.name}__old AS old")
+    conn.execute(f"DROP TABLE {table.name}__old")
+    conn.execute(f"COMMENT ON TABLE {table.name} IS {_sql_literal(table.comment)}")
+    for col in table.columns:
+        conn.execute(f'COMMENT ON COLUMN {table.name}."{col.name}" IS {_sql_literal(col.comment)}')
+
+
 class ResultsStore:
     """Read/write access to the results database at `path`."""
 
@@ -264,6 +297,9 @@ class ResultsStore:
         existing = {r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         for table in TABLES.values():
             if table.name in existing:
+                if _columns(conn, table.name) == table.column_names:
+                    continue
+                _migrate(conn, table)  # a store written by an older atr: same rows, new columns
                 continue
             conn.execute(table.ddl())
             conn.execute(f"COMMENT ON TABLE {table.name} IS {_sql_literal(table.comment)}")

@@ -36,13 +36,13 @@ def store_path(tmp_path_factory):
                                        "n_samples": 2, "mean_visual_tokens": 10.0, "prefill_ms": 1.0, **r}
                                       for r in rows])
     store.insert_rows("eval_samples", [
-        {"run_id": "r1", "benchmark": "synthetic-ocr", "sample_id": "q1", "strategy": "selector", "retention": 0.25,
+        {"run_id": "r1", "model": "tiny-trained", "benchmark": "synthetic-ocr", "sample_id": "q1", "strategy": "selector", "retention": 0.25,
          "seed": 0, "prediction": "K7", "answer": "K7", "score": 1.0},
-        {"run_id": "r1", "benchmark": "synthetic-ocr", "sample_id": "q1", "strategy": "random", "retention": 0.25,
+        {"run_id": "r1", "model": "tiny-trained", "benchmark": "synthetic-ocr", "sample_id": "q1", "strategy": "random", "retention": 0.25,
          "seed": 0, "prediction": "X", "answer": "K7", "score": 0.0},
-        {"run_id": "r1", "benchmark": "synthetic-ocr", "sample_id": "q2", "strategy": "selector", "retention": 0.25,
+        {"run_id": "r1", "model": "tiny-trained", "benchmark": "synthetic-ocr", "sample_id": "q2", "strategy": "selector", "retention": 0.25,
          "seed": 0, "prediction": "B", "answer": "B", "score": 1.0},
-        {"run_id": "r1", "benchmark": "synthetic-ocr", "sample_id": "q2", "strategy": "random", "retention": 0.25,
+        {"run_id": "r1", "model": "tiny-trained", "benchmark": "synthetic-ocr", "sample_id": "q2", "strategy": "random", "retention": 0.25,
          "seed": 0, "prediction": "B", "answer": "B", "score": 1.0},
     ])
     store.insert_rows("stage_metrics", [{"run_id": run, "stage": "eval", "name": k, "value": v}
@@ -66,8 +66,9 @@ def test_every_documented_query_gives_the_expected_rows(store_path):
     assert c1 == ["benchmark", "strategy", "score", "seeds"]
     assert r1 == [("synthetic-ocr", "random", 0.2, 2), ("synthetic-ocr", "selector", 0.99, 1),
                   ("synthetic-scene", "random", 0.2, 2), ("synthetic-scene", "selector", 0.99, 1)]
-    assert r2 == [("synthetic-ocr", "random", 0.5), ("synthetic-ocr", "selector", 0.25),
-                  ("synthetic-scene", "random", 0.5), ("synthetic-scene", "selector", 0.25)]
+    assert r2 == [("tiny-trained", "synthetic-ocr", "random", 0.5), ("tiny-trained", "synthetic-ocr", "selector", 0.25),
+                  ("tiny-trained", "synthetic-scene", "random", 0.5),
+                  ("tiny-trained", "synthetic-scene", "selector", 0.25)]
     assert c6 == ["run_id", "images", "tower_passes", "computed", "skipped"]
     assert r6 == [("r1", 600, 600, 52, 1), ("r2", 0, 0, 0, 0)]
     assert r3 == [("eval", 2, 0.5), ("prepare-model", 1, 1.0)]

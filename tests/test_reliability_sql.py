@@ -149,7 +149,7 @@ def _writer(path: str, run_id: str, batches: int, seed: int) -> None:
     for b in range(batches):
         store.record_stage_run(run_id, "eval", f"chunk{b}", False, 0.1, f"/out/{b}")
         store.insert_rows("eval_samples", [
-            {"run_id": run_id, "benchmark": "synthetic-ocr", "sample_id": f"{b}-{i}", "strategy": "random",
+            {"run_id": run_id, "model": "tiny-trained", "benchmark": "synthetic-ocr", "sample_id": f"{b}-{i}", "strategy": "random",
              "retention": 0.25, "seed": 0, "prediction": "A", "answer": "A", "score": 1.0} for i in range(BATCH)])
         time.sleep(rng.uniform(0, 0.01))
     store.finish_run(run_id, "completed")

@@ -89,7 +89,7 @@ def test_insert_rows_validates_table_and_columns(store):
     with pytest.raises(ValueError, match="lack key column"):
         store.insert_rows("bench_results", [{"run_id": "r", "value": 1.0}])
     with pytest.raises(ValueError, match="eval_samples.seed"):
-        store.insert_rows("eval_samples", [dict(run_id="r", benchmark="b", sample_id="1", strategy="s",
+        store.insert_rows("eval_samples", [dict(run_id="r", model="m", benchmark="b", sample_id="1", strategy="s",
                                                 retention=0.5, seed="zero")])
     assert store.insert_rows("eval_samples", []) == 0
 
@@ -208,3 +208,33 @@ def test_format_table():
     assert "\x1b[" not in text
     with pytest.raises(ValueError, match="unknown format"):
         format_rows(COLUMNS, ROWS, "xml")
+
+
+def test_a_store_from_before_eval_samples_had_a_model_column_is_migrated(tmp_path):
+    """An older atr wrote eval_samples without ``model`` (key without it): opening the store rebuilds the
+    table in the current schema, keeps every row and fills ``model`` from the run's eval_scores."""
+    path = tmp_path / "results.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(TABLES["eval_scores"].ddl())
+        conn.execute('CREATE TABLE eval_samples ("run_id" VARCHAR, "benchmark" VARCHAR, "sample_id" VARCHAR, '
+                     '"strategy" VARCHAR, "retention" DOUBLE, "seed" INTEGER, "prediction" VARCHAR, '
+                     '"answer" VARCHAR, "score" DOUBLE, PRIMARY KEY (run_id, benchmark, sample_id, strategy, '
+                     'retention, seed))')
+        conn.execute("INSERT INTO eval_samples VALUES ('r1', 'synthetic-ocr', 'q1', 'full', 1.0, 0, 'K7', 'K7', 1.0), "
+                     "('r2', 'synthetic-ocr', 'q1', 'full', 1.0, 0, 'X', 'K7', 0.0)")
+        conn.execute("INSERT INTO eval_scores VALUES ('r1', 'tiny-trained', 'synthetic-ocr', 'full', 1.0, 0, "
+                     "'accuracy', 1.0, 1, 20.0, 5.0)")
+    store = ResultsStore(path)
+    assert _rows(store, "SELECT run_id, model, prediction FROM eval_samples ORDER BY run_id") == \
+        [("r1", "tiny-trained", "K7"), ("r2", "unknown", "X")]
+    # the new key: the same sample of another model in the same run is a second row
+    store.insert_rows("eval_samples", [dict(run_id="r1", model="tiny-ov-trained", benchmark="synthetic-ocr",
+                                            sample_id="q1", strategy="full", retention=1.0, seed=0, prediction="K7",
+                                            answer="K7", score=1.0)])
+    assert _rows(store, "SELECT count(*) FROM eval_samples WHERE run_id = 'r1'") == [(2,)]
+    with duckdb.connect(str(path), read_only=True) as conn:
+        comment = conn.execute("SELECT comment FROM duckdb_columns() WHERE table_name = 'eval_samples' "
+                               "AND column_name = 'model'").fetchone()[0]
+    assert "model" in comment.lower()
+    ResultsStore(path)  # a second open changes nothing
+    assert _rows(store, "SELECT count(*) FROM eval_samples") == [(3,)]

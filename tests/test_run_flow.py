@@ -267,3 +267,33 @@ def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_pat
         assert "yes" in row, row  # every stage cached
     report = next(line.split()[1] for line in out.splitlines() if line.strip().startswith("report "))
     assert Path(report).is_file() and Path(report).name == "summary.md"
+
+
+def test_both_families_in_one_run_keyed_by_model(cold):
+    """``model = [tiny-trained, tiny-ov-trained]``: the NeXT stages are the cold run's (cached), the
+    OneVision ones are new; the SQL store and the report are keyed by model."""
+    home, first, _ = cold
+    config = {**SMALL, "model": ["tiny-trained", "tiny-ov-trained"]}
+    out = run(home.root, config)
+    stages = by_stage(out)
+    assert [len(stages[s]) for s in STAGE_ORDER] == [2, 2, 2, 16, 2]
+    assert {s["key"] for s in stages["train"] if s["cached"]} == {by_stage(first)["train"][0]["key"]}
+    assert sum(not s["cached"] for s in stages["eval"]) == 8  # the OneVision chunks
+    assert set(out["summaries"]) == {"tiny-trained", "tiny-ov-trained"}
+    full = {r["model"]: r["score"] for r in out["summary"] if r["strategy"] == "full"
+            and r["benchmark"] == "synthetic-scene"}
+    assert set(full) == {"tiny-trained", "tiny-ov-trained"} and all(v > 0.5 for v in full.values())
+    con = duckdb.connect(str(home.results_db), read_only=True)
+    try:
+        per_model = con.execute("SELECT model, count(*) FROM eval_samples WHERE run_id = ? GROUP BY model "
+                                "ORDER BY model", [out["run_id"]]).fetchall()
+        scores = con.execute("SELECT count(DISTINCT model) FROM eval_scores WHERE run_id = ?",
+                             [out["run_id"]]).fetchone()[0]
+    finally:
+        con.close()
+    assert per_model == [("tiny-ov-trained", 8 * 12), ("tiny-trained", 8 * 12)] and scores == 2
+    report = Path(out["report"])
+    for model in ("tiny-trained", "tiny-ov-trained"):
+        assert {"summary.md", "eval-synthetic-ocr.png", "eval-grid.png"} <= {p.name for p in (report / model).iterdir()}
+    md = (report / "summary.md").read_text()
+    assert "](tiny-ov-trained/eval-grid.png)" in md and "](tiny-trained/eval-grid.png)" in md

@@ -52,16 +52,20 @@ def cmd_run(home, args) -> int:
         sys.stdout.write(run_config_toml(cfg))
         return 0
     task_runner(args.dask_address, args.dask_workers)  # bad options: one line before any flow starts
-    preflight(cfg.model, cfg.extract.images, cfg.extract.seed)
+    for model in cfg.models:
+        preflight(model, cfg.extract.images, cfg.extract.seed)
     for bench in cfg.eval.benchmarks:
         if bench in cfg.data:
             data_files(bench, dict(cfg.data), home, cfg.eval.limit)
     progress.enable(True)
     t0 = time.perf_counter()
     out = run_flow(str(home.root), cfg.to_dict(), args.from_stage, user_set, args.dask_address, args.dask_workers)
-    print_eval(out["summary"])
+    several = len(out["summaries"]) > 1
+    for model, summary in out["summaries"].items():
+        print_eval(summary, title=f"pruned evaluation: {model}" if several else None)
     print_stages(stage_summary(out["stages"]))
-    print_eval_figures(out.get("eval_figures"))
+    for model, figures in (out["eval_figures"].items() if several else [(None, out.get("eval_figures"))]):
+        print_eval_figures(figures)
     print(f"  report  {out['report']}/summary.md  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

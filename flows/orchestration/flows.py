@@ -187,32 +187,43 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
     force = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
     recorder = RunRecorder(h, "run", {**cfg.to_dict(), "from": from_stage})
 
-    def body():
-        model_stage = prepare_model_run(h, cfg.model, force="prepare-model" in force)
+    def one_model(model: str):
+        model_stage = prepare_model_run(h, model, force="prepare-model" in force)
         recorder.stage(model_stage)
         feat = _extract_stage(h, model_stage, cfg.extract, force="extract" in force)
         recorder.stage(feat, metrics=extract_figures(feat))
-        tcfg = tiny_schedule(cfg.train, cfg.model, set(user_set or []))
+        tcfg = tiny_schedule(cfg.train, model, set(user_set or []))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
         strategies = cfg.eval.strategies
         plan = plan_eval(h, model_stage, cfg.eval, train.key if "selector" in strategies else None, dict(cfg.data))
-        child = recorder.begin_stage("eval")
-        recorder.tracker.log_params(child, {"stage": "eval", "config": cfg.eval.to_dict(), "data": dict(cfg.data)})
+        child = recorder.begin_stage("eval" if len(cfg.models) == 1 else f"eval {model}")
+        recorder.tracker.log_params(child, {"stage": "eval", "model": model, "config": cfg.eval.to_dict(),
+                                            "data": dict(cfg.data)})
         run = eval_chunks(h, cfg.eval, model_stage, plan, train.key, force="eval" in force, mapper=TASK_MAPPER)
         results = run.results
-        recorder.eval(cfg.model, results, child=child)
+        recorder.eval(model, results, child=child)
         recorder.stage_metrics("eval", run.figures, child=child)
         recorder.tracker.end_run(child)
-        rep = report(h, cfg.model, feat, train, results, force="report" in force)
+        rep = report(h, model, feat, train, results, force="report" in force)
         plots = [rep.path / p for p in rep.manifest["plots"]]
         recorder.stage(rep, artifacts=(rep.path / "summary.md", rep.path / "summary.json", *plots))
-        folder = write_run_folder(h, recorder.run_ids(), rep, recorder.stages)
-        recorder.tracker.log_artifact(recorder.mlflow_run_id, folder / "summary.md")
-        return folder, results, run.figures
+        return rep, results, run.figures
 
-    folder, results, figures = _recorded(recorder, body)
+    def body():
+        done = {m: one_model(m) for m in cfg.models}  # one family after the other, every stage cached
+        folder = write_run_folder(h, recorder.run_ids(), {m: d[0] for m, d in done.items()}, recorder.stages)
+        recorder.tracker.log_artifact(recorder.mlflow_run_id, folder / "summary.md")
+        return folder, done
+
+    folder, done = _recorded(recorder, body)
+    summaries = {m: eval_summary(results) for m, (_, results, _) in done.items()}
+    figures = {m: f for m, (_, _, f) in done.items()}
+    one = len(done) == 1
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "report": str(folder),
-            "summary": eval_summary(results), "stages": stage_dicts(recorder.stages), "eval_figures": figures}
+            "summary": next(iter(summaries.values())) if one else
+            [{"model": m, **r} for m, rows in summaries.items() for r in rows],
+            "summaries": summaries, "stages": stage_dicts(recorder.stages),
+            "eval_figures": next(iter(figures.values())) if one else figures}
 
 
 @flow(name="atr-run-on-dask")

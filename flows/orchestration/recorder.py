@@ -126,7 +126,7 @@ class RunRecorder:
         for c, o in results:
             s = o.manifest["summary"]
             rows = json.loads((o.path / "samples.json").read_text())
-            samples += [{"run_id": self.run_id, "benchmark": c.benchmark, "sample_id": r["sample_id"],
+            samples += [{"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "sample_id": r["sample_id"],
                          "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
                          "prediction": r["prediction"], "answer": r["answer"], "score": r["score"]} for r in rows]
             scores.append({"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "strategy": c.strategy,

@@ -6,6 +6,7 @@ of stages (key, cached, seconds, output) and the DuckDB and MLflow run ids.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str])
     full = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "full"}
     none = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "none"}
     fm, tm = feat.manifest, train.manifest
-    lines = ["# atr run report", "",
+    lines = [f"# atr run report: {model}", "",
              f"- model: `{model}`",
              f"- selector: train stage `{train.key}` (p = {', '.join(tm['checkpoints'])}, "
              f"{tm['config']['selector']['steps']} steps, eval mode {tm['eval_mode']})",
@@ -59,15 +60,28 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str])
     return "\n".join(lines) + "\n"
 
 
-def write_run_folder(h: Home, run: dict[str, str], report, stages: list) -> Path:
+def write_run_folder(h: Home, run: dict[str, str], reports, stages: list) -> Path:
     """``reports/run-<run_id>/``: the report stage's files plus the stages and the run ids.
 
-    ``run`` holds ``run_id``, ``mlflow_run_id``, ``experiment_id`` and ``tracking_uri``."""
+    ``run`` holds ``run_id``, ``mlflow_run_id``, ``experiment_id`` and ``tracking_uri``. ``reports``
+    is one report stage, or ``{model: report stage}``: with several models each report goes to its
+    own subfolder (``<model>/``, plots included) and ``summary.md`` holds every model's summary."""
     out = h.reports / f"run-{run['run_id']}"
     out.mkdir(parents=True, exist_ok=True)
-    for f in report.path.iterdir():
-        if f.is_file() and f.name != "_manifest.json":
-            shutil.copy2(f, out / f.name)
+    if not isinstance(reports, dict):
+        reports = {None: reports}
+    text = []
+    for model, report in reports.items():
+        where = out if len(reports) == 1 else out / model_folder(model)
+        where.mkdir(parents=True, exist_ok=True)
+        for f in report.path.iterdir():
+            if f.is_file() and f.name != "_manifest.json":
+                shutil.copy2(f, where / f.name)
+        body = (report.path / "summary.md").read_text()
+        if len(reports) > 1:  # plots live in the model's folder: the links say so
+            body = re.sub(r"!\[([^\]]*)\]\(", lambda m: f"![{m.group(1)}]({model_folder(model)}/", body)
+        text.append(body)
+    (out / "summary.md").write_text("\n\n".join(text))
     lines = ["", "## Stages", "", "| stage | key | cached | seconds | output |", "|---|---|---|---|---|"]
     lines += [f"| {r['stage']} | `{r['key']}` | {r['cached']} | {r['seconds']:.1f} | `{r['output']}` |"
               for r in stage_summary(stage_dicts(stages))]
@@ -79,8 +93,16 @@ def write_run_folder(h: Home, run: dict[str, str], report, stages: list) -> Path
     with open(out / "summary.md", "a") as fh:
         fh.write("\n".join(lines) + "\n")
     write_json_atomic(out / "run.json", {"run_id": run['run_id'], "mlflow_run_id": run['mlflow_run_id'],
-                                         "report_stage": str(report.path), "stages": stage_dicts(stages)})
+                                         **({"report_stage": str(next(iter(reports.values())).path)}
+                                            if len(reports) == 1 else
+                                            {"report_stages": {m: str(r.path) for m, r in reports.items()}}),
+                                         "stages": stage_dicts(stages)})
     return out
+
+
+def model_folder(model: str) -> str:
+    """A model's subfolder name in a run folder: its spec with path separators made safe."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model.strip("/"))
 
 
 def stage_dicts(stages: list) -> list[dict[str, Any]]:
@@ -90,7 +112,7 @@ def stage_dicts(stages: list) -> list[dict[str, Any]]:
 
 
 def stage_summary(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per stage, in run order: ``key`` (or "N chunks" for eval), ``cached`` ("yes", "no" or
+    """One row per stage, in run order: ``key`` (or "N chunks" for eval, "N stages" for a stage of several models), ``cached`` ("yes", "no" or
     "k/N"), total ``seconds`` and ``output`` (the stage directory, or the chunks' parent)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for s in stages:
@@ -99,7 +121,7 @@ def stage_summary(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name, g in groups.items():
         n = sum(s["cached"] for s in g)
         one = len(g) == 1
-        rows.append({"stage": name, "key": g[0]["key"] if one else f"{len(g)} chunks",
+        rows.append({"stage": name, "key": g[0]["key"] if one else f"{len(g)} {'chunks' if name == 'eval' else 'stages'}",
                      "cached": "yes" if n == len(g) else ("no" if n == 0 else f"{n}/{len(g)}"),
                      "seconds": sum(s["seconds"] for s in g),
                      "output": g[0]["path"] if one else str(Path(g[0]["path"]).parent)})

@@ -59,10 +59,10 @@ def print_eval_figures(figures: dict | None) -> None:
         print(eval_figures_line(figures))
 
 
-def print_eval(summary: list[dict]) -> None:
-
+def print_eval(summary: list[dict], title: str | None = None) -> None:
+    """The eval table of one model's chunks, with the Rel. line."""
     rows = eval_table(summary)
-    table = Table(title="pruned evaluation")
+    table = Table(title=title or "pruned evaluation")
     for col in ("benchmark", "strategy", "retention", "metric", "score", "vs full", "tokens", "prefill ms", "cached"):
         table.add_column(col, justify="left" if col in ("benchmark", "strategy", "metric") else "right")
     for r in rows:

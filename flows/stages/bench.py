@@ -41,6 +41,7 @@ from pipeline.bench import (
 )
 from pipeline.config import ExtractConfig
 from pipeline.device import compute, set_torch_threads, torch_facts
+from pipeline.families import family_of
 from pipeline.presets import cached_model
 from storage.home import Home
 from storage.stages import StageResult
@@ -83,6 +84,9 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
     device = config["device"]  # resolved by bench_config, as is config["dtype"]
     model, processor = cached_model(str(model_stage.model_dir), *config.get("load", (device, config["dtype"])),
                                     allow_cpu=config.get("allow_cpu", False))
+    # pruned prompts need OneVision's grid interpolation off (as eval does); the full prompt is then the
+    # un-shrunk grid too, so full and pruned are timed on the same geometry
+    family_of(model).set_interpolation(model, processor, False)
     threshold = config["load_threshold"]
     phases = {}
     with LoadSampler(threshold=threshold) as sampler:
