@@ -166,7 +166,7 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
         folder = h.reports / f"eval-{recorder.run_id}"
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "summary.json", summary)
-        pngs = plot_eval(summary, folder)
+        pngs = plot_eval(summary, folder, model)
         for png in pngs:
             recorder.tracker.log_artifact(recorder.mlflow_run_id, png)
         return summary, folder, pngs, run.figures

@@ -43,7 +43,7 @@ EVAL_STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "attent
               "divprune": ("tab:brown", "X"), "cdpruner": ("tab:cyan", "*")}
 
 
-def _eval_axes(ax, rows: list[dict], benchmark: str) -> None:
+def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -> None:
     mine = [r for r in rows if r["benchmark"] == benchmark]
     metric = mine[0]["metric"] if mine else "score"
     for name in EVAL_STYLE:
@@ -60,7 +60,7 @@ def _eval_axes(ax, rows: list[dict], benchmark: str) -> None:
         pts = [r["score"] for r in mine if r["strategy"] == name]
         if pts:
             ax.axhline(pts[0], color=color, linestyle="--", label="full image" if name == "full" else "no image")
-    ax.set_title(benchmark)
+    ax.set_title(benchmark if model is None else f"{benchmark} ({model})")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("retention (fraction of encoder tokens kept)")
@@ -78,20 +78,21 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_eval(rows: list[dict], out_dir: Path) -> list[Path]:
+def plot_eval(rows: list[dict], out_dir: Path, model: str | None = None) -> list[Path]:
     """Like the paper's Figs. 4-7: per benchmark, metric vs retention for each strategy with the
-    full-image (green dashed) and no-image (red dashed) levels; plus one grid of all benchmarks."""
+    full-image (green dashed) and no-image (red dashed) levels; plus one grid of all benchmarks.
+    ``model`` (one family's run) goes into every title."""
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
     paths = []
     for b in benchmarks:
         fig, ax = plt.subplots(figsize=(6, 4))
-        _eval_axes(ax, rows, b)
+        _eval_axes(ax, rows, b, model)
         paths.append(_save(fig, Path(out_dir) / f"eval-{b}.png"))
     cols = min(3, len(benchmarks))
     nrows = -(-len(benchmarks) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False)
     for ax, b in zip(axes.flat, benchmarks):
-        _eval_axes(ax, rows, b)
+        _eval_axes(ax, rows, b, model)
     for ax in list(axes.flat)[len(benchmarks):]:
         ax.axis("off")
     paths.append(_save(fig, Path(out_dir) / "eval-grid.png"))

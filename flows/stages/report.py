@@ -43,7 +43,7 @@ def report(home: Home, model: str, feat: StageResult, train: StageResult, result
         summary = [{k: v for k, v in r.items() if k != "cached"} for r in chunks]
         write_json_atomic(work / "summary.json", {"eval": rows, "chunks": summary,
                                                    "selector_metrics": train.manifest["selector_metrics"]})
-        plots = [p.name for p in plot_eval(summary, work)]
+        plots = [p.name for p in plot_eval(summary, work, model)]
         if (train.path / "selector_metrics.png").is_file():
             shutil.copy2(train.path / "selector_metrics.png", work / "selector_metrics.png")
             plots.append("selector_metrics.png")
