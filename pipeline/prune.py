@@ -296,9 +296,10 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     inner = _inner(model)
     feats = image.features
     crops, tokens = feats.shape[:2]
-    if keep_mask is None and (extra is None or not extra.shape[0]) and \
-            _layout(model, crops, tokens, image.image_size, feats.device)[3]:
-        # the unpruned image through a grid the model interpolates: the model's own packing
+    if (extra is None or not extra.shape[0]) and _layout(model, crops, tokens, image.image_size, feats.device)[3] \
+            and (keep_mask is None or bool(keep_mask.to(feats.device)[
+                valid_tokens(model, crops, tokens, image.image_size, feats.device)].all())):
+        # every token of the image (full) through a grid the model interpolates: the model's own packing
         packed = family_of(model.config).pack(inner, [project(model, feats)], torch.tensor([list(image.image_size)]),
                                               inner.image_newline, model.config)
         return packed[0]

@@ -65,9 +65,11 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_checkpoint(path: Path, expect_channels: int | None = None,
-                    expect_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, meta) of a safetensors checkpoint; refuses other formats and mismatched C/L."""
+def load_checkpoint(path: Path, expect_channels: int | None = None, expect_tokens: int | None = None,
+                    expect_family: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of a safetensors checkpoint; refuses other formats, a mismatched C/L, and a
+    selector trained on another model family's features (LLaVA-NeXT vs OneVision: their tiny presets
+    share L and C, their towers do not)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -106,6 +108,12 @@ def load_checkpoint(path: Path, expect_channels: int | None = None,
                                   f"(L tokens per crop, C encoder width), this model's are {want}; "
                                   f"train one on this model's features (another family's or tower's "
                                   f"selector does not fit)")
+    family = (meta.get("encoder") or {}).get("family") if isinstance(meta, dict) else None
+    if expect_family is not None and family is not None and family != expect_family:
+        raise CheckpointError(f"{path}: selector was trained on {family} features of shape (L, C) = "
+                              f"{(meta.get('tokens'), meta.get('channels'))}, this model is {expect_family} with "
+                              f"{(expect_tokens, expect_channels)}: another tower's features; train one on this "
+                              f"model's features")
     return tensors, meta
 
 

@@ -58,11 +58,12 @@ def resolve_selector(home: Home, ref: str, retention: float) -> Path:
 
 
 def load_selector(path: Path, build: Callable[[dict, dict], Any], expect_channels: int | None = None,
-                  expect_tokens: int | None = None) -> LoadedSelector:
+                  expect_tokens: int | None = None, expect_family: str | None = None) -> LoadedSelector:
     """Read the checkpoint at ``path`` and ``build(tensors, meta)`` the selector from it
     (``pipeline.train.selector_from_checkpoint``); a checkpoint that does not fit ends in one
     CheckpointError line naming the file."""
-    tensors, meta = load_checkpoint(path, expect_channels=expect_channels, expect_tokens=expect_tokens)
+    tensors, meta = load_checkpoint(path, expect_channels=expect_channels, expect_tokens=expect_tokens,
+                                    expect_family=expect_family)
     try:
         selector = build(tensors, meta)
     except (KeyError, TypeError, RuntimeError) as exc:  # a bad config inside: its own ConfigError line

@@ -90,10 +90,14 @@ def test_a_keep_mask_is_refused_through_an_interpolated_grid(ov):
     LLAVA_ONEVISION.set_interpolation(model, processor, True)
     f = encode_images(model, processor, [Image.new("RGB", (190, 190), "blue")])[0]
     assert f.crops == 10
+    pruned = f.valid.clone()
+    pruned[1, 0] = False
     with pytest.raises(InterpolatedGridError) as err:
-        visual_embeddings(model, f, f.valid)
+        visual_embeddings(model, f, pruned)
     line = str(err.value)
     assert "\n" not in line and "interpolation" in line and "--interpolation off" in line and "anyres_max_9" in line
+    # every valid token (the full image) goes through the model's own shrinking packing instead
+    assert visual_embeddings(model, f, f.valid).shape[0] == visual_embeddings(model, f).shape[0] == 49 + 14 * 15
     LLAVA_ONEVISION.set_interpolation(model, processor, False)
     stock = stock_visual_tokens(model, f.crops, f.tokens_per_crop, f.image_size, {"vision_aspect_ratio": "anyres_max_4"})
     off = visual_embeddings(model, f, f.valid).shape[0]
@@ -168,3 +172,44 @@ def test_bench_ov_7b_has_the_real_checkpoint_dimensions():
     dims = LLAVA_ONEVISION.flops_dims(cfg)
     assert dims.vision.tokens == 729 and dims.lm.kv_heads == 4  # no CLS on SigLIP
     assert vision_tower_flops(dims.vision, 1) > 0
+
+
+def test_a_selector_of_the_other_family_is_refused_naming_both(tmp_path):
+    """tiny-trained and tiny-ov-trained share L = 16 and C = 64: the family recorded with the checkpoint
+    tells their selectors apart."""
+    from pipeline.selector import SelectorConfig, TokenSelector
+    from pipeline.train import selector_tensors
+    from storage.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+    sel = TokenSelector(SelectorConfig(n_heads=4, steps=1), 16, 64)
+    path = save_checkpoint(tmp_path / "next.safetensors", selector_tensors(sel), {
+        "tokens": 16, "channels": 64, "config": sel.cfg.to_dict(), "encoder": {"family": "llava-next"}})
+    load_checkpoint(path, 64, 16, "llava-next")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, 64, 16, "llava-onevision")
+    line = str(err.value)
+    assert "\n" not in line and "llava-next features of shape (L, C) = (16, 64)" in line
+    assert "this model is llava-onevision with (16, 64)" in line
+
+
+def test_atr_eval_on_onevision_refuses_interpolation_and_warns_above_the_papers_retention(cli_env):
+    import subprocess
+    import sys
+
+    from conftest import REPO, assert_one_line_errors
+
+    base = ["eval", "--model", "tiny-ov-trained", "--benchmark", "synthetic-scene", "--limit", "4",
+            "--shard-size", "4", "--seeds", "1"]
+    assert_one_line_errors([
+        ([*base, "--strategies", "full,random", "--interpolation", "on"],
+         "random cannot prune LLaVA-OneVision with interpolation on: vision_aspect_ratio='anyres_max_4'"),
+    ], cli_env)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *base, "--strategies", "full,random",
+                           "--retentions", "0.25,0.75"], cwd=REPO, env=cli_env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "retention 0.75 > 0.6" in proc.stderr and "stock_visual_tokens" in proc.stderr
+    stock = subprocess.run([sys.executable, "-m", "flows.cli", *base, "--strategies", "full,none",
+                            "--interpolation", "on"], cwd=REPO, env=cli_env, capture_output=True, text=True,
+                           timeout=600)
+    assert stock.returncode == 0, stock.stderr  # the stock baseline runs with interpolation on

@@ -97,7 +97,8 @@ def eval_selector(home: Home, ref: str, retention: float, model: StageResult) ->
 
     d = model.manifest.get("describe", {})
     return load_selector(resolve_selector(home, ref, retention), selector_from_checkpoint,
-                         expect_channels=d.get("vision_hidden"), expect_tokens=d.get("tokens_per_crop"))
+                         expect_channels=d.get("vision_hidden"), expect_tokens=d.get("tokens_per_crop"),
+                         expect_family=d.get("family", "llava-next"))
 
 
 # ---------------------------------------------------------------- chunks and shards

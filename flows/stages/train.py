@@ -84,6 +84,16 @@ class _Resumable(Callback):
         save_checkpoint(self.path, tensors, meta)
 
 
+def _features_family(home: Home, fm: dict) -> str | None:
+    """The model family the features come from (recorded with every selector checkpoint)."""
+    from storage.stages import StageDir
+
+    try:
+        return StageDir(home, "prepare-model", fm["inputs"]["model"]).manifest()["describe"].get("family", "llava-next")
+    except (KeyError, OSError, ValueError, TypeError, StageError):
+        return None
+
+
 def _in_train_split(percent: int, image_id: str) -> bool:
     return not is_held_out(image_id, percent)
 
@@ -128,7 +138,8 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
                 mean, std, n_tokens = channel_statistics(
                     batched((f for f, _ in _split_crops(fdir, fm, False, pct)), 256, drop_last=False))
             encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
-                       "features_key": features.key, "tokens": tokens, "channels": channels}
+                       "features_key": features.key, "tokens": tokens, "channels": channels,
+                       "family": _features_family(home, fm)}
             selectors, timings = {}, {}
             for p in cfg.retentions:
                 scfg = cfg.selector_for(p)
