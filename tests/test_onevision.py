@@ -213,3 +213,38 @@ def test_atr_eval_on_onevision_refuses_interpolation_and_warns_above_the_papers_
                             "--interpolation", "on"], cwd=REPO, env=cli_env, capture_output=True, text=True,
                            timeout=600)
     assert stock.returncode == 0, stock.stderr  # the stock baseline runs with interpolation on
+
+
+def test_the_llava_hf_folder_layout_registers_offline(ov_dir, tmp_path):
+    """The llava-hf/llava-onevision-* layout: preprocessor_config.json beside processor_config.json,
+    chat_template.json and a video_preprocessor_config.json (unused: images only, no torchvision)."""
+    import shutil
+
+    from flows.stages.prepare_model import prepare_model
+    from pipeline.presets import load_model
+    from storage.home import Home
+
+    model, processor = load_model(ov_dir)
+    real = tmp_path / "llava-onevision-tiny-hf"
+    real.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        shutil.copy2(ov_dir / name, real / name)
+    processor.image_processor.save_pretrained(real)  # preprocessor_config.json
+    settings = {"processor_class": "LlavaOnevisionProcessor", "image_token": "<image>", "video_token": "<video>",
+                "num_image_tokens": 49, "vision_feature_select_strategy": "full",
+                "vision_aspect_ratio": "anyres_max_4"}
+    (real / "processor_config.json").write_text(json.dumps(settings))
+    (real / "chat_template.json").write_text(json.dumps({"chat_template": processor.chat_template}))
+    (real / "video_preprocessor_config.json").write_text(json.dumps(
+        {"video_processor_type": "LlavaOnevisionVideoProcessor", "size": {"height": 64, "width": 64}}))
+    assert (real / "preprocessor_config.json").is_file()
+    stage = prepare_model(Home.resolve(tmp_path / "home"), str(real))
+    assert stage.manifest["describe"]["family"] == "llava-onevision"
+    assert stage.manifest["describe"]["tokens_per_crop"] == 49 and stage.manifest["describe"]["interpolates"]
+    again, proc = load_model(real)
+    assert proc.vision_aspect_ratio == "anyres_max_4" and proc.num_image_tokens == 49
+    assert proc.image_processor.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints
+    image = Image.new("RGB", (100, 60), "red")
+    torch.testing.assert_close(visual_embeddings(again, encode_images(again, proc, [image])[0]),
+                               visual_embeddings(model, encode_images(model, processor, [image])[0]))
