@@ -13,9 +13,10 @@ from typing import Any
 
 from pipeline.config import ConfigError
 
-MODEL_HELP = ("model: a preset (tiny-trained: trained in-project and able to read; tiny: random weights, for "
-              "fast tests), a local directory saved with save_pretrained, or a Hugging Face id "
-              "such as llava-hf/llava-v1.6-mistral-7b-hf (must be in the local HF cache when offline)")
+MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained: a LLaVA-NeXT / LLaVA-OneVision trained in-project "
+              "and able to read; tiny / tiny-ov: random weights, for fast tests), a local directory saved with "
+              "save_pretrained, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf or "
+              "llava-hf/llava-onevision-qwen2-7b-ov-hf (must be in the local HF cache when offline)")
 
 
 def add_command(sub, common, name: str, help: str, description: str, epilog: str | None = None):
