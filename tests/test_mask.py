@@ -237,7 +237,7 @@ def test_checkpoint_for_another_encoder_width_is_refused(session_home, tiny_stag
         run_mask(session_home, "--selector", str(other), "--image", str(trained["image"]), "--retention", "0.25",
                  "--out", str(out))
     text = _user_error(e)
-    assert "C (encoder width) = 32" in text and "64" in text
+    assert "(L, C) = (64, 32)" in text and "this model's are (64, 64)" in text
     assert not out.exists()
 
 

@@ -88,9 +88,9 @@ class LlavaOnevision(Family):
         elif (model_dir / "chat_template.json").is_file():
             template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
         template = template or getattr(tokenizer, "chat_template", None)
-        keep = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "vision_aspect_ratio")
+        known = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "vision_aspect_ratio")
         return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
-                                      **{k: settings[k] for k in keep if k in settings})
+                                      **{k: settings[k] for k in known if k in settings})
 
     def has_cls(self, cfg) -> bool:
         return False
