@@ -297,3 +297,6 @@ def test_both_families_in_one_run_keyed_by_model(cold):
         assert {"summary.md", "eval-synthetic-ocr.png", "eval-grid.png"} <= {p.name for p in (report / model).iterdir()}
     md = (report / "summary.md").read_text()
     assert "](tiny-ov-trained/eval-grid.png)" in md and "](tiny-trained/eval-grid.png)" in md
+    ov_md = (report / "tiny-ov-trained" / "summary.md").read_text()
+    assert "- synthetic-scene: stock (interpolated) context" in ov_md  # OneVision: tokens against stock
+    assert "stock (interpolated)" not in (report / "tiny-trained" / "summary.md").read_text()

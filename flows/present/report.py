@@ -15,7 +15,30 @@ from storage.home import Home
 from storage.stages import write_json_atomic
 
 
-def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str]) -> str:
+def stock_token_lines(summary: list[dict]) -> list[str]:
+    """LLaVA-OneVision: per benchmark, the visual tokens sent against the stock (interpolating) model's,
+    for full and for the largest pruned context (the paper keeps it under the stock one)."""
+    out = []
+    for bench in dict.fromkeys(r["benchmark"] for r in summary):
+        rows = [r for r in summary if r["benchmark"] == bench and r.get("stock_visual_tokens")]
+        if not rows:
+            continue
+        stock = rows[0]["stock_visual_tokens"]
+        full = [r["mean_visual_tokens"] for r in rows if r["strategy"] == "full"]
+        pruned = [r for r in rows if r["strategy"] not in ("full", "none")]
+        parts = [f"{bench}: stock (interpolated) context {stock:.1f} visual tokens"]
+        if full:
+            parts.append(f"full without interpolation {full[0] / stock:.2f}x it")
+        if pruned:
+            top = max(pruned, key=lambda r: r["mean_visual_tokens"])
+            parts.append(f"largest pruned context {top['mean_visual_tokens'] / stock:.2f}x "
+                         f"({top['strategy']} at {top['retention']:g})")
+        out.append("; ".join(parts))
+    return out
+
+
+def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
+                    stock_lines: list[str] | None = None) -> str:
     """``summary.md`` of the report stage: the pruned-evaluation table, the held-out selector table, the plots."""
     retentions = sorted({r["retention"] for r in rows if r["strategy"] not in ("full", "none")})
     full = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "full"}
@@ -45,6 +68,9 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str])
         f, n = full.get(bench), none.get(bench)
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")
+    if stock_lines:
+        lines += ["", "Visual tokens against the stock (interpolating) LLaVA-OneVision:", ""] + \
+            [f"- {line}" for line in stock_lines]
     sel = tm["selector_metrics"]
     if sel:
         strategies = sorted({r["strategy"] for r in sel})

@@ -10,6 +10,8 @@ from rich.table import Table
 
 from pipeline.evaluate import eval_table
 
+from .report import stock_token_lines
+
 
 def console() -> Console:
     """A rich console; when piped (not a terminal) 120 columns wide instead of rich's 80."""
@@ -78,6 +80,9 @@ def print_eval(summary: list[dict], title: str | None = None) -> None:
     if rel:
         print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
             f"{s}@{ret:g} {sum(v) / len(v):.2f}" for (s, ret), v in sorted(rel.items())))
+    for line in stock_token_lines(summary):
+        print("  " + line)
+
 
 
 def print_selector_table(rows: list[dict]) -> None:

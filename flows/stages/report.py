@@ -17,7 +17,7 @@ from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
 
 from ..present.plots import plot_eval
-from ..present.report import report_markdown
+from ..present.report import report_markdown, stock_token_lines
 from .eval import eval_summary
 
 REPORT_VERSION = "1"
@@ -47,7 +47,7 @@ def report(home: Home, model: str, feat: StageResult, train: StageResult, result
         if (train.path / "selector_metrics.png").is_file():
             shutil.copy2(train.path / "selector_metrics.png", work / "selector_metrics.png")
             plots.append("selector_metrics.png")
-        (work / "summary.md").write_text(report_markdown(model, feat, train, rows, plots))
+        (work / "summary.md").write_text(report_markdown(model, feat, train, rows, plots, stock_token_lines(summary)))
         return {"config": {"model": model}, "inputs": inputs, "plots": plots, "code_version": code_version(),
                 "counts": {"chunks": len(results), "plots": len(plots)}, "seconds": time.perf_counter() - t0}
 
