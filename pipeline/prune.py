@@ -200,14 +200,9 @@ def _layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=
     if key not in _LAYOUTS:
         inner = _inner(model)
         index = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
-        if not interpolate and aspect is not None:
-            cfg.vision_aspect_ratio = family.off_value(cfg)
-        try:
-            packed = family.pack(inner, [index], torch.tensor([list(image_size)]),
-                                 torch.tensor([-1.0], dtype=torch.float64), cfg)
-        finally:
-            if aspect is not None:
-                cfg.vision_aspect_ratio = aspect
+        off = family.off_value(cfg) if not interpolate and aspect is not None else None
+        packed = family.pack(inner, [index], torch.tensor([list(image_size)]),
+                             torch.tensor([-1.0], dtype=torch.float64), cfg, aspect=off)
         flat = packed[0][:, 0]
         source = flat.round().long()
         is_newline = source < 0
@@ -266,16 +261,10 @@ def stock_visual_tokens(model, crops: int, tokens: int, image_size: tuple[int, i
     """How many visual tokens the unpruned model sends for this image with the checkpoint's own settings
     (``stock``: ``Family.stock_config``; OneVision's interpolation on), newlines included."""
     cfg = model.config
-    saved = {k: getattr(cfg, k) for k in (stock or {})}
-    try:
-        for k, v in (stock or {}).items():
-            setattr(cfg, k, v)
-        index = torch.zeros(crops, tokens, 1, dtype=torch.float64)
-        packed = family_of(cfg).pack(_inner(model), [index], torch.tensor([list(image_size)]),
-                                     torch.tensor([-1.0], dtype=torch.float64), cfg)
-    finally:
-        for k, v in saved.items():
-            setattr(cfg, k, v)
+    index = torch.zeros(crops, tokens, 1, dtype=torch.float64)
+    packed = family_of(cfg).pack(_inner(model), [index], torch.tensor([list(image_size)]),
+                                 torch.tensor([-1.0], dtype=torch.float64), cfg,
+                                 aspect=(stock or {}).get("vision_aspect_ratio"))
     return int(packed[0].shape[0])
 
 

@@ -65,13 +65,18 @@ class Family:
         return int(self.has_cls(cfg))
 
     # ------------------------------------------------------------- packing
-    def pack(self, inner, features: list, image_sizes, image_newline, cfg) -> list:
-        """The model's own ``pack_image_features`` (base crop, unpadded grid, row newlines)."""
+    def pack(self, inner, features: list, image_sizes, image_newline, cfg, aspect: str | None = None) -> list:
+        """The model's own ``pack_image_features`` (base crop, unpadded grid, row newlines). ``aspect``
+        overrides OneVision's ``vision_aspect_ratio`` for this call (the config is never mutated)."""
         raise NotImplementedError
 
     def interpolation(self, cfg) -> bool:
         """Does the model shrink large grids by interpolation as configured now?"""
         return False
+
+    def off_value(self, cfg) -> str | None:
+        """The public config value that turns interpolation off (None: the family never interpolates)."""
+        return None
 
     def set_interpolation(self, model, processor, on: bool) -> None:
         """Turn the family's grid interpolation on (the checkpoint's setting) or off, through public config."""

@@ -47,7 +47,7 @@ class LlavaNext(Family):
     def has_cls(self, cfg) -> bool:
         return True
 
-    def pack(self, inner, features, image_sizes, image_newline, cfg):
+    def pack(self, inner, features, image_sizes, image_newline, cfg, aspect=None):
         packed, _ = inner.pack_image_features(features, image_sizes, cfg.vision_feature_select_strategy,
                                               image_newline=image_newline)
         return packed

@@ -95,9 +95,9 @@ class LlavaOnevision(Family):
     def has_cls(self, cfg) -> bool:
         return False
 
-    def pack(self, inner, features, image_sizes, image_newline, cfg):
+    def pack(self, inner, features, image_sizes, image_newline, cfg, aspect=None):
         packed, _ = inner.pack_image_features(features, image_sizes, image_newline=image_newline,
-                                              vision_aspect_ratio=cfg.vision_aspect_ratio)
+                                              vision_aspect_ratio=aspect or cfg.vision_aspect_ratio)
         return packed
 
     # ------------------------------------------------------------- interpolation
