@@ -44,6 +44,9 @@ def configure(home: Home, verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     for name in ("alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from pipeline.compat import torchvision_guard
+
+    torchvision_guard()  # before anything imports transformers (the [lmms] extra on the CPU torch wheel)
     from pipeline.device import set_torch_threads
 
     set_torch_threads()

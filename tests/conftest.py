@@ -36,6 +36,10 @@ os.environ.pop("ATR_HOME", None)
 
 import pytest  # noqa: E402
 
+from pipeline.compat import torchvision_guard  # noqa: E402
+
+torchvision_guard()  # the [lmms] venv: torchvision's CUDA-only extension on the CPU torch wheel
+
 REPO = Path(__file__).resolve().parents[1]
 
 
