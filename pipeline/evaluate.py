@@ -217,12 +217,24 @@ def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[
     return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention, embeds)
 
 
+@dataclasses.dataclass
+class Predictions:
+    """What :func:`predict_features` generated for a shard's items, in the items' order."""
+
+    texts: list[str]            # the decoded greedy answers (special tokens skipped, stripped)
+    visual_tokens: list[int]    # visual tokens the LLM saw per item (0 without an image)
+    prefill_ms: float           # mean time to first token per sequence
+    padding: int                # left-padding positions in the generate batches
+    positions: int              # all positions of those batches
+
+
 @torch.no_grad()
-def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, strategy: str, retention: float,
-                      seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
-                      group: bool = True, on_batch: Callable[[int], None] | None = None,
-                      relevance=None) -> ChunkResult:
-    """One (strategy, retention, seed) on a shard's cached tower features.
+def predict_features(model, processor, shard: ShardFeatures, strategy: str, retention: float, seed: int = 0,
+                     budget: str = "per-crop", selector=None, batch_size: int | str = 16, max_new_tokens: int = 16,
+                     group: bool = True, on_batch: Callable[[int], None] | None = None,
+                     relevance=None) -> Predictions:
+    """Pruned greedy answers to a shard's items for one (strategy, retention, seed): the part of
+    :func:`evaluate_features` that does not depend on a benchmark (the lmms-eval plugin uses it too).
 
     Random keeps draw from a generator seeded by (seed, row index), so a result does
     not depend on how the benchmark is cut into shards or batches. With ``group``
@@ -232,7 +244,6 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
     ``cdpruner`` is the unconditioned DPP."""
     from .strategies import select
 
-    bench = spec(benchmark)
     n = len(shard.items)
     use_image = [strategy != "none" and f is not None for f in shard.features]
     masks: list[Any] = [None] * n
@@ -269,8 +280,7 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
         part = order[start:stop]
         visual = [visual_embeddings(model, shard.features[i], masks[i].mask, masks[i].extra) if use_image[i] else None
                   for i in part]
-        out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, bench.max_new_tokens,
-                                   stats=pad)
+        out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, max_new_tokens, stats=pad)
         prefill.append(ttft / len(part))
         for i, p, v in zip(part, out, visual):
             preds[i] = p
@@ -280,6 +290,21 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
 
     sizer = BatchSizer(batch_size, str(getattr(model, "device", "cpu")))
     sizer.run(n, run)
+    return Predictions(preds, n_visual, sum(prefill) / max(1, len(prefill)), pad["padding"], pad["positions"])
+
+
+@torch.no_grad()
+def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, strategy: str, retention: float,
+                      seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
+                      group: bool = True, on_batch: Callable[[int], None] | None = None,
+                      relevance=None) -> ChunkResult:
+    """One (strategy, retention, seed) on a shard's cached tower features: :func:`predict_features`
+    with the benchmark's generation settings, then its answer handling and metric."""
+    bench = spec(benchmark)
+    got = predict_features(model, processor, shard, strategy, retention, seed, budget, selector, batch_size,
+                           bench.max_new_tokens, group, on_batch, relevance)
+    preds, n_visual, n = got.texts, got.visual_tokens, len(shard.items)
+    use_image = [strategy != "none" and f is not None for f in shard.features]
     stock = family_of(model).stock_config(model, processor)
     n_stock = [stock_visual_tokens(model, shard.features[i].crops, shard.features[i].tokens_per_crop,
                                    shard.features[i].image_size, stock) if use_image[i] else 0
@@ -294,8 +319,8 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
                      **({"stock_visual_tokens": n_stock[i]} if n_stock else {}),
                      **({"meta": _json_meta(it.meta)} if it.meta else {})})
     return ChunkResult(rows, aggregate(benchmark, scores, list(shard.items)), bench.metric, n,
-                       sum(n_visual) / max(1, n), sum(prefill) / max(1, len(prefill)),
-                       pad["padding"], pad["positions"], sum(n_stock) / max(1, n) if n_stock else None)
+                       sum(n_visual) / max(1, n), got.prefill_ms, got.padding, got.positions,
+                       sum(n_stock) / max(1, n) if n_stock else None)
 
 
 def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None) -> dict[str, Any]:
@@ -369,5 +394,5 @@ def eval_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["EvalConfig", "default_strategies", "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
+__all__ = ["Predictions", "predict_features", "EvalConfig", "default_strategies", "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
            "merge_results", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]

@@ -9,6 +9,7 @@ must not break ``import transformers``; filelock must stay below 4; decord must 
 from __future__ import annotations
 
 import importlib.metadata as md
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,83 @@ def test_lmms_eval_evaluator_and_task_registry_load_offline():
     tasks = TaskManager().all_tasks
     assert {"docvqa_val", "chartqa", "textvqa_val", "ai2d", "mmstar", "scienceqa_img", "gqa", "mmmu_val",
             "mmbench_en_dev", "infovqa_val"} <= set(tasks)
+
+
+def _docvqa_parquet(path, n: int = 6):
+    """A DocVQA validation parquet in the lmms-lab layout (HF features metadata included, as the real
+    files have), holding tiny-world OCR pages."""
+    import io
+
+    import datasets
+
+    from pipeline.synthetic import generate_samples
+
+    samples = generate_samples("synthetic-ocr", "test", n, seed=0)
+
+    def png(image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": "page.png"}
+
+    string, strings = datasets.Value("string"), datasets.Sequence(datasets.Value("string"))
+    features = datasets.Features({"questionId": string, "question": string, "question_types": strings,
+                                  "image": datasets.Image(), "docId": datasets.Value("int64"),
+                                  "ucsf_document_id": string, "ucsf_document_page_no": string, "answers": strings,
+                                  "data_split": string})
+    datasets.Dataset.from_dict({
+        "questionId": [str(i) for i in range(n)], "question": [s.question for s in samples],
+        "question_types": [["layout"]] * n, "image": [png(s.image) for s in samples], "docId": list(range(n)),
+        "ucsf_document_id": ["a"] * n, "ucsf_document_page_no": ["1"] * n, "answers": [[s.answer] for s in samples],
+        "data_split": ["val"] * n}, features=features).to_parquet(str(path))
+    return path
+
+
+def test_the_plugin_is_registered_as_a_chat_model():
+    from lmms_eval.models import get_model
+
+    from flows.lmms.model import AtrLlava
+
+    cls = get_model("atr_llava")
+    assert cls is AtrLlava and cls.is_simple is False
+
+
+def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, monkeypatch):
+    """lmms-eval's real docvqa_val definition (prompt, generation settings, ANLS), pointed at a local
+    parquet through dataset_kwargs.data_files, run offline on tiny-trained through atr_llava."""
+    import lmms_eval
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from flows.lmms.model import AtrLlava
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = _docvqa_parquet(tmp_path / "docvqa-val.parquet")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    base = Path(lmms_eval.__file__).parent / "tasks" / "docvqa" / "docvqa_val.yaml"
+    (tasks / "docvqa_val_local.yaml").write_text(
+        f"task: docvqa_val_local\ninclude: {base}\ndataset_path: parquet\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    validation: {data}\n")
+    manager = TaskManager(include_path=str(tasks))
+    anls = {}
+    for strategy, retention in (("full", 1.0), ("random", 0.25)):
+        model = AtrLlava(pretrained="tiny-trained", strategy=strategy, retention=retention, batch_size=3,
+                         home=str(tmp_path / "home"))
+        out = simple_evaluate(model=model, tasks=["docvqa_val_local"], task_manager=manager, log_samples=True,
+                              batch_size=3)
+        anls[strategy] = out["results"]["docvqa_val_local"]["anls,none"]
+        samples = out["samples"]["docvqa_val_local"]
+        assert len(samples) == 6 and all(isinstance(s["resps"][0][0], str) for s in samples)
+    # tiny-trained reads the pages; a random quarter of the tokens loses most glyphs (as in atr eval)
+    assert anls["full"] >= 0.6 and anls["random"] < anls["full"], anls
+
+
+def test_bad_model_args_are_one_line():
+    from flows.lmms.model import AtrLlava
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        AtrLlava(pretrained="tiny", stratgy="random")
+    assert "\n" not in str(err.value) and "stratgy" in str(err.value) and "valid: pretrained, strategy" in str(err.value)
+    with pytest.raises(ConfigError, match="strategy=selector needs selector=CKPT"):
+        AtrLlava(pretrained="tiny", strategy="selector")

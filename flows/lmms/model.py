@@ -1,0 +1,148 @@
+"""``atr_llava``: lmms-eval's chat model interface over atr's pruned inference.
+
+``--model atr_llava --model_args pretrained=ID_OR_DIR,strategy=selector,retention=0.25,selector=CKPT,...``
+serves every model family atr supports (LLaVA-NeXT, LLaVA-OneVision). Each request's
+messages come from the task's ``doc_to_messages``; its image goes through the same tower
+pass, keep mask and packing as ``atr eval`` (``pipeline.evaluate.predict_features``), and its
+text through the processor's chat template. Generation is greedy with the task's
+``max_new_tokens`` (lmms-eval's default 1024 when a task sets none), and, as in lmms-eval's
+own ``llava_hf`` chat model, ``until`` is not applied. Requests are answered ``batch_size`` at
+a time (lmms-eval's ``llava_hf`` allows only 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.protocol import ChatMessages
+
+from pipeline.config import ConfigError
+from pipeline.strategies import BUDGETS, STRATEGIES
+
+# the model_args atr_llava takes, with their defaults
+MODEL_ARGS: dict[str, Any] = {"pretrained": None, "strategy": "full", "retention": 1.0, "selector": None,
+                              "budget": "per-crop", "seed": 0, "dtype": "auto", "device": "auto", "batch_size": 1,
+                              "interpolation": "off", "text_encoder": None, "home": None}
+LMMS_DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's llava_hf when a task's generation_kwargs set none
+
+
+class AtrLlava(lmms):
+    """lmms-eval model ``atr_llava``: pruned LLaVA-NeXT / LLaVA-OneVision (see the module docstring)."""
+
+    is_simple = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        args = check_model_args(kwargs)
+        from pipeline.device import compute
+        from pipeline.families import family_of
+        from pipeline.presets import cached_model
+        from storage.home import Home
+
+        from ..stages.eval import eval_selector, eval_text_encoder
+        from ..stages.prepare_model import prepare_model
+
+        self.args = args
+        self.home = Home.resolve(args["home"]).ensure()
+        self.device_name, self.dtype_name = compute(args["device"], args["dtype"])
+        self.model_stage = prepare_model(self.home, str(args["pretrained"]))
+        self.model, self.processor = cached_model(str(self.model_stage.model_dir), self.device_name, self.dtype_name)
+        from pipeline.evaluate import EvalConfig
+
+        from ..stages.eval import check_interpolation
+
+        check_interpolation(self.model_stage, EvalConfig(strategies=(args["strategy"],),
+                                                         retentions=(float(args["retention"]),),
+                                                         interpolation=args["interpolation"] == "on"))
+        family_of(self.model).set_interpolation(self.model, self.processor, args["interpolation"] == "on")
+        self.selector = None
+        if args["strategy"] == "selector":
+            self.selector = eval_selector(self.home, str(args["selector"]), float(args["retention"]),
+                                          self.model_stage).selector.to(self.model.device)
+        self.relevance = None
+        if args["strategy"] == "cdpruner" and args["text_encoder"]:
+            self.relevance = eval_text_encoder(EvalConfig(text_encoder=args["text_encoder"]), self.model_stage,
+                                               self.device_name)
+        self._batch_size = int(args["batch_size"])
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    # ------------------------------------------------------------- the one method the ten tasks use
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
+        from pipeline.benchmarks import EvalItem
+        from pipeline.evaluate import encode_shard, predict_features
+        from pipeline.strategies import TOWER_SCORES
+
+        a = self.args
+        items, limits = [], []
+        for i, req in enumerate(requests):
+            _ctx, doc_to_messages, gen_kwargs, doc_id, task, split = req.args
+            gen = dict(gen_kwargs or {})
+            if float(gen.get("temperature") or 0) > 0 or gen.get("do_sample"):
+                raise NotImplementedError("atr_llava decodes greedily; this task asks for sampling "
+                                          f"(temperature={gen.get('temperature')}, do_sample={gen.get('do_sample')})")
+            messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
+            images, videos, audios = messages.extract_media()
+            if videos or audios or len(images) > 1:
+                raise NotImplementedError(f"atr_llava sends one image per question; {task} doc {doc_id} has "
+                                          f"{len(images)} images, {len(videos)} videos, {len(audios)} audio clips")
+            text = "\n".join(c.text for m in messages.messages if m.role == "user" for c in m.content
+                             if c.type == "text")
+            image = images[0].convert("RGB") if images else None
+            items.append(EvalItem(f"{task}/{doc_id}", image, text, []))
+            limits.append(int(gen.get("max_new_tokens") or LMMS_DEFAULT_MAX_NEW_TOKENS))
+        out: list[GenerationResult | None] = [None] * len(items)
+        for limit in sorted(set(limits)):
+            idx = [i for i, m in enumerate(limits) if m == limit]
+            shard = encode_shard(self.model, self.processor, [items[i] for i in idx], idx,
+                                 attention=a["strategy"] in TOWER_SCORES, images=a["strategy"] != "none",
+                                 batch_size=max(1, self._batch_size), embeds=self.relevance is not None)
+            if shard.skipped:
+                raise ValueError(f"atr_llava could not read {len(shard.skipped)} images: {shard.skipped[0][1]}")
+            got = predict_features(self.model, self.processor, shard, a["strategy"], float(a["retention"]),
+                                   int(a["seed"]), a["budget"], self.selector, self._batch_size, limit,
+                                   relevance=self.relevance)
+            for i, text in zip(idx, got.texts):
+                out[i] = GenerationResult(text=text)
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------- what the ten tasks do not use
+    def loglikelihood(self, requests):
+        raise NotImplementedError("atr_llava implements generate_until only: the ten benchmarks it is built "
+                                  "for (docvqa_val, chartqa, textvqa_val, ...) are generation tasks")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("atr_llava implements generate_until only (no multi-round tasks)")
+
+
+def check_model_args(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``--model_args`` merged over :data:`MODEL_ARGS`; one line for an unknown key or a bad value."""
+    unknown = sorted(k for k in kwargs if k not in MODEL_ARGS)
+    if unknown:
+        raise ConfigError(f"atr_llava does not take model_args {', '.join(unknown)}; valid: {', '.join(MODEL_ARGS)}")
+    args = {**MODEL_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
+    if not args["pretrained"]:
+        raise ConfigError("atr_llava needs pretrained=ID_OR_DIR (a preset such as tiny-trained, a save_pretrained "
+                          "folder, or a Hugging Face id)")
+    if args["strategy"] not in STRATEGIES:
+        raise ConfigError(f"atr_llava strategy {args['strategy']!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    if args["budget"] not in BUDGETS:
+        raise ConfigError(f"atr_llava budget {args['budget']!r} is unknown; valid: {', '.join(BUDGETS)}")
+    if args["strategy"] == "selector" and not args["selector"]:
+        raise ConfigError("atr_llava strategy=selector needs selector=CKPT (a .safetensors file or a train "
+                          "stage hash)")
+    if args["interpolation"] not in ("on", "off"):
+        raise ConfigError(f"atr_llava interpolation must be on or off, got {args['interpolation']!r}")
+    try:
+        retention = float(args["retention"])
+        int(args["seed"]), int(args["batch_size"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"atr_llava retention, seed and batch_size must be numbers, got {args['retention']!r}, "
+                          f"{args['seed']!r}, {args['batch_size']!r}") from None
+    if not 0 < retention <= 1:
+        raise ConfigError(f"atr_llava retention must be in (0, 1], got {retention!r}")
+    return args
