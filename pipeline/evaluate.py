@@ -46,12 +46,16 @@ class EvalConfig(Config):
     model_dtype: str = "auto"        # the model's dtype (--dtype)
     text_encoder: str | None = None  # cdpruner's CLIP text tower (--text-encoder); None: the unconditioned DPP
     interpolation: bool = False      # LLaVA-OneVision's grid interpolation (--interpolation); off to prune
+    harness: str = "builtin"         # builtin, or lmms-eval (its own tasks and scoring; --tasks)
+    tasks: tuple = ()                # lmms-eval task names (--harness lmms-eval)
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
 
         for b in self.benchmarks:
             check(b in BENCHMARKS, f"unknown benchmark {b!r}; valid: {', '.join(BENCHMARKS)}")
+        check(self.harness in ("builtin", "lmms-eval"), f"--harness must be builtin or lmms-eval, got {self.harness!r}")
+        check(self.harness == "builtin" or len(self.tasks) > 0, "--harness lmms-eval needs --tasks T1,T2")
         for s in self.strategies:
             check(s in STRATEGIES, f"unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
         check(len(self.strategies) > 0 and len(self.benchmarks) > 0, "give at least one benchmark and strategy")

@@ -181,3 +181,18 @@ def test_every_user_error_type_is_one_line_with_exit_code_2(monkeypatch, tmp_pat
         assert cli.main(["query", "SELECT 1", "--home", str(tmp_path)]) == 2, kind
         err = capsys.readouterr().err
         assert err == f"error: {kind.__name__}: the thing named here is wrong\n", (kind, err)
+
+
+def test_lmms_eval_harness_without_the_extra_says_how_to_install_it(cli_env):
+    """The default venv has no lmms-eval: ``--harness lmms-eval`` ends in one line with the install command
+    (in the [lmms] venv tests/test_lmms.py runs the harness itself)."""
+    import importlib.util
+
+    if importlib.util.find_spec("lmms_eval") is not None:
+        pytest.skip("lmms-eval is installed in this venv")  # the [lmms] venv runs only -m lmms anyway
+    assert_one_line_errors([
+        (["eval", "--harness", "lmms-eval", "--tasks", "docvqa_val"],
+         "--harness lmms-eval needs the [lmms] extra, which is not installed: pip install torch==2.13.0 -e '.[lmms]'"),
+        (["eval", "--tasks", "docvqa_val"], "--tasks names lmms-eval tasks: add --harness lmms-eval"),
+        (["eval", "--harness", "lmms-eval"], "--harness lmms-eval needs --tasks T1,T2"),
+    ], cli_env)

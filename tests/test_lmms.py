@@ -84,7 +84,7 @@ def _docvqa_parquet(path, n: int = 6):
 def test_the_plugin_is_registered_as_a_chat_model():
     from lmms_eval.models import get_model
 
-    from flows.lmms.model import AtrLlava
+    from flows.stages.lmms_model import AtrLlava
 
     cls = get_model("atr_llava")
     assert cls is AtrLlava and cls.is_simple is False
@@ -97,7 +97,7 @@ def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, m
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from flows.lmms.model import AtrLlava
+    from flows.stages.lmms_model import AtrLlava
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = _docvqa_parquet(tmp_path / "docvqa-val.parquet")
@@ -122,7 +122,7 @@ def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, m
 
 
 def test_bad_model_args_are_one_line():
-    from flows.lmms.model import AtrLlava
+    from flows.stages.lmms_model import AtrLlava
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -130,3 +130,41 @@ def test_bad_model_args_are_one_line():
     assert "\n" not in str(err.value) and "stratgy" in str(err.value) and "valid: pretrained, strategy" in str(err.value)
     with pytest.raises(ConfigError, match="strategy=selector needs selector=CKPT"):
         AtrLlava(pretrained="tiny", strategy="selector")
+
+
+def test_atr_eval_harness_lmms_eval_runs_caches_and_records(tmp_path, cli_env):
+    """``atr eval --harness lmms-eval`` as a user runs it: lmms-eval's docvqa_val from a local parquet,
+    one cached stage per (task, strategy, retention, seed), rows in eval_scores and eval_samples."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from conftest import REPO, assert_one_line_errors
+
+    data = _docvqa_parquet(tmp_path / "docvqa-val.parquet")
+    env = {**cli_env, "HF_DATASETS_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "flows.cli", "eval", "--harness", "lmms-eval", "--tasks", "docvqa_val",
+            "--data", str(data), "--strategies", "full,random", "--retentions", "0.25", "--seeds", "1",
+            "--limit", "6", "--batch-size", "3"]
+    first = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "lmms-eval harness" in first.stdout and "│ docvqa_val │ full" in first.stdout
+    again = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    rows = [line for line in again.stdout.splitlines() if "│ docvqa_val │" in line]
+    assert len(rows) == 2 and all(line.rstrip().endswith("yes │") for line in rows)  # both results cached
+    con = duckdb.connect(str(Path(env["ATR_HOME"]) / "results.duckdb"), read_only=True)
+    try:
+        scores = dict(con.execute("SELECT strategy, score FROM eval_scores WHERE benchmark = 'docvqa_val' "
+                                  "AND metric = 'anls' GROUP BY strategy, score").fetchall())
+        samples = con.execute("SELECT count(*), count(DISTINCT run_id) FROM eval_samples").fetchone()
+    finally:
+        con.close()
+    assert scores["full"] > scores["random"] and samples == (2 * 2 * 6, 2)
+    assert_one_line_errors([
+        (["eval", "--harness", "lmms-eval", "--tasks", "docvqa_vall"],
+         "unknown lmms-eval task 'docvqa_vall'; nearest: docvqa_val"),
+        (["eval", "--harness", "lmms-eval", "--tasks", "docvqa_val", "--data", str(tmp_path / "nothing.parquet")],
+         "no parquet file there"),
+    ], env)

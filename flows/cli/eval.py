@@ -50,6 +50,13 @@ def eval_parser(sub, common) -> None:
                    help="a CLIP checkpoint (hub id or save_pretrained folder, e.g. openai/clip-vit-large-patch14-336) "
                         "whose text tower gives cdpruner the question's relevance; without it cdpruner runs the "
                         "unconditioned DPP")
+    p.add_argument("--harness", choices=["builtin", "lmms-eval"], default="builtin",
+                   help="builtin (default): atr's benchmarks and scoring, cached per shard; lmms-eval: lmms-eval's "
+                        "own tasks, prompts and metrics (--tasks), through the atr_llava plugin model, cached per "
+                        "(task, strategy, retention, seed); needs the [lmms] extra")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="--harness lmms-eval: comma-separated lmms-eval task names (e.g. docvqa_val,chartqa); "
+                        "--data NAME=PATH reads a task from a local lmms-lab parquet instead of the hub")
     p.add_argument("--interpolation", choices=["off", "on"], default="off",
                    help="LLaVA-OneVision only: its anyres_max_9 bilinearly shrinks large token grids. off (default, "
                         "as in the paper): vision_aspect_ratio is set so no grid shrinks, the only way a keep mask "
@@ -71,14 +78,15 @@ def eval_parser(sub, common) -> None:
     add_dask_options(p)
 
 
-def _parse_data(values: list[str], benchmarks: tuple[str, ...]) -> dict[str, str]:
+def _parse_data(values: list[str], benchmarks: tuple[str, ...], is_real=None) -> dict[str, str]:
+    """``--data`` values: NAME=PATH, or a bare PATH when only one named benchmark (or task) can take it."""
     out: dict[str, str] = {}
     for v in values:
         name, sep, path = v.partition("=")
         if sep and name in benchmarks:
             out[name] = path
         else:
-            real = [b for b in benchmarks if not b.startswith("synthetic-")]
+            real = [b for b in benchmarks if (is_real(b) if is_real else not b.startswith("synthetic-"))]
             if len(real) != 1:
                 raise UserError(f"--data {v}: say which benchmark it is for (--data NAME=PATH)")
             out[real[0]] = v
@@ -112,22 +120,34 @@ def cmd_eval(home, args) -> int:
         strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     else:
         strategies = default_strategies(bool(args.selector))
+    tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
+    if tasks and args.harness != "lmms-eval":
+        raise UserError("--tasks names lmms-eval tasks: add --harness lmms-eval (the built-in harness takes --benchmark)")
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
                      budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
                      shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
-                     text_encoder=args.text_encoder, interpolation=args.interpolation == "on")
-    data = _parse_data(args.data, benchmarks)
+                     text_encoder=args.text_encoder, interpolation=args.interpolation == "on",
+                     harness=args.harness, tasks=tasks)
     if "selector" in strategies and not args.selector:
         raise UserError(SELECTOR_NEEDED)
-    for bench in benchmarks:
-        if not bench.startswith("synthetic-") or bench in data:
-            data_files(bench, data, home, cfg.limit)  # one line now, not a failed flow later
+    if args.harness == "lmms-eval":
+        from ..stages.lmms_eval import check_tasks, require_lmms_eval
+
+        require_lmms_eval()
+        check_tasks(tasks)  # one line with lmms-eval's nearest names, not a failed flow later
+        data = _parse_data(args.data, tasks, is_real=lambda t: True)
+    else:
+        data = _parse_data(args.data, benchmarks)
+        for bench in benchmarks:
+            if not bench.startswith("synthetic-") or bench in data:
+                data_files(bench, data, home, cfg.limit)  # one line now, not a failed flow later
     preflight(args.model)
     progress.enable(True)
     t0 = time.perf_counter()
     out = on_dask(eval_flow, args)(str(home.root), args.model, cfg.to_dict(), args.selector, data)
-    print_eval(out["summary"])
-    print_eval_figures(out["figures"])
+    print_eval(out["summary"], title="lmms-eval harness" if args.harness == "lmms-eval" else None)
+    if args.harness == "builtin":
+        print_eval_figures(out["figures"])
     print(f"  report  {out['report']}  ({time.perf_counter() - t0:.1f}s)")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

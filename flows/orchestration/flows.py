@@ -157,11 +157,18 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
     def body():
         model_stage = prepare_model_run(h, model)
         recorder.stage(model_stage)
-        plan = plan_eval(h, model_stage, cfg, selector, data)
-        run = eval_chunks(h, cfg, model_stage, plan, selector, mapper=TASK_MAPPER)
-        results = run.results
+        if cfg.harness == "lmms-eval":
+            from ..stages.lmms_eval import plan_lmms, run_lmms_chunk
+
+            plan = plan_lmms(model_stage, cfg, tuple(cfg.tasks), selector, data, h)
+            results = [(c, run_lmms_chunk(h, c, model_stage, cfg, selector)) for c in plan]
+            figures = {"chunks": len(results), "computed": sum(not o.cached for _, o in results)}
+        else:
+            plan = plan_eval(h, model_stage, cfg, selector, data)
+            run = eval_chunks(h, cfg, model_stage, plan, selector, mapper=TASK_MAPPER)
+            results, figures = run.results, run.figures
         recorder.eval(model, results)
-        recorder.stage_metrics("eval", run.figures, child=recorder.mlflow_run_id)
+        recorder.stage_metrics("eval", figures, child=recorder.mlflow_run_id)
         summary = eval_summary(results)
         folder = h.reports / f"eval-{recorder.run_id}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -169,7 +176,7 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
         pngs = plot_eval(summary, folder, model)
         for png in pngs:
             recorder.tracker.log_artifact(recorder.mlflow_run_id, png)
-        return summary, folder, pngs, run.figures
+        return summary, folder, pngs, figures
 
     summary, folder, pngs, figures = _recorded(recorder, body)
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "summary": summary,

@@ -41,8 +41,8 @@ class AtrLlava(lmms):
         from pipeline.presets import cached_model
         from storage.home import Home
 
-        from ..stages.eval import eval_selector, eval_text_encoder
-        from ..stages.prepare_model import prepare_model
+        from .eval import eval_selector, eval_text_encoder
+        from .prepare_model import prepare_model
 
         self.args = args
         self.home = Home.resolve(args["home"]).ensure()
@@ -51,7 +51,7 @@ class AtrLlava(lmms):
         self.model, self.processor = cached_model(str(self.model_stage.model_dir), self.device_name, self.dtype_name)
         from pipeline.evaluate import EvalConfig
 
-        from ..stages.eval import check_interpolation
+        from .eval import check_interpolation
 
         check_interpolation(self.model_stage, EvalConfig(strategies=(args["strategy"],),
                                                          retentions=(float(args["retention"]),),
@@ -66,6 +66,8 @@ class AtrLlava(lmms):
             self.relevance = eval_text_encoder(EvalConfig(text_encoder=args["text_encoder"]), self.model_stage,
                                                self.device_name)
         self._batch_size = int(args["batch_size"])
+        self.visual_tokens: list[int] = []  # per answered request: visual tokens the LLM saw
+        self.prefill_ms: list[float] = []   # per generate batch group: mean time to first token per sequence
 
     @property
     def batch_size(self) -> int:
@@ -108,6 +110,8 @@ class AtrLlava(lmms):
                                    relevance=self.relevance)
             for i, text in zip(idx, got.texts):
                 out[i] = GenerationResult(text=text)
+            self.visual_tokens += got.visual_tokens
+            self.prefill_ms.append(got.prefill_ms)
         return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------- what the ten tasks do not use

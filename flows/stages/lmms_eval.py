@@ -1,0 +1,162 @@
+"""``atr eval --harness lmms-eval``: lmms-eval's own tasks and scoring inside the eval stage.
+
+Each (task, strategy, retention, seed) is one cached stage directory ``stages/eval-lmms/<key>/``
+holding lmms-eval's per-sample log as ``samples.json`` (the rows ``eval_samples`` gets) and its
+aggregate metric in the manifest's ``summary`` (``eval_scores``). The key hashes the task and
+its coordinates, the model stage, the selector, the data files and the lmms-eval version, so
+an unchanged result is never recomputed. lmms-eval runs in-process through
+``lmms_eval.evaluator.simple_evaluate`` with an ``atr_llava`` model instance
+(``flows.stages.lmms_model``).
+
+``--data PATH`` points a task at a local parquet file (or a folder of them) in the lmms-lab
+layout: a task yaml that includes lmms-eval's own and overrides only ``dataset_path: parquet`` and
+``dataset_kwargs.data_files`` is written into the stage's work directory, so the task's prompt,
+generation settings and metric stay lmms-eval's and no hub is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, content_hash
+from pipeline.evaluate import EvalConfig
+from storage.home import Home
+from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
+
+from .eval import Chunk, eval_selector
+
+LMMS_EVAL_VERSION = "1"
+INSTALL = "pip install torch==2.13.0 -e '.[lmms]'"
+
+
+def require_lmms_eval() -> str:
+    """lmms-eval's version; one line with the install command when the extra is not installed."""
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise ConfigError(f"--harness lmms-eval needs the [lmms] extra, which is not installed: {INSTALL} "
+                          f"(in the same command as your torch, so pip picks the torchvision made for it)")
+    from importlib.metadata import version
+
+    from pipeline.compat import torchvision_guard
+
+    torchvision_guard()
+    return version("lmms_eval")
+
+
+def task_manager(include: Path | None = None):
+    from lmms_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include) if include else None)
+
+
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    """Refuse a task lmms-eval does not know, in one line with its nearest task names."""
+    from rapidfuzz import process
+
+    known = task_manager().all_tasks
+    for task in tasks:
+        if task not in known:
+            near = [m for m, _, _ in process.extract(task, known, limit=3)]
+            raise ConfigError(f"unknown lmms-eval task {task!r}; nearest: {', '.join(near)}")
+
+
+def _data_fingerprint(path: str | None) -> str:
+    if not path:
+        return "hub"
+    p = Path(path).expanduser()
+    files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise ConfigError(f"--data {path}: no parquet file there")
+    return content_hash([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selector: str | None,
+              data: dict[str, str], home: Home) -> list[Chunk]:
+    """One chunk per (task, strategy, retention, seed), each with its stage key."""
+    from pipeline.device import compute
+
+    version = require_lmms_eval()
+    check_tasks(tasks)
+    device, dtype = compute(cfg.device, cfg.model_dtype)
+    plan = []
+    for task in tasks:
+        fp = _data_fingerprint(data.get(task))
+        for strategy, retention, seed in cfg.chunks():
+            sha = eval_selector(home, selector, retention, model).sha256 if strategy == "selector" else None
+            coords = {"task": task, "strategy": strategy, "retention": retention, "seed": seed, "limit": cfg.limit,
+                      "budget": cfg.budget, **({"interpolation": True} if cfg.interpolation else {})}
+            inputs = {"model": model.key, "data": fp, "compute": f"{device}-{dtype}", "lmms_eval": version,
+                      **({"selector": sha} if sha else {})}
+            key = stage_key("eval-lmms", LMMS_EVAL_VERSION, coords, inputs)
+            files = (str(data[task]),) if data.get(task) else ()
+            plan.append(Chunk(task, files, strategy, retention, seed, key, device, dtype))
+    return plan
+
+
+def _local_task(task: str, data: str, work: Path) -> tuple[str, Path]:
+    """(task name, include dir) of lmms-eval's ``task`` read from the local parquet ``data``."""
+    from lmms_eval.utils import load_yaml_config
+
+    yaml_path = Path(task_manager().task_index[task]["yaml_path"])
+    split = load_yaml_config(str(yaml_path), mode="simple").get("test_split") or "test"
+    p = Path(data).expanduser().resolve()
+    files = str(p / "*.parquet") if p.is_dir() else str(p)
+    folder = work / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{task}__atr_local"
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ninclude: {yaml_path}\ndataset_path: parquet\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    {split}: {files}\n")
+    return name, folder
+
+
+def run_lmms_chunk(home: Home, chunk: Chunk, model: StageResult, cfg: EvalConfig, selector: str | None,
+                   force: bool = False) -> StageResult:
+    """lmms-eval on one chunk (cached): ``samples.json`` and the aggregate metric."""
+
+    def build(work: Path) -> dict[str, Any]:
+        from lmms_eval.evaluator import simple_evaluate
+
+        from .lmms_model import AtrLlava
+
+        t0 = time.perf_counter()
+        task, include = chunk.benchmark, None
+        if chunk.files:
+            task, include = _local_task(chunk.benchmark, chunk.files[0], work)
+        lm = AtrLlava(pretrained=str(model.model_dir), strategy=chunk.strategy, retention=chunk.retention,
+                      selector=selector, budget=cfg.budget, seed=chunk.seed, device=cfg.device,
+                      dtype=cfg.model_dtype, batch_size=cfg.batch_size if isinstance(cfg.batch_size, int) else 16,
+                      interpolation="on" if cfg.interpolation else "off", text_encoder=cfg.text_encoder,
+                      home=str(home.root))
+        out = simple_evaluate(model=lm, tasks=[task], task_manager=task_manager(include), limit=cfg.limit,
+                              log_samples=True, batch_size=lm.batch_size)
+        results = out["results"][task]
+        metrics = out["configs"][task].get("metric_list") or [{"metric": "score"}]
+        metric = metrics[0]["metric"]
+        rows = []
+        for s in sorted(out["samples"][task], key=lambda r: r["doc_id"]):
+            value = s.get(metric)
+            target = s.get("target")
+            rows.append({"sample_id": str(s["doc_id"]), "prediction": str(s["filtered_resps"][0]),
+                         "answer": " | ".join(map(str, target)) if isinstance(target, list) else str(target),
+                         "score": float(value) if isinstance(value, (int, float)) else None,
+                         "index": int(s["doc_id"])})
+        write_json_atomic(work / "samples.json", rows)
+        score = results.get(f"{metric},none")
+        return {"config": {"task": chunk.benchmark, "strategy": chunk.strategy, "retention": chunk.retention,
+                           "seed": chunk.seed, "limit": cfg.limit},
+                "inputs": {"model": model.key, "files": list(chunk.files), "selector": selector},
+                "compute": {"device": chunk.device, "dtype": chunk.dtype},
+                "summary": {"metric": metric, "score": float(score) if isinstance(score, (int, float)) else float("nan"),
+                            "n_samples": len(rows),
+                            "mean_visual_tokens": sum(lm.visual_tokens) / max(1, len(lm.visual_tokens)),
+                            "prefill_ms": sum(lm.prefill_ms) / max(1, len(lm.prefill_ms))},
+                "lmms_eval": {"version": out.get("lmms_eval_version"), "results": results},
+                "code_version": code_version(), "seconds": time.perf_counter() - t0}
+
+    return run_stage(home, "eval-lmms", chunk.key, build, force=force, fresh=True)
+
+
+__all__ = ["LMMS_EVAL_VERSION", "require_lmms_eval", "check_tasks", "plan_lmms", "run_lmms_chunk"]
