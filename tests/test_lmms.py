@@ -119,6 +119,15 @@ def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, m
         assert len(samples) == 6 and all(isinstance(s["resps"][0][0], str) for s in samples)
     # tiny-trained reads the pages; a random quarter of the tokens loses most glyphs (as in atr eval)
     assert anls["full"] >= 0.6 and anls["random"] < anls["full"], anls
+    # the other family through the same plugin: tiny-ov-trained, its selector-free peers at 0.25
+    for strategy, retention in (("full", 1.0), ("divprune", 0.25)):
+        model = AtrLlava(pretrained="tiny-ov-trained", strategy=strategy, retention=retention, batch_size=3,
+                         home=str(tmp_path / "home"))
+        assert type(model.model).__name__ == "LlavaOnevisionForConditionalGeneration"
+        out = simple_evaluate(model=model, tasks=["docvqa_val_local"], task_manager=manager, log_samples=True,
+                              batch_size=3)
+        anls[f"ov-{strategy}"] = out["results"]["docvqa_val_local"]["anls,none"]
+    assert anls["ov-full"] >= 0.6 and anls["ov-divprune"] >= 0.5, anls
 
 
 def test_bad_model_args_are_one_line():
