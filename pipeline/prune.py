@@ -188,28 +188,31 @@ def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) ->
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, int, bool]] = {}
 
 
-def _layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None, interpolate: bool = True):
+def _layout(model, crops: int, tokens: int, image_size: tuple[int, int], device=None, interpolate: bool = True,
+            aspect: str | None = None):
     """(source, row, rows, interpolated) of :func:`packing_layout`; ``interpolated`` is True when the
     family shrank this grid (OneVision's ratio rule), and ``source`` is then meaningless.
-    ``interpolate=False`` packs as if interpolation were off (what unpadding keeps)."""
+    ``interpolate=False`` packs as if interpolation were off (what unpadding keeps); ``aspect`` packs
+    with that ``vision_aspect_ratio`` instead of the config's (the stock count). Cached per geometry."""
     cfg = model.config
     family = family_of(cfg)
-    aspect = getattr(cfg, "vision_aspect_ratio", None)
+    current = getattr(cfg, "vision_aspect_ratio", None)
+    if current is not None:
+        aspect = aspect or (current if interpolate else family.off_value(cfg))
     key = (family.name, crops, tokens, tuple(image_size), cfg.vision_config.image_size, cfg.vision_config.patch_size,
-           str(cfg.image_grid_pinpoints), cfg.vision_feature_select_strategy, aspect, interpolate, str(device))
+           str(cfg.image_grid_pinpoints), cfg.vision_feature_select_strategy, aspect, str(device))
     if key not in _LAYOUTS:
         inner = _inner(model)
         index = torch.arange(crops * tokens, dtype=torch.float64).view(crops, tokens, 1)
-        off = family.off_value(cfg) if not interpolate and aspect is not None else None
         packed = family.pack(inner, [index], torch.tensor([list(image_size)]),
-                             torch.tensor([-1.0], dtype=torch.float64), cfg, aspect=off)
+                             torch.tensor([-1.0], dtype=torch.float64), cfg, aspect=aspect)
         flat = packed[0][:, 0]
         source = flat.round().long()
         is_newline = source < 0
         real = source[~is_newline]
         # bilinear shrinking averages neighbours: indices stop being whole, or some are lost
         interpolated = bool((flat - flat.round()).abs().max() > 1e-6) or real.unique().numel() != real.numel()
-        if interpolate and aspect is not None and not interpolated:  # a shrink that lands on whole indices
+        if aspect is not None and aspect != family.off_value(cfg) and not interpolated:  # lands on whole indices
             interpolated = source.numel() != _layout(model, crops, tokens, image_size, device, False)[0].numel()
         start = tokens if crops > 1 else 0  # base-crop tokens lead and have no newline
         grid_nl = is_newline[start:].long()
@@ -260,12 +263,8 @@ def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], de
 def stock_visual_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], stock: dict | None = None) -> int:
     """How many visual tokens the unpruned model sends for this image with the checkpoint's own settings
     (``stock``: ``Family.stock_config``; OneVision's interpolation on), newlines included."""
-    cfg = model.config
-    index = torch.zeros(crops, tokens, 1, dtype=torch.float64)
-    packed = family_of(cfg).pack(_inner(model), [index], torch.tensor([list(image_size)]),
-                                 torch.tensor([-1.0], dtype=torch.float64), cfg,
-                                 aspect=(stock or {}).get("vision_aspect_ratio"))
-    return int(packed[0].shape[0])
+    aspect = (stock or {}).get("vision_aspect_ratio")
+    return int(_layout(model, crops, tokens, image_size, aspect=aspect)[0].numel())
 
 
 def project(model, features: torch.Tensor) -> torch.Tensor:
