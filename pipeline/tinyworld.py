@@ -134,9 +134,9 @@ def prompt_for(question: str, processor=None, with_image: bool = True) -> str:
     if processor is None:
         return PROMPT.format(question=question) if with_image else \
             PROMPT.replace(IMAGE_TOKEN + "\n", "").format(question=question)
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)
+    from .evaluate import chat_prompt
+
+    return chat_prompt(processor, question, with_image)
 
 
 def encode(sample: Sample, processor, config) -> Encoded:
