@@ -7,13 +7,21 @@ prompts, ``max_new_tokens`` and metrics follow ``../shared/BENCHMARKS.md``
 (lmms-eval snapshot 75571cfe); each spec names its source columns so a missing
 column fails with one line listing them.
 
-Deviations, stated plainly:
+Every spec follows lmms-eval 0.7.3's task code as its ``llava_hf`` model runs it, and
+``tests/test_lmms_parity.py`` checks that against lmms-eval's own functions: the prompt
+(``doc_to_text``), ``max_new_tokens`` (the task's, else llava_hf's 1024), no stop strings
+(llava_hf never applies ``until``), the response stripped before scoring, and each task's
+answer handling and metric. Where we differ, on purpose:
 
-* MMBench: lmms-eval's ``mmbench_en_dev`` falls back to a GPT judge when its rules
-  find no option; here there is no API, so the rule-based extractor of
-  ``mmbench_en_dev_static`` (``extract_mcq_answer``) is used, with CircularEval.
-* MMMU: LLaVA-NeXT gets the first image the question refers to (the pruning
-  harness handles one image per prompt); questions with several images are rare.
+* MMBench: ``mmbench_en_dev`` asks a GPT judge when its rules find no option; without an
+  API the static evaluator of ``mmbench_en_dev_static`` is used (``can_infer``, then
+  ``extract_mcq_answer``), with CircularEval. The score is a fraction, not lmms-eval's percent.
+* MMMU: where its multiple-choice parser finds no option it picks a letter with Python's
+  global ``random``; here the letter is drawn from a generator seeded with the sample id, so
+  reruns agree. Like lmms-eval, a question gets every image its prompt names, each pruned on
+  its own at the same retention (LLaVA-OneVision refuses such rows: see ``encode_shard``).
+* Empty reference lists (ANLS, TextVQA) score 0, where lmms-eval crashes (``min([])``,
+  ``statistics.mean([])``).
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from typing import Any, Callable, Sequence
 from PIL import Image
 
 from .config import ConfigError
-from .metrics import anls, exact_match, extract_mcq_answer, multiple_choice_accuracy, relaxed_accuracy, vqa_accuracy
+from .metrics import (anls, exact_match, extract_mcq_answer, mmbench_correct, mmmu_open_correct, mmmu_parse_choice,
+                      mmmu_parse_open, multiple_choice_accuracy, relaxed_accuracy, vqa_accuracy)
 
+# lmms-eval's llava_hf generates 1024 new tokens when a task's yaml sets no max_new_tokens
+LLAVA_HF_MAX_NEW_TOKENS = 1024
 MC_SUFFIX = "Answer with the option's letter from the given choices directly."
 SHORT_SUFFIX = "Answer the question using a single word or phrase."
 
@@ -64,19 +75,31 @@ class EvalItem:
 
     sample_id: str
     image_data: Image.Image | ImageCell | None
-    prompt: str  # the user text; the chat template and image placeholder are added by the caller
+    prompt: str  # the user text; the chat template and image placeholders are added by the caller
     answers: list[str]  # references as strings (what gets stored in eval_samples.answer)
     meta: dict[str, Any] = field(default_factory=dict)
+    more_images: list[Image.Image | ImageCell] = field(default_factory=list)  # after the first (MMMU)
 
     @property
     def has_image(self) -> bool:
         return self.image_data is not None
 
     @property
+    def n_images(self) -> int:
+        return 0 if self.image_data is None else 1 + len(self.more_images)
+
+    @property
     def image(self) -> Image.Image | None:
-        """The decoded image (decoded again on every access; hold the result, not the item)."""
+        """The decoded (first) image, decoded again on every access: hold the result, not the item."""
         d = self.image_data
         return d.decode() if isinstance(d, ImageCell) else d
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the prompt, decoded, in the order the prompt's placeholders take them."""
+        if self.image_data is None:
+            return []
+        return [d.decode() if isinstance(d, ImageCell) else d for d in [self.image_data, *self.more_images]]
 
 
 @dataclass(frozen=True)
@@ -103,116 +126,60 @@ def decode_image_cell(cell: Any, where: str) -> Image.Image:
     return image_cell(cell, where).decode()
 
 
-def _options(row: dict, letters: str = "ABCDE") -> list[tuple[str, str]]:
-    out = []
-    for letter in letters:
-        value = row.get(letter)
-        if value is None or (isinstance(value, float) and value != value):
-            continue
-        text = str(value)
-        if text.strip() and text != "nan":
-            out.append((letter, text))
-    return out
-
-
-def _has(value: Any) -> bool:
-    return value is not None and str(value) not in ("", "nan", "None")
+def _isna(value: Any) -> bool:
+    """``pandas.isna`` for one cell as parquet rows hold them: None or a float NaN."""
+    return value is None or (isinstance(value, float) and value != value)
 
 
 # ---------------------------------------------------------------- answer extraction
 
 def _ai2d_score(prediction: str, item: EvalItem) -> float:
+    """AI2D's ``MultiChoiceRegexFilter`` (a leading "X." gives X, else the whole response), then
+    exact_match ignoring case and punctuation."""
     m = re.match(r"^\s*([A-Z])\.", prediction)
-    return exact_match(m.group(1) if m else prediction, item.answers[0])
+    return exact_match((m.group(1) if m else prediction).strip(), item.answers[0])
 
 
 def _scienceqa_score(prediction: str, item: EvalItem) -> float:
-    target = item.answers[0]
+    """``sqa_process_results``: the letter itself (any case), or "X." starting the response."""
+    target = item.answers[0].strip().lower()
     p = prediction.strip()
-    if p.lower() == target.lower():
+    if p.lower() == target:
         return 1.0
-    return float(len(p) >= 2 and p[0].isupper() and p[1] == "." and p[0] == target)
+    return float(len(p) >= 2 and p[0].isupper() and p[1] == "." and p[0].lower() == target)
 
 
 def _mmmu_score(prediction: str, item: EvalItem) -> float:
     answer = item.answers[0]
     if item.meta.get("question_type") == "multiple-choice":
         letters = item.meta["letters"]
-        return float(_mmmu_parse_choice(prediction, letters, item.meta["options"], item.sample_id) == answer)
-    preds = _mmmu_parse_open(prediction)
-    golds = [_mmmu_normalize(a) for a in ([answer] if isinstance(answer, str) else answer)]
-    for p in preds:
-        for g in golds:
-            if isinstance(p, str) and isinstance(g, str) and g in p:
-                return 1.0
-            if isinstance(p, float) and isinstance(g, float) and p == g:
-                return 1.0
-    return 0.0
+        choice = mmmu_parse_choice(prediction, letters, item.meta["options"])
+        if choice is None:  # MMMU draws a random letter here: seeded by the sample, so reruns agree
+            choice = random.Random(item.sample_id).choice(list(letters))
+        return float(choice == answer)
+    return float(mmmu_open_correct(answer, mmmu_parse_open(prediction)))
 
 
-def _mmmu_parse_choice(response: str, letters: Sequence[str], options: Sequence[str], seed_key: str) -> str:
-    """The official MMMU multiple-choice parser (random letter when nothing is found)."""
-    text = " " + response.strip().strip(",.!?;:'") + " "
-    found = [c for c in letters if f"({c})" in text]
-    if not found:
-        found = [c for c in letters if f"{c} " in text]
-    if not found:
-        found = [c for c in letters if f"{c}." in text]
-    if not found and len(text.split()) > 5:
-        found = [c for c, o in zip(letters, options) if o.lower() in text.lower()]
-    if not found:
-        return random.Random(seed_key).choice(list(letters))
-    if len(found) > 1:  # the last occurring one
-        return max(found, key=lambda c: max(text.rfind(f"({c})"), text.rfind(f"{c} "), text.rfind(f"{c}.")))
-    return found[0]
-
-
-def _mmmu_normalize(value: str) -> Any:
-    v = value.strip().replace(",", "")
-    try:
-        return round(float(v), 2)
-    except ValueError:
-        v = v.lower()
-        return f" {v} " if len(v) == 1 else v
-
-
-def _mmmu_parse_open(response: str) -> list[Any]:
-    text = response.strip().strip(".").lower()
-    sentences = re.split(r"\.\s(?=[A-Z])|\n", response.strip())
-    keys = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
-    candidates = []
-    for i, sentence in enumerate(sentences):
-        s = sentence.lower()
-        tail = None
-        for key in keys + (("=",) if i == len(sentences) - 1 else ()):
-            if key in s:
-                piece = s.split(key)[-1].strip()
-                if tail is None or len(piece) < len(tail):
-                    tail = piece
-        if tail and tail not in (":", ",", ".", "!", "?", ";", "'"):
-            candidates.append(tail)
-    if not candidates:
-        candidates = [text]
-    out: list[Any] = []
-    for c in candidates:
-        out.append(_mmmu_normalize(c) if not re.search(r"-?\d+(?:\.\d+)?", c) else c)
-        out.extend(round(float(n.replace(",", "")), 2) for n in re.findall(r"-?\d[\d,]*(?:\.\d+)?", c))
-    return out
+def _mmbench_score(prediction: str, item: EvalItem) -> float:
+    return float(mmbench_correct(prediction, item.answers[0], dict(item.meta["options"])))
 
 
 def _mmbench_aggregate(scores: list[float], items: list[EvalItem]) -> float:
-    """CircularEval: a question counts only if every choice-shifted copy is right."""
+    """CircularEval: each question (index < 1e6) counts only if it and every choice-shifted copy
+    evaluated with it (index % 1e6 equal) are right; copies whose question was not evaluated do not
+    count, as in MMBench's ``eval_result``."""
     groups: dict[int, list[float]] = {}
     for s, item in zip(scores, items):
         groups.setdefault(int(item.meta["index"]) % 1_000_000, []).append(s)
-    return sum(all(v >= 1.0 for v in g) for g in groups.values()) / max(1, len(groups))
+    mains = {int(item.meta["index"]) for item in items if int(item.meta["index"]) < 1_000_000}
+    return sum(all(v >= 1.0 for v in groups[i]) for i in mains) / max(1, len(mains))
 
 
 def _mmstar_aggregate(scores: list[float], items: list[EvalItem]) -> float:
     """Mean per l2_category, then the unweighted mean of those."""
-    groups: dict[str, list[float]] = {}
+    groups: dict[Any, list[float]] = {}
     for s, item in zip(scores, items):
-        groups.setdefault(str(item.meta.get("l2_category")), []).append(s)
+        groups.setdefault(item.meta.get("l2_category"), []).append(s)
     return sum(sum(g) / len(g) for g in groups.values()) / max(1, len(groups))
 
 
@@ -241,12 +208,22 @@ def _textvqa(row: dict) -> EvalItem:
 
 
 def _mmbench(row: dict) -> EvalItem:
-    opts = sorted(_options(row))
-    hint = f"{row['hint']} " if _has(row.get("hint")) else ""
-    lines = "\n".join(f"{k}. {v}" for k, v in opts)
-    prompt = f"{hint}{row['question']} There are several options:\n{lines}\n\n{MC_SUFFIX}"
-    return EvalItem(str(row["index"]), _image(row, "mmbench_en_dev"), prompt, [str(row["answer"]).strip()],
-                    {"index": int(row["index"]), "letters": "".join(k for k, _ in opts)})
+    """``mmbench_doc_to_text`` (with ``create_options_prompt``): options A-E that are truthy, listed
+    when not null and not "nan"; the hint leads when not null and not "nan" (an empty hint leaves a
+    leading space, as in lmms-eval)."""
+    offered = {c: row[c] for c in "ABCDE" if c in row and row[c]}
+    listing = "There are several options:\n"
+    for key, text in sorted(offered.items()):
+        if not _isna(text) and text != "nan":
+            listing += f"{key}. {text}\n"
+    listing = listing.rstrip("\n")
+    hint = row["hint"]
+    query = (f"{hint} {row['question']} {listing}" if not _isna(hint) and hint != "nan"
+             else f"{row['question']} {listing}")
+    # the scorer's options: A-D not null, a missing column read as "nan" (MMBench's build_choices)
+    options = {c: str(row.get(c, "nan")) for c in "ABCD" if not _isna(row.get(c, "nan"))}
+    return EvalItem(str(row["index"]), _image(row, "mmbench_en_dev"), f"{query}\n\n{MC_SUFFIX}",
+                    [str(row["answer"])], {"index": int(row["index"]), "options": options})
 
 
 def _ai2d(row: dict) -> EvalItem:
@@ -261,23 +238,30 @@ def _gqa(row: dict) -> EvalItem:
 
 
 def _mmmu(row: dict) -> EvalItem:
+    """``construct_prompt`` and ``mmmu_doc_to_visual``: the images are the ``<image N>`` tags of the
+    prompt (question and, for multiple choice, options), sorted as strings; the first is sent."""
     question = str(row["question"])
     qtype = str(row.get("question_type", "multiple-choice"))
     try:
         options = ast.literal_eval(str(row.get("options") or "[]"))
     except (ValueError, SyntaxError):
-        raise BadRow(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
-    letters = "".join(chr(65 + i) for i in range(len(options)))
-    if qtype == "multiple-choice" and options:
+        if qtype == "multiple-choice":
+            raise BadRow(f"mmmu_val row {row.get('id')}: options is not a Python list string") from None
+        options = []
+    if qtype == "multiple-choice":
         lines = "\n".join(f"{chr(65 + i)}. {o}" for i, o in enumerate(options))
         prompt = f"{question}\n{lines}\n\n{MC_SUFFIX}"
     else:
         prompt = f"{question}\n\n{SHORT_SUFFIX}"
-    tags = sorted(set(re.findall(r"<image (\d+)>", question + " " + " ".join(map(str, options)))), key=int)
-    column = f"image_{tags[0]}" if tags else "image_1"
-    image = _image(row, "mmmu_val", column) if row.get(column) is not None else None
-    return EvalItem(str(row["id"]), image, prompt, [str(row["answer"])],
-                    {"question_type": qtype, "letters": letters, "options": [str(o) for o in options]})
+    tags = sorted({t.strip("<>").replace(" ", "_") for t in re.findall(r"<image \d+>", prompt)})
+    missing = [t for t in tags if row.get(t) is None]
+    if missing:  # lmms-eval fails on these rows too (None.convert)
+        raise BadRow(f"mmmu_val row {row.get('id')}: the prompt names {', '.join(missing)}, which the row lacks")
+    cells = [_image(row, "mmmu_val", t) for t in tags]
+    letters = "".join(chr(65 + i) for i in range(len(options)))
+    return EvalItem(str(row["id"]), cells[0] if cells else None, prompt, [str(row["answer"])],
+                    {"question_type": qtype, "letters": letters, "options": [str(o) for o in options],
+                     "images": tags}, cells[1:])
 
 
 def _mmstar(row: dict) -> EvalItem:
@@ -289,7 +273,8 @@ def _mmstar(row: dict) -> EvalItem:
 def _scienceqa(row: dict) -> EvalItem:
     choices = list(row["choices"])
     lines = "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(choices))
-    context = f"Context: {row['hint']}\n" if _has(row.get("hint")) else ""
+    hint = row["hint"]  # sqa_doc_to_text: a falsy hint is formatted as itself (None gives "None")
+    context = f"Context: {hint}\n" if hint else f"{hint}"
     image = _image(row, "scienceqa_img") if row.get("image") is not None else None
     return EvalItem(str(row.get("__index__", "")), image, f"{context}{row['question']}\n{lines}\n{MC_SUFFIX}",
                     [chr(65 + int(row["answer"]))])
@@ -300,6 +285,11 @@ def _synthetic(name: str):
         return EvalItem(str(row["question_id"]), _image(row, name), str(row["question"]),
                         [str(a) for a in row["answers"]])
     return build
+
+
+def _mmmu_aggregate(scores: list[float], items: list[EvalItem]) -> float:
+    """Instance-level accuracy over all subjects, rounded to 5 places as ``mmmu_aggregate_results``."""
+    return round(sum(scores) / max(1, len(scores)), 5)
 
 
 def _first(fn: Callable[[str, str], float]) -> Callable[[str, EvalItem], float]:
@@ -317,18 +307,17 @@ BENCHMARK_SPECS: dict[str, BenchmarkSpec] = {s.name: s for s in [
                   _docvqa("infovqa_val"), lambda p, item: anls(p, item.answers)),
     BenchmarkSpec("chartqa", ("question", "answer", "image"), "relaxed_overall", 16,
                   _chartqa, _first(relaxed_accuracy)),
-    BenchmarkSpec("textvqa_val", ("question_id", "question", "answers", "image"), "exact_match", 16,
+    BenchmarkSpec("textvqa_val", ("question_id", "question", "answers", "image"), "exact_match", LLAVA_HF_MAX_NEW_TOKENS,
                   _textvqa, lambda p, item: vqa_accuracy(p, item.answers)),
-    BenchmarkSpec("mmbench_en_dev", ("index", "question", "hint", "A", "B", "answer", "image"), "circular_accuracy", 16,
-                  _mmbench, lambda p, item: float(extract_mcq_answer(p, item.meta["letters"] or "ABCD")
-                                                  == item.answers[0]), _mmbench_aggregate),
+    BenchmarkSpec("mmbench_en_dev", ("index", "question", "hint", "A", "B", "answer", "image"), "circular_accuracy",
+                  LLAVA_HF_MAX_NEW_TOKENS, _mmbench, _mmbench_score, _mmbench_aggregate),
     BenchmarkSpec("ai2d", ("question", "options", "answer", "image"), "exact_match", 16, _ai2d, _ai2d_score),
     BenchmarkSpec("gqa", ("id", "question", "answer", "image"), "exact_match", 16, _gqa, _first(exact_match)),
     BenchmarkSpec("mmmu_val", ("id", "question", "options", "answer", "question_type", "image_1"), "mmmu_acc", 128,
-                  _mmmu, _mmmu_score),
-    BenchmarkSpec("mmstar", ("index", "question", "answer", "image", "l2_category"), "average", 16,
+                  _mmmu, _mmmu_score, _mmmu_aggregate),
+    BenchmarkSpec("mmstar", ("index", "question", "answer", "image", "l2_category"), "average", LLAVA_HF_MAX_NEW_TOKENS,
                   _mmstar, _first(multiple_choice_accuracy), _mmstar_aggregate),
-    BenchmarkSpec("scienceqa_img", ("question", "choices", "answer", "image"), "exact_match", 16,
+    BenchmarkSpec("scienceqa_img", ("question", "choices", "answer", "hint", "image"), "exact_match", 16,
                   _scienceqa, _scienceqa_score),
 ]}
 BENCHMARKS = tuple(BENCHMARK_SPECS)
@@ -370,6 +359,14 @@ def build_items(name: str, rows: Sequence[dict], offset: int = 0
     return out, where, skipped
 
 
+def score_response(name: str, response: str, item: EvalItem) -> tuple[str, float]:
+    """(prediction, score) of one generated response, as lmms-eval scores it with llava_hf: no stop
+    string cuts it (llava_hf applies no ``until``), it is stripped, then the task's answer handling
+    and metric run on it."""
+    prediction = response.strip()
+    return prediction, float(spec(name).score(prediction, item))
+
+
 def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> float:
     s = spec(name)
     if s.aggregate is not None:
@@ -377,5 +374,5 @@ def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> floa
     return sum(scores) / max(1, len(scores))
 
 
-__all__ = ["EvalItem", "ImageCell", "BadRow", "build_items", "image_cell", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
+__all__ = ["EvalItem", "ImageCell", "BadRow", "build_items", "score_response", "LLAVA_HF_MAX_NEW_TOKENS", "image_cell", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
            "extract_mcq_answer", "multiple_choice_accuracy", "decode_image_cell"]

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .benchmarks import EvalItem, aggregate, spec
+from .benchmarks import EvalItem, aggregate, score_response, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
 from .prune import base_regions, encode_images, project, stock_visual_tokens, visual_embeddings
@@ -114,8 +114,10 @@ class _FirstTokenTimer:
         pass
 
 
-def chat_prompt(processor, text: str, with_image: bool) -> str:
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+def chat_prompt(processor, text: str, with_image: bool | int) -> str:
+    """The processor's chat-template prompt for ``text`` with ``with_image`` image placeholders
+    (True is one) ahead of it."""
+    content = [{"type": "image"}] * int(with_image) + [{"type": "text", "text": text}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
 
@@ -175,8 +177,9 @@ class BatchSizer:
 @dataclasses.dataclass
 class ShardFeatures:
     """A shard's items with their tower output, computed once and shared by every (strategy, retention,
-    seed) evaluated on the shard. ``features[i]`` is None for an item without an image; items whose
-    image does not decode are in ``skipped`` (sample id, reason), not in ``items``."""
+    seed) evaluated on the shard. ``features[i]`` is None for an item without an image; ``more[i]``
+    holds the features of an item's further images (MMMU), [] for most. Items whose image does not
+    decode are in ``skipped`` (sample id, reason), not in ``items``."""
 
     items: list[EvalItem]
     indices: list[int]               # each item's row index in the benchmark (seeds random keeps)
@@ -185,40 +188,64 @@ class ShardFeatures:
     images: int                      # images the tower encoded (one tower pass each)
     attention: bool                  # whether CLS attention (and keys, layer-0 attention) was computed
     embeds: bool = False             # whether the tower's post-norm last layer was kept (CDPruner's relevance)
+    more: list[list[Any]] | None = None  # per item, the ImageFeatures of its images after the first
+
+    def __post_init__(self):
+        if self.more is None:
+            self.more = [[] for _ in self.items]
+
+    def image_features(self, i: int) -> list[Any]:
+        """Every image's features of item ``i``, in prompt order ([] without an image)."""
+        f = self.features[i]
+        return [] if f is None else [f, *self.more[i]]
 
 
 @torch.no_grad()
 def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[int] | None = None,
                  attention: bool = False, images: bool = True, batch_size: int = 16,
                  on_batch: Callable[[int], None] | None = None, embeds: bool = False) -> ShardFeatures:
-    """One tower pass per image of ``items``, ``batch_size`` images per forward; images are decoded per
-    batch and dropped after it. ``images=False`` (only ``none`` to evaluate) encodes nothing."""
+    """One tower pass per image of ``items``, ``batch_size`` items per forward; images are decoded per
+    batch and dropped after it. ``images=False`` (only ``none`` to evaluate) encodes nothing.
+
+    An item with several images (MMMU) has each encoded as LLaVA-NeXT's processor does (AnyRes,
+    one grid per image). LLaVA-OneVision gives the images of a several-image prompt no AnyRes
+    grid at all (only the base view, ``batch_num_images`` in transformers), which this harness's
+    packing does not model: such items are skipped with a reason."""
     from .benchmarks import BadRow
 
     indices = list(range(len(items))) if indices is None else list(indices)
-    kept, kept_idx, feats, skipped, encoded = [], [], [], [], 0
+    one_view = family_of(model).name == "llava-onevision"
+    kept, kept_idx, feats, more, skipped, encoded = [], [], [], [], [], 0
     for start in range(0, len(items), batch_size):
         batch = list(zip(items[start:start + batch_size], indices[start:start + batch_size]))
         pixels, owners = [], []
         for it, i in batch:
             if not (images and it.has_image):
-                kept.append(it), kept_idx.append(i), feats.append(None)
+                kept.append(it), kept_idx.append(i), feats.append(None), more.append([])
+                continue
+            if one_view and it.n_images > 1:
+                skipped.append((it.sample_id, f"{it.sample_id}: {it.n_images} images in one prompt; LLaVA-OneVision "
+                                              "sends those without AnyRes, which the pruning harness does not model"))
                 continue
             try:
-                img = it.image
+                imgs = it.images
             except BadRow as exc:
                 skipped.append((it.sample_id, str(exc)))
                 continue
-            kept.append(it), kept_idx.append(i), feats.append(None)
-            pixels.append(img)
-            owners.append(len(feats) - 1)
+            kept.append(it), kept_idx.append(i), feats.append(None), more.append([None] * (len(imgs) - 1))
+            pixels.extend(imgs)
+            owners.extend((len(feats) - 1, slot) for slot in range(len(imgs)))
         if pixels:
-            for pos, f in zip(owners, encode_images(model, processor, pixels, attention=attention, embeds=embeds)):
-                feats[pos] = f
+            for (pos, slot), f in zip(owners, encode_images(model, processor, pixels, attention=attention,
+                                                            embeds=embeds)):
+                if slot == 0:
+                    feats[pos] = f
+                else:
+                    more[pos][slot - 1] = f
             encoded += len(pixels)
         if on_batch:
             on_batch(len(batch))
-    return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention, embeds)
+    return ShardFeatures(kept, kept_idx, feats, skipped, encoded, attention, embeds, more)
 
 
 @dataclasses.dataclass
@@ -250,29 +277,32 @@ def predict_features(model, processor, shard: ShardFeatures, strategy: str, rete
 
     n = len(shard.items)
     use_image = [strategy != "none" and f is not None for f in shard.features]
-    masks: list[Any] = [None] * n
-    if strategy != "none":
-        with_img = [i for i in range(n) if use_image[i]]
-        if strategy == "random":
-            for i in with_img:
-                f = shard.features[i]
-                g = torch.Generator().manual_seed(seed * 1_000_003 + shard.indices[i])
-                masks[i] = select("random", f.features, retention, budget, Context(generator=g), f.valid)
-        else:
-            if strategy in TOWER_SCORES and not shard.attention:
-                raise ValueError(f"strategy {strategy!r} needs features encoded with attention=True")
-            for start in range(0, len(with_img), 64):  # one selector forward per 64 images
-                part = with_img[start:start + 64]
-                per_image = [strategy_inputs(model, strategy, shard.features[i], shard.items[i].prompt, relevance)
-                             for i in part]
-                feats = [shard.features[i] for i in part]
-                for i, m in zip(part, selections(strategy, [f.features for f in feats], retention, budget,
-                                                 Context(selector=selector), valid=[f.valid for f in feats],
-                                                 per_image=per_image)):
-                    masks[i] = m
-    prompts = [chat_prompt(processor, it.prompt, use_image[i]) for i, it in enumerate(shard.items)]
+    # one unit per image: (item, slot); an item's images are pruned each on its own, at the same retention
+    units = [(i, slot) for i in range(n) if use_image[i] for slot in range(len(shard.image_features(i)))]
+    feature = {(i, slot): shard.image_features(i)[slot] for i, slot in units}
+    masks: dict[tuple[int, int], Any] = {}
+    if strategy == "random":
+        for i, slot in units:
+            f = feature[i, slot]
+            base = seed * 1_000_003 + shard.indices[i]
+            g = torch.Generator().manual_seed(base if slot == 0 else base * 64 + slot)
+            masks[i, slot] = select("random", f.features, retention, budget, Context(generator=g), f.valid)
+    elif strategy != "none":
+        if strategy in TOWER_SCORES and not shard.attention:
+            raise ValueError(f"strategy {strategy!r} needs features encoded with attention=True")
+        for start in range(0, len(units), 64):  # one selector forward per 64 images
+            part = units[start:start + 64]
+            per_image = [strategy_inputs(model, strategy, feature[u], shard.items[u[0]].prompt, relevance)
+                         for u in part]
+            feats = [feature[u] for u in part]
+            for u, m in zip(part, selections(strategy, [f.features for f in feats], retention, budget,
+                                             Context(selector=selector), valid=[f.valid for f in feats],
+                                             per_image=per_image)):
+                masks[u] = m
+    slots = [len(shard.image_features(i)) if use_image[i] else 0 for i in range(n)]
+    prompts = [chat_prompt(processor, it.prompt, slots[i]) for i, it in enumerate(shard.items)]
     tok = processor.tokenizer
-    lengths = [len(tok(p)["input_ids"]) + (masks[i].tokens if masks[i] is not None else 0)
+    lengths = [len(tok(p)["input_ids"]) + sum(masks[i, k].tokens for k in range(slots[i]))
                for i, p in enumerate(prompts)]
     order = sorted(range(n), key=lambda i: -lengths[i]) if group else list(range(n))
     preds: list[str] = [""] * n
@@ -282,13 +312,13 @@ def predict_features(model, processor, shard: ShardFeatures, strategy: str, rete
 
     def run(start: int, stop: int) -> None:
         part = order[start:stop]
-        visual = [visual_embeddings(model, shard.features[i], masks[i].mask, masks[i].extra) if use_image[i] else None
-                  for i in part]
+        visual = [[visual_embeddings(model, feature[i, k], masks[i, k].mask, masks[i, k].extra)
+                   for k in range(slots[i])] or None for i in part]
         out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, max_new_tokens, stats=pad)
         prefill.append(ttft / len(part))
         for i, p, v in zip(part, out, visual):
             preds[i] = p
-            n_visual[i] = 0 if v is None else int(v.shape[0])
+            n_visual[i] = 0 if v is None else sum(int(t.shape[0]) for t in v)
         if on_batch:
             on_batch(len(part))
 
@@ -315,8 +345,7 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
                for i in range(n)] if stock else None
     rows, scores = [], []
     for i, it in enumerate(shard.items):
-        pred = preds[i].split("\n\n")[0].strip()  # lmms-eval's default `until`
-        sc = float(bench.score(pred, it))
+        pred, sc = score_response(benchmark, preds[i], it)
         scores.append(sc)
         rows.append({"sample_id": it.sample_id, "prediction": pred, "answer": " | ".join(it.answers), "score": sc,
                      "visual_tokens": n_visual[i], "index": shard.indices[i],

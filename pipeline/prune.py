@@ -310,28 +310,33 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     return out
 
 
-def split_prompt(tokenizer, prompt: str, image_token_id: int):
-    """(ids before, ids after) the single image placeholder of ``prompt`` (after is None without one).
+def prompt_segments(tokenizer, prompt: str, image_token_id: int) -> list[torch.Tensor]:
+    """The ids of ``prompt`` cut at its image placeholders: one more segment than placeholders.
 
     The prompt is tokenized exactly as ``processor(images=..., text=...)`` does it:
     with the tokenizer's special tokens, so a tokenizer that adds BOS (the llava-hf
     mistral and vicuna ones, whose chat templates do not write ``<s>``) gets it."""
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-    where = (ids == image_token_id).nonzero()
-    if where.shape[0] > 1:
-        raise ValueError(f"prompt must contain at most one image placeholder, got {where.shape[0]}: {prompt!r}")
-    if where.shape[0] == 0:
-        return ids, None
-    i = int(where[0, 0])
-    return ids[:i], ids[i + 1:]
+    cuts = [int(w) for w in (ids == image_token_id).nonzero()[:, 0]]
+    bounds = [-1, *cuts, ids.shape[0]]
+    return [ids[a + 1:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def split_prompt(tokenizer, prompt: str, image_token_id: int):
+    """(ids before, ids after) the single image placeholder of ``prompt`` (after is None without one)."""
+    parts = prompt_segments(tokenizer, prompt, image_token_id)
+    if len(parts) > 2:
+        raise ValueError(f"prompt must contain at most one image placeholder, got {len(parts) - 1}: {prompt!r}")
+    return (parts[0], None) if len(parts) == 1 else (parts[0], parts[1])
 
 
 @torch.no_grad()
 def generate_answers(model, processor, prompts: Sequence[str], visual: Sequence[torch.Tensor | None],
                      max_new_tokens: int = 16, streamer=None, stats: dict[str, int] | None = None) -> list[str]:
-    """Greedy answers for prompts whose ``<image>`` placeholder is replaced by ``visual[i]``.
+    """Greedy answers for prompts whose ``<image>`` placeholders are replaced by ``visual[i]``: one
+    (visual_tokens, D) tensor, or a list of them, one per placeholder in order.
 
-    ``visual[i] is None`` drops the placeholder: the prompt carries no image at all.
+    ``visual[i] is None`` drops the placeholders: the prompt carries no image at all.
     Sequences are left-padded into one batch."""
     tok = processor.tokenizer
     out = generate_ids(model, processor, prompts, visual, max_new_tokens, streamer, stats)
@@ -349,14 +354,16 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
     image_token_id = model.config.image_token_id
     rows = []
     for prompt, vis in zip(prompts, visual, strict=True):
-        before, after = split_prompt(tok, prompt, image_token_id)
-        if after is None:
-            parts = [embed(before.to(embed.weight.device))]
-        else:
-            parts = [embed(before.to(embed.weight.device))]
-            if vis is not None:
-                parts.append(vis.to(embed.weight.dtype))
-            parts.append(embed(after.to(embed.weight.device)))
+        segments = prompt_segments(tok, prompt, image_token_id)
+        images = [] if vis is None else [vis] if isinstance(vis, torch.Tensor) else list(vis)
+        if images and len(images) != len(segments) - 1:
+            raise ValueError(f"{len(images)} images for a prompt with {len(segments) - 1} image placeholders: "
+                             f"{prompt!r}")
+        parts = [embed(segments[0].to(embed.weight.device))]
+        for k, seg in enumerate(segments[1:]):
+            if images:
+                parts.append(images[k].to(embed.weight.dtype))
+            parts.append(embed(seg.to(embed.weight.device)))
         rows.append(torch.cat(parts))
     width = max(r.shape[0] for r in rows)
     if stats is not None:
@@ -375,4 +382,4 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
 
 __all__ = ["ImageFeatures", "encode_images", "base_regions", "project", "visual_embeddings", "packing_layout",
            "valid_tokens", "stock_visual_tokens", "interpolation_message", "InterpolatedGridError", "generate_answers", "generate_ids",
-           "split_prompt"]
+           "split_prompt", "prompt_segments"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.extract import crop_layout
-from pipeline.prune import encode_images, generate_answers, visual_embeddings
+from pipeline.prune import encode_images, generate_answers, split_prompt, visual_embeddings
 from pipeline.strategies import Context, keep_mask
 from pipeline.synthetic import generate_samples as make_samples
 from pipeline.tinyworld import PROMPT, prompt_for
@@ -82,10 +82,16 @@ def test_batched_generation_equals_batch_of_one(trained_model):
     assert sum(batched[i] == samples[i].answer for i in range(0, len(samples), 3)) >= 3  # full-image ones
 
 
-def test_prompt_with_two_placeholders_is_refused(trained_model):
+def test_images_must_match_the_prompts_placeholders(trained_model):
     model, processor = trained_model
+    hidden = model.get_input_embeddings().weight.shape[1]
+    one = torch.zeros(3, hidden)
+    with pytest.raises(ValueError, match="1 images for a prompt with 2 image placeholders"):
+        generate_answers(model, processor, ["USER: <image><image> hi ASSISTANT:"], [[one]])
+    with pytest.raises(ValueError, match="2 images for a prompt with 1 image placeholders"):
+        generate_answers(model, processor, ["USER: <image> hi ASSISTANT:"], [[one, one]])
     with pytest.raises(ValueError, match="at most one image placeholder, got 2"):
-        generate_answers(model, processor, ["USER: <image><image> hi ASSISTANT:"], [None])
+        split_prompt(processor.tokenizer, "USER: <image><image> hi ASSISTANT:", model.config.image_token_id)
 
 
 def test_a_model_without_the_llava_next_api_is_refused_in_one_line():

@@ -19,7 +19,13 @@ from typing import Any, Callable, Sequence
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.train import TrainConfig
+from pipeline.compat import torchvision_guard
+
+# Dask workers import this module to run the tasks and never run flows.runtime.configure: the guard
+# must come before their first transformers import (the [lmms] extra's torchvision on CPU torch).
+torchvision_guard()
+
+from pipeline.train import TrainConfig  # noqa: E402
 from storage.home import Home
 from storage.stages import StageResult, stage_result
 

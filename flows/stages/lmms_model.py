@@ -19,6 +19,7 @@ from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
 
 from pipeline.config import ConfigError
+from pipeline.families import family_of
 from pipeline.strategies import BUDGETS, STRATEGIES
 
 # the model_args atr_llava takes, with their defaults
@@ -37,7 +38,6 @@ class AtrLlava(lmms):
         super().__init__()
         args = check_model_args(kwargs)
         from pipeline.device import compute
-        from pipeline.families import family_of
         from pipeline.presets import cached_model
         from storage.home import Home
 
@@ -89,13 +89,16 @@ class AtrLlava(lmms):
                                           f"(temperature={gen.get('temperature')}, do_sample={gen.get('do_sample')})")
             messages = ChatMessages(messages=doc_to_messages(self.task_dict[task][split][doc_id]))
             images, videos, audios = messages.extract_media()
-            if videos or audios or len(images) > 1:
-                raise NotImplementedError(f"atr_llava sends one image per question; {task} doc {doc_id} has "
-                                          f"{len(images)} images, {len(videos)} videos, {len(audios)} audio clips")
+            if videos or audios:
+                raise NotImplementedError(f"atr_llava answers about images; {task} doc {doc_id} has "
+                                          f"{len(videos)} videos, {len(audios)} audio clips")
+            if len(images) > 1 and family_of(self.model).name == "llava-onevision":
+                raise NotImplementedError(f"atr_llava: {task} doc {doc_id} has {len(images)} images; LLaVA-OneVision "
+                                          "sends several images without AnyRes, which atr's pruning does not model")
             text = "\n".join(c.text for m in messages.messages if m.role == "user" for c in m.content
                              if c.type == "text")
-            image = images[0].convert("RGB") if images else None
-            items.append(EvalItem(f"{task}/{doc_id}", image, text, []))
+            rgb = [im.convert("RGB") for im in images]
+            items.append(EvalItem(f"{task}/{doc_id}", rgb[0] if rgb else None, text, [], more_images=rgb[1:]))
             limits.append(int(gen.get("max_new_tokens") or LMMS_DEFAULT_MAX_NEW_TOKENS))
         out: list[GenerationResult | None] = [None] * len(items)
         for limit in sorted(set(limits)):
