@@ -177,3 +177,24 @@ def test_atr_eval_harness_lmms_eval_runs_caches_and_records(tmp_path, cli_env):
         (["eval", "--harness", "lmms-eval", "--tasks", "docvqa_val", "--data", str(tmp_path / "nothing.parquet")],
          "no parquet file there"),
     ], env)
+
+
+def test_a_parquet_without_image_features_metadata_is_refused_in_one_line(tmp_path):
+    """lmms-eval decodes images only when the parquet's Hugging Face metadata says so: a plain
+    {bytes, path} struct column would crash inside its task code, so --data refuses it up front."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flows.stages.lmms_eval import _data_fingerprint
+    from pipeline.config import ConfigError
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"question": ["q"], "image": [{"bytes": b"\x89PNG", "path": None}]}), plain)
+    with pytest.raises(ConfigError, match=r"plain\.parquet: image columns image carry no Hugging Face features"):
+        _data_fingerprint(str(plain))
+    good = tmp_path / "DocVQA" / "validation-00000-of-00001.parquet"
+    good.parent.mkdir()
+    _docvqa_parquet(good, 1)
+    assert len(_data_fingerprint(str(good))) > 8 and len(_data_fingerprint(str(good.parent))) > 8
+    with pytest.raises(ConfigError, match="not a readable parquet file"):
+        _data_fingerprint(str(tmp_path / "x.parquet") if (tmp_path / "x.parquet").write_text("no") else "")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, content_hash
+from pipeline.config import ConfigError, content_hash, first_line
 from pipeline.evaluate import EvalConfig
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
@@ -69,7 +69,29 @@ def _data_fingerprint(path: str | None) -> str:
     files = sorted(p.glob("*.parquet")) if p.is_dir() else [p]
     if not files or not all(f.is_file() for f in files):
         raise ConfigError(f"--data {path}: no parquet file there")
+    _check_image_features(files[0])
     return content_hash([(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+
+def _check_image_features(file: Path) -> None:
+    """lmms-eval's tasks call ``doc["image"].convert``: their parquet must say, in its Hugging Face
+    features metadata, that the ``{bytes, path}`` columns are images (lmms-lab's files do). A file
+    without it would crash inside lmms-eval; one line here instead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(file)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ConfigError(f"--data {file}: not a readable parquet file ({first_line(exc)})") from None
+    if b"huggingface" in (schema.metadata or {}):
+        return
+    plain = [f.name for f in schema if pa.types.is_struct(f.type) and {"bytes", "path"} <= {c.name for c in f.type}]
+    if plain:
+        raise ConfigError(f"--data {file}: image columns {', '.join(plain)} carry no Hugging Face features metadata, "
+                          "so lmms-eval cannot decode them; use the lmms-lab file as downloaded, or write it with "
+                          "datasets (Dataset.to_parquet with datasets.Image() features). --harness builtin reads "
+                          "either.")
 
 
 def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selector: str | None,
