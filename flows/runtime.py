@@ -38,6 +38,11 @@ def configure(home: Home, verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A tracking server that is down should cost seconds, not MLflow's default 7 retries with
+    # exponential backoff and 120 s timeouts (minutes per call): the tracker then goes offline
+    # (storage/tracking.py) and the command completes on DuckDB.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # Dask's scheduler/nanny INFO lines (cluster start, worker joins) drown the progress bar.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
     warnings.filterwarnings("ignore", category=FutureWarning)

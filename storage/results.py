@@ -347,6 +347,21 @@ class ResultsStore:
 
         self._write(update)
 
+    def replace_mlflow_run_ids(self, mapping: dict[str, str]) -> int:
+        """Point runs recorded with a stand-in MLflow id (tracking server down) at the real run
+        ``atr sync`` created; returns how many rows changed (0 on a second sync)."""
+        if not mapping:
+            return 0
+
+        def update(conn: duckdb.DuckDBPyConnection) -> int:
+            n = 0
+            for old, new in mapping.items():
+                n += len(conn.execute("UPDATE runs SET mlflow_run_id = ? WHERE mlflow_run_id = ? RETURNING run_id",
+                                      [new, old]).fetchall())
+            return n
+
+        return self._write(update)
+
     def record_stage_run(
         self,
         run_id: str,

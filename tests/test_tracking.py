@@ -54,3 +54,160 @@ def test_tracking_uri_override(tmp_path, monkeypatch):
     assert other.exists() and not (home / "mlflow.db").exists()
     run = MlflowClient(tracking_uri=f"sqlite:///{other}").get_run(run_id)
     assert run.info.run_name == "r"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+def test_unreachable_server_spools_and_sync_replays_it_once(tmp_path, monkeypatch, capfd):
+    """MLflow down: one warning line, every call spooled with stand-in ids; replay against the server
+    (here the sqlite store standing in for it once it is back) recreates runs, params, metric history,
+    artifacts, statuses and the parent/child link, and a second replay does nothing."""
+    from storage import tracking
+    from storage.tracking import OFFLINE_PREFIX, pending, replay
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking.Tracker, "_warned", set())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    home = tmp_path / "home"
+    t = Tracker(home)
+    assert t.offline
+    parent = t.start_run("eval-abc", params={"model": {"name": "tiny"}}, tags={"atr.run_id": "abc"})
+    child = t.start_run("eval", parent_run_id=parent)
+    t.log_metrics(child, {"acc": 0.5}, step=0)
+    t.log_metrics(child, {"acc": 0.75}, step=1)
+    (home / "report.md").write_text("# report")
+    t.log_artifact(child, home / "report.md")
+    t.end_run(child)
+    Tracker(home).end_run(parent, "FAILED")  # a second tracker in the process: no second warning
+    err = capfd.readouterr().err
+    assert err.count("warning: MLflow at http://127.0.0.1") == 1 and "`atr sync`" in err
+    assert parent.startswith(OFFLINE_PREFIX) and child.startswith(OFFLINE_PREFIX)
+    assert len(pending(home)) == 2
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/server.db")
+    seen = {}
+    got = replay(home, on_ids=seen.update)
+    assert got == {"files": 2, "calls": 8, "runs": 2}
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/server.db")
+    p, c = client.get_run(seen[parent]), client.get_run(seen[child])
+    assert p.data.params == {"model.name": "tiny"} and p.data.tags["atr.run_id"] == "abc"
+    assert c.data.tags["mlflow.parentRunId"] == p.info.run_id
+    assert [m.value for m in client.get_metric_history(c.info.run_id, "acc")] == [0.5, 0.75]
+    assert [f.path for f in client.list_artifacts(c.info.run_id)] == ["report.md"]
+    assert (c.info.status, p.info.status) == ("FINISHED", "FAILED")
+    assert pending(home) == [] and replay(home) == {"files": 0, "calls": 0, "runs": 0}
+    assert len(client.search_runs([t.experiment_id or client.get_experiment_by_name("atr").experiment_id])) == 2
+
+
+def test_an_interrupted_replay_resumes_without_repeats(tmp_path, monkeypatch):
+    from storage import tracking
+    from storage.tracking import replay
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking.Tracker, "_warned", set())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_closed_port()}")
+    home = tmp_path / "home"
+    t = Tracker(home)
+    run = t.start_run("r")
+    for step in range(3):
+        t.log_metrics(run, {"loss": float(step)}, step=step)
+    t.end_run(run)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/server.db")
+    calls = {"n": 0}
+    real = tracking.MlflowClient.log_batch
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ConnectionError("server went away")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(tracking.MlflowClient, "log_batch", flaky)
+    import pytest
+
+    with pytest.raises(ConnectionError):
+        replay(home)
+    monkeypatch.setattr(tracking.MlflowClient, "log_batch", real)
+    got = replay(home)
+    assert got["runs"] == 0 and got["calls"] == 3  # the run and the first metric were not played again
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/server.db")
+    (only,) = client.search_runs([client.get_experiment_by_name("atr").experiment_id])
+    assert [m.value for m in client.get_metric_history(only.info.run_id, "loss")] == [0.0, 1.0, 2.0]
+    assert only.info.status == "FINISHED"
+
+
+def test_refused_credentials_are_one_line_naming_the_server(tmp_path, monkeypatch):
+    from storage.tracking import TrackingAuthError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    t = Tracker.__new__(Tracker)
+    t.uri = "http://127.0.0.1:1"
+    from mlflow.exceptions import MlflowException
+
+    import pytest
+
+    with pytest.raises(TrackingAuthError, match=r"MLflow tracking server http://127.0.0.1:1 refused the credentials "
+                                                r"\(user 'alice'"):
+        t._failed(MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed with "
+                                  "error code 401 != 200. Response body: 'You are not authenticated.'"))
+
+
+def test_atr_eval_with_mlflow_down_completes_and_atr_sync_replays_it(cli_env, tmp_path):
+    """As a user meets it: `atr eval` while the tracking server is down completes, records to DuckDB
+    and warns in one line; `atr sync` (server back) gives MLflow the run with the same structure a live
+    run has (parent, one child per chunk, params, metrics, artifacts); a second sync changes nothing."""
+    import subprocess
+    import sys
+
+    import duckdb
+
+    from conftest import REPO
+
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}"}
+    args = [sys.executable, "-m", "flows.cli", "eval", "--model", "tiny-trained", "--benchmark", "synthetic-ocr",
+            "--limit", "8", "--strategies", "full,random", "--retentions", "0.5", "--seeds", "1"]
+    down = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert down.returncode == 0, down.stderr
+    warnings = [line for line in down.stderr.splitlines() if "MLflow" in line]
+    assert len(warnings) == 1 and "unreachable" in warnings[0] and "atr sync" in warnings[0], down.stderr
+    db = tmp_path / "home" / "results.duckdb"
+    with duckdb.connect(str(db), read_only=True) as c:
+        ((run_id, stand_in),) = c.execute("SELECT run_id, mlflow_run_id FROM runs").fetchall()
+        assert stand_in.startswith("offline-")
+        assert c.execute("SELECT count(*) FROM eval_scores WHERE run_id = ?", [run_id]).fetchone()[0] == 2
+
+    server = f"sqlite:///{tmp_path}/server.db"
+    sync = [sys.executable, "-m", "flows.cli", "sync"]
+    up = {**cli_env, "MLFLOW_TRACKING_URI": server}
+    first = subprocess.run(sync, cwd=REPO, env=up, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "runs created, 1 DuckDB runs now point at them" in first.stdout, first.stdout
+    with duckdb.connect(str(db), read_only=True) as c:
+        (real,) = c.execute("SELECT mlflow_run_id FROM runs").fetchone()
+    second = subprocess.run(sync, cwd=REPO, env=up, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0 and "nothing to sync" in second.stdout, second.stdout + second.stderr
+
+    live = subprocess.run(args, cwd=REPO, env=up, capture_output=True, text=True, timeout=600)  # the same, live
+    assert live.returncode == 0 and "MLflow" not in live.stderr, live.stderr
+    client = MlflowClient(tracking_uri=server)
+    exp = client.get_experiment_by_name("atr").experiment_id
+
+    def shape(parent_id: str):
+        parent = client.get_run(parent_id)
+        kids = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+        return (sorted(parent.data.params), parent.info.status,
+                sorted((k.info.run_name, tuple(sorted(k.data.params)), tuple(sorted(k.data.metrics)),
+                        tuple(f.path for f in client.list_artifacts(k.info.run_id)), k.info.status) for k in kids))
+
+    with duckdb.connect(str(db), read_only=True) as c:
+        (live_id,) = c.execute("SELECT mlflow_run_id FROM runs WHERE mlflow_run_id <> ?", [real]).fetchone()
+    replayed, fresh = shape(real), shape(live_id)
+    assert [k[0] for k in replayed[2]] == ["eval", "eval", "prepare-model"] and replayed == fresh
+    assert client.get_run(real).data.tags["atr.run_id"] == run_id

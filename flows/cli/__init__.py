@@ -27,6 +27,7 @@ from .prepare_model import cmd_prepare_model, prepare_model_parser
 from .query import cmd_query, query_parser
 from .run import cmd_run, run_parser
 from .serve import cmd_serve, serve_parser
+from .sync import cmd_sync, sync_parser
 from .train import cmd_train, train_parser
 
 DESCRIPTION = """\
@@ -64,6 +65,7 @@ COMMANDS = {
     "serve": (serve_parser, cmd_serve),
     "bench": (bench_parser, cmd_bench),
     "query": (query_parser, cmd_query),
+    "sync": (sync_parser, cmd_sync),
     "clean": (clean_parser, cmd_clean),
 }
 NO_RUNTIME = ("query", "clean")  # commands that load neither Prefect nor torch
