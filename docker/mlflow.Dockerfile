@@ -7,4 +7,5 @@ FROM ghcr.io/mlflow/mlflow:v3.17.2
 
 # The compose file names the driver in the URI (postgresql+psycopg2://): SQLAlchemy 2.1's
 # default for a bare postgresql:// is psycopg 3, which this image does not have.
-RUN pip install --no-cache-dir psycopg2-binary==2.9.13
+# Flask-WTF: the basic-auth app (`--app-name basic-auth`, mlflow[auth]) needs it for CSRF.
+RUN pip install --no-cache-dir psycopg2-binary==2.9.13 Flask-WTF==1.3.0

@@ -17,6 +17,7 @@ import logging
 import os
 import warnings
 
+from pipeline.errors import UserError
 from storage.home import Home
 
 
@@ -58,3 +59,48 @@ def configure(home: Home, verbose: bool = False) -> None:
 
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "ATR_TORCH_THREADS": "1"}
+
+
+class PrefectServerError(UserError):
+    """The Prefect server named by PREFECT_API_URL cannot be used (one line with its URL)."""
+
+
+def check_prefect_server(api_url: str, timeout: float = 10.0) -> None:
+    """One line instead of a Prefect traceback when ``api_url`` does not answer or refuses the
+    credentials: ``/health`` (open even with auth on) must answer, then an authenticated read must
+    not be refused. The credentials are PREFECT_API_AUTH_STRING ("user:password"), as Prefect's
+    client sends them."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    api = api_url.rstrip("/")
+
+    def call(path: str, body: dict | None = None) -> None:
+        req = urllib.request.Request(f"{api}{path}", data=None if body is None else json.dumps(body).encode(),
+                                     method="GET" if body is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        auth = os.environ.get("PREFECT_API_AUTH_STRING")
+        if auth:
+            req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+        with urllib.request.urlopen(req, timeout=timeout):
+            pass
+
+    try:
+        call("/health")
+    except urllib.error.HTTPError as exc:
+        raise PrefectServerError(f"the Prefect server at {api} answered {exc.code} {exc.reason} to /health") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PrefectServerError(f"no Prefect server answers at {api} ({reason}); start it or fix "
+                                 "PREFECT_API_URL") from None
+    try:
+        call("/flows/filter", {"limit": 1})
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            who = os.environ.get("PREFECT_API_AUTH_STRING")
+            raise PrefectServerError(
+                f"the Prefect server at {api} refused the credentials (PREFECT_API_AUTH_STRING "
+                f"{'for user ' + repr(who.split(':', 1)[0]) if who else 'is not set'})") from None
+        raise PrefectServerError(f"the Prefect server at {api} answered {exc.code} {exc.reason}") from None

@@ -36,10 +36,14 @@ HEALTHCHECK_SCRIPT = REPO / "docker" / "runner-healthcheck.py"
 
 EXPECTED_SERVICES = {"postgres", "prefect-server", "mlflow", "runner", "runner-gpu"}
 RUNNERS = ("runner", "runner-gpu")
-# Settings a user may put in .env; the defaults are what `docker compose up` uses without one.
-CUSTOM_ENV = {"POSTGRES_PASSWORD": "s3cret-pw", "ATR_CRON": "30 1 * * 1", "ATR_DEPLOYMENT_NAME": "weekly",
-              "ATR_THREADS": "8", "ATR_BIND_ADDRESS": "0.0.0.0"}
-ENVS = pytest.mark.parametrize("env", [{}, CUSTOM_ENV], ids=["defaults", "custom-env"])
+# The secrets .env must hold (docker/make-env.py writes them): compose has no default for any.
+SECRETS_ENV = {"POSTGRES_PASSWORD": "pg-s3cret", "PREFECT_API_AUTH_STRING": "atr:pf-s3cret",
+               "MLFLOW_TRACKING_USERNAME": "atr", "MLFLOW_TRACKING_PASSWORD": "ml-s3cret",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-s3cret"}
+# Settings a user may also put in .env; the defaults are what `docker compose up` uses without them.
+CUSTOM_ENV = {**SECRETS_ENV, "POSTGRES_PASSWORD": "s3cret-pw", "ATR_CRON": "30 1 * * 1",
+              "ATR_DEPLOYMENT_NAME": "weekly", "ATR_THREADS": "8", "ATR_BIND_ADDRESS": "0.0.0.0"}
+ENVS = pytest.mark.parametrize("env", [SECRETS_ENV, CUSTOM_ENV], ids=["defaults", "custom-env"])
 
 # Compose Specification: top-level and service-level keys (a typo such as `healtcheck` would be
 # silently ignored by nothing here, so it is caught here).
@@ -63,10 +67,16 @@ HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "s
 # --- helpers -----------------------------------------------------------------------------------
 
 _VAR = re.compile(r"\$\$|\$\{([^}]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_EXPR = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:(:-|-|:\?|\?)(.*))?", re.DOTALL)
+
+
+class Required(KeyError):
+    """A ``${VAR:?message}`` whose variable is unset or empty: compose refuses to start."""
 
 
 def interpolate(value, env: dict[str, str]):
-    """Compose's variable interpolation ($$, ${VAR}, ${VAR:-default}, ${VAR-default}) over a tree."""
+    """Compose's variable interpolation over a tree: $$, ${VAR}, ${VAR:-default}, ${VAR-default},
+    ${VAR:?message} and ${VAR?message} (the last two raise :class:`Required` as compose does)."""
     if isinstance(value, dict):
         return {k: interpolate(v, env) for k, v in value.items()}
     if isinstance(value, list):
@@ -78,16 +88,16 @@ def interpolate(value, env: dict[str, str]):
         if match.group(0) == "$$":
             return "$"
         expr = match.group(1) if match.group(1) is not None else match.group(2)
-        for sep, unset_or_empty in ((":-", True), ("-", False)):
-            if sep in expr:
-                name, default = expr.split(sep, 1)
-                present = env.get(name)
-                use_default = present is None or (unset_or_empty and present == "")
-                return default if use_default else present
-        if ":?" in expr or "?" in expr:
-            name = expr.split(":?" if ":?" in expr else "?", 1)[0]
-        else:
-            name = expr
+        m = _EXPR.fullmatch(expr)
+        assert m, f"${{{expr}}} is not compose syntax"
+        name, op, arg = m.groups()
+        present = env.get(name)
+        if op in (":-", "-"):
+            return arg if present is None or (op == ":-" and present == "") else present
+        if op in (":?", "?"):
+            if present is None or (op == ":?" and present == ""):
+                raise Required(f"{name}: {arg}")
+            return present
         if name not in env:
             raise KeyError(f"${{{expr}}} has no default and is not set")
         return env[name]
@@ -100,7 +110,7 @@ def raw_compose() -> dict:
 
 
 def compose(env: dict[str, str] | None = None) -> dict:
-    return interpolate(raw_compose(), env or {})
+    return interpolate(raw_compose(), SECRETS_ENV if env is None else env)
 
 
 def service_command(service: dict) -> list[str]:
@@ -306,8 +316,72 @@ def test_yaml_parses_into_known_compose_keys():
         assert set(service["healthcheck"]) <= HEALTHCHECK_KEYS, name
 
 
-def test_every_variable_has_a_default():
-    compose({})  # raises KeyError naming a ${VAR} without a default
+def test_secrets_are_required_and_every_other_variable_has_a_default():
+    """No password has a default anywhere: without .env, compose refuses to start, naming the variable
+    and how to make the file; given the secrets, nothing else is needed."""
+    compose(SECRETS_ENV)  # raises KeyError naming a ${VAR} without a default
+    for name in SECRETS_ENV:
+        with pytest.raises(Required, match=rf"^'?{name}: set it in \.env \(python3 docker/make-env\.py\)"):
+            compose({k: v for k, v in SECRETS_ENV.items() if k != name})
+        with pytest.raises(Required):
+            compose({**SECRETS_ENV, name: ""})
+    text = COMPOSE_FILE.read_text()
+    for name in SECRETS_ENV:
+        assert not re.search(rf"\$\{{{name}:?-", text), f"{name} has a default"
+
+
+def test_no_default_password_anywhere_in_the_repository():
+    """No file the repository tracks sets a password, auth string or secret key to a literal value."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    pattern = re.compile(r"(POSTGRES_PASSWORD|PREFECT_(SERVER_)?API_AUTH_STRING|MLFLOW_TRACKING_PASSWORD|"
+                         r"MLFLOW_AUTH_ADMIN_PASSWORD|MLFLOW_FLASK_SERVER_SECRET_KEY|admin_password)\s*[:=]\s*"
+                         r"[\"']?(?!\$\{)[A-Za-z0-9_]{3,}")
+    hits = []
+    for rel in tracked:
+        path = REPO / rel
+        if rel.startswith("tests/") or not path.is_file() or path.suffix in (".safetensors", ".png", ".parquet"):
+            continue
+        for n, line in enumerate(path.read_text(errors="ignore").splitlines(), 1):
+            if pattern.search(line) and "os.environ" not in line and "secrets." not in line:
+                hits.append(f"{rel}:{n}: {line.strip()}")
+    assert not hits, hits
+
+
+def test_both_servers_ask_for_credentials_and_the_runner_sends_them(env=SECRETS_ENV):
+    services = compose(env)["services"]
+    prefect = environment(services["prefect-server"])
+    assert prefect["PREFECT_SERVER_API_AUTH_STRING"] == env["PREFECT_API_AUTH_STRING"]
+    ml = services["mlflow"]
+    assert option(service_command(ml), "--app-name") == "basic-auth"
+    ml_env = environment(ml)
+    assert (ml_env["MLFLOW_AUTH_ADMIN_USERNAME"], ml_env["MLFLOW_AUTH_ADMIN_PASSWORD"]) == (
+        env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    ini = on_mount(ml, ml_env["MLFLOW_AUTH_CONFIG_PATH"], "bind")
+    text = (REPO / ini["source"]).read_text()
+    assert ini["read_only"] and "admin_password" not in text.replace("# ", "")
+    auth_db = re.search(r"^database_uri = sqlite:///(/\S+)$", text, re.M).group(1)
+    assert on_mount(ml, str(Path(auth_db).parent), "volume"), "the users store outlives the container"
+    assert re.search(r"pip install .*Flask-WTF==\d", (REPO / "docker" / "mlflow.Dockerfile").read_text())
+    for name in RUNNERS:
+        runner_env = environment(services[name])
+        assert runner_env["PREFECT_API_AUTH_STRING"] == env["PREFECT_API_AUTH_STRING"]
+        assert (runner_env["MLFLOW_TRACKING_USERNAME"], runner_env["MLFLOW_TRACKING_PASSWORD"]) == (
+            env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+
+
+def test_make_env_writes_every_secret_fresh(tmp_path):
+    out = tmp_path / ".env"
+    with open(out, "w") as f:
+        subprocess.run([sys.executable, str(REPO / "docker" / "make-env.py")], stdout=f, check=True)
+    again = subprocess.run([sys.executable, str(REPO / "docker" / "make-env.py")], capture_output=True, text=True,
+                           check=True).stdout
+    first = dict(line.split("=", 1) for line in out.read_text().splitlines())
+    second = dict(line.split("=", 1) for line in again.splitlines())
+    assert set(first) == set(SECRETS_ENV) and oct(out.stat().st_mode & 0o777) == "0o600"
+    assert all(len(v) >= 3 for v in first.values())
+    assert first["MLFLOW_TRACKING_PASSWORD"] != second["MLFLOW_TRACKING_PASSWORD"]
+    assert first["PREFECT_API_AUTH_STRING"].startswith(first["MLFLOW_TRACKING_USERNAME"] + ":")
+    compose(first)
 
 
 @ENVS
@@ -396,7 +470,7 @@ def test_runner_environment_points_at_the_servers(env):
         assert len(threads) == 1 and int(threads.pop()) >= 1
         # the healthcheck looks for the deployment `atr serve --name` registers
         assert runner_env["ATR_DEPLOYMENT_NAME"] == option(service_command(services[name]), "--name")
-    if env:
+    if env is CUSTOM_ENV:
         assert option(service_command(services["runner"]), "--cron") == env["ATR_CRON"]
 
 
@@ -418,7 +492,7 @@ def test_database_urls_match_the_postgres_service_and_init_script(env):
         assert parts.password == pg_env["POSTGRES_PASSWORD"], name
         databases.add(parts.path.lstrip("/"))
     assert databases == {"prefect", "mlflow"} and databases <= created, (databases, created)
-    if env:
+    if env is CUSTOM_ENV:
         assert pg_env["POSTGRES_PASSWORD"] == env["POSTGRES_PASSWORD"]
     # the init script is mounted where the postgres entrypoint runs it
     (init_mount,) = [m for m in mounts(services["postgres"])

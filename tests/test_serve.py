@@ -56,3 +56,18 @@ def test_bad_cron_and_missing_server_fail_in_one_line(cli_env, tmp_path):
     no_server = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
     assert_one_line_errors([(["serve"], "needs a Prefect server: set PREFECT_API_URL")], no_server)
     assert_one_line_errors([(["serve", "--cron", "every day"], "is not a cron expression")], cli_env)
+
+
+def test_an_unreachable_prefect_server_is_one_line_with_its_url(cli_env):
+    """`atr serve` (and every flow command) with PREFECT_API_URL pointing where nothing listens."""
+    import socket
+
+    from conftest import assert_one_line_errors
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**cli_env, "PREFECT_API_URL": url}
+    assert_one_line_errors([(["serve"], f"no Prefect server answers at {url} "),
+                            (["prepare-model"], f"no Prefect server answers at {url} ")], env)

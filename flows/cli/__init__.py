@@ -10,6 +10,7 @@ traceback is printed with a one-line request to report it, exit code 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .. import runtime
 
             runtime.configure(home, verbose=args.verbose)
+            if args.command in FLOW_COMMANDS + ("serve",) and os.environ.get("PREFECT_API_URL"):
+                runtime.check_prefect_server(os.environ["PREFECT_API_URL"])
         rc = COMMANDS[args.command][1](home, args)
         if args.command in FLOW_COMMANDS:
             from ..orchestration.flows import settle_local_server
