@@ -266,9 +266,14 @@ def build_deployment(home: Home, cfg: RunConfig, user_set: list[str], cron: str,
             from None
     params = {"home": str(home.root), "config": cfg.to_dict(), "from_stage": None, "user_set": user_set,
               "dask_address": dask_address, "dask_workers": None}
+    from prefect.types.entrypoint import EntrypointType
+
+    # MODULE_PATH: a triggered run imports flows.orchestration.flows as a module. The default
+    # (FILE_PATH) loads flows/orchestration/flows.py as a loose script, where its relative imports
+    # fail ("attempted relative import beyond top-level package") and every run crashes.
     return run_flow.to_deployment(name=name, schedule=schedule, parameters=params,
                                   description="atr end-to-end run: prepare-model -> extract -> train -> eval -> "
-                                              "report", tags=["atr"])
+                                              "report", tags=["atr"], entrypoint_type=EntrypointType.MODULE_PATH)
 
 
 # ---------------------------------------------------------------- atr bench (recorded, no Prefect)
