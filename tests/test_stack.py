@@ -2,9 +2,12 @@
 server and the MLflow server on it with docker-compose.yml's own commands and variables (see
 tests/stack.py), and `atr serve` registered with a cron schedule.
 
-Marked ``slow`` (about 6 minutes on 2 CPUs; the default suite stays under CI's budget). Run it with::
+Marked ``slow``: 228 s on 2 CPUs (server starts 25 s, two triggered runs 50 s, the faults the rest),
+more than the default suite's budget allows. Run it with::
 
-    apt-get install -y postgresql && pip install -e '.[dev,stack]' && python -m pytest -m slow tests/test_stack.py -s
+    pip install -e '.[dev,stack]' && python -m pytest -m slow tests/test_stack.py -s
+
+(as root it installs Debian's ``postgresql`` if it is missing).
 
 The tests run in order on one stack and print what each fault left behind.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +62,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    if pg_bin() is None and os.geteuid() == 0 and shutil.which("apt-get"):  # Debian's packages, as root
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "postgresql"], capture_output=True, timeout=600,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     if pg_bin() is None:
         pytest.fail("PostgreSQL is not installed: apt-get install -y postgresql")
     try:
@@ -298,8 +306,9 @@ def test_postgres_restarted_under_the_prefect_server_during_a_run_then_the_rerun
     rerun_rows = dict(stage_rows(s, runs(s)[-1]["run_id"]))
     finished = [st for st, _ in done_before]
     assert all(rerun_rows.get(st) for st in finished), (finished, rerun_rows)
-    serve_log = (s.tmp / "serve.log").read_text()
-    s.report.append(f"serve log after the outage: {serve_log[-1500:]!r}")
+    retries = [ln for ln in (s.tmp / "serve.log").read_text().splitlines() if "500" in ln or "etry" in ln]
+    s.report.append(f"serve log lines on 500s/retries during the outage: {len(retries)}"
+                    + (f"; last: {retries[-1][:160]}" if retries else ""))
     s.report.append(f"Postgres stopped for {OUTAGE_S} s during a run after {len(done_before)} stage rows "
                     f"({', '.join(finished)}): that run ended {outcome}, DuckDB status {hit_row['status']}; the "
                     f"rerun completed with those stages cached: {rerun_rows}")
