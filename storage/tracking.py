@@ -293,6 +293,7 @@ def replay(home: Path, on_ids=None) -> dict[str, int]:
     for op, f, n in ops:
         exp = op.get("experiment", "atr")
         if exp not in trackers:
+            Tracker._warned.add(tracking_uri(home))  # a server still down is this function's one error line
             trackers[exp] = Tracker(home, experiment=exp)
             if trackers[exp].offline:
                 raise TrackingError(f"MLflow at {trackers[exp].uri} is still unreachable; nothing replayed after "

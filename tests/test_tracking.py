@@ -211,3 +211,23 @@ def test_atr_eval_with_mlflow_down_completes_and_atr_sync_replays_it(cli_env, tm
     replayed, fresh = shape(real), shape(live_id)
     assert [k[0] for k in replayed[2]] == ["eval", "eval", "prepare-model"] and replayed == fresh
     assert client.get_run(real).data.tags["atr.run_id"] == run_id
+
+
+def test_sync_while_the_server_is_still_down_is_one_line_and_keeps_the_spool(tmp_path, monkeypatch, capfd):
+    import pytest
+
+    from storage import tracking
+    from storage.tracking import TrackingError, pending, replay
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(tracking.Tracker, "_warned", set())
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    home = tmp_path / "home"
+    Tracker(home).end_run(Tracker(home).start_run("r"))
+    capfd.readouterr()
+    monkeypatch.setattr(tracking.Tracker, "_warned", set())
+    with pytest.raises(TrackingError, match=rf"MLflow at {url} is still unreachable; nothing replayed after 0 calls"):
+        replay(home)
+    assert "warning" not in capfd.readouterr().err  # the error is the one line
+    assert len(pending(home)) == 2  # one spool file per tracker, both kept for the next sync

@@ -114,8 +114,10 @@ def write_run_folder(h: Home, run: dict[str, str], reports, stages: list) -> Pat
     lines += ["", "## Runs", "",
               f"- DuckDB: run `{run['run_id']}` in `{h.results_db}`, e.g. "
               f"`atr query \"SELECT * FROM eval_scores WHERE run_id = '{run['run_id']}'\"`",
-              f"- MLflow: run `{run['mlflow_run_id']}` (experiment `{run['experiment_id']}`) at "
-              f"`{run['tracking_uri']}`"]
+              (f"- MLflow: run `{run['mlflow_run_id']}` (experiment `{run['experiment_id']}`) at "
+               f"`{run['tracking_uri']}`" if not str(run['mlflow_run_id']).startswith("offline-") else
+               f"- MLflow: `{run['tracking_uri']}` did not answer; the run waits in the spool as "
+               f"`{run['mlflow_run_id']}` until `atr sync` replays it")]
     with open(out / "summary.md", "a") as fh:
         fh.write("\n".join(lines) + "\n")
     write_json_atomic(out / "run.json", {"run_id": run['run_id'], "mlflow_run_id": run['mlflow_run_id'],
