@@ -39,18 +39,18 @@ def configure(home: Home, verbose: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # A tracking server that is down should cost seconds, not MLflow's default 7 retries with
-    # exponential backoff and 120 s timeouts (minutes per call): the tracker then goes offline
-    # (storage/tracking.py) and the command completes on DuckDB.
     # A Prefect server whose database restarts answers 500 until it reconnects. Prefect's client
     # retries 502/503/429 (5 times, 2-32 s apart) but not 500: a run whose final state report met
     # the outage died with the work done, and stayed RUNNING on the server (tests/test_stack.py).
     os.environ.setdefault("PREFECT_CLIENT_RETRY_EXTRA_CODES", "500")
+    # A tracking server that is down should cost seconds, not MLflow's default 7 retries with
+    # exponential backoff and 120 s timeouts (minutes per call): the tracker then goes offline
+    # (storage/tracking.py) and the command completes on DuckDB.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # MLflow prints a "View run ... at: URL" line per finished run on a tracking server: one per
     # stage and per replayed run, drowning atr's own output (reports name the runs).
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     # Dask's scheduler/nanny INFO lines (cluster start, worker joins) drown the progress bar.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "warning")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -111,3 +111,6 @@ def check_prefect_server(api_url: str, timeout: float = 10.0) -> None:
                 f"the Prefect server at {api} refused the credentials (PREFECT_API_AUTH_STRING "
                 f"{'for user ' + repr(who.split(':', 1)[0]) if who else 'is not set'})") from None
         raise PrefectServerError(f"the Prefect server at {api} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise PrefectServerError(f"the Prefect server at {api} stopped answering "
+                                 f"({getattr(exc, 'reason', exc)})") from None
