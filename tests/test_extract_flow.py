@@ -165,6 +165,8 @@ def _atr(env, *args, **kw):
                           text=True, timeout=600, **kw)
 
 
+# slow (64 s): tests/test_reliability_crash.py kills an extraction and checks the same bytes in the default run
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_identical_bytes(cli_env, tmp_path, prefect_api_url):
     """SIGKILL `atr extract` mid-run; the resumed run equals an uninterrupted one byte for byte."""
     args = ["extract", "--model", "tiny", "--images", "synthetic:docs", "--limit", "480", "--shard-size", "16",

@@ -97,6 +97,8 @@ def test_relevance_changes_what_cdpruner_keeps(trained_model, clip_dir):
     assert differ >= 1
 
 
+# slow (57 s): the whole atr eval with a CLIP text tower; the relevance scores are checked in the default run
+@pytest.mark.slow
 def test_eval_cdpruner_with_a_text_encoder(cli_env, clip_dir, tmp_path):
     import subprocess
     import sys

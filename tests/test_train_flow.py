@@ -110,6 +110,8 @@ def _atr(env, *args):
                           text=True, timeout=600)
 
 
+# slow (52 s): tests/test_train_resume.py checks that a resumed run equals an uninterrupted one by default
+@pytest.mark.slow
 def test_killed_training_resumes_from_its_last_checkpoint(features, cli_env):
     home, key = features
     env = {**cli_env, "ATR_HOME": str(home.root)}
