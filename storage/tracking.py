@@ -221,36 +221,22 @@ class Tracker:
         """Log flattened, stringified params (re-logging an equal value is allowed)."""
         items = {k: _param_value(v) for k, v in flatten(params).items()}
 
-        def send() -> None:
-            batch = [Param(k, v) for k, v in items.items()]
-            for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(run_id, params=chunk)
-
-        self._call("log_params", run_id, send, run_id=run_id, params=items)
+        self._call("log_params", run_id, lambda: _send_params(self.client, run_id, items), run_id=run_id,
+                   params=items)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
         timestamp = int(time.time() * 1000)
         values = {k: float(v) for k, v in metrics.items()}
 
-        def send() -> None:
-            batch = [Metric(k, v, timestamp, step or 0) for k, v in values.items()]
-            for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-                self.client.log_batch(run_id, metrics=chunk)
-
-        self._call("log_metrics", run_id, send, run_id=run_id, metrics=values, step=step or 0, timestamp=timestamp)
+        self._call("log_metrics", run_id, lambda: _send_metrics(self.client, run_id, values, timestamp, step or 0),
+                   run_id=run_id, metrics=values, step=step or 0, timestamp=timestamp)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a directory's contents, to the run's artifacts (offline: its path is
         spooled; the file must still be there when ``atr sync`` runs)."""
         path = Path(path).resolve()
-
-        def send() -> None:
-            if path.is_dir():
-                self.client.log_artifacts(run_id, str(path), artifact_path)
-            else:
-                self.client.log_artifact(run_id, str(path), artifact_path)
-
-        self._call("log_artifact", run_id, send, run_id=run_id, path=str(path), artifact_path=artifact_path)
+        self._call("log_artifact", run_id, lambda: _send_artifact(self.client, run_id, path, artifact_path),
+                   run_id=run_id, path=str(path), artifact_path=artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         if status not in END_STATUSES:
@@ -318,21 +304,14 @@ def replay(home: Path, on_ids=None) -> dict[str, int]:
                 created += 1
                 _write_json(ids_path, ids)
         elif kind == "log_params":
-            batch = [Param(k, v) for k, v in op["params"].items()]
-            for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
-                t.client.log_batch(real(op["run_id"]), params=chunk)
+            _send_params(t.client, real(op["run_id"]), op["params"])
         elif kind == "log_metrics":
-            batch = [Metric(k, v, op["timestamp"], op["step"]) for k, v in op["metrics"].items()]
-            for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-                t.client.log_batch(real(op["run_id"]), metrics=chunk)
+            _send_metrics(t.client, real(op["run_id"]), op["metrics"], op["timestamp"], op["step"])
         elif kind == "log_artifact":
             path = Path(op["path"])
             if not path.exists():
                 raise TrackingError(f"spool {f.name}: artifact {path} is gone; restore it or delete the spool line")
-            if path.is_dir():
-                t.client.log_artifacts(real(op["run_id"]), str(path), op.get("artifact_path"))
-            else:
-                t.client.log_artifact(real(op["run_id"]), str(path), op.get("artifact_path"))
+            _send_artifact(t.client, real(op["run_id"]), path, op.get("artifact_path"))
         elif kind == "end_run":
             t.client.set_terminated(real(op["run_id"]), status=op["status"])
         with open(f.with_suffix(".done"), "a") as d:
@@ -347,6 +326,26 @@ def replay(home: Path, on_ids=None) -> dict[str, int]:
         if done_path.exists():
             done_path.rename(folder / "done" / done_path.name)
     return {"files": len(files), "calls": played, "runs": created}
+
+
+def _send_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    batch = [Param(k, v) for k, v in params.items()]
+    for chunk in _chunks(batch, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+
+
+def _send_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], timestamp: int, step: int) -> None:
+    batch = [Metric(k, v, timestamp, step) for k, v in metrics.items()]
+    for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+
+def _send_artifact(client: MlflowClient, run_id: str, path: Path, artifact_path: str | None) -> None:
+    """A file, or a directory's contents, to the run's artifacts."""
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
 
 
 def _write_json(path: Path, data) -> None:
