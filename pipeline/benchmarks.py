@@ -121,11 +121,6 @@ def image_cell(cell: Any, where: str) -> ImageCell:
     return ImageCell(bytes(data), where)
 
 
-def decode_image_cell(cell: Any, where: str) -> Image.Image:
-    """An lmms-lab image cell as RGB, decoded now."""
-    return image_cell(cell, where).decode()
-
-
 def _isna(value: Any) -> bool:
     """``pandas.isna`` for one cell as parquet rows hold them: None or a float NaN."""
     return value is None or (isinstance(value, float) and value != value)
@@ -375,4 +370,4 @@ def aggregate(name: str, scores: list[float], evaluated: list[EvalItem]) -> floa
 
 
 __all__ = ["EvalItem", "ImageCell", "BadRow", "build_items", "score_response", "LLAVA_HF_MAX_NEW_TOKENS", "image_cell", "BenchmarkSpec", "BENCHMARK_SPECS", "BENCHMARKS", "spec", "items", "aggregate",
-           "extract_mcq_answer", "multiple_choice_accuracy", "decode_image_cell"]
+           "extract_mcq_answer", "multiple_choice_accuracy"]

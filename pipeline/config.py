@@ -143,11 +143,6 @@ DEVICES = ("auto", "cpu", "cuda")  # where a model or the selector runs (pipelin
 DTYPES = ("auto", "bf16", "fp16", "fp32")  # the model's weights and activations
 # The retentions a sweep uses unless told otherwise (eval chunks and the held-out selector comparison).
 EVAL_RETENTIONS = (0.1, 0.25, 0.5, 0.75)
-# Token-reduction strategy names (pipeline.strategies implements them; named here so a CLI can list
-# them without importing torch). PRUNERS: those that choose a subset at a retention.
-STRATEGIES = ("full", "none", "random", "selector", "attention", "diversity", "visionzip", "hired", "divprune",
-              "cdpruner")
-PRUNERS = STRATEGIES[2:]
 
 
 @dataclasses.dataclass(frozen=True)

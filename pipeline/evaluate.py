@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -25,7 +25,8 @@ from .benchmarks import EvalItem, aggregate, score_response, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
 from .prune import base_regions, encode_images, project, stock_visual_tokens, visual_embeddings
-from .strategies import BUDGETS, PROJECTED, STRATEGIES, TOWER_SCORES, Context, selections
+from .strategies import BUDGETS, Batch, Context, TowerOutputs, get, names, seeded_generator, selections
+from .strategies.core import TOWER_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,7 @@ class EvalConfig(Config):
     kind: ClassVar[str] = "eval"
 
     benchmarks: tuple = ("synthetic-ocr", "synthetic-scene")
-    strategies: tuple = STRATEGIES
+    strategies: tuple = names()      # every registered strategy (pipeline.strategies)
     retentions: tuple = EVAL_RETENTIONS
     budget: str = "per-crop"
     seeds: int = 3
@@ -48,6 +49,9 @@ class EvalConfig(Config):
     interpolation: bool = False      # LLaVA-OneVision's grid interpolation (--interpolation); off to prune
     harness: str = "builtin"         # builtin, or lmms-eval (its own tasks and scoring; --tasks)
     tasks: tuple = ()                # lmms-eval task names (--harness lmms-eval)
+    # strategy -> {option: value}: the declared ablation switches (e.g. {"visionzip": {"cls": False}});
+    # the options that differ from a strategy's defaults are part of its results' cache keys
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
@@ -57,7 +61,11 @@ class EvalConfig(Config):
         check(self.harness in ("builtin", "lmms-eval"), f"--harness must be builtin or lmms-eval, got {self.harness!r}")
         check(self.harness == "builtin" or len(self.tasks) > 0, "--harness lmms-eval needs --tasks T1,T2")
         for s in self.strategies:
-            check(s in STRATEGIES, f"unknown strategy {s!r}; valid: {', '.join(STRATEGIES)}")
+            get(s)
+        check(isinstance(self.options, Mapping), f"eval options must be a table of strategy tables, got {self.options!r}")
+        for s, opts in self.options.items():
+            check(isinstance(opts, Mapping), f"eval options for {s!r} must be a table, got {opts!r}")
+            get(s).resolve_options(opts)
         check(len(self.strategies) > 0 and len(self.benchmarks) > 0, "give at least one benchmark and strategy")
         for r in self.retentions:
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
@@ -67,23 +75,64 @@ class EvalConfig(Config):
               f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         check_compute(self.device, self.model_dtype)
 
-    def chunks(self) -> list[tuple[str, float, int]]:
-        """(strategy, retention, seed) to run: full/none once, random per seed, the rest once per retention."""
+    def chunks(self) -> list[Pruning]:
+        """The results to compute: a strategy with a fixed retention (full, none) once, a seeded one (random)
+        per seed and retention, the rest once per retention."""
         out = []
         for s in self.strategies:
-            if s == "full":
-                out.append((s, 1.0, 0))
-            elif s == "none":
-                out.append((s, 0.0, 0))
-            else:
-                for r in self.retentions:
-                    out.extend((s, float(r), seed) for seed in (range(self.seeds) if s == "random" else [0]))
+            spec = get(s)
+            retentions = [spec.retention] if spec.retention is not None else self.retentions
+            seeds = range(self.seeds) if spec.seeded and spec.retention is None else [0]
+            out.extend(Pruning(s, float(r), seed, self.budget, self.options.get(s, {}))
+                       for r in retentions for seed in seeds)
         return out
 
 
 def default_strategies(selector: bool = True) -> tuple[str, ...]:
-    """Every strategy, ``selector`` only when there is one to evaluate."""
-    return tuple(s for s in STRATEGIES if selector or s != "selector")
+    """Every strategy; those that need a selector only when there is one to evaluate."""
+    return tuple(s for s in names() if selector or "selector" not in get(s).needs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruning:
+    """What one result prunes: the strategy at a retention (full: 1, none: 0), the seed (random), the
+    budget mode and the strategy's options (ablation switches; {}: its defaults)."""
+
+    strategy: str
+    retention: float
+    seed: int = 0
+    budget: str = "per-crop"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        from .config import canonical_json
+
+        return hash((self.strategy, self.retention, self.seed, self.budget, canonical_json(self.options)))
+
+    @property
+    def spec(self):
+        """The strategy's declaration (``pipeline.strategies.Strategy``)."""
+        return get(self.strategy)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What a strategy may need beyond a shard's features: the loaded selector (``selector``) and a
+    ``pipeline.relevance.TextRelevance`` (``cdpruner`` conditioned on the question; None: unconditioned)."""
+
+    selector: Any = None
+    relevance: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """How a shard's prompts are decoded: ``batch_size`` sequences per ``generate`` (or "auto"), grouped by
+    length (``group``), ``max_new_tokens``, and ``on_batch(n)`` after every batch (progress)."""
+
+    batch_size: int | str = 16
+    group: bool = True
+    max_new_tokens: int = 16
+    on_batch: Callable[[int], None] | None = None
 
 
 @dataclasses.dataclass
@@ -202,10 +251,12 @@ class ShardFeatures:
 
 @torch.no_grad()
 def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[int] | None = None,
-                 attention: bool = False, images: bool = True, batch_size: int = 16,
-                 on_batch: Callable[[int], None] | None = None, embeds: bool = False) -> ShardFeatures:
+                 outputs: TowerOutputs = TowerOutputs(), batch_size: int = 16,
+                 on_batch: Callable[[int], None] | None = None) -> ShardFeatures:
     """One tower pass per image of ``items``, ``batch_size`` items per forward; images are decoded per
-    batch and dropped after it. ``images=False`` (only ``none`` to evaluate) encodes nothing.
+    batch and dropped after it. ``outputs`` (``pipeline.strategies.tower_outputs`` of the strategies to
+    run) says what the tower computes besides the features; ``outputs.images=False`` (only ``none``)
+    encodes nothing.
 
     An item with several images (MMMU) has each encoded as LLaVA-NeXT's processor does (AnyRes,
     one grid per image). LLaVA-OneVision gives the images of a several-image prompt no AnyRes
@@ -214,7 +265,9 @@ def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[
     from .benchmarks import BadRow
 
     indices = list(range(len(items))) if indices is None else list(indices)
-    one_view = family_of(model).name == "llava-onevision"
+    family = family_of(model)
+    one_view = not family.multi_image_anyres
+    images, attention, embeds = outputs.images, outputs.attention, outputs.embeds
     kept, kept_idx, feats, more, skipped, encoded = [], [], [], [], [], 0
     for start in range(0, len(items), batch_size):
         batch = list(zip(items[start:start + batch_size], indices[start:start + batch_size]))
@@ -224,7 +277,7 @@ def encode_shard(model, processor, items: Sequence[EvalItem], indices: Sequence[
                 kept.append(it), kept_idx.append(i), feats.append(None), more.append([])
                 continue
             if one_view and it.n_images > 1:
-                skipped.append((it.sample_id, f"{it.sample_id}: {it.n_images} images in one prompt; LLaVA-OneVision "
+                skipped.append((it.sample_id, f"{it.sample_id}: {it.n_images} images in one prompt; {family.label} "
                                               "sends those without AnyRes, which the pruning harness does not model"))
                 continue
             try:
@@ -260,51 +313,28 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict_features(model, processor, shard: ShardFeatures, strategy: str, retention: float, seed: int = 0,
-                     budget: str = "per-crop", selector=None, batch_size: int | str = 16, max_new_tokens: int = 16,
-                     group: bool = True, on_batch: Callable[[int], None] | None = None,
-                     relevance=None) -> Predictions:
-    """Pruned greedy answers to a shard's items for one (strategy, retention, seed): the part of
-    :func:`evaluate_features` that does not depend on a benchmark (the lmms-eval plugin uses it too).
+def predict_features(model, processor, shard: ShardFeatures, pruning: Pruning, inputs: Inputs | None = None,
+                     batching: Batching | None = None) -> Predictions:
+    """Pruned greedy answers to a shard's items for one ``pruning`` (strategy, retention, seed, ...): the part
+    of :func:`evaluate_features` that does not depend on a benchmark (the lmms-eval plugin uses it too).
 
-    Random keeps draw from a generator seeded by (seed, row index), so a result does
-    not depend on how the benchmark is cut into shards or batches. With ``group``
-    the items are batched by sequence length (visual plus prompt tokens), longest
-    first, so a batch's left padding is small; outputs keep the items' order. ``relevance`` (a
-    ``pipeline.relevance.TextRelevance``) conditions ``cdpruner`` on each item's question; without it
-    ``cdpruner`` is the unconditioned DPP."""
-    from .strategies import select
-
+    Random keeps draw from a generator seeded by (seed, row index) (``strategies.seeded_generator``), so a
+    result does not depend on how the benchmark is cut into shards or batches. With ``batching.group`` the
+    items are batched by sequence length (visual plus prompt tokens), longest first, so a batch's left
+    padding is small; outputs keep the items' order."""
+    inputs, batching = inputs or Inputs(), batching or Batching()
     n = len(shard.items)
-    use_image = [strategy != "none" and f is not None for f in shard.features]
+    sends = pruning.spec.sends_image
+    use_image = [sends and f is not None for f in shard.features]
     # one unit per image: (item, slot); an item's images are pruned each on its own, at the same retention
     units = [(i, slot) for i in range(n) if use_image[i] for slot in range(len(shard.image_features(i)))]
-    feature = {(i, slot): shard.image_features(i)[slot] for i, slot in units}
-    masks: dict[tuple[int, int], Any] = {}
-    if strategy == "random":
-        for i, slot in units:
-            f = feature[i, slot]
-            base = seed * 1_000_003 + shard.indices[i]
-            g = torch.Generator().manual_seed(base if slot == 0 else base * 64 + slot)
-            masks[i, slot] = select("random", f.features, retention, budget, Context(generator=g), f.valid)
-    elif strategy != "none":
-        if strategy in TOWER_SCORES and not shard.attention:
-            raise ValueError(f"strategy {strategy!r} needs features encoded with attention=True")
-        for start in range(0, len(units), 64):  # one selector forward per 64 images
-            part = units[start:start + 64]
-            per_image = [strategy_inputs(model, strategy, feature[u], shard.items[u[0]].prompt, relevance)
-                         for u in part]
-            feats = [feature[u] for u in part]
-            for u, m in zip(part, selections(strategy, [f.features for f in feats], retention, budget,
-                                             Context(selector=selector), valid=[f.valid for f in feats],
-                                             per_image=per_image)):
-                masks[u] = m
+    masks = _select_units(model, shard, units, pruning, inputs)
     slots = [len(shard.image_features(i)) if use_image[i] else 0 for i in range(n)]
     prompts = [chat_prompt(processor, it.prompt, slots[i]) for i, it in enumerate(shard.items)]
     tok = processor.tokenizer
     lengths = [len(tok(p)["input_ids"]) + sum(masks[i, k].tokens for k in range(slots[i]))
                for i, p in enumerate(prompts)]
-    order = sorted(range(n), key=lambda i: -lengths[i]) if group else list(range(n))
+    order = sorted(range(n), key=lambda i: -lengths[i]) if batching.group else list(range(n))
     preds: list[str] = [""] * n
     n_visual = [0] * n
     prefill: list[float] = []
@@ -312,33 +342,57 @@ def predict_features(model, processor, shard: ShardFeatures, strategy: str, rete
 
     def run(start: int, stop: int) -> None:
         part = order[start:stop]
-        visual = [[visual_embeddings(model, feature[i, k], masks[i, k].mask, masks[i, k].extra)
+        visual = [[visual_embeddings(model, shard.image_features(i)[k], masks[i, k].mask, masks[i, k].extra)
                    for k in range(slots[i])] or None for i in part]
-        out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, max_new_tokens, stats=pad)
+        out, ttft = generate_timed(model, processor, [prompts[i] for i in part], visual, batching.max_new_tokens,
+                                   stats=pad)
         prefill.append(ttft / len(part))
         for i, p, v in zip(part, out, visual):
             preds[i] = p
             n_visual[i] = 0 if v is None else sum(int(t.shape[0]) for t in v)
-        if on_batch:
-            on_batch(len(part))
+        if batching.on_batch:
+            batching.on_batch(len(part))
 
-    sizer = BatchSizer(batch_size, str(getattr(model, "device", "cpu")))
+    sizer = BatchSizer(batching.batch_size, str(getattr(model, "device", "cpu")))
     sizer.run(n, run)
     return Predictions(preds, n_visual, sum(prefill) / max(1, len(prefill)), pad["padding"], pad["positions"])
 
 
+SELECT_CHUNK = 64  # images per selections() call (one selector forward per chunk)
+
+
+def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pruning: Pruning,
+                  inputs: Inputs) -> dict[tuple[int, int], Any]:
+    """Each image's Selection, through the one selection path (``strategies.selections``)."""
+    masks: dict[tuple[int, int], Any] = {}
+    spec = pruning.spec
+    if spec.tower_attention and not shard.attention:
+        raise ValueError(f"strategy {pruning.strategy!r} needs features encoded with attention")
+    for start in range(0, len(units), SELECT_CHUNK):
+        part = units[start:start + SELECT_CHUNK]
+        feats = [shard.image_features(i)[slot] for i, slot in part]
+        per_image = [strategy_inputs(model, pruning.strategy, f, shard.items[i].prompt, inputs.relevance)
+                     for f, (i, _) in zip(feats, part)]
+        if spec.seeded:
+            for extra, (i, slot) in zip(per_image, part):
+                extra["generator"] = seeded_generator(pruning.seed, shard.indices[i], slot)
+        got = selections(pruning.strategy, [f.features for f in feats], pruning.retention, pruning.budget,
+                         Context(selector=inputs.selector), Batch([f.valid for f in feats], per_image),
+                         pruning.options)
+        masks.update(zip(part, got))
+    return masks
+
+
 @torch.no_grad()
-def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, strategy: str, retention: float,
-                      seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
-                      group: bool = True, on_batch: Callable[[int], None] | None = None,
-                      relevance=None) -> ChunkResult:
-    """One (strategy, retention, seed) on a shard's cached tower features: :func:`predict_features`
-    with the benchmark's generation settings, then its answer handling and metric."""
+def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, pruning: Pruning,
+                      inputs: Inputs | None = None, batching: Batching | None = None) -> ChunkResult:
+    """One ``pruning`` on a shard's cached tower features: :func:`predict_features` with the benchmark's
+    generation settings (its ``max_new_tokens``), then its answer handling and metric."""
     bench = spec(benchmark)
-    got = predict_features(model, processor, shard, strategy, retention, seed, budget, selector, batch_size,
-                           bench.max_new_tokens, group, on_batch, relevance)
+    batching = dataclasses.replace(batching or Batching(), max_new_tokens=bench.max_new_tokens)
+    got = predict_features(model, processor, shard, pruning, inputs, batching)
     preds, n_visual, n = got.texts, got.visual_tokens, len(shard.items)
-    use_image = [strategy != "none" and f is not None for f in shard.features]
+    use_image = [pruning.spec.sends_image and f is not None for f in shard.features]
     stock = family_of(model).stock_config(model, processor)
     n_stock = [stock_visual_tokens(model, shard.features[i].crops, shard.features[i].tokens_per_crop,
                                    shard.features[i].image_size, stock) if use_image[i] else 0
@@ -357,19 +411,20 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, st
 
 
 def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None) -> dict[str, Any]:
-    """The Context fields ``strategy`` needs for one image (``f``: its ImageFeatures)."""
+    """The Context fields ``strategy`` needs or uses, for one image (``f``: its ImageFeatures): the tower's
+    outputs as encoded, the regions and projected tokens from the model, the question's relevance."""
+    spec_ = get(strategy)
     out: dict[str, Any] = {}
-    if strategy in TOWER_SCORES:
-        out.update(cls_attention=f.cls_attention, early_attention=f.early_attention, keys=f.keys)
-    if strategy == "visionzip":
-        out["cls_tokens"] = f.cls_tokens
-    if strategy == "hired":
+    for name in TOWER_FIELDS:
+        if spec_.wants(name):
+            out[name] = getattr(f, name)
+    if spec_.wants("regions"):
         out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
-    if strategy in PROJECTED:
+    if spec_.wants("projected"):
         out["projected"] = project(model, f.features)
-    if strategy == "cdpruner" and relevance is not None:
+    if spec_.wants("relevance") and relevance is not None:
         if f.last_hidden is None:
-            raise ValueError("strategy 'cdpruner' with a text encoder needs features encoded with embeds=True")
+            raise ValueError(f"strategy {strategy!r} with a text encoder needs features encoded with embeds")
         out["relevance"] = relevance.relevance(f.last_hidden, question)
     return out
 
@@ -396,18 +451,6 @@ def merge_results(benchmark: str, parts: Sequence[dict[str, Any]]) -> dict[str, 
                            if samples and "stock_visual_tokens" in samples[0] else {})}}
 
 
-@torch.no_grad()
-def evaluate_chunk(model, processor, benchmark: str, items: Sequence[EvalItem], strategy: str, retention: float,
-                   seed: int = 0, budget: str = "per-crop", selector=None, batch_size: int | str = 16,
-                   on_batch: Callable[[int], None] | None = None, relevance=None) -> ChunkResult:
-    """:func:`encode_shard` then :func:`evaluate_features`: one result on ``items``."""
-    shard = encode_shard(model, processor, items, attention=strategy in TOWER_SCORES, images=strategy != "none",
-                         batch_size=batch_size if isinstance(batch_size, int) else AUTO_BATCH_CPU,
-                         embeds=strategy == "cdpruner" and relevance is not None)
-    return evaluate_features(model, processor, benchmark, shard, strategy, retention, seed, budget, selector,
-                             batch_size, on_batch=on_batch, relevance=relevance)
-
-
 def eval_table(summary: list[dict]) -> list[dict]:
     """Chunk rows -> one row per (benchmark, strategy, retention): the score averaged over seeds,
     ``rel`` = score / the benchmark's full-image score, mean visual tokens and prefill ms, and
@@ -427,5 +470,6 @@ def eval_table(summary: list[dict]) -> list[dict]:
     return rows
 
 
-__all__ = ["Predictions", "predict_features", "EvalConfig", "default_strategies", "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
-           "merge_results", "evaluate_chunk", "chat_prompt", "generate_timed", "eval_table"]
+__all__ = ["Predictions", "predict_features", "EvalConfig", "Pruning", "Inputs", "Batching", "default_strategies",
+           "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
+           "merge_results", "chat_prompt", "generate_timed", "eval_table"]

@@ -155,12 +155,6 @@ def ideal_speedup(lm: LMDims, text_tokens: int, full_visual: int, pruned_visual:
                                                                                  convention)
 
 
-def flops_ratio(lm: LMDims, text_tokens: int, full_visual: int, pruned_visual: int,
-                convention: str = "causal") -> float:
-    """Pruned / full prefill FLOPs (the "LLM ratio" peers quote), i.e. 1 / ideal_speedup."""
-    return 1.0 / ideal_speedup(lm, text_tokens, full_visual, pruned_visual, convention)
-
-
 def vision_tower_flops(vit: ViTDims, crops: int, layers_run: int | None = None) -> int:
     """FLOPs of the tower over ``crops`` crops: patch embedding plus ``layers_run`` (default: all) layers of
     bidirectional attention over ``vit.tokens`` positions (HF runs every layer, even above the feature layer)."""
@@ -205,5 +199,5 @@ def selector_share(sel: SelectorDims, crops: int, lm: LMDims, text_tokens: int, 
 
 
 __all__ = ["CONVENTIONS", "LMDims", "ViTDims", "SelectorDims", "LlavaNextDims", "VICUNA_7B", "CLIP_L_SELECTOR",
-           "lm_prefill_flops", "prefill_flops", "ideal_speedup", "flops_ratio", "vision_tower_flops",
+           "lm_prefill_flops", "prefill_flops", "ideal_speedup", "vision_tower_flops",
            "selector_flops", "projector_flops", "kv_cache_bytes", "llava_next_visual_tokens", "selector_share"]

@@ -424,6 +424,26 @@ def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     return tuple(round(c * 255) for c in colorsys.hsv_to_rgb(h % 1.0, s, v))
 
 
+SHAPES = ("rectangle", "ellipse", "triangle")  # what draw_shape draws
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour,
+               apex_x: int | None = None, up: bool = True) -> None:
+    """A filled ``kind`` (one of :data:`SHAPES`) in the inclusive pixel ``box`` (x0, y0, x1, y1).
+
+    A triangle's base is the box's bottom edge and its apex on the top edge (``up``), or the other
+    way round; the apex sits at column ``apex_x`` (default: the box's centre column). The synthetic
+    scenes of both ``synthetic:scenes`` and the ``synthetic-scene`` benchmark are drawn with it."""
+    x0, y0, x1, y1 = box
+    if kind == "rectangle":
+        draw.rectangle(box, fill=colour)
+    elif kind == "ellipse":
+        draw.ellipse(box, fill=colour)
+    else:
+        apex, base = (y0, y1) if up else (y1, y0)
+        draw.polygon([(x0, base), (x1, base), ((x0 + x1) // 2 if apex_x is None else apex_x, apex)], fill=colour)
+
+
 def _render_scene(rng: random.Random) -> LoadedImage:
     """2-4 large saturated shapes, each clearly visible, on a muted background."""
     w, h = _pick_size(rng)
@@ -438,14 +458,12 @@ def _render_scene(rng: random.Random) -> LoadedImage:
             sw, sh = round(rng.uniform(0.35, 0.8) * w), round(rng.uniform(0.35, 0.8) * h)
             x0, y0 = rng.randint(0, w - sw), rng.randint(0, h - sh)
             x1, y1 = x0 + sw - 1, y0 + sh - 1
-            shape = rng.choice(("rectangle", "ellipse", "triangle"))
-            if shape == "rectangle":
-                draw.rectangle((x0, y0, x1, y1), fill=colour)
-            elif shape == "ellipse":
-                draw.ellipse((x0, y0, x1, y1), fill=colour)
-            else:
-                apex, base = (y0, y1) if rng.random() < 0.5 else (y1, y0)
-                draw.polygon([(x0, base), (x1, base), (rng.randint(x0, x1), apex)], fill=colour)
+            shape = rng.choice(SHAPES)
+            up, apex_x = True, None
+            if shape == "triangle":  # drawn in this order: which way it points, then where its apex is
+                up = rng.random() < 0.5
+                apex_x = rng.randint(x0, x1)
+            draw_shape(draw, shape, (x0, y0, x1, y1), colour, apex_x=apex_x, up=up)
         pixels = np.asarray(img)
         if all((pixels == c).all(axis=-1).sum() >= 0.05 * w * h for c in colours):
             return LoadedImage(img, glyph_boxes=())

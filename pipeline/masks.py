@@ -68,35 +68,6 @@ def mask_json(kept: dict[str, Any], retention: float) -> dict[str, Any]:
             "k": kept["k"]}
 
 
-
-def document_share(kept: dict[str, Any], doc_box: tuple[float, float, float, float]) -> dict[str, float]:
-    """How much of the budget lands on a document pasted into a larger canvas.
-
-    A token is on the document when its centre (original-image pixels) lies in
-    ``doc_box``. Returns the document's share of the valid tokens, the share of
-    the selector's and of random's kept tokens that fall on it, and each of those
-    over the first (1.0 = no better than chance)."""
-    import numpy as np
-
-    from .extract import token_boxes
-
-    x0, y0, x1, y1 = doc_box
-    on_doc, valid, chosen, rand = [], [], [], []
-    for i, box in enumerate(kept["boxes"]):
-        cells = token_boxes(box, kept["side"], kept.get("span", 1.0))
-        cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
-        inside = np.zeros(kept["tokens"], dtype=bool)
-        inside[kept["cls_offset"]:] = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
-        on_doc.append(inside)
-        for out, name in ((valid, "valid_indices"), (chosen, "selector"), (rand, "random")):
-            out.append(inside[kept[name][i]])
-    share = {name: float(np.concatenate(v).mean()) for name, v in
-             (("doc_valid_share", valid), ("selector_share", chosen), ("random_share", rand))}
-    share["selector_over_doc"] = share["selector_share"] / share["doc_valid_share"]
-    share["random_over_doc"] = share["random_share"] / share["doc_valid_share"]
-    return share
-
-
 def padding_share(model, sizes) -> dict[str, float]:
     """How much of a set of images the model's unpadding drops (LLaVA-NeXT and OneVision), from its own packing.
 
@@ -123,35 +94,4 @@ def padding_share(model, sizes) -> dict[str, float]:
     return {"images": len(sizes), "padded_images": padded / n, "padding_tokens": dropped / max(1, grid)}
 
 
-def attention_profile(model, processor, images, top_share: float = 0.02) -> dict[str, float]:
-    """Does the tower's CLS attention sit on a few high-norm tokens, as in real CLIP towers (Darcet et
-    al., "Vision Transformers Need Registers")? Over every crop of ``images``:
-
-    ``top_mass``: the share of CLS attention on the top ``top_share`` of tokens (at least one token;
-    ``uniform``: that share under uniform attention);
-    ``norm_ratio``: max / median token norm of the feature layer (Darcet's artifacts: about 10x);
-    ``top_attention_norm_rank``: the mean norm percentile of each crop's most attended token
-    (1.0: it is the highest-norm token); ``norm_attention_corr``: Pearson correlation of norm and attention."""
-    import torch
-
-    from .prune import encode_images
-
-    top_mass, ratio, rank, corr, uniform = [], [], [], [], []
-    for f in encode_images(model, processor, list(images), attention=True):
-        a, norms = f.cls_attention.float(), f.features.float().norm(dim=-1)
-        k = max(1, round(top_share * a.shape[1]))
-        top_mass.append((a.topk(k, dim=1).values.sum(1) / a.sum(1)).mean())
-        uniform.append(torch.tensor(k / a.shape[1]))
-        ratio.append((norms.max(1).values / norms.median(1).values).mean())
-        best = a.argmax(1)
-        pct = (norms <= norms.gather(1, best[:, None])).float().mean(1)
-        rank.append(pct.mean())
-        x, y = norms - norms.mean(1, keepdim=True), a - a.mean(1, keepdim=True)
-        corr.append(((x * y).sum(1) / (x.norm(dim=1) * y.norm(dim=1)).clamp(min=1e-12)).mean())
-    mean = lambda v: float(torch.stack(v).mean())  # noqa: E731
-    return {"images": len(top_mass), "top_share": top_share, "top_mass": mean(top_mass), "uniform": mean(uniform),
-            "norm_ratio": mean(ratio),
-            "top_attention_norm_rank": mean(rank), "norm_attention_corr": mean(corr)}
-
-
-__all__ = ["kept_tokens", "encoder_shape", "mask_json", "document_share", "padding_share", "attention_profile"]
+__all__ = ["kept_tokens", "encoder_shape", "mask_json", "padding_share"]

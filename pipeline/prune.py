@@ -57,7 +57,7 @@ def _inner(model):
 
     These moved between transformers releases (4.4x kept them on the top-level
     class; 5.x on ``model.model``); a version without them fails here with one line."""
-    from .presets import ModelLoadError
+    from .loading import ModelLoadError
 
     inner = getattr(model, "model", None)
     missing = [name for name in ("pack_image_features", "multi_modal_projector", "image_newline", "vision_tower")

@@ -93,7 +93,7 @@ def _load(spec: str, device: str) -> TextRelevance:
     from transformers import AutoTokenizer, CLIPModel
 
     from .config import first_line
-    from .presets import is_hub_id, resolve_hub_snapshot
+    from .loading import is_hub_id, resolve_hub_snapshot
 
     path = Path(spec).expanduser()
     if not path.is_dir():
@@ -116,7 +116,7 @@ def text_encoder_fingerprint(spec: str) -> str:
     """What a cached cdpruner result remembers of its text encoder: the folder's files (name, size, mtime)."""
     import hashlib
 
-    from .presets import is_hub_id, resolve_hub_snapshot
+    from .loading import is_hub_id, resolve_hub_snapshot
 
     path = Path(spec).expanduser()
     h = hashlib.sha256(spec.encode())

@@ -110,7 +110,8 @@ _COMMENTS = {
              "(llava-hf/llava-v1.6-mistral-7b-hf); a list runs several, e.g. [\"tiny-trained\", \"tiny-ov-trained\"]",
     "extract": "selector training images: synthetic:docs, synthetic:scenes or a folder (COCO train2017)",
     "train": "one selector per retention p; loss = MSE + max(mean(M), p)",
-    "train.selector": "architecture and optimizer (paper-scale defaults from DESIGN.md)",
+    "train.selector": "architecture and optimizer (3 + 3 layers as in the paper, Sec. 4.1.1 and 4.2; "
+                      "the rest are atr's paper-scale defaults)",
     "eval": "pruned evaluation: full/none once, random per seed, the rest once per retention",
     "data": "real benchmarks: NAME = \"lmms-lab parquet file or directory\"",
 }
@@ -145,6 +146,9 @@ def run_config_toml(cfg: RunConfig) -> str:
     section("train.selector", {k: v for k, v in sel.items() if k != "retention"},
             commented={k: v for k, v in sel_comments.items() if sel.get(k) is None or k in tiny})
     section("eval", cfg.eval.to_dict())
+    out.append("# strategy options (ablation switches), one table per strategy, e.g. [eval.options.visionzip]")
+    for name, opts in cfg.eval.options.items():
+        out.extend([f"[eval.options.{name}]", *(f"{k} = {_toml_value(v)}" for k, v in opts.items())])
     out.extend(["", f"# {_COMMENTS['data']}", "[data]"])
     if cfg.data:
         out.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in cfg.data.items())

@@ -12,8 +12,9 @@ Shapes: B crops per batch, L tokens per crop, C feature channels (d = C by defau
 Features are standardized per channel with training-set statistics (stored as
 buffers), and the loss is taken in that standardized space. Both networks add
 learnable absolute positional embeddings: without them every masked slot would
-reconstruct identically. At inference ``kept_indices`` returns, per crop, the
-top-k token indices by logit (k = round(retention * L)) in raster order.
+reconstruct identically. At inference the ``selector`` strategy
+(``pipeline.strategies.basic``) keeps, per crop, the top-k tokens by ``keep_logits``
+(k = round(retention * L)).
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ from .config import Config, check
 
 @dataclasses.dataclass(frozen=True)
 class SelectorConfig(Config):
-    """Architecture and training choices. The paper leaves all but p open; the
-    defaults follow DESIGN.md (d = C, 16 heads, FFN 4d, pre-LN, tau = 1, AdamW 1e-4,
-    cosine with warm-up, per-channel standardization)."""
+    """Architecture and training choices. The paper fixes the layer counts (three Transformer
+    layers each: Sec. 4.1.1, Feature Selector Architecture, and Sec. 4.2, Feature Reconstructor
+    Architecture) and the loss with its target ratio p (Sec. 4.3, Loss Function; Eq. 7 in
+    Sec. 4.4, Training), and leaves the rest open. The other defaults are atr's own choices
+    (d = C, 16 heads, FFN 4d, pre-LN, tau = 1, AdamW 1e-4, cosine with warm-up, per-channel
+    standardization)."""
 
     kind: ClassVar[str] = "selector"
 
@@ -200,26 +204,12 @@ class TokenSelector(nn.Module):
         return {"loss": mse + rate, "mse": mse.detach(), "keep": keep_ratio.detach(), "logits": logits}
 
     @torch.no_grad()
-    def kept_indices(self, features: torch.Tensor, retention: float) -> torch.Tensor:
-        """(B, L, C) raw features -> (B, k) long: each crop's top-k tokens by logit, raster order."""
-        k = keep_count(retention, self.tokens)
-        logits = self.keep_logits(features)
-        return logits.topk(k, dim=-1).indices.sort(dim=-1).values
-
-    @torch.no_grad()
     def reconstruction_error(self, features: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
         """(B, L, C) raw features, (B, k) kept indices -> (B,) MSE of rebuilding all L tokens
         from the kept ones (standardized space, mean over tokens and channels)."""
         x = self.standardize(features)
         mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, kept_indices, 1.0)
         return (self.reconstruct(x, mask) - x).pow(2).mean(dim=(1, 2))
-
-
-def random_indices(batch: int, tokens: int, retention: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, k) uniformly random distinct tokens per crop, raster order."""
-    k = keep_count(retention, tokens)
-    scores = torch.rand(batch, tokens, generator=generator)
-    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
 
 def grid_order(side: int) -> torch.Tensor:

@@ -16,7 +16,13 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .selector import TokenSelector, grid_indices, random_indices
+from .selector import TokenSelector, grid_indices
+from .strategies import Batch, Context, seeded_generator, select, selections
+
+
+def kept_indices(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool mask with the same count k in every row -> (B, k) kept token indices, raster order."""
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
 
 
 def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[tuple[np.ndarray, np.ndarray | None]],
@@ -25,7 +31,10 @@ def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[t
 
     ``selectors`` maps trained p -> model. The selector row at retention r uses the
     model trained at the p nearest to r (with one selector: that one, top-k at r);
-    every strategy is scored with that same model's reconstructor."""
+    every strategy is scored with that same model's reconstructor. ``selector`` and
+    ``random`` choose through ``strategies.select`` with eval's per-crop budget, and
+    ``random`` draws as eval does, from a generator seeded by (seed, crop index)
+    (``strategies.seeded_generator``); ``uniform-grid`` is an ordered-dither grid."""
     retentions = [float(r) for r in retentions]
     feats, masks = [], []
     for f, m in crops:
@@ -46,18 +55,26 @@ def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[t
         for start in range(0, n, batch_size):
             x = x_all[start:start + batch_size].to(device)
             g = g_all[start:start + batch_size].to(device) if g_all is not None else None
-            strategies = {"selector": [model.kept_indices(x, r)],
-                          "uniform-grid": [grid_indices(len(x), tokens, r).to(device)]}
-            strategies["random"] = [random_indices(len(x), tokens, r, torch.Generator().manual_seed(1000 * s + start))
-                                    .to(device) for s in range(seeds)]
+            # the batch's crops as the crops of one image: the selector attends within each crop
+            strategies = {"selector": [kept_indices(select("selector", x, r, "per-crop", Context(selector=model)).mask)],
+                          "uniform-grid": [grid_indices(len(x), tokens, r).to(device)],
+                          "random": [_random(x, r, s, start) for s in range(seeds)]}
             for name, draws in strategies.items():
                 acc = totals.setdefault(name, [0.0, 0.0, 0.0])  # sum mse, kept glyph tokens, glyph tokens
-                for kept_indices in draws:
-                    acc[0] += model.reconstruction_error(x, kept_indices).sum().item() / len(draws)
+                for kept in draws:
+                    acc[0] += model.reconstruction_error(x, kept).sum().item() / len(draws)
                     if g is not None:
-                        acc[1] += g.gather(1, kept_indices).sum().item() / len(draws)
+                        acc[1] += g.gather(1, kept).sum().item() / len(draws)
                         acc[2] += g.sum().item() / len(draws)
         for name, (mse, kept, glyphs) in totals.items():
             rows.append({"strategy": name, "retention": r, "selector_retention": p, "recon_mse": mse / n,
                          "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})
     return rows
+
+
+def _random(x: torch.Tensor, retention: float, seed: int, start: int) -> torch.Tensor:
+    """(B, k) random kept indices of crops ``start``.. as eval's ``random`` keeps them (one image per crop)."""
+    crops = [c[None] for c in x]
+    per_image = [{"generator": seeded_generator(seed, start + i)} for i in range(len(crops))]
+    got = selections("random", crops, retention, "per-crop", batch=Batch(per_image=per_image))
+    return kept_indices(torch.cat([sel.mask for sel in got]))

@@ -44,7 +44,7 @@ from PIL import Image, ImageDraw
 
 from .config import ConfigError
 from .fonts import font
-from .images import random_sides
+from .images import SHAPES, draw_shape, random_sides
 
 GENERATOR_VERSION = "2"  # bump when a renderer changes: it changes every sample
 BENCHMARKS = ("synthetic-ocr", "synthetic-scene")
@@ -178,7 +178,7 @@ def _render_scene(rng: random.Random):
     h, w = random_sides(rng, *SCENE_SIDES)
     names = list(COLOURS)
     big = rng.choice(names)
-    shape = rng.choice(("rectangle", "ellipse", "triangle"))
+    shape = rng.choice(SHAPES)
     bw, bh = round(rng.uniform(0.5, 0.85) * w), round(rng.uniform(0.5, 0.85) * h)
     bx, by = rng.randint(0, w - bw), rng.randint(0, h - bh)
     smalls = []
@@ -194,22 +194,12 @@ def _render_scene(rng: random.Random):
         img = Image.new("RGB", (w, h), background)
         d = ImageDraw.Draw(img)
         colour = tuple(min(255, max(0, c + s)) for c, s in zip(COLOURS[big], shade))
-        _shape(d, shape, (bx, by, bx + bw - 1, by + bh - 1), colour, rng)
+        draw_shape(d, shape, (bx, by, bx + bw - 1, by + bh - 1), colour)  # a triangle points up
         for name, kind, x, y, sw, sh in smalls:  # small shapes are drawn on top
-            _shape(d, kind, (x, y, x + sw - 1, y + sh - 1), COLOURS[name], rng)
+            draw_shape(d, kind, (x, y, x + sw - 1, y + sh - 1), COLOURS[name])
         return img, SCENE_QUESTION, big, ()
 
     return key, make
-
-
-def _shape(d: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], colour, rng: random.Random) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "rectangle":
-        d.rectangle(box, fill=colour)
-    elif kind == "ellipse":
-        d.ellipse(box, fill=colour)
-    else:
-        d.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=colour)
 
 
 def generator_fingerprint() -> str:

@@ -40,8 +40,9 @@ import torch
 
 from .config import Config, check
 from .extract import crop_layout, projector_inputs, token_boxes
-from .families import LLAVA_NEXT, family_of
-from .presets import IMAGE_TOKEN, TinyOvPreset, TinyPreset, build_tiny
+from .builders import IMAGE_TOKEN, build_tiny
+from .families import FAMILIES, family_of
+from .presets import TinyOvPreset, TinyPreset
 from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
@@ -145,7 +146,7 @@ def encode(sample: Sample, processor, config) -> Encoded:
 
     family = family_of(config)
     tok = processor.tokenizer
-    prompt = prompt_for(sample.question, None if family is LLAVA_NEXT else processor)
+    prompt = prompt_for(sample.question, processor)  # its family's chat template
     before, after = split_prompt(tok, prompt, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     answer_ids = torch.tensor(tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     w, h = sample.image.size
@@ -389,12 +390,11 @@ def quality(model, processor, samples: Sequence[Sample], strategy: str, retentio
     acc, nls, visual = 0.0, 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        own = None if family_of(model.config) is LLAVA_NEXT else processor
         if strategy == "none":
-            prompts = [prompt_for(s.question, own, with_image=False) for s in chunk]
+            prompts = [prompt_for(s.question, processor, with_image=False) for s in chunk]
             vis: list = [None] * len(chunk)
         else:
-            prompts = [prompt_for(s.question, own) for s in chunk]
+            prompts = [prompt_for(s.question, processor) for s in chunk]
             vis = []
             for feats in encode_images(model, processor, [s.image for s in chunk]):
                 mask = None if strategy == "full" else keep_mask("random", feats.features, retention,
@@ -460,7 +460,9 @@ def code_hash() -> str:
     import importlib
 
     h = hashlib.sha256()
-    for name in ("config", "presets", "fonts", "synthetic", "extract", "train", "prune", "strategies", "tinyworld"):
+    families = sorted(type(f).__module__.removeprefix(f"{__package__}.") for f in FAMILIES.values())
+    for name in ("config", "presets", "builders", "families.base", *families, "fonts", "synthetic", "extract", "train",
+                 "prune", "strategies", "tinyworld"):
         module = importlib.import_module(f"{__package__}.{name}")
         with open(module.__file__, "rb") as fh:
             h.update(fh.read())

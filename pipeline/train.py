@@ -21,8 +21,9 @@ from .config import EVAL_RETENTIONS, Config, ConfigError, check, check_compute
 from .errors import UserError
 from .selector import SelectorConfig, TokenSelector
 
-# The embedded default (tiny presets on 2 CPUs) shortens the paper-scale schedule of
-# DESIGN.md (lr 1e-4, 2000 steps, batch 64) so training fits in about 2 minutes.
+# The embedded default (tiny presets on 2 CPUs) shortens the paper-scale schedule, SelectorConfig's
+# defaults (lr 1e-4, 2000 steps, batch 64; the paper's Sec. 4.4, Training, gives no schedule),
+# so training fits in about 2 minutes.
 # It applies when the features come from a tiny preset and the user set none of these.
 TINY_SCHEDULE = {"steps": 2000, "batch_size": 32, "lr": 4e-3, "warmup_steps": 50}
 

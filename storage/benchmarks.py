@@ -55,24 +55,6 @@ def parquet_columns(path: Path) -> list[str]:
         raise BenchmarkFileError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0]})") from None
 
 
-def read_parquet(path: Path, required: Sequence[str], columns: Sequence[str] | None = None,
-                 limit: int | None = None) -> list[dict[str, Any]]:
-    """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name), at most ``limit``.
-
-    Streams through :func:`iter_rows` and stops at ``limit``, so a 5000-question
-    file with images is not decoded whole for a 300-question run. A missing path, an
-    unreadable file or a missing column ends in one :class:`BenchmarkFileError`
-    line that names the file and the expected columns."""
-    path = Path(path)
-    if not path.exists():
-        raise BenchmarkFileError(f"benchmark data {path} does not exist (expected a parquet file or a directory "
-                                 f"of them with columns {', '.join(required)})")
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not files:
-        raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
-    return list(iter_rows(files, required, 0, limit, columns))
-
-
 def parquet_rows(files: Sequence[Path]) -> int:
     """Total row count from the parquet footers (no data read)."""
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -185,5 +167,5 @@ def load_benchmark_rows(benchmark: str, files: Sequence[Path], limit: int,
     return [{**r, "image": images[r["imageId"]]} for r in rows]
 
 
-__all__ = ["write_parquet", "read_parquet", "parquet_columns", "parquet_rows", "BenchmarkFileError", "SYNTHETIC_SCHEMA",
+__all__ = ["write_parquet", "parquet_columns", "parquet_rows", "BenchmarkFileError", "SYNTHETIC_SCHEMA",
            "benchmark_files", "files_fingerprint", "load_benchmark_rows", "iter_rows", "benchmark_size"]

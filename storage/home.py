@@ -1,6 +1,6 @@
 """The ATR home directory: where every byte the pipeline writes lives.
 
-Layout (DESIGN.md)::
+Layout (docs/on-disk.md)::
 
     $ATR_HOME/                    default ./.atr
       stages/<stage>/<hash>/      one content-addressed directory per stage output

@@ -64,9 +64,15 @@ def _worker_init(_worker_id: int) -> None:
 
 def unwrapped(loader: DataLoader) -> Iterator[torch.Tensor]:
     """Iterate ``loader``; a bad shard met in a worker process ends in the reader's own one-line
-    ShardError, not in the DataLoader's multi-line "Caught ShardError in DataLoader worker" text."""
+    ShardError, not in the DataLoader's multi-line "Caught ShardError in DataLoader worker" text.
+
+    The worker processes stop when this generator ends (exhausted, closed, or on an error). An
+    error's traceback holds the DataLoader's iterator in a reference cycle: left to the garbage
+    collector, its shutdown waited 5 s (the workers' status-check interval) at some later, unrelated
+    point of the process (measured in tests/test_reliability_inputs.py)."""
+    batches = iter(loader)
     try:
-        yield from loader
+        yield from batches
     except ShardError as exc:
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         last = lines[-1] if lines else ""
@@ -75,6 +81,10 @@ def unwrapped(loader: DataLoader) -> Iterator[torch.Tensor]:
             if last.startswith(p):
                 last = last[len(p):]
         raise ShardError(last or str(exc)) from None
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
 
 
 def feature_loader(stage_dir: str | Path, manifest: dict[str, Any], batch_size: int,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flows.stages.eval import benchmark_items as load_items
+from eval_helpers import benchmark_items as load_items
 from pipeline.benchmarks import BENCHMARKS, aggregate, spec
 from pipeline.metrics import extract_mcq_answer, multiple_choice_accuracy
 

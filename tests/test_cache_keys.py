@@ -22,6 +22,14 @@ report and the synthetic benchmark stage on fixed inputs.
 - eval again (EVAL_VERSION 3: shards share one tower pass, a merged result's key
   records the shard size, random keeps are seeded per row); before:
   f68383022a24c89c / 0d728a5f92839dca / b4d92f138fa4803a.
+- train again (TRAIN_VERSION 4: the held-out selector metrics choose through
+  ``strategies.select``, and their ``random`` draws per crop as eval's ``random``
+  does, so a cached train stage's random rows would be the old code's); the
+  selector weights are unchanged, so eval keys (which take the checkpoint's
+  sha256) stay; before: 8b759855d1b80712.
+- the eval keys did not change when they moved to ``ResultKey`` (a frozen
+  dataclass that makes its own keys, issue "extension"): the goldens below
+  are the ones the positional ``chunk_key``/``result_key`` gave.
 """
 
 from __future__ import annotations
@@ -30,18 +38,18 @@ from pathlib import Path
 
 import pytest
 
-from flows.stages.eval import chunk_key
+from flows.stages.eval import ResultKey
 from flows.stages.extract import plan_extract
 from flows.stages.prepare_model import prepare_model_key
 from flows.stages.report import report_key
 from flows.stages.train import train_key
 from pipeline.device import default_device
-from pipeline.evaluate import EvalConfig
+from pipeline.evaluate import EvalConfig, Pruning
 from pipeline.run_config import RunConfig
 from pipeline.train import tiny_schedule
 from storage.stages import StageResult
 
-PREPARE, EXTRACT, TRAIN = "1997ddafa39302bd", "0fb4d5fce44848ea", "8b759855d1b80712"
+PREPARE, EXTRACT, TRAIN = "1997ddafa39302bd", "0fb4d5fce44848ea", "a141afc2fa9d8269"
 
 
 def test_the_default_run_keys_are_the_golden_ones():
@@ -62,15 +70,27 @@ def test_the_default_run_keys_are_the_golden_ones():
     (("m" * 16, "d" * 16, None, "synthetic-ocr", "random", 0.1, 2), "a9d13e6a3e098a50"),
 ])
 def test_eval_chunk_keys_are_the_golden_ones(args, golden):
-    assert chunk_key(*args, EvalConfig()) == golden
+    model, data, selector, benchmark, strategy, retention, seed = args
+    cfg = EvalConfig()
+    key = ResultKey(benchmark, Pruning(strategy, retention, seed, cfg.budget), cfg.limit, model, data,
+                    selector=selector)
+    assert key.chunk_key(cfg.shard_size) == golden
 
 
 def test_eval_shard_result_keys_are_the_golden_ones():
-    from flows.stages.eval import result_key
+    key = ResultKey("synthetic-ocr", Pruning("full", 1.0, 0), EvalConfig().limit, "m" * 16, "d" * 16)
+    assert [key.shard_key(a, b) for a, b in ((0, 100), (100, 200))] == ["cd0d84c596ce4063", "6dd249836663da3d"]
 
-    args = ("m" * 16, "d" * 16, None, "synthetic-ocr", "full", 1.0, 0, EvalConfig())
-    keys = [result_key(*args, a, b) for a, b in ((0, 100), (100, 200))]
-    assert keys == ["cd0d84c596ce4063", "6dd249836663da3d"]
+
+def test_strategy_options_enter_the_key_only_when_changed():
+    """An ablation switch is part of the key (issue "extension": they were module globals a test flipped,
+    outside every key); its default value leaves the golden keys as they were."""
+    def key(options):
+        return ResultKey("synthetic-scene", Pruning("visionzip", 0.25, 0, "per-crop", options), 300, "m" * 16,
+                         "d" * 16).chunk_key(100)
+
+    assert key({}) == key({"cls": True, "merge": "reference"})
+    assert len({key({}), key({"cls": False}), key({"merge": "average"}), key({"cls": False, "merge": "average"})}) == 4
 
 
 def test_report_and_benchmark_keys_are_unchanged(tmp_path):

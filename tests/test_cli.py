@@ -36,10 +36,21 @@ def test_help_explains_every_subcommand(capsys):
                 assert action.help, f"{name} {action.option_strings} has no help"
 
 
-def test_console_script_is_installed():
+def test_console_script_is_installed(tmp_path):
+    """The processes a user starts: `python -m flows.cli` and the `atr` console script, with their exit codes
+    (the other tests call flows.cli.main in the test process: tests/conftest.py atr_in_process)."""
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "extract", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--crops {all,base}" in proc.stdout
+    atr = os.path.join(os.path.dirname(sys.executable), "atr")
+    proc = subprocess.run([atr, "extract", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--crops {all,base}" in proc.stdout
+    proc = subprocess.run([atr, "query", "--home", str(tmp_path / "nowhere"), "SELECT 1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no results store" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    proc = subprocess.run([atr, "query"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "usage: atr query" in proc.stderr  # argparse's own exit code
 
 
 def test_home_option_before_or_after_the_subcommand(tmp_path, capsys):
@@ -107,17 +118,16 @@ def test_clean_removes_the_home(tmp_path, capsys):
     assert not home.exists()
 
 
-def test_ask_prints_the_answer(cli_env, tmp_path):
+def test_ask_prints_the_answer(run_cli, tmp_path):
     from pipeline.synthetic import generate_samples
 
     samples = generate_samples("synthetic-ocr", "test", 3)
     image = tmp_path / "card.png"
     sample = next(s for s in samples if len(s.answer) == 1)
     sample.image.save(image)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "ask", "--image", str(image), "--question",
-                           sample.question], cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == sample.answer
+    rc, stdout, stderr = run_cli("ask", "--image", str(image), "--question", sample.question)
+    assert rc == 0, stderr
+    assert stdout.strip() == sample.answer
 
 
 def test_ask_and_prepare_user_errors_are_one_line(cli_env, tmp_path):
@@ -133,13 +143,14 @@ def test_ask_and_prepare_user_errors_are_one_line(cli_env, tmp_path):
     assert_one_line_errors(cases, cli_env)
 
 
-def test_benchmark_command_writes_parquet(tmp_path, capsys):
+def test_benchmark_command_writes_parquet(tmp_path, run_cli):
     import pyarrow.parquet as pq
 
     out = tmp_path / "ocr.parquet"
-    assert main(["benchmark", "synthetic-ocr", "--split", "val", "-n", "7", "--out", str(out),
-                 "--home", str(tmp_path / "home")]) == 0
-    assert "7 questions" in capsys.readouterr().out
+    rc, stdout, _ = run_cli("benchmark", "synthetic-ocr", "--split", "val", "-n", "7", "--out", str(out),
+                            "--home", str(tmp_path / "home"))
+    assert rc == 0
+    assert "7 questions" in stdout
     table = pq.read_table(out)
     assert table.num_rows == 7 and table.column_names[:3] == ["question_id", "question", "answers"]
 
@@ -164,7 +175,7 @@ def test_every_user_error_type_is_one_line_with_exit_code_2(monkeypatch, tmp_pat
     from pipeline.config import ConfigError
     from pipeline.errors import MissingFile, UserError
     from pipeline.images import BadImage
-    from pipeline.presets import ModelLoadError
+    from pipeline.loading import ModelLoadError
     from pipeline.train import TrainingDiverged
     from storage.benchmarks import BenchmarkFileError
     from storage.checkpoints import CheckpointError

@@ -78,9 +78,9 @@ def cluster_models(cluster) -> dict[str, int]:
     from distributed import Client
 
     def count() -> int:
-        from pipeline import presets
+        from pipeline import loading
 
-        return len(presets._LOADED)
+        return len(loading._LOADED)
 
     with Client(cluster.scheduler_address) as client:
         return client.run(count)

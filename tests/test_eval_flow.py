@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import duckdb
 import pytest
 
-from conftest import REPO, assert_one_line_errors
+from conftest import assert_one_line_errors
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +80,12 @@ def test_eval_cli_errors_are_one_line(cli_env, tmp_path):
     assert_one_line_errors(cases, cli_env)
 
 
-def test_eval_cli_prints_the_table(cli_env):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "eval", "--benchmark", "synthetic-scene", "--strategies",
-                           "full,none,random", "--retentions", "0.25", "--seeds", "1", "--limit", "16"],
-                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "pruned evaluation" in proc.stdout and "synthetic-scene" in proc.stdout
-    assert "Rel. (mean over benchmarks of pruned/full): random@0.25" in proc.stdout
-    report = proc.stdout.split("report  ")[1].split()[0]
+def test_eval_cli_prints_the_table(run_cli):
+    rc, stdout, stderr = run_cli("eval", "--benchmark", "synthetic-scene", "--strategies", "full,none,random",
+                                 "--retentions", "0.25", "--seeds", "1", "--limit", "16")
+    assert rc == 0, stderr
+    assert "pruned evaluation" in stdout and "synthetic-scene" in stdout
+    assert "Rel. (mean over benchmarks of pruned/full): random@0.25" in stdout
+    report = stdout.split("report  ")[1].split()[0]
     summary = json.loads(open(f"{report}/summary.json").read())
     assert {r["strategy"] for r in summary} == {"full", "none", "random"}

@@ -99,7 +99,7 @@ def test_a_corrupt_image_or_bad_row_is_skipped_with_one_warning_and_counted(tmp_
 def test_grouping_by_length_cuts_the_left_padding(trained_model):
     """synthetic-ocr mixes 64x64 to 128x128 images (32 to 80 visual tokens): batching by length leaves less
     left padding than batching in row order, with the same answers."""
-    from pipeline.evaluate import encode_shard, evaluate_features
+    from pipeline.evaluate import Batching, Pruning, encode_shard, evaluate_features
     from pipeline.synthetic import generate_samples
     from pipeline.benchmarks import EvalItem
 
@@ -107,8 +107,10 @@ def test_grouping_by_length_cuts_the_left_padding(trained_model):
     samples = generate_samples("synthetic-ocr", "test", 48)
     items = [EvalItem(s.question_id, s.image, s.question, [s.answer]) for s in samples]
     shard = encode_shard(model, processor, items, batch_size=16)
-    plain = evaluate_features(model, processor, "synthetic-ocr", shard, "full", 1.0, batch_size=8, group=False)
-    grouped = evaluate_features(model, processor, "synthetic-ocr", shard, "full", 1.0, batch_size=8, group=True)
+    plain = evaluate_features(model, processor, "synthetic-ocr", shard, Pruning("full", 1.0),
+                              batching=Batching(8, group=False))
+    grouped = evaluate_features(model, processor, "synthetic-ocr", shard, Pruning("full", 1.0),
+                                batching=Batching(8, group=True))
     share = [r.padding / r.positions for r in (plain, grouped)]
     print(f"\nleft padding share, synthetic-ocr, batch 8: row order {share[0]:.1%}, grouped by length {share[1]:.1%}")
     assert share[1] < 0.5 * share[0]

@@ -93,15 +93,15 @@ def test_run_is_recorded_in_duckdb_and_mlflow(docs_run):
 
 
 def test_second_identical_run_is_a_cache_hit_without_model_work(docs_run):
-    from pipeline import presets
+    from pipeline import loading
 
     home, cfg, first = docs_run
-    presets._LOADED.clear()
+    loading._LOADED.clear()
     before = {p: p.stat().st_mtime_ns for p in Path(first["stages"][1]["path"]).iterdir()}
     again = _flow(home, ExtractConfig(**{**cfg.to_dict(), "batch_size": 4}))  # batch size is not part of the key
     assert [s["cached"] for s in again["stages"]] == [True, True]
     assert again["stages"][1]["key"] == first["stages"][1]["key"]
-    assert presets._LOADED == {}  # no model was loaded
+    assert loading._LOADED == {}  # no model was loaded
     assert {p: p.stat().st_mtime_ns for p in Path(first["stages"][1]["path"]).iterdir()} == before
     with duckdb.connect(str(home.results_db), read_only=True) as con:
         cached = con.execute("SELECT stage, cached FROM stage_runs WHERE run_id = ? ORDER BY stage",

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.flops import (CLIP_L_SELECTOR, VICUNA_7B, LlavaNextDims, LMDims, SelectorDims, flops_ratio,
-                            ideal_speedup, kv_cache_bytes, llava_next_visual_tokens, lm_prefill_flops,
-                            prefill_flops, projector_flops, selector_flops, selector_share, vision_tower_flops)
+from pipeline.flops import (CLIP_L_SELECTOR, VICUNA_7B, LlavaNextDims, LMDims, SelectorDims, ideal_speedup,
+                            kv_cache_bytes, llava_next_visual_tokens, lm_prefill_flops, prefill_flops,
+                            projector_flops, selector_flops, selector_share, vision_tower_flops)
 
 LM = VICUNA_7B.lm
+
+
+def flops_ratio(lm: LMDims, text_tokens: int, full_visual: int, pruned_visual: int,
+                convention: str = "causal") -> float:
+    """Pruned / full prefill FLOPs (the "LLM ratio" peers quote), i.e. 1 / ideal_speedup."""
+    return 1.0 / ideal_speedup(lm, text_tokens, full_visual, pruned_visual, convention)
 
 
 def test_fastv_ratio_at_22_percent_of_2880_tokens_is_21_4_percent():

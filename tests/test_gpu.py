@@ -1,4 +1,4 @@
-"""On a CUDA device: selector training steps, pruned bf16 generation against stock ``full``, a bench run.
+"""On a CUDA device: selector training steps, pruned bf16 generation against stock ``full``, an ``atr speed`` run.
 
 Marked ``gpu`` and skipped without CUDA; ``.ci/gpu-check`` runs them (``python -m pytest -m gpu``).
 """
@@ -37,7 +37,7 @@ def test_selector_training_steps_run_on_cuda_with_bf16_autocast():
 
 def test_pruned_bf16_full_generates_the_stock_token_ids_on_cuda(trained_stage):
     from pipeline.prune import encode_images, generate_ids, visual_embeddings
-    from pipeline.presets import load_model
+    from pipeline.loading import load_model
     from pipeline.synthetic import generate_samples
     from pipeline.tinyworld import prompt_for
 
@@ -57,8 +57,8 @@ def test_pruned_bf16_full_generates_the_stock_token_ids_on_cuda(trained_stage):
         assert torch.equal(ours[:, :n].cpu(), stock[:, :n].cpu()), s.question_id
 
 
-def test_a_bench_run_on_cuda(cli_env, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "--home", str(tmp_path / "home"), "--device",
+def test_a_speed_run_on_cuda(cli_env, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "speed", "--home", str(tmp_path / "home"), "--device",
                           "cuda", "--repeats", "3", "--extract-images", "8", "--extract-repeats", "2"],
                          cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -29,8 +29,9 @@ def assert_loads_none_of(statement: str, modules: tuple[str, ...]) -> None:
 
 
 def test_pipeline_imports_without_orchestration_libraries():
-    assert_loads_none_of("import pipeline.config, pipeline.presets, pipeline.images, pipeline.extract, "
-                         "pipeline.run_config", ("prefect", "mlflow", "duckdb", "storage", "flows"))
+    assert_loads_none_of("import pipeline.config, pipeline.presets, pipeline.builders, pipeline.loading, "
+                         "pipeline.images, pipeline.extract, pipeline.run_config",
+                         ("prefect", "mlflow", "duckdb", "storage", "flows"))
 
 
 def test_building_the_cli_parser_loads_neither_prefect_nor_torch():

@@ -84,7 +84,7 @@ def _docvqa_parquet(path, n: int = 6):
 def test_the_plugin_is_registered_as_a_chat_model():
     from lmms_eval.models import get_model
 
-    from flows.stages.lmms_model import AtrLlava
+    from flows.lmms.model import AtrLlava
 
     cls = get_model("atr_llava")
     assert cls is AtrLlava and cls.is_simple is False
@@ -97,7 +97,7 @@ def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, m
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    from flows.stages.lmms_model import AtrLlava
+    from flows.lmms.model import AtrLlava
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     data = _docvqa_parquet(tmp_path / "docvqa-val.parquet")
@@ -131,7 +131,7 @@ def test_lmms_evals_own_docvqa_task_runs_pruned_from_a_local_parquet(tmp_path, m
 
 
 def test_bad_model_args_are_one_line():
-    from flows.stages.lmms_model import AtrLlava
+    from flows.lmms.model import AtrLlava
     from pipeline.config import ConfigError
 
     with pytest.raises(ConfigError) as err:

@@ -18,7 +18,8 @@ SIZES = [(100, 60), (190, 190), (50, 50), (64, 180)]  # (width, height): 190x190
 
 @pytest.fixture(scope="module")
 def ov_dir(tmp_path_factory):
-    from pipeline.presets import PRESETS, save_tiny
+    from pipeline.builders import save_tiny
+    from pipeline.presets import PRESETS
 
     out = tmp_path_factory.mktemp("tiny-ov")
     save_tiny(PRESETS["tiny-ov"], out)
@@ -28,7 +29,7 @@ def ov_dir(tmp_path_factory):
 @pytest.fixture
 def ov(ov_dir):
     """A fresh load of tiny-ov each test (tests change its interpolation setting)."""
-    from pipeline.presets import load_model
+    from pipeline.loading import load_model
 
     return load_model(ov_dir)
 
@@ -125,8 +126,8 @@ def test_mean_received_attention_is_the_cls_free_score(ov):
 
 def test_every_strategy_runs_on_onevision_at_the_budget_of_random(ov):
     from pipeline.benchmarks import EvalItem
-    from pipeline.config import PRUNERS
-    from pipeline.evaluate import evaluate_chunk
+    from pipeline.strategies import pruners
+    from eval_helpers import evaluate_chunk
     from pipeline.synthetic import generate_samples
 
     model, processor = ov
@@ -134,7 +135,7 @@ def test_every_strategy_runs_on_onevision_at_the_budget_of_random(ov):
     samples = generate_samples("synthetic-scene", "test", 4, seed=0)
     items = [EvalItem(f"s{i}", s.image, s.question, s.answers, {}) for i, s in enumerate(samples)]
     tokens = {}
-    for strategy in [p for p in PRUNERS if p != "selector"]:
+    for strategy in [p for p in pruners() if p != "selector"]:
         r = evaluate_chunk(model, processor, "synthetic-scene", items, strategy, 0.25)
         tokens[strategy] = r.mean_visual_tokens
         assert r.stock_visual_tokens is not None and r.stock_visual_tokens > r.mean_visual_tokens
@@ -144,7 +145,8 @@ def test_every_strategy_runs_on_onevision_at_the_budget_of_random(ov):
 
 def test_siglip_geometry_the_grid_covers_378_of_384_pixels():
     from pipeline.extract import token_boxes
-    from pipeline.presets import PRESETS, SIZED_PRESETS, on_meta
+    from pipeline.builders import on_meta
+    from pipeline.presets import PRESETS, SIZED_PRESETS
 
     meta = on_meta(SIZED_PRESETS["bench-ov-7b"])
     cfg = meta.config
@@ -159,7 +161,8 @@ def test_siglip_geometry_the_grid_covers_378_of_384_pixels():
 
 def test_bench_ov_7b_has_the_real_checkpoint_dimensions():
     from pipeline.flops import vision_tower_flops
-    from pipeline.presets import SIZED_PRESETS, on_meta
+    from pipeline.builders import on_meta
+    from pipeline.presets import SIZED_PRESETS
 
     model = on_meta(SIZED_PRESETS["bench-ov-7b"])
     n = sum(p.numel() for p in model.parameters())
@@ -193,10 +196,7 @@ def test_a_selector_of_the_other_family_is_refused_naming_both(tmp_path):
 
 
 def test_atr_eval_on_onevision_refuses_interpolation_and_warns_above_the_papers_retention(cli_env):
-    import subprocess
-    import sys
-
-    from conftest import REPO, assert_one_line_errors
+    from conftest import assert_one_line_errors, atr_in_process
 
     base = ["eval", "--model", "tiny-ov-trained", "--benchmark", "synthetic-scene", "--limit", "4",
             "--shard-size", "4", "--seeds", "1"]
@@ -204,14 +204,10 @@ def test_atr_eval_on_onevision_refuses_interpolation_and_warns_above_the_papers_
         ([*base, "--strategies", "full,random", "--interpolation", "on"],
          "random cannot prune LLaVA-OneVision with interpolation on: vision_aspect_ratio='anyres_max_4'"),
     ], cli_env)
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *base, "--strategies", "full,random",
-                           "--retentions", "0.25,0.75"], cwd=REPO, env=cli_env, capture_output=True, text=True,
-                          timeout=600)
+    proc = atr_in_process([*base, "--strategies", "full,random", "--retentions", "0.25,0.75"], cli_env)
     assert proc.returncode == 0, proc.stderr
     assert "retention 0.75 > 0.6" in proc.stderr and "stock_visual_tokens" in proc.stderr
-    stock = subprocess.run([sys.executable, "-m", "flows.cli", *base, "--strategies", "full,none",
-                            "--interpolation", "on"], cwd=REPO, env=cli_env, capture_output=True, text=True,
-                           timeout=600)
+    stock = atr_in_process([*base, "--strategies", "full,none", "--interpolation", "on"], cli_env)
     assert stock.returncode == 0, stock.stderr  # the stock baseline runs with interpolation on
 
 
@@ -221,7 +217,7 @@ def test_the_llava_hf_folder_layout_registers_offline(ov_dir, tmp_path):
     import shutil
 
     from flows.stages.prepare_model import prepare_model
-    from pipeline.presets import load_model
+    from pipeline.loading import load_model
     from storage.home import Home
 
     model, processor = load_model(ov_dir)

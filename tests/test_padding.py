@@ -60,6 +60,34 @@ def pasted(page, area_factor: float = 6.0, aspect: float = 1.5, corner: str = "t
     return canvas, (float(x), float(y), float(x + w), float(y + h))
 
 
+def document_share(kept: dict, doc_box: tuple[float, float, float, float]) -> dict[str, float]:
+    """How much of the budget lands on a document pasted into a larger canvas (``kept``: from
+    ``pipeline.masks.kept_tokens``).
+
+    A token is on the document when its centre (original-image pixels) lies in
+    ``doc_box``. Returns the document's share of the valid tokens, the share of
+    the selector's and of random's kept tokens that fall on it, and each of those
+    over the first (1.0 = no better than chance)."""
+    import numpy as np
+
+    from pipeline.extract import token_boxes
+
+    x0, y0, x1, y1 = doc_box
+    valid, chosen, rand = [], [], []
+    for i, box in enumerate(kept["boxes"]):
+        cells = token_boxes(box, kept["side"], kept.get("span", 1.0))
+        cx, cy = (cells[:, 0] + cells[:, 2]) / 2, (cells[:, 1] + cells[:, 3]) / 2
+        inside = np.zeros(kept["tokens"], dtype=bool)
+        inside[kept["cls_offset"]:] = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+        for out, name in ((valid, "valid_indices"), (chosen, "selector"), (rand, "random")):
+            out.append(inside[kept[name][i]])
+    share = {name: float(np.concatenate(v).mean()) for name, v in
+             (("doc_valid_share", valid), ("selector_share", chosen), ("random_share", rand))}
+    share["selector_over_doc"] = share["selector_share"] / share["doc_valid_share"]
+    share["random_over_doc"] = share["random_share"] / share["doc_valid_share"]
+    return share
+
+
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     from storage.home import Home
@@ -84,8 +112,8 @@ def _selector(home, model: str):
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-trained"])
 def test_the_selector_spends_its_budget_on_the_document(home, model, capsys):
-    from pipeline.masks import document_share, kept_tokens
-    from pipeline.presets import load_model
+    from pipeline.masks import kept_tokens
+    from pipeline.loading import load_model
 
     model_stage, selector = _selector(home, model)
     llava, processor = load_model(model_stage.model_dir)

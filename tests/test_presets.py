@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from flows.stages.prepare_model import prepare_model
-from pipeline.presets import IMAGE_TOKEN, ModelLoadError, TinyPreset, load_model
+from pipeline.builders import IMAGE_TOKEN
+from pipeline.loading import ModelLoadError, load_model
+from pipeline.presets import TinyPreset
 from storage.home import Home
 
 
@@ -135,7 +137,7 @@ def test_a_model_folder_with_only_pickle_weights_is_refused(tiny_stage, tmp_path
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.presets import ModelLoadError, load_model
+    from pipeline.loading import ModelLoadError, load_model
 
     src = tiny_stage.model_dir
     dst = tmp_path / "bin-only"

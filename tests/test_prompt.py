@@ -88,7 +88,7 @@ def test_full_generates_the_ids_of_stock_generate(bos_world, batch):
 def test_ask_and_eval_full_agree_on_every_sample(trained_model):
     """`atr ask` (stock processor + generate) and `atr eval --strategies full` give the same answers."""
     from pipeline.benchmarks import items
-    from pipeline.evaluate import evaluate_chunk
+    from eval_helpers import evaluate_chunk
     from pipeline.tinyworld import ask
 
     model, processor = trained_model
@@ -131,7 +131,7 @@ def test_mmmu_question_with_two_images_prunes_each(trained_model):
     import io
 
     from pipeline.benchmarks import build_items
-    from pipeline.evaluate import encode_shard, evaluate_features
+    from pipeline.evaluate import Pruning, encode_shard, evaluate_features
 
     model, processor = trained_model
     imgs = [s.image for s in generate_samples("synthetic-scene", "test", 2)]
@@ -150,8 +150,8 @@ def test_mmmu_question_with_two_images_prunes_each(trained_model):
     shard = encode_shard(model, processor, items)
     assert shard.images == 3 and len(shard.more[0]) == 1 and shard.more[1] == []
     per_image = [visual_embeddings(model, f).shape[0] for f in encode_images(model, processor, imgs)]
-    full = evaluate_features(model, processor, "mmmu_val", shard, "full", 1.0)
+    full = evaluate_features(model, processor, "mmmu_val", shard, Pruning("full", 1.0))
     assert [r["visual_tokens"] for r in full.samples] == [per_image[0] + per_image[1], per_image[1]]
-    half = evaluate_features(model, processor, "mmmu_val", shard, "random", 0.5, seed=1)
+    half = evaluate_features(model, processor, "mmmu_val", shard, Pruning("random", 0.5, seed=1))
     assert 0 < half.samples[0]["visual_tokens"] < full.samples[0]["visual_tokens"]
     assert half.samples[0]["visual_tokens"] > half.samples[1]["visual_tokens"]  # two pruned images, not one

@@ -95,7 +95,7 @@ def test_images_must_match_the_prompts_placeholders(trained_model):
 
 
 def test_a_model_without_the_llava_next_api_is_refused_in_one_line():
-    from pipeline.presets import ModelLoadError
+    from pipeline.loading import ModelLoadError
     from pipeline.prune import ImageFeatures
 
     class NotLlava(torch.nn.Module):

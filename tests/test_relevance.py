@@ -13,7 +13,8 @@ def _save_clip(out, vision_width: int = 64, seed: int = 0):
     """A tiny CLIPModel (text tower + projections) and a tokenizer, saved with save_pretrained."""
     from transformers import CLIPConfig, CLIPModel
 
-    from pipeline.presets import PRESETS, build_tokenizer
+    from pipeline.builders import build_tokenizer
+    from pipeline.presets import PRESETS
 
     tok = build_tokenizer(PRESETS["tiny"])
     cfg = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
@@ -100,19 +101,14 @@ def test_relevance_changes_what_cdpruner_keeps(trained_model, clip_dir):
 # slow (57 s): the whole atr eval with a CLIP text tower; the relevance scores are checked in the default run
 @pytest.mark.slow
 def test_eval_cdpruner_with_a_text_encoder(cli_env, clip_dir, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO, assert_one_line_errors
+    from conftest import assert_one_line_errors, atr_in_process
 
     base = ["eval", "--benchmark", "synthetic-ocr", "--strategies", "cdpruner", "--retentions", "0.25",
             "--limit", "6", "--shard-size", "6"]
-    plain = subprocess.run([sys.executable, "-m", "flows.cli", *base], cwd=REPO, env=cli_env, capture_output=True,
-                           text=True, timeout=600)
+    plain = atr_in_process(base, cli_env)
     assert plain.returncode == 0, plain.stderr
     assert "unconditioned DPP" in plain.stderr
-    cond = subprocess.run([sys.executable, "-m", "flows.cli", *base, "--text-encoder", str(clip_dir)], cwd=REPO,
-                          env=cli_env, capture_output=True, text=True, timeout=600)
+    cond = atr_in_process([*base, "--text-encoder", str(clip_dir)], cli_env)
     assert cond.returncode == 0, cond.stderr
     assert "unconditioned DPP" not in cond.stderr
     assert "for 1 of 1 shard results" in cond.stdout  # a new result, not the unconditioned one from cache

@@ -31,7 +31,7 @@ import json, sys, time
 from flows.stages.extract import extract, plan_extract
 from flows.stages.prepare_model import prepare_model
 from pipeline.config import ExtractConfig
-from pipeline.presets import cached_model
+from pipeline.loading import cached_model
 from storage.home import Home
 
 home = Home.resolve(sys.argv[1]).ensure()

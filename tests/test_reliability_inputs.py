@@ -10,7 +10,6 @@ import pickle
 import shutil
 import struct
 import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -25,12 +24,14 @@ from storage.home import Home
 from storage.shards import ShardError, iter_features
 from storage.stages import StageError, read_manifest
 
-from conftest import REPO, assert_one_line_errors
+from conftest import assert_one_line_errors
 
 
 def _atr(env, *args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    """`atr args` with environment ``env``, in this process (tests/conftest.py atr_in_process)."""
+    from conftest import atr_in_process
+
+    return atr_in_process(args, env)
 
 
 def _noise(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

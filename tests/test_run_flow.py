@@ -146,14 +146,14 @@ def test_prefect_cache_entries_are_keyed_by_the_stage_hashes(cold):
 
 
 def test_second_identical_run_does_no_model_work(cold):
-    from pipeline import presets
+    from pipeline import loading
 
     home, first, _ = cold
     stamps = {p: p.stat().st_mtime_ns for p in home.stages.glob("*/*/_manifest.json")}
-    presets._LOADED.clear()
+    loading._LOADED.clear()
     out = run(home.root)
     assert cached(out) == dict.fromkeys(STAGE_ORDER, True)
-    assert presets._LOADED == {}  # no model was loaded
+    assert loading._LOADED == {}  # no model was loaded
     assert {p: p.stat().st_mtime_ns for p in home.stages.glob("*/*/_manifest.json")} == stamps
     assert [s["key"] for s in out["stages"]] == [s["key"] for s in first["stages"]]
     assert out["run_id"] != first["run_id"]
@@ -200,14 +200,10 @@ def test_deleting_a_stage_directory_recomputes_just_that_stage(cold):
 
 
 def test_print_config_round_trips_and_bad_configs_fail_in_one_line(cli_env, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO, assert_one_line_errors
+    from conftest import assert_one_line_errors, atr_in_process
     from pipeline.run_config import RunConfig, load_run_config
 
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--print-config"], cwd=REPO, env=cli_env,
-                          capture_output=True, text=True, timeout=120)
+    proc = atr_in_process(["run", "--print-config"], cli_env)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "limit = 2048" in text and 'crops = "base"' in text and "retentions = [0.1, 0.25, 0.5, 0.75]" in text
@@ -244,10 +240,7 @@ def test_cli_stage_names_match_the_flow():
 
 def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_path):
     """The command as a user runs it, on the module's home: a cache hit end to end."""
-    import subprocess
-    import sys
-
-    from conftest import REPO
+    from conftest import atr_in_process
 
     home, _, _ = cold
     lines = ['model = "tiny-trained"', "[extract]", "limit = 96", "shard_size = 32",
@@ -257,8 +250,7 @@ def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_pat
              "limit = 12", "batch_size = 12"]
     (tmp_path / "small.toml").write_text("\n".join(lines) + "\n")
     env = {**cli_env, "ATR_HOME": str(home.root)}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(tmp_path / "small.toml")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = atr_in_process(["run", "--config", str(tmp_path / "small.toml")], env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "pruned evaluation" in out and "stages" in out

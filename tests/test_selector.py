@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.selector import (SelectorConfig, TokenSelector, grid_indices, grid_order, keep_count,
-                               random_indices)
+from pipeline.selector import SelectorConfig, TokenSelector, grid_indices, grid_order, keep_count
+from pipeline.selector_eval import kept_indices as mask_indices
+from pipeline.strategies import Batch, Context, select, selections, seeded_generator
 from pipeline.train import Callback, TrainConfig, Trainer, TrainingDiverged, is_held_out, lr_factor
 
 L, C = 16, 32
@@ -67,18 +68,22 @@ def test_dropped_tokens_become_the_shared_mask_embedding_and_positions_tell_them
     assert not torch.allclose(ra[0, 0], ra[0, 1])  # but positions differ
 
 
-def test_kept_indices_are_batched_top_k_in_raster_order():
+def test_the_selector_strategy_is_batched_top_k_in_raster_order():
     model = _model()
     x = torch.randn(6, L, C)
     logits = model.keep_logits(x)
+
+    def kept(feats, r):
+        return mask_indices(select("selector", feats, r, "per-crop", Context(selector=model)).mask)
+
     for r in (0.1, 0.25, 0.5, 1.0):
-        idx = model.kept_indices(x, r)
+        idx = kept(x, r)
         k = keep_count(r, L)
         assert idx.shape == (6, k) and k == max(1, round(r * L))
         assert (idx[:, 1:] > idx[:, :-1]).all()
         for i in range(6):
             assert set(idx[i].tolist()) == set(logits[i].topk(k).indices.tolist())
-        torch.testing.assert_close(model.kept_indices(x[2:3], r), idx[2:3])  # batch-independent
+        torch.testing.assert_close(kept(x[2:3], r), idx[2:3])  # batch-independent
 
 
 def test_feature_shape_mismatch_is_refused():
@@ -107,8 +112,9 @@ def test_standardization_uses_training_statistics():
 
 
 def test_baselines_random_and_uniform_grid():
-    g = torch.Generator().manual_seed(0)
-    idx = random_indices(100, 64, 0.25, g)
+    crops = [torch.zeros(1, 64, 4)] * 100  # 100 one-crop images, each drawn as eval draws its rows
+    per_image = [{"generator": seeded_generator(0, i)} for i in range(100)]
+    idx = mask_indices(torch.cat([s.mask for s in selections("random", crops, 0.25, batch=Batch(per_image=per_image))]))
     assert idx.shape == (100, 16) and (idx[:, 1:] > idx[:, :-1]).all()
     counts = torch.bincount(idx.flatten(), minlength=64).float()
     assert counts.min() > 5  # every token gets picked sometimes

@@ -56,7 +56,10 @@ def test_bad_cron_and_missing_server_fail_in_one_line(cli_env, tmp_path):
     from conftest import assert_one_line_errors
 
     no_server = {k: v for k, v in cli_env.items() if k != "PREFECT_API_URL"}
-    assert_one_line_errors([(["serve"], "needs a Prefect server: set PREFECT_API_URL")], no_server)
+    # A process of its own: Prefect reads its settings (a profile's PREFECT_API_URL too) when it starts,
+    # and this test process's are the session server's.
+    assert_one_line_errors([(["serve"], "needs a Prefect server: set PREFECT_API_URL")], no_server,
+                           in_process=False)
     assert_one_line_errors([(["serve", "--cron", "every day"], "is not a cron expression")], cli_env)
 
 

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from pipeline.presets import SIZED_MARKER, SIZED_PRESETS, on_meta
+from pipeline.builders import SIZED_MARKER, on_meta
+from pipeline.presets import SIZED_PRESETS
 
 
 @pytest.mark.parametrize("name, params, kv_heads, ffn, lm_class", [
@@ -30,7 +31,7 @@ def test_the_meta_build_has_the_real_dimensions(name, params, kv_heads, ffn, lm_
 
 def test_the_stage_saves_config_and_processor_only(session_home):
     from flows.stages.prepare_model import prepare_model
-    from pipeline.presets import load_model_config
+    from pipeline.loading import load_model_config
 
     result = prepare_model(session_home, "bench-vicuna-7b")
     files = {p.name for p in result.path.iterdir()}
@@ -45,7 +46,8 @@ def test_materialize_builds_on_the_target_device_in_its_dtype_seeded(tmp_path):
     """A shrunken sized preset (the 7B one needs 14 GiB): built in bf16, the same weights every load."""
     import torch
 
-    from pipeline.presets import load_model, save_sized
+    from pipeline.builders import save_sized
+    from pipeline.loading import load_model
 
     small = dataclasses.replace(SIZED_PRESETS["bench-mistral-7b"], name="small", text_hidden=64, text_layers=1,
                                 text_heads=4, text_kv_heads=2, text_intermediate=128, vision_hidden=32,
@@ -63,9 +65,9 @@ def test_materialize_builds_on_the_target_device_in_its_dtype_seeded(tmp_path):
         load_model(tmp_path, dtype="bfloat16", device="cpu")
 
 
-def test_a_cpu_bench_run_is_refused_in_one_line(cli_env):
+def test_a_cpu_speed_run_is_refused_in_one_line(cli_env):
     from conftest import assert_one_line_errors
 
     assert_one_line_errors([
-        (["bench", "--model", "bench-vicuna-7b", "--device", "cpu"], "bench-vicuna-7b has 7.1 B parameters"),
+        (["speed", "--model", "bench-vicuna-7b", "--device", "cpu"], "bench-vicuna-7b has 7.1 B parameters"),
     ], cli_env)

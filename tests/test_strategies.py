@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.selector import SelectorConfig, TokenSelector
-from pipeline.strategies import STRATEGIES, Context, keep_mask
+from pipeline.strategies import Context, keep_mask, names
 
 
 def _features(crops=3, tokens=16, dim=8, seed=0):
@@ -42,7 +42,7 @@ def test_full_none_and_errors():
     f = _features()
     assert keep_mask("full", f, 0.25).all()
     assert keep_mask("none", f, 0.25) is None
-    with pytest.raises(ValueError, match="valid: " + ", ".join(STRATEGIES)):
+    with pytest.raises(ValueError, match="valid: " + ", ".join(names())):
         keep_mask("fastv", f, 0.25)
     with pytest.raises(ValueError, match="valid: per-crop, global"):
         keep_mask("random", f, 0.25, "per-image")
@@ -176,7 +176,7 @@ def test_divprune_is_max_min_over_the_projected_tokens_of_the_whole_image():
 
 def test_divprune_runs_through_evaluation_at_random_s_budget(trained_model):
     from pipeline.benchmarks import EvalItem
-    from pipeline.evaluate import evaluate_chunk
+    from eval_helpers import evaluate_chunk
     from pipeline.synthetic import generate_samples
 
     model, processor = trained_model

@@ -105,11 +105,28 @@ def test_chance_and_bad_arguments():
         generate_samples("synthetic-ocr", "dev", 1)
 
 
+def read_parquet(path, required, columns=None, limit=None) -> list[dict]:
+    """Rows of one parquet file (or every ``*.parquet`` in a directory, sorted by name), at most ``limit``,
+    through ``storage.benchmarks.iter_rows``. A missing path, an unreadable file or a missing column ends
+    in one ``BenchmarkFileError`` line that names the file and the expected columns."""
+    from pathlib import Path
+
+    from storage.benchmarks import BenchmarkFileError, iter_rows
+
+    path = Path(path)
+    if not path.exists():
+        raise BenchmarkFileError(f"benchmark data {path} does not exist (expected a parquet file or a directory "
+                                 f"of them with columns {', '.join(required)})")
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not files:
+        raise BenchmarkFileError(f"no *.parquet files in {path} (expected columns {', '.join(required)})")
+    return list(iter_rows(files, required, 0, limit, columns))
+
+
 def test_parquet_stage_writes_the_lmms_lab_layout(session_home):
     import pyarrow.parquet as pq
 
     from flows.stages.benchmark import synthetic_benchmark
-    from storage.benchmarks import read_parquet
 
     path = synthetic_benchmark(session_home, "synthetic-ocr", "test", 25)
     assert path.name == "synthetic-ocr-test.parquet"
@@ -132,7 +149,7 @@ def test_parquet_errors_name_file_and_columns(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from storage.benchmarks import BenchmarkFileError, read_parquet
+    from storage.benchmarks import BenchmarkFileError
 
     required = ["question_id", "question", "answers", "image"]
     with pytest.raises(BenchmarkFileError, match="does not exist.*question_id, question, answers, image"):

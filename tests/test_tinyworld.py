@@ -67,7 +67,7 @@ def test_config_refuses_bad_values():
 def test_shortened_training_through_the_stage_beats_no_image(session_home):
     """The real prepare-model stage trains a short tiny-trained; it reads colours far above no-image."""
     from flows.stages.prepare_model import prepare_model
-    from pipeline.presets import load_model
+    from pipeline.loading import load_model
 
     result = prepare_model(session_home, "tiny-trained", tiny_world=SHORT.to_dict())
     m = result.manifest

@@ -163,17 +163,14 @@ def test_atr_eval_with_mlflow_down_completes_and_atr_sync_replays_it(cli_env, tm
     """As a user meets it: `atr eval` while the tracking server is down completes, records to DuckDB
     and warns in one line; `atr sync` (server back) gives MLflow the run with the same structure a live
     run has (parent, one child per chunk, params, metrics, artifacts); a second sync changes nothing."""
-    import subprocess
-    import sys
-
     import duckdb
 
-    from conftest import REPO
+    from conftest import atr_in_process
 
     env = {**cli_env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_closed_port()}"}
-    args = [sys.executable, "-m", "flows.cli", "eval", "--model", "tiny-trained", "--benchmark", "synthetic-ocr",
+    args = ["eval", "--model", "tiny-trained", "--benchmark", "synthetic-ocr",
             "--limit", "8", "--strategies", "full,random", "--retentions", "0.5", "--seeds", "1"]
-    down = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    down = atr_in_process(args, env)
     assert down.returncode == 0, down.stderr
     warnings = [line for line in down.stderr.splitlines() if "MLflow" in line]
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "atr sync" in warnings[0], down.stderr
@@ -184,17 +181,17 @@ def test_atr_eval_with_mlflow_down_completes_and_atr_sync_replays_it(cli_env, tm
         assert c.execute("SELECT count(*) FROM eval_scores WHERE run_id = ?", [run_id]).fetchone()[0] == 2
 
     server = f"sqlite:///{tmp_path}/server.db"
-    sync = [sys.executable, "-m", "flows.cli", "sync"]
+    sync = ["sync"]
     up = {**cli_env, "MLFLOW_TRACKING_URI": server}
-    first = subprocess.run(sync, cwd=REPO, env=up, capture_output=True, text=True, timeout=300)
+    first = atr_in_process(sync, up)
     assert first.returncode == 0, first.stderr
     assert "runs created, 1 DuckDB runs now point at them" in first.stdout, first.stdout
     with duckdb.connect(str(db), read_only=True) as c:
         (real,) = c.execute("SELECT mlflow_run_id FROM runs").fetchone()
-    second = subprocess.run(sync, cwd=REPO, env=up, capture_output=True, text=True, timeout=300)
+    second = atr_in_process(sync, up)
     assert second.returncode == 0 and "nothing to sync" in second.stdout, second.stdout + second.stderr
 
-    live = subprocess.run(args, cwd=REPO, env=up, capture_output=True, text=True, timeout=600)  # the same, live
+    live = atr_in_process(args, up)  # the same, live
     assert live.returncode == 0 and "MLflow" not in live.stderr, live.stderr
     client = MlflowClient(tracking_uri=server)
     exp = client.get_experiment_by_name("atr").experiment_id

@@ -106,6 +106,13 @@ def test_identical_train_is_a_cache_hit(trained):
 
 
 def _atr(env, *args):
+    """`atr args` with environment ``env``, in this process (tests/conftest.py atr_in_process)."""
+    from conftest import atr_in_process
+
+    return atr_in_process(args, env)
+
+
+def _atr_process(env, *args):
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -134,7 +141,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(features, cli_env):
     killed_at = json.loads(last.read_text())["step"]
     assert 120 <= killed_at < 300
 
-    resumed = _atr(env, *args)
+    resumed = _atr_process(env, *args)
     assert resumed.returncode == 0, resumed.stderr
     final = last.parent.with_name(last.parent.name[: -len(".tmp")])
     curves = json.loads((final / "curves-p0.3.json").read_text())

@@ -18,7 +18,6 @@ from typing import Sequence
 from pipeline.errors import UserError
 
 from .ask import ask_parser, cmd_ask
-from .bench import bench_parser, cmd_bench
 from .benchmark import benchmark_parser, cmd_benchmark
 from .clean import clean_parser, cmd_clean
 from .eval import cmd_eval, eval_parser
@@ -28,6 +27,7 @@ from .prepare_model import cmd_prepare_model, prepare_model_parser
 from .query import cmd_query, query_parser
 from .run import cmd_run, run_parser
 from .serve import cmd_serve, serve_parser
+from .speed import cmd_speed, speed_parser
 from .sync import cmd_sync, sync_parser
 from .train import cmd_train, train_parser
 
@@ -64,11 +64,14 @@ COMMANDS = {
     "mask": (mask_parser, cmd_mask),
     "run": (run_parser, cmd_run),
     "serve": (serve_parser, cmd_serve),
-    "bench": (bench_parser, cmd_bench),
+    "speed": (speed_parser, cmd_speed),
     "query": (query_parser, cmd_query),
     "sync": (sync_parser, cmd_sync),
     "clean": (clean_parser, cmd_clean),
 }
+# Old command names, accepted for one release: old -> new. The new command's parser lists the old
+# name in its aliases; running it prints one note on stderr, then runs the new command.
+RENAMED = {"bench": "speed"}
 NO_RUNTIME = ("query", "clean")  # commands that load neither Prefect nor torch
 FLOW_COMMANDS = ("prepare-model", "extract", "train", "eval", "run")  # commands that run a Prefect flow
 
@@ -96,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.home = getattr(args, "home", None)
     args.verbose = getattr(args, "verbose", False)
+    if args.command in RENAMED:
+        old, args.command = args.command, RENAMED[args.command]
+        print(f"note: `atr {old}` is now `atr {args.command}`; the old name goes in the next release",
+              file=sys.stderr)
     from storage.home import Home
 
     home = Home.resolve(args.home)

@@ -24,7 +24,7 @@ def ask_parser(sub, common) -> None:
 def cmd_ask(home, args) -> int:
     from pipeline.device import compute
     from pipeline.images import decode_image
-    from pipeline.presets import cached_model
+    from pipeline.loading import cached_model
     from pipeline.tinyworld import ask
 
     from ..stages.prepare_model import prepare_model

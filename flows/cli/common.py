@@ -7,9 +7,11 @@ and thread counts (``flows.runtime``) before either loads.
 
 from __future__ import annotations
 
+import argparse
+import collections
 import math
 import textwrap
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.config import ConfigError
 
@@ -19,13 +21,45 @@ MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained: a LLaVA-NeXT / L
               "llava-hf/llava-onevision-qwen2-7b-ov-hf (must be in the local HF cache when offline)")
 
 
-def add_command(sub, common, name: str, help: str, description: str, epilog: str | None = None):
+def add_command(sub, common, name: str, help: str, description: str, epilog: str | None = None,
+                aliases: tuple[str, ...] = ()):
     """A subcommand's parser: the shared options, the one-line ``help`` shown by ``atr --help``, the
-    description wrapped at 80 columns, and the epilog (examples) printed as written."""
-    import argparse
-
+    description wrapped at 80 columns, and the epilog (examples) printed as written. ``aliases``: old
+    names that still parse (each one a key of ``flows.cli.RENAMED``)."""
     return sub.add_parser(name, parents=[common], help=help, description=wrap(description), epilog=epilog,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+                          formatter_class=HelpFormatter, aliases=list(aliases))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an option's help may be a :class:`LazyHelp`, built only when shown."""
+
+    def _get_help_string(self, action) -> str:
+        return str(action.help)
+
+
+class LazyHelp(collections.UserString):
+    """Help text computed when ``--help`` prints it (the strategy registry imports torch; parsing must
+    not)."""
+
+    def __init__(self, make: Callable[[], str] | str):
+        self._make = make  # UserString's methods build new instances from plain strings
+
+    @property
+    def data(self) -> str:  # type: ignore[override]
+        return self._make if isinstance(self._make, str) else self._make()
+
+
+def strategies_help(lead: str, pruners_only: bool = False) -> LazyHelp:
+    """``--strategies`` help listing the registered strategies, the published pruners named."""
+
+    def make() -> str:
+        from pipeline.strategies import get, names, peers, pruners
+
+        listed = pruners() if pruners_only else names()
+        peer = [f"{n} ({get(n).label}, {get(n).peer})" for n in peers()]
+        return f"{lead}: comma-separated from {', '.join(listed)}. The published pruners: {'; '.join(peer)}."
+
+    return LazyHelp(make)
 
 
 def wrap(text: str) -> str:

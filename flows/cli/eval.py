@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from pipeline.errors import UserError
-from pipeline.config import STRATEGIES
 
 from .common import (
     MODEL_HELP,
@@ -14,6 +13,7 @@ from .common import (
     add_dask_options,
     add_retentions_option,
     on_dask,
+    strategies_help,
     parse_retentions,
     preflight,
 )
@@ -43,9 +43,13 @@ def eval_parser(sub, common) -> None:
     p.add_argument("--data", action="append", default=[], metavar="PATH|NAME=PATH",
                    help="lmms-lab parquet file or directory of a real benchmark; NAME=PATH when giving several")
     p.add_argument("--strategies", default=None,
-                   help="comma-separated from " + ",".join(STRATEGIES) + " (default: all; selector only with "
-                        "--selector). visionzip, hired, divprune and cdpruner are the published pruners, "
-                        "attention and diversity their simple variants")
+                   help=strategies_help("strategies to evaluate (default: all; those needing a selector only "
+                                        "with --selector)"))
+    p.add_argument("--option", action="append", default=[], metavar="STRATEGY.NAME=VALUE",
+                   help="a strategy's option (ablation switch), repeatable, e.g. --option visionzip.cls=false "
+                        "--option visionzip.merge=average; values are JSON (true, 0.5, [1, 1]) or plain strings. "
+                        "Options that differ from the defaults are part of the results' cache keys "
+                        "(docs/strategies.md)")
     p.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
                    help="a CLIP checkpoint (hub id or save_pretrained folder, e.g. openai/clip-vit-large-patch14-336) "
                         "whose text tower gives cdpruner the question's relevance; without it cdpruner runs the "
@@ -64,8 +68,8 @@ def eval_parser(sub, common) -> None:
     add_retentions_option(p, "0.1,0.25,0.5,0.75", help="comma-separated (default: 0.1,0.25,0.5,0.75)")
     p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
                    help="per-crop: k = round(r * valid tokens) in every crop; global: r * the image's valid tokens. "
-                        "Every strategy sends the LLM that many tokens; hired, divprune and cdpruner spread them "
-                        "their way")
+                        "Every strategy sends the LLM that many tokens; the peers that split a budget themselves "
+                        "(HiRED, DivPrune, CDPruner) spread the image's total their way")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
     p.add_argument("--batch-size", type=_batch_size, default=16,
                    help="questions per generate call, or auto: on CUDA it starts at 8 and doubles while memory "
@@ -107,13 +111,31 @@ def _batch_size(value: str) -> int | str:
     return n
 
 
+def parse_options(given: list[str]) -> dict[str, dict]:
+    """``--option STRATEGY.NAME=VALUE`` (repeatable) -> {strategy: {name: value}}; one line for a bad one."""
+    import json
+
+    out: dict[str, dict] = {}
+    for text in given:
+        head, eq, raw = text.partition("=")
+        strategy, dot, name = head.partition(".")
+        if not (eq and dot and strategy and name):
+            raise UserError(f"--option {text!r}: write STRATEGY.NAME=VALUE, e.g. visionzip.cls=false")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        out.setdefault(strategy.strip(), {})[name.strip()] = value
+    return out
+
+
 def cmd_eval(home, args) -> int:
     from pipeline.evaluate import EvalConfig, default_strategies
 
     from ..orchestration.flows import eval_flow
     from ..present import progress
     from ..present.tables import print_eval, print_eval_figures
-    from ..stages.eval import SELECTOR_NEEDED, data_files
+    from ..stages.eval import data_files
 
     benchmarks = tuple(b.strip() for b in args.benchmark.split(",") if b.strip())
     if args.strategies:
@@ -127,9 +149,7 @@ def cmd_eval(home, args) -> int:
                      budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
                      shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
                      text_encoder=args.text_encoder, interpolation=args.interpolation == "on",
-                     harness=args.harness, tasks=tasks)
-    if "selector" in strategies and not args.selector:
-        raise UserError(SELECTOR_NEEDED)
+                     harness=args.harness, tasks=tasks, options=parse_options(args.option))
     if args.harness == "lmms-eval":
         from ..stages.lmms_eval import check_tasks, require_lmms_eval
 

@@ -87,7 +87,7 @@ def mask_tokens(home, selector_ref: str, model: str, image, retention: float, se
     """Everything the outputs need: layout, kept indices (selector and random), counts, the checkpoint."""
     from pipeline.device import compute
     from pipeline.masks import encoder_shape, kept_tokens
-    from pipeline.presets import load_model
+    from pipeline.loading import load_model
     from pipeline.train import selector_from_checkpoint
     from storage.selectors import load_selector, resolve_selector
 

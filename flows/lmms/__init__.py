@@ -13,7 +13,7 @@ def manifest():
     """The plugin's ``ModelManifest``: a chat model (``is_simple = False``)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id=MODEL_ID, chat_class_path="flows.stages.lmms_model.AtrLlava")
+    return ModelManifest(model_id=MODEL_ID, chat_class_path="flows.lmms.model.AtrLlava")
 
 
 __all__ = ["MODEL_ID", "manifest"]

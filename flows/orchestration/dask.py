@@ -7,7 +7,7 @@ With ``--dask-address tcp://HOST:PORT`` (an existing cluster) or
 flow runs under prefect-dask's ``DaskTaskRunner`` and extraction shards and
 evaluation chunks are submitted as futures, so each worker takes one shard or
 chunk at a time. Tasks receive only paths, hashes and plain configs; each worker
-process loads the model once (``pipeline.presets.cached_model``).
+process loads the model once (``pipeline.loading.cached_model``).
 
 Local workers get ``flows.runtime.WORKER_ENV`` (one torch thread,
 ``OMP_WAIT_POLICY=PASSIVE``): several spinning OpenMP pools on shared cores

@@ -19,8 +19,8 @@ use, so:
 
 The run's folder ``$ATR_HOME/reports/run-<run_id>/`` holds the report stage's
 files plus the stage list and the DuckDB and MLflow run ids. ``build_deployment`` is
-``atr serve``'s deployment of ``atr-run``. ``bench_run`` is the one command recorded
-like a flow but run without Prefect (see ``flows.stages.bench``).
+``atr serve``'s deployment of ``atr-run``. ``speed_run`` is the one command recorded
+like a flow but run without Prefect (see ``flows.stages.speed``).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ from .. import runtime
 from ..present.plots import plot_eval, plot_speedups
 from ..present.report import stage_dicts, write_run_folder
 from ..stages import STAGES
-from ..stages.bench import bench, bench_config, bench_metrics, jsonable
-from ..stages.eval import SELECTOR_NEEDED, eval_chunks, eval_summary, plan_eval
+from ..stages.eval import eval_chunks, eval_summary, plan_eval
 from ..stages.extract import extract, extract_figures
 from ..stages.report import report
+from ..stages.speed import jsonable, speed, speed_config, speed_metrics
 from ..stages.train import features_model_name, train_artifacts, train_figures
 from .dask import task_runner
 from .recorder import RunRecorder, quality_figures
@@ -150,8 +150,6 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
     h = Home.resolve(home)
     cfg = EvalConfig.from_dict(config)
     data = data or {}
-    if "selector" in cfg.strategies and not selector:  # before a runs row is written
-        raise ConfigError(SELECTOR_NEEDED)
     recorder = RunRecorder(h, "eval", {"model": model, "selector": selector, "data": data, "eval": cfg.to_dict()})
 
     def body():
@@ -201,8 +199,7 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         recorder.stage(feat, metrics=extract_figures(feat))
         tcfg = tiny_schedule(cfg.train, model, set(user_set or []))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
-        strategies = cfg.eval.strategies
-        plan = plan_eval(h, model_stage, cfg.eval, train.key if "selector" in strategies else None, dict(cfg.data))
+        plan = plan_eval(h, model_stage, cfg.eval, train.key, dict(cfg.data))
         child = recorder.begin_stage("eval" if len(cfg.models) == 1 else f"eval {model}")
         recorder.tracker.log_params(child, {"stage": "eval", "model": model, "config": cfg.eval.to_dict(),
                                             "data": dict(cfg.data)})
@@ -276,20 +273,22 @@ def build_deployment(home: Home, cfg: RunConfig, user_set: list[str], cron: str,
                                               "report", tags=["atr"], entrypoint_type=EntrypointType.MODULE_PATH)
 
 
-# ---------------------------------------------------------------- atr bench (recorded, no Prefect)
+# ---------------------------------------------------------------- atr speed (recorded, no Prefect)
 
-def bench_run(home: Home, config: dict[str, Any]) -> dict[str, Any]:
-    """Run every bench measurement; record a runs row, an MLflow run, the bench_results rows and the
+def speed_run(home: Home, config: dict[str, Any]) -> dict[str, Any]:
+    """Run every speed measurement; record a runs row, an MLflow run, the bench_results rows and the
     speed-up plot under ``reports/bench-<run_id>/``; return the summary."""
     from ..stages.prepare_model import prepare_model
 
     model_stage = prepare_model(home, config["model"])
-    full_config = bench_config(config, model_stage)
+    full_config = speed_config(config, model_stage)
+    # "bench" (the runs row's flow, the reports folder) and bench_results: the command's old name,
+    # kept because they are stored data that queries and earlier runs use
     recorder = RunRecorder(home, "bench", full_config)
 
     def body():
         recorder.stage(model_stage)
-        out = bench(home, full_config, model_stage, recorder.run_id)
+        out = speed(home, full_config, model_stage, recorder.run_id)
         load = out["load"]
         recorder.store.insert_rows("bench_results", out["rows"])
         folder = home.reports / f"bench-{recorder.run_id}"
@@ -304,7 +303,7 @@ def bench_run(home: Home, config: dict[str, Any]) -> dict[str, Any]:
                    "load_by_phase": {k: v.as_dict() for k, v in out["phases"].items()},
                    "warnings": out["warnings"], "figures": out["figures"], "plot": str(plot)}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-        recorder.tracker.log_metrics(recorder.mlflow_run_id, bench_metrics(out["rows"]))
+        recorder.tracker.log_metrics(recorder.mlflow_run_id, speed_metrics(out["rows"]))
         recorder.tracker.log_artifact(recorder.mlflow_run_id, plot)
         recorder.tracker.log_artifact(recorder.mlflow_run_id, folder / "summary.json")
         return {**summary, "rows": out["rows"], "report_dir": str(folder)}
@@ -331,4 +330,4 @@ def settle_local_server(seconds: float = 1.0) -> None:
 
 
 __all__ = ["prepare_model_flow", "extract_flow", "train_flow", "eval_flow", "run_flow", "build_deployment",
-           "bench_run", "settle_local_server"]
+           "speed_run", "settle_local_server"]

@@ -1,5 +1,5 @@
 """PNG plots for reports and MLflow (matplotlib, headless): held-out selector metrics, pruned
-evaluation (the paper's Figs. 4-7), the bench speed-ups, and ``atr mask``'s overlay (Fig. 1).
+evaluation (the paper's Figs. 4-7), ``atr speed``'s speed-ups, and ``atr mask``'s overlay (Fig. 1).
 
 Every PNG is written to a temporary name and renamed, so a crash never leaves half a picture."""
 
@@ -38,28 +38,29 @@ def plot_selector_metrics(rows: list[dict], path: Path, title: str = "") -> Path
     return _save(fig, path)
 
 
-EVAL_STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "attention": ("tab:purple", "^"),
-              "diversity": ("tab:orange", "D"), "visionzip": ("tab:blue", "v"), "hired": ("tab:olive", "P"),
-              "divprune": ("tab:brown", "X"), "cdpruner": ("tab:cyan", "*")}
-
-
 def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -> None:
+    """One benchmark's accuracy against retention: a line per swept strategy, a dashed level per fixed
+    one (full, none), each in its registered style (``pipeline.strategies``; a default for one without)."""
+    from pipeline import strategies
+
     mine = [r for r in rows if r["benchmark"] == benchmark]
     metric = mine[0]["metric"] if mine else "score"
-    for name in EVAL_STYLE:
+    known = strategies.names()
+    present = sorted({r["strategy"] for r in mine}, key=lambda n: (known.index(n) if n in known else len(known), n))
+    for name in present:
+        color, marker = strategies.style(name)
+        spec = strategies.load().get(name)
+        if spec is not None and not spec.prunes:
+            pts = [r["score"] for r in mine if r["strategy"] == name]
+            ax.axhline(pts[0], color=color, linestyle="--", label=spec.label)
+            continue
         by_r: dict[float, list[float]] = {}
         for r in mine:
             if r["strategy"] == name:
                 by_r.setdefault(r["retention"], []).append(r["score"])
-        if by_r:
-            xs = sorted(by_r)
-            color, marker = EVAL_STYLE[name]
-            label = name + (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
-            ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label)
-    for name, color in (("full", "green"), ("none", "red")):
-        pts = [r["score"] for r in mine if r["strategy"] == name]
-        if pts:
-            ax.axhline(pts[0], color=color, linestyle="--", label="full image" if name == "full" else "no image")
+        xs = sorted(by_r)
+        label = name + (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
+        ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label)
     ax.set_title(benchmark if model is None else f"{benchmark} ({model})")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)

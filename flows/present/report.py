@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pipeline.strategies import prunes
 from storage.home import Home
 from storage.stages import write_json_atomic
 
@@ -25,7 +26,7 @@ def stock_token_lines(summary: list[dict]) -> list[str]:
             continue
         stock = rows[0]["stock_visual_tokens"]
         full = [r["mean_visual_tokens"] for r in rows if r["strategy"] == "full"]
-        pruned = [r for r in rows if r["strategy"] not in ("full", "none")]
+        pruned = [r for r in rows if prunes(r["strategy"])]
         parts = [f"{bench}: stock (interpolated) context {stock:.1f} visual tokens"]
         if full:
             parts.append(f"full without interpolation {full[0] / stock:.2f}x it")
@@ -40,7 +41,7 @@ def stock_token_lines(summary: list[dict]) -> list[str]:
 def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
                     stock_lines: list[str] | None = None) -> str:
     """``summary.md`` of the report stage: the pruned-evaluation table, the held-out selector table, the plots."""
-    retentions = sorted({r["retention"] for r in rows if r["strategy"] not in ("full", "none")})
+    retentions = sorted({r["retention"] for r in rows if prunes(r["strategy"])})
     full = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "full"}
     none = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "none"}
     fm, tm = feat.manifest, train.manifest
@@ -57,14 +58,15 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
              "|---|---|" + "---|" * (len(retentions) + 2)]
     cells: dict[tuple, dict] = {}
     for r in rows:
-        if r["strategy"] not in ("full", "none"):
+        if prunes(r["strategy"]):
             cells.setdefault((r["benchmark"], r["strategy"]), {})[r["retention"]] = r
     for (bench, strategy), by_r in cells.items():
         vals = []
         for ret in retentions:
             r = by_r.get(ret)
             vals.append("" if r is None else f"{r['score']:.3f}" + ("" if r["rel"] is None else f" ({r['rel']:.2f}×)"))
-        name = strategy + (f" ({next(iter(by_r.values()))['seeds']} seeds)" if strategy == "random" else "")
+        seeds = next(iter(by_r.values()))["seeds"]
+        name = strategy + (f" ({seeds} seeds)" if seeds > 1 else "")
         f, n = full.get(bench), none.get(bench)
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")

@@ -1,4 +1,4 @@
-"""Rich tables printed by the ``atr`` commands (evaluation, selector, quality card, stages, bench)."""
+"""Rich tables printed by the ``atr`` commands (evaluation, selector, quality card, stages, speed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.evaluate import eval_table
+from pipeline.strategies import prunes
 
 from .report import stock_token_lines
 
@@ -75,7 +76,7 @@ def print_eval(summary: list[dict], title: str | None = None) -> None:
     console().print(table)
     rel: dict[tuple, list[float]] = {}
     for r in rows:
-        if r["strategy"] not in ("full", "none") and r["rel"] is not None:
+        if prunes(r["strategy"]) and r["rel"] is not None:
             rel.setdefault((r["strategy"], r["retention"]), []).append(r["rel"])
     if rel:
         print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
@@ -142,11 +143,11 @@ def print_strategy_costs(console, st: dict[str, Any]) -> None:
         console.print(line)
 
 
-def print_bench(out: dict[str, Any]) -> None:
-    """The bench tables: prefill per retention, selector share, extraction, figures vs targets, load."""
+def print_speed(out: dict[str, Any]) -> None:
+    """The ``atr speed`` tables: prefill per retention, selector share, extraction, figures vs targets, load."""
     from rich.markup import escape
 
-    console = _console_width(150)  # a log or a pipe: do not wrap the bench tables at 80 columns
+    console = _console_width(150)  # a log or a pipe: do not wrap the speed tables at 80 columns
     p, e, load = out["prefill"], out["extract"], out["load"]
     cfg = out["config"]
     t = Table(title=f"prefill: {cfg['model']} on {cfg['device']} ({cfg['dtype']}, {cfg['torch_threads']} threads, "

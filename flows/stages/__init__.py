@@ -1,7 +1,7 @@
 """The pipeline's stages as plain functions: ``stage(home, config, inputs) -> StageResult``.
 
 One module per stage (prepare_model, benchmark, extract, train, eval, report,
-bench). No Prefect here: ``flows.orchestration`` wraps these functions as tasks
+speed). No Prefect here: ``flows.orchestration`` wraps these functions as tasks
 and flows, and tests call them directly. Each stage is cached by the content
 hash of (stage, version, config, input keys) through ``storage.stages.run_stage``.
 

@@ -33,10 +33,9 @@ from typing import Any
 
 from pipeline.benchmarks import build_items, spec
 from pipeline.config import ConfigError, content_hash
-from pipeline.evaluate import AUTO_BATCH_CPU, EvalConfig
-from pipeline.strategies import TOWER_SCORES
-from pipeline.families import family_of
-from pipeline.presets import cached_model
+from pipeline.evaluate import AUTO_BATCH_CPU, EvalConfig, Pruning
+from pipeline.families import DEFAULT_FAMILY, FAMILIES, family_of
+from pipeline.loading import cached_model
 from storage.benchmarks import benchmark_files, benchmark_size, files_fingerprint, load_benchmark_rows
 from storage.home import Home
 from storage.selectors import LoadedSelector, load_selector, resolve_selector
@@ -49,7 +48,7 @@ from .prepare_model import model_stage
 
 EVAL_VERSION = "3"  # 3: shards share one tower pass; random keeps are seeded per row; batches grouped by length
 SYNTHETIC = ("synthetic-ocr", "synthetic-scene")
-SELECTOR_NEEDED = "strategy 'selector' needs --selector (a train stage hash or a .safetensors checkpoint)"
+SELECTOR_NEEDED = "strategy {strategy!r} needs --selector (a train stage hash or a .safetensors checkpoint)"
 
 
 # ---------------------------------------------------------------- inputs
@@ -62,17 +61,6 @@ def data_files(benchmark: str, data: dict[str, str], home: Home, limit: int) -> 
         raise ConfigError(f"benchmark {benchmark} needs --data PATH (a local lmms-lab parquet file or a directory "
                           f"of them), or --data {benchmark}=PATH when evaluating several benchmarks")
     return benchmark_files(benchmark, data[benchmark])
-
-
-def benchmark_items(benchmark: str, files: list[Path], limit: int, start: int = 0):
-    """EvalItems of rows ``start`` to ``limit`` of a benchmark's parquet files (only those rows are read).
-    A row that cannot be built raises one line naming it; :func:`shard_items` skips such rows instead."""
-    from pipeline.benchmarks import BadRow
-
-    items, _, skipped = shard_items(benchmark, files, start, limit)
-    if skipped:
-        raise BadRow(skipped[0][1])
-    return items
 
 
 def shard_items(benchmark: str, files: list[Path], start: int, stop: int):
@@ -98,10 +86,48 @@ def eval_selector(home: Home, ref: str, retention: float, model: StageResult) ->
     d = model.manifest.get("describe", {})
     return load_selector(resolve_selector(home, ref, retention), selector_from_checkpoint,
                          expect_channels=d.get("vision_hidden"), expect_tokens=d.get("tokens_per_crop"),
-                         expect_family=d.get("family", "llava-next"))
+                         expect_family=d.get("family", DEFAULT_FAMILY))
 
 
 # ---------------------------------------------------------------- chunks and shards
+
+@dataclass(frozen=True)
+class ResultKey:
+    """Where one result's cache keys come from: its coordinates (benchmark, the Pruning, the sample limit,
+    interpolation) and its inputs (model stage, data fingerprint, compute, and -- for the strategies that
+    use them -- the selector checkpoint's sha256 and the text encoder's fingerprint)."""
+
+    benchmark: str
+    pruning: Pruning
+    limit: int
+    model: str
+    data: str
+    compute: str = "cpu-float32"
+    selector: str | None = None
+    text_encoder: str | None = None
+    interpolation: bool = False
+
+    def coords(self) -> dict[str, Any]:
+        p = self.pruning
+        spec = p.spec
+        options = spec.changed_options(p.options)
+        return {"benchmark": self.benchmark, "strategy": p.strategy, "retention": p.retention, "seed": p.seed,
+                "budget": p.budget, "limit": self.limit, **({"strategy_version": spec.version} if spec.version else {}),
+                **({"options": options} if options else {}), **({"interpolation": True} if self.interpolation else {})}
+
+    def inputs(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "compute": self.compute,
+                **({"selector": self.selector} if self.selector else {}),
+                **({"text_encoder": self.text_encoder} if self.text_encoder else {})}
+
+    def chunk_key(self, shard_size: int) -> str:
+        """The key of the merged result: its coordinates, inputs and how its rows were cut into shards."""
+        return stage_key("eval", EVAL_VERSION, {**self.coords(), "shard_size": shard_size}, self.inputs())
+
+    def shard_key(self, start: int, stop: int) -> str:
+        """The key of one shard's result: the result's coordinates and inputs plus the shard's rows."""
+        return stage_key("eval-shard", EVAL_VERSION, {**self.coords(), "rows": [start, stop]}, self.inputs())
+
 
 @dataclass(frozen=True)
 class Chunk:
@@ -110,19 +136,29 @@ class Chunk:
 
     benchmark: str
     files: tuple[str, ...]
-    strategy: str
-    retention: float
-    seed: int
+    pruning: Pruning
     key: str
     device: str = "cpu"              # resolved --device and --dtype the model runs in
     dtype: str = "float32"
     shards: tuple[tuple[int, int, str], ...] = ()
 
+    @property
+    def strategy(self) -> str:
+        return self.pruning.strategy
+
+    @property
+    def retention(self) -> float:
+        return self.pruning.retention
+
+    @property
+    def seed(self) -> int:
+        return self.pruning.seed
+
 
 @dataclass(frozen=True)
 class Shard:
     """One work unit: rows ``start`` to ``stop`` of a benchmark and the results wanted on them, as
-    (strategy, retention, seed, result key)."""
+    (Pruning, result key)."""
 
     benchmark: str
     files: tuple[str, ...]
@@ -130,65 +166,43 @@ class Shard:
     stop: int
     device: str
     dtype: str
-    results: tuple[tuple[str, float, int, str], ...] = field(default=())
+    results: tuple[tuple[Pruning, str], ...] = field(default=())
 
     @property
     def rows(self) -> int:
         return self.stop - self.start
 
 
-def _coords(cfg: EvalConfig, benchmark: str, strategy: str, retention: float, seed: int) -> dict[str, Any]:
-    from pipeline.strategies import STRATEGY_VERSIONS
+def require_selector(strategies: Any, selector: str | None) -> None:
+    """The one check that a strategy needing a selector has one (planning; the lmms-eval plugin)."""
+    from pipeline.strategies import get
 
-    version = STRATEGY_VERSIONS.get(strategy)
-    return {"benchmark": benchmark, "strategy": strategy, "retention": retention, "seed": seed,
-            "budget": cfg.budget, "limit": cfg.limit, **({"strategy_version": version} if version else {}),
-            **({"interpolation": True} if cfg.interpolation else {})}
-
-
-def _inputs(model_key: str, data_fp: str, selector_sha: str | None, compute: str,
-            text_encoder: str | None = None) -> dict[str, Any]:
-    return {"model": model_key, "data": data_fp, "compute": compute, **({"selector": selector_sha} if selector_sha else {}),
-            **({"text_encoder": text_encoder} if text_encoder else {})}
-
-
-def chunk_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
-              retention: float, seed: int, cfg: EvalConfig, compute: str = "cpu-float32",
-              text_encoder: str | None = None) -> str:
-    """The key of a merged result: its coordinates, inputs and how its rows were cut into shards
-    (``text_encoder``: the fingerprint of cdpruner's text encoder, when it has one)."""
-    chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "shard_size": cfg.shard_size}
-    return stage_key("eval", EVAL_VERSION, chunk, _inputs(model_key, data_fp, selector_sha, compute, text_encoder))
-
-
-def result_key(model_key: str, data_fp: str, selector_sha: str | None, benchmark: str, strategy: str,
-              retention: float, seed: int, cfg: EvalConfig, start: int, stop: int,
-              compute: str = "cpu-float32", text_encoder: str | None = None) -> str:
-    """The key of one shard's result: the result's coordinates and inputs plus the shard's rows."""
-    chunk = {**_coords(cfg, benchmark, strategy, retention, seed), "rows": [start, stop]}
-    return stage_key("eval-shard", EVAL_VERSION, chunk,
-                     _inputs(model_key, data_fp, selector_sha, compute, text_encoder))
+    needing = [s for s in strategies if "selector" in get(s).needs]
+    if needing and not selector:
+        raise ConfigError(SELECTOR_NEEDED.format(strategy=needing[0]))
 
 
 PAPER_MAX_RETENTION = 0.6  # the paper's OneVision runs keep p <= 0.6: the pruned context stays under the stock one
 
 
 def check_interpolation(model: StageResult, cfg: EvalConfig) -> None:
-    """LLaVA-OneVision only: refuse pruning with interpolation on (one line saying how to turn it off),
-    and warn when a retention above the paper's 0.6 may send more tokens than the stock model."""
+    """A family that can interpolate (LLaVA-OneVision) only: refuse pruning with interpolation on (one line
+    saying how to turn it off), and warn when a retention above the paper's 0.6 may send more tokens than
+    the stock model. The family is asked by the ``model_type`` the prepare-model stage recorded."""
     facts = (model.manifest or {}).get("describe") or {}
-    if facts.get("family") != "llava-onevision":
+    family = FAMILIES.get(facts.get("model_type"))
+    if not (family and family.can_interpolate):
         return
     pruning = [s for s in cfg.strategies if s not in ("full", "none")]
     if cfg.interpolation and pruning and facts.get("interpolates", True):
-        raise ConfigError(f"{', '.join(pruning)} cannot prune LLaVA-OneVision with interpolation on: "
+        raise ConfigError(f"{', '.join(pruning)} cannot prune {family.label} with interpolation on: "
                           f"vision_aspect_ratio={facts.get('vision_aspect_ratio')!r} shrinks large grids and a keep "
                           f"mask cannot be gathered through that; drop --interpolation on (off is the default: "
                           f"vision_aspect_ratio={facts.get('interpolation_off')!r}) or evaluate only full,none")
     high = [r for r in cfg.retentions if r > PAPER_MAX_RETENTION]
     if pruning and high and not cfg.interpolation:
         _warn(f"retention {', '.join(f'{r:g}' for r in high)} > {PAPER_MAX_RETENTION}: with interpolation off a "
-              f"pruned LLaVA-OneVision may see more visual tokens than the stock (interpolated) model; the paper "
+              f"pruned {family.label} may see more visual tokens than the stock (interpolated) model; the paper "
               f"keeps p <= {PAPER_MAX_RETENTION} (compare mean_visual_tokens with stock_visual_tokens)")
 
 
@@ -199,24 +213,13 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     from pipeline.device import compute
 
     device, dtype = compute(cfg.device, cfg.model_dtype)
-    where = f"{device}-{dtype}"
-    if "selector" in cfg.strategies and not selector:
-        raise ConfigError(SELECTOR_NEEDED)
+    require_selector(cfg.strategies, selector)
     check_interpolation(model, cfg)
-    text_fp = None
-    if "cdpruner" in cfg.strategies and cfg.text_encoder:
-        from pipeline.relevance import text_encoder_fingerprint
-
-        eval_text_encoder(cfg, model)  # fails fast, one line, when it does not load or fit the tower
-        text_fp = text_encoder_fingerprint(cfg.text_encoder)
-    elif "cdpruner" in cfg.strategies:
-        from pipeline.relevance import UNCONDITIONED
-
-        print(UNCONDITIONED, file=sys.stderr)
+    text_fp = _text_encoder_fingerprint(cfg, model)
     sel_sha = {}
-    if "selector" in cfg.strategies:
-        for r in cfg.retentions:
-            sel_sha[float(r)] = eval_selector(home, selector, r, model).sha256
+    for p in cfg.chunks():
+        if "selector" in p.spec.needs and p.retention not in sel_sha:
+            sel_sha[p.retention] = eval_selector(home, selector, p.retention, model).sha256
     plan = []
     for bench in cfg.benchmarks:
         files = data_files(bench, data, home, cfg.limit)
@@ -224,25 +227,41 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
         fp = files_fingerprint(files)
         n = min(cfg.limit, benchmark_size(bench, files))
         cuts = [(a, min(n, a + cfg.shard_size)) for a in range(0, n, cfg.shard_size)]
-        for strategy, retention, seed in cfg.chunks():
-            sha = sel_sha.get(retention) if strategy == "selector" else None
-            tfp = text_fp if strategy == "cdpruner" else None
-            key = chunk_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, where, tfp)
-            shards = tuple((a, b, result_key(model.key, fp, sha, bench, strategy, retention, seed, cfg, a, b, where,
-                                             tfp)) for a, b in cuts)
-            plan.append(Chunk(bench, tuple(str(f) for f in files), strategy, retention, seed, key, device, dtype,
-                              shards))
+        for p in cfg.chunks():
+            key = ResultKey(bench, p, cfg.limit, model.key, fp, f"{device}-{dtype}",
+                            sel_sha.get(p.retention) if "selector" in p.spec.needs else None,
+                            text_fp if p.spec.wants("relevance") else None, cfg.interpolation)
+            plan.append(Chunk(bench, tuple(str(f) for f in files), p, key.chunk_key(cfg.shard_size), device, dtype,
+                              tuple((a, b, key.shard_key(a, b)) for a, b in cuts)))
     return plan
+
+
+def _text_encoder_fingerprint(cfg: EvalConfig, model: StageResult) -> str | None:
+    """The text encoder's fingerprint when a strategy that uses relevance runs with one (checked now: it
+    must load and fit the tower); without one those strategies run unconditioned, said in one line."""
+    from pipeline.strategies import get
+
+    if not any(get(s).wants("relevance") for s in cfg.strategies):
+        return None
+    if not cfg.text_encoder:
+        from pipeline.relevance import UNCONDITIONED
+
+        print(UNCONDITIONED, file=sys.stderr)
+        return None
+    from pipeline.relevance import text_encoder_fingerprint
+
+    eval_text_encoder(cfg, model)  # fails fast, one line, when it does not load or fit the tower
+    return text_encoder_fingerprint(cfg.text_encoder)
 
 
 def plan_shards(plan: list[Chunk]) -> list[Shard]:
     """The work units of a plan: one per (benchmark, files, rows), with every result wanted on them."""
-    units: dict[tuple, list[tuple[str, float, int, str]]] = {}
+    units: dict[tuple, list[tuple[Pruning, str]]] = {}
     meta: dict[tuple, tuple[str, str]] = {}
     for c in plan:
         for a, b, key in c.shards:
             unit = (c.benchmark, c.files, a, b)
-            units.setdefault(unit, []).append((c.strategy, c.retention, c.seed, key))
+            units.setdefault(unit, []).append((c.pruning, key))
             meta[unit] = (c.device, c.dtype)
     return [Shard(bench, files, a, b, *meta[(bench, files, a, b)], tuple(results))
             for (bench, files, a, b), results in units.items()]
@@ -259,69 +278,104 @@ def eval_shard(home: str | Home, shard: Shard, model_key: str, config: dict[str,
     Returns the results' StageResults as dicts (in ``shard.results`` order) and the unit's figures:
     ``images`` (distinct images encoded), ``tower_passes``, ``skipped``, ``computed`` (results
     computed here), ``padding`` and ``positions`` (left padding of the generate batches)."""
-    from pipeline.evaluate import encode_shard, evaluate_features
-
     home = Home.resolve(home)
     cfg = EvalConfig.from_dict(config)
-    s = shard
-    dirs = [StageDir(home, "eval-shard", key) for *_, key in s.results]
+    dirs = [StageDir(home, "eval-shard", key) for _, key in shard.results]
     missing = [i for i, d in enumerate(dirs) if force or not d.is_complete()]
     figures = {"images": 0, "tower_passes": 0, "skipped": 0, "computed": 0, "padding": 0, "positions": 0}
-    outs: list[StageResult | None] = [None] * len(s.results)
+    outs: list[StageResult | None] = [None] * len(shard.results)
     if missing:
-        t0 = time.perf_counter()
-        model_result = model_stage(home, model_key)
-        model, processor = cached_model(str(model_result.model_dir), s.device, s.dtype)
-        family_of(model).set_interpolation(model, processor, cfg.interpolation)
-        items, rows, bad_rows = shard_items(s.benchmark, [Path(f) for f in s.files], s.start, s.stop)
-        wanted = [s.results[i][0] for i in missing]
-        tower_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else AUTO_BATCH_CPU
-        relevance = eval_text_encoder(cfg, model_result, s.device) if "cdpruner" in wanted else None
-        feats = encode_shard(model, processor, items, rows, attention=any(w in TOWER_SCORES for w in wanted),
-                             images=any(w != "none" for w in wanted), batch_size=tower_batch,
-                             embeds=relevance is not None)
-        skipped = [{"row": i, "reason": r} for i, r in bad_rows] + \
-                  [{"sample_id": sid, "reason": r} for sid, r in feats.skipped]
-        for entry in skipped:
-            _warn(f"skipped {entry['reason']}")
-        figures.update(images=feats.images, tower_passes=feats.images, skipped=len(skipped))
-        tower_seconds = time.perf_counter() - t0
-        selectors: dict[float, Any] = {}
+        work = _ShardWork.encode(home, shard, model_key, cfg, [shard.results[i][0] for i in missing])
+        figures.update(images=work.features.images, tower_passes=work.features.images, skipped=len(work.skipped))
         for i in missing:
-            strategy, retention, seed, key = s.results[i]
-            sel = None
-            if strategy == "selector":
-                if retention not in selectors:
-                    selectors[retention] = eval_selector(home, selector, retention, model_result).selector.to(model.device)
-                sel = selectors[retention]
-
-            def build(work: Path, strategy=strategy, retention=retention, seed=seed, sel=sel) -> dict[str, Any]:
-                t1 = time.perf_counter()
-                res = evaluate_features(model, processor, s.benchmark, feats, strategy, retention, seed, cfg.budget,
-                                        sel, cfg.batch_size, on_batch=progress.advance,
-                                        relevance=relevance if strategy == "cdpruner" else None)
-                write_json_atomic(work / "samples.json", res.samples)
-                figures["padding"] += res.padding
-                figures["positions"] += res.positions
-                return {"config": {**_coords(cfg, s.benchmark, strategy, retention, seed), "rows": [s.start, s.stop]},
-                        "inputs": {"model": model_key, "files": list(s.files), "selector": selector,
-                                   **({"text_encoder": cfg.text_encoder} if strategy == "cdpruner" else {})},
-                        "compute": {"device": s.device, "dtype": s.dtype},
-                        "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
-                                    "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms,
-                                    **({"stock_visual_tokens": res.stock_visual_tokens}
-                                       if res.stock_visual_tokens is not None else {})},
-                        "counts": {"samples": res.n_samples, "skipped": len(skipped), "padding": res.padding,
-                                   "positions": res.positions},
-                        "skipped": skipped, "tower_seconds": tower_seconds, "code_version": code_version(),
-                        "seconds": time.perf_counter() - t1}
-
-            outs[i] = run_stage(home, "eval-shard", key, build, force=force)
+            pruning, key = shard.results[i]
+            outs[i] = run_stage(home, "eval-shard", key,
+                                lambda path, p=pruning: work.result(path, p, selector, figures), force=force)
             figures["computed"] += not outs[i].cached
     for i, d in enumerate(dirs):
         if outs[i] is None:
             outs[i] = StageResult("eval-shard", d.key, d.path, True, 0.0, d.manifest())
     return {"results": [o.to_dict() for o in outs], **figures}
+
+
+@dataclass
+class _ShardWork:
+    """One shard's loaded model, items and tower features, from which each missing result is computed."""
+
+    home: Home
+    shard: Shard
+    model_key: str
+    cfg: EvalConfig
+    model_result: StageResult
+    model: Any
+    processor: Any
+    features: Any                    # pipeline.evaluate.ShardFeatures
+    skipped: list[dict[str, Any]]
+    relevance: Any
+    tower_seconds: float
+    selectors: dict[float, Any] = field(default_factory=dict)
+
+    @classmethod
+    def encode(cls, home: Home, shard: Shard, model_key: str, cfg: EvalConfig,
+               wanted: list[Pruning]) -> "_ShardWork":
+        """Load the model, read the shard's rows and run the tower once per image, computing what the
+        ``wanted`` strategies need (attention, embeds for a text encoder's relevance)."""
+        from pipeline.evaluate import encode_shard
+        from pipeline.strategies import tower_outputs
+
+        t0 = time.perf_counter()
+        model_result = model_stage(home, model_key)
+        model, processor = cached_model(str(model_result.model_dir), shard.device, shard.dtype)
+        family_of(model).set_interpolation(model, processor, cfg.interpolation)
+        items, rows, bad_rows = shard_items(shard.benchmark, [Path(f) for f in shard.files], shard.start, shard.stop)
+        names = [p.strategy for p in wanted]
+        uses_relevance = any(p.spec.wants("relevance") for p in wanted)
+        relevance = eval_text_encoder(cfg, model_result, shard.device) if uses_relevance else None
+        outputs = tower_outputs(names, relevance=relevance is not None)
+        tower_batch = cfg.batch_size if isinstance(cfg.batch_size, int) else AUTO_BATCH_CPU
+        feats = encode_shard(model, processor, items, rows, outputs, batch_size=tower_batch)
+        skipped = [{"row": i, "reason": r} for i, r in bad_rows] + \
+                  [{"sample_id": sid, "reason": r} for sid, r in feats.skipped]
+        for entry in skipped:
+            _warn(f"skipped {entry['reason']}")
+        return cls(home, shard, model_key, cfg, model_result, model, processor, feats, skipped, relevance,
+                   time.perf_counter() - t0)
+
+    def selector_for(self, pruning: Pruning, ref: str | None) -> Any:
+        """The loaded selector of a strategy that needs one (nearest trained p), once per retention."""
+        if "selector" not in pruning.spec.needs:
+            return None
+        if pruning.retention not in self.selectors:
+            loaded = eval_selector(self.home, ref, pruning.retention, self.model_result)
+            self.selectors[pruning.retention] = loaded.selector.to(self.model.device)
+        return self.selectors[pruning.retention]
+
+    def result(self, work: Path, pruning: Pruning, selector: str | None, figures: dict[str, Any]) -> dict[str, Any]:
+        """Compute one result into ``work`` (``samples.json``); its manifest."""
+        from pipeline.evaluate import Batching, Inputs, evaluate_features
+
+        t1 = time.perf_counter()
+        s, cfg = self.shard, self.cfg
+        inputs = Inputs(self.selector_for(pruning, selector),
+                        self.relevance if pruning.spec.wants("relevance") else None)
+        res = evaluate_features(self.model, self.processor, s.benchmark, self.features, pruning, inputs,
+                                Batching(cfg.batch_size, on_batch=progress.advance))
+        write_json_atomic(work / "samples.json", res.samples)
+        figures["padding"] += res.padding
+        figures["positions"] += res.positions
+        key = ResultKey(s.benchmark, pruning, cfg.limit, self.model_key, "", interpolation=cfg.interpolation)
+        return {"config": {**key.coords(), "rows": [s.start, s.stop]},
+                "inputs": {"model": self.model_key, "files": list(s.files), "selector": selector,
+                           **({"text_encoder": cfg.text_encoder} if pruning.spec.wants("relevance") else {})},
+                "compute": {"device": s.device, "dtype": s.dtype},
+                "summary": {"metric": res.metric, "score": res.score, "n_samples": res.n_samples,
+                            "mean_visual_tokens": res.mean_visual_tokens, "prefill_ms": res.prefill_ms,
+                            **({"stock_visual_tokens": res.stock_visual_tokens}
+                               if res.stock_visual_tokens is not None else {})},
+                "counts": {"samples": res.n_samples, "skipped": len(self.skipped), "padding": res.padding,
+                           "positions": res.positions},
+                "skipped": self.skipped, "tower_seconds": self.tower_seconds, "code_version": code_version(),
+                "seconds": time.perf_counter() - t1}
 
 
 def merge_chunk(home: Home, chunk: Chunk, shard_results: list[StageResult], force: bool = False) -> StageResult:
@@ -361,7 +415,7 @@ def eval_chunks(home: Home, config: EvalConfig, model: StageResult, plan: list[C
     """Run (or reuse) every shard of ``plan`` (from :func:`plan_eval`) and merge each result; ``force``
     recomputes them all (``atr run --from eval``). A cache hit reports its share of the lookup time."""
     shards = plan_shards(plan)
-    complete = [all(StageDir(home, "eval-shard", k).is_complete() for *_, k in u.results) and not force
+    complete = [all(StageDir(home, "eval-shard", k).is_complete() for _, k in u.results) and not force
                 for u in shards]
     remote = getattr(mapper, "remote", False)
     total = sum(u.rows * len(u.results) for u in shards)
@@ -401,7 +455,7 @@ def eval_chunks(home: Home, config: EvalConfig, model: StageResult, plan: list[C
 
 def content_key(shard: Shard) -> str:
     """A work unit's task cache key: the keys of every result it owns."""
-    return content_hash([k for *_, k in shard.results])
+    return content_hash([k for _, k in shard.results])
 
 
 def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any]]:
@@ -410,6 +464,6 @@ def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any
              "cached": o.cached, **o.manifest["summary"]} for c, o in results]
 
 
-__all__ = ["Chunk", "Shard", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk", "eval_chunks",
-           "eval_summary", "data_files", "benchmark_items", "shard_items", "eval_selector", "eval_text_encoder", "chunk_key", "result_key",
-           "content_key", "SELECTOR_NEEDED"]
+__all__ = ["Chunk", "Shard", "ResultKey", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk",
+           "eval_chunks", "eval_summary", "data_files", "shard_items", "eval_selector", "eval_text_encoder",
+           "require_selector", "content_key", "SELECTOR_NEEDED"]

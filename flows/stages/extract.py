@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import ConfigError, ExtractConfig
-from pipeline.presets import cached_model
+from pipeline.loading import cached_model
 from storage.home import Home
 from storage.shards import (drop_shard_records, merge_channel_sums, shard_name, shard_record, write_shard,
                             write_shard_record, write_shard_sums)

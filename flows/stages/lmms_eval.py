@@ -6,7 +6,7 @@ aggregate metric in the manifest's ``summary`` (``eval_scores``). The key hashes
 its coordinates, the model stage, the selector, the data files and the lmms-eval version, so
 an unchanged result is never recomputed. lmms-eval runs in-process through
 ``lmms_eval.evaluator.simple_evaluate`` with an ``atr_llava`` model instance
-(``flows.stages.lmms_model``).
+(``flows.lmms.model``).
 
 ``--data PATH`` points a task at a local parquet file (or a folder of them) in the lmms-lab
 layout: a task yaml that includes lmms-eval's own and overrides only ``dataset_path: parquet`` and
@@ -26,7 +26,7 @@ from pipeline.evaluate import EvalConfig
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
 
-from .eval import Chunk, eval_selector
+from .eval import Chunk, eval_selector, require_selector
 
 LMMS_EVAL_VERSION = "1"
 INSTALL = "pip install torch==2.13.0 -e '.[lmms]'"
@@ -101,19 +101,20 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
 
     version = require_lmms_eval()
     check_tasks(tasks)
+    require_selector(cfg.strategies, selector)
     device, dtype = compute(cfg.device, cfg.model_dtype)
     plan = []
     for task in tasks:
         fp = _data_fingerprint(data.get(task))
-        for strategy, retention, seed in cfg.chunks():
-            sha = eval_selector(home, selector, retention, model).sha256 if strategy == "selector" else None
-            coords = {"task": task, "strategy": strategy, "retention": retention, "seed": seed, "limit": cfg.limit,
+        for p in cfg.chunks():
+            sha = eval_selector(home, selector, p.retention, model).sha256 if "selector" in p.spec.needs else None
+            coords = {"task": task, "strategy": p.strategy, "retention": p.retention, "seed": p.seed, "limit": cfg.limit,
                       "budget": cfg.budget, **({"interpolation": True} if cfg.interpolation else {})}
             inputs = {"model": model.key, "data": fp, "compute": f"{device}-{dtype}", "lmms_eval": version,
                       **({"selector": sha} if sha else {})}
             key = stage_key("eval-lmms", LMMS_EVAL_VERSION, coords, inputs)
             files = (str(data[task]),) if data.get(task) else ()
-            plan.append(Chunk(task, files, strategy, retention, seed, key, device, dtype))
+            plan.append(Chunk(task, files, p, key, device, dtype))
     return plan
 
 
@@ -140,8 +141,11 @@ def run_lmms_chunk(home: Home, chunk: Chunk, model: StageResult, cfg: EvalConfig
 
     def build(work: Path) -> dict[str, Any]:
         from lmms_eval.evaluator import simple_evaluate
+        from lmms_eval.models import get_model
 
-        from .lmms_model import AtrLlava
+        # flows.lmms.model.AtrLlava, found the way lmms-eval finds it (the atr_llava entry point):
+        # the plugin imports this package's stages, so importing it back here would be a cycle
+        AtrLlava = get_model("atr_llava")
 
         t0 = time.perf_counter()
         task, include = chunk.benchmark, None

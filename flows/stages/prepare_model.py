@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import pipeline
 from pipeline.config import ConfigError
-from pipeline.presets import (PRESETS, SIZED_PRESETS, TRAINED_PRESETS, ModelLoadError, SizedPreset, TinyPreset,
-                              is_hub_id, load_model, save_sized,
-                              resolve_hub_snapshot, save_tiny, unknown_model_message)
+from pipeline.builders import save_sized, save_tiny
+from pipeline.loading import ModelLoadError, is_hub_id, load_model, resolve_hub_snapshot
+from pipeline.presets import PRESETS, SIZED_PRESETS, TRAINED_PRESETS, unknown_model_message
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key
 
@@ -96,7 +96,7 @@ def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = No
     def build(work: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = {"model": model, "kind": kind, "identity": identity,
                                     "code_version": code_version(), "stage_version": PREPARE_VERSION}
-        from pipeline.presets import check_processor, describe, load_model_config
+        from pipeline.loading import check_processor, describe, load_model_config
 
         if kind == "trained":
             for f in work.iterdir():  # nothing from an interrupted run is reused: training is one piece
@@ -106,14 +106,14 @@ def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = No
             loaded, _ = load_model(work)
             manifest["describe"] = describe(loaded)
         elif kind == "preset":
-            preset = TinyPreset.from_dict(identity["preset"])
+            preset = type(PRESETS[model]).from_dict(identity["preset"])  # its family's preset class
             save_tiny(preset, work)
             manifest["model_dir"] = None  # the stage dir itself
             loaded, _ = load_model(work)  # proves from_pretrained reads what we saved
             manifest["describe"] = describe(loaded)
         elif kind == "sized":
             # Real dimensions, random weights: config + processor only, materialized where it runs.
-            save_sized(SizedPreset.from_dict(identity["sized"]), work)
+            save_sized(type(SIZED_PRESETS[model]).from_dict(identity["sized"]), work)
             manifest["model_dir"] = None
             manifest["describe"] = describe(load_model_config(work))
             check_processor(work, model)

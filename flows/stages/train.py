@@ -11,16 +11,18 @@ state (weights, AdamW moments, step, RNG); a killed run resumes from it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from pipeline.config import ConfigError
+from pipeline.families import DEFAULT_FAMILY
 from pipeline.selector_eval import held_out_metrics
 from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, is_held_out,
                             selector_from_tensors, selector_tensors, statistics_from_sums)
@@ -34,7 +36,8 @@ from storage.stages import (StageError, StageResult, code_version, find_stage, r
 from ..present import progress
 from ..present.plots import plot_selector_metrics
 
-TRAIN_VERSION = "3"  # 2: crops read through DataLoader workers; 3: the reconstructor ends in a projection
+TRAIN_VERSION = "4"  # 2: crops read through DataLoader workers; 3: the reconstructor ends in a projection;
+# 4: the held-out metrics choose through strategies.select, random drawn as eval draws it (per crop)
 EVAL_MAX_CROPS = 2048
 
 
@@ -89,7 +92,8 @@ def _features_family(home: Home, fm: dict) -> str | None:
     from storage.stages import StageDir
 
     try:
-        return StageDir(home, "prepare-model", fm["inputs"]["model"]).manifest()["describe"].get("family", "llava-next")
+        describe = StageDir(home, "prepare-model", fm["inputs"]["model"]).manifest()["describe"]
+        return describe.get("family", DEFAULT_FAMILY)
     except (KeyError, OSError, ValueError, TypeError, StageError):
         return None
 
@@ -128,89 +132,133 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
     tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
 
     def build(work: Path) -> dict[str, Any]:
-        try:
-            fdir = Path(features.path)
-            pct = cfg.held_out_percent
-            sums = read_channel_sums(fdir, fm)
-            if sums is not None and sums.shape[1] == 1 + 2 * channels:  # accumulated during extraction
-                mean, std, n_tokens = statistics_from_sums(sums, pct)
-            else:  # extracted before the sums existed, or sums that do not fit the manifest: one pass
-                mean, std, n_tokens = channel_statistics(
-                    batched((f for f, _ in _split_crops(fdir, fm, False, pct)), 256, drop_last=False))
-            encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"),
-                       "features_key": features.key, "tokens": tokens, "channels": channels,
-                       "family": _features_family(home, fm)}
-            selectors, timings = {}, {}
-            for p in cfg.retentions:
-                scfg = cfg.selector_for(p)
-                name = checkpoint_name(p)
-                final = work / f"{name}.safetensors"
-                if final.is_file():
-                    tensors, _ = load_checkpoint(final, channels, tokens)
-                    selectors[float(p)] = selector_from_tensors(scfg, tokens, channels, tensors).to(device)
-                    continue
-                t1 = time.perf_counter()
-                trainer = Trainer(scfg, tokens, channels, device=device, autocast=cfg.autocast)
-                trainer.model.set_statistics(mean.to(device), std.to(device))
-                last = work / f"last-p{p:g}.safetensors"
-                if last.is_file():
-                    tensors, meta = load_checkpoint(last)
-                    trainer.load_state({k: v.to(device) if k.startswith("model.") else v for k, v in tensors.items()},
-                                       meta)
-                # Shards are decoded in DataLoader worker processes while this one trains. The crop
-                # order is a function of the seed alone: a resumed run skips the batches already used.
-                batches = unwrapped(feature_loader(fdir, fm, scfg.batch_size,
-                                                   keep_image=functools.partial(_in_train_split, pct),
-                                                   seed=scfg.seed, buffer_size=cfg.shuffle_buffer,
-                                                   workers=cfg.loader_workers))
-                for _ in range(trainer.step):
-                    next(batches)
-                attached = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last),
-                            *callbacks(p)]
-                with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
-                    bar.advance(trainer.step)
-                    attached.append(_Advance(bar, trainer.step))
-                    try:
-                        model = trainer.fit(batches, attached, checkpoint_every=cfg.checkpoint_every,
-                                            log_every=cfg.log_every)
-                    finally:
-                        del batches  # stops the loader's worker processes
-                save_checkpoint(final, selector_tensors(model), {
-                    "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
-                    "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
-                last.unlink(missing_ok=True)
-                last.with_suffix(".json").unlink(missing_ok=True)
-                selectors[float(p)] = model
-                timings[f"{p:g}"] = time.perf_counter() - t1
-            held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
-            if not held:
-                raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
-            rows = held_out_metrics(selectors, held, cfg.eval_retentions, seeds=cfg.eval_seeds)
-            write_json_atomic(work / "selector_metrics.json", rows)
-
-            plot_selector_metrics(rows, work / "selector_metrics.png",
-                                  title=f"held-out selector metrics ({len(held)} crops, L={tokens}, C={channels})")
-            curves = {f"{p:g}": json.loads((work / f"curves-p{p:g}.json").read_text())
-                      for p in cfg.retentions if (work / f"curves-p{p:g}.json").is_file()}
-            return {
-                "config": cfg.to_dict(), "inputs": {"features": features.key}, "encoder": encoder,
-                "code_version": code_version(), "stage_version": TRAIN_VERSION, "eval_mode": cfg.eval_mode,
-                "checkpoints": {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions},
-                "statistics_tokens": n_tokens, "held_out_crops": len(held),
-                "counts": {"selectors": len(cfg.retentions), "held_out_crops": len(held)},
-                "train_seconds": timings, "final_loss": {p: (c[-1]["loss"] if c else None) for p, c in curves.items()},
-                "selector_metrics": rows, "seconds": time.perf_counter() - t0,
-            }
-        except (ConfigError, TrainingDiverged):
-            shutil.rmtree(work, ignore_errors=True)  # user-fixable input: leave nothing half-written
-            raise
-        except ShardError:
-            # A bad shard: keep resumable training state if there is any, else leave nothing behind.
-            if not any(work.glob("last-*.safetensors")) and not any(work.glob("selector-*.safetensors")):
-                shutil.rmtree(work, ignore_errors=True)
-            raise
+        with _discard_on_failure(work):
+            mean, std, n_tokens = _crop_statistics(features, channels, cfg.held_out_percent)
+            encoder = _encoder(home, features, tokens, channels)
+            selectors, timings = _selectors(work, cfg, features, encoder, (mean, std), device, callbacks)
+            held, rows = _evaluate_held_out(work, cfg, features, selectors)
+            return _train_manifest(work, cfg, features, encoder, n_tokens, held, timings, rows, t0)
 
     return run_stage(home, "train", key, build, force=force)
+
+
+@contextlib.contextmanager
+def _discard_on_failure(work: Path) -> Iterator[None]:
+    """A failed build leaves nothing half-written in ``work``, except resumable training state after a bad shard."""
+    try:
+        yield
+    except (ConfigError, TrainingDiverged):
+        shutil.rmtree(work, ignore_errors=True)  # user-fixable input: leave nothing half-written
+        raise
+    except ShardError:
+        # A bad shard: keep resumable training state if there is any, else leave nothing behind.
+        if not any(work.glob("last-*.safetensors")) and not any(work.glob("selector-*.safetensors")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _crop_statistics(features: StageResult, channels: int, percent: int):
+    """Per-channel mean and std of the train split's tokens, and the number of tokens they count."""
+    fdir, fm = Path(features.path), features.manifest
+    sums = read_channel_sums(fdir, fm)
+    if sums is not None and sums.shape[1] == 1 + 2 * channels:  # accumulated during extraction
+        return statistics_from_sums(sums, percent)
+    # extracted before the sums existed, or sums that do not fit the manifest: one pass
+    return channel_statistics(batched((f for f, _ in _split_crops(fdir, fm, False, percent)), 256, drop_last=False))
+
+
+def _encoder(home: Home, features: StageResult, tokens: int, channels: int) -> dict[str, Any]:
+    """What every selector checkpoint records about the encoder its features come from."""
+    fm = features.manifest
+    return {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"), "features_key": features.key,
+            "tokens": tokens, "channels": channels, "family": _features_family(home, fm)}
+
+
+def _selectors(work: Path, cfg: TrainConfig, features: StageResult, encoder: dict[str, Any], statistics,
+               device: str, callbacks: Callable[[float], list[Callback]]):
+    """One selector per retention: loaded when its checkpoint is in ``work``, else trained (resuming from
+    its last state); the selectors by retention and the seconds each training took."""
+    tokens, channels = encoder["tokens"], encoder["channels"]
+    selectors, timings = {}, {}
+    for p in cfg.retentions:
+        final = work / f"{checkpoint_name(p)}.safetensors"
+        if final.is_file():
+            tensors, _ = load_checkpoint(final, channels, tokens)
+            selectors[float(p)] = selector_from_tensors(cfg.selector_for(p), tokens, channels, tensors).to(device)
+            continue
+        t1 = time.perf_counter()
+        selectors[float(p)] = _fit_selector(work, cfg, p, features, encoder, statistics, device, callbacks)
+        timings[f"{p:g}"] = time.perf_counter() - t1
+    return selectors, timings
+
+
+def _fit_selector(work: Path, cfg: TrainConfig, p: float, features: StageResult, encoder: dict[str, Any],
+                  statistics, device: str, callbacks: Callable[[float], list[Callback]]):
+    """Train the selector at retention ``p`` (from ``last-p<p>.safetensors`` when a killed run left one),
+    save its checkpoint and drop the resumable state; the trained model."""
+    scfg = cfg.selector_for(p)
+    name = checkpoint_name(p)
+    tokens, channels = encoder["tokens"], encoder["channels"]
+    mean, std = statistics
+    trainer = Trainer(scfg, tokens, channels, device=device, autocast=cfg.autocast)
+    trainer.model.set_statistics(mean.to(device), std.to(device))
+    last = work / f"last-p{p:g}.safetensors"
+    if last.is_file():
+        tensors, meta = load_checkpoint(last)
+        trainer.load_state({k: v.to(device) if k.startswith("model.") else v for k, v in tensors.items()}, meta)
+    # Shards are decoded in DataLoader worker processes while this one trains. The crop
+    # order is a function of the seed alone: a resumed run skips the batches already used.
+    batches = unwrapped(feature_loader(Path(features.path), features.manifest, scfg.batch_size,
+                                       keep_image=functools.partial(_in_train_split, cfg.held_out_percent),
+                                       seed=scfg.seed, buffer_size=cfg.shuffle_buffer, workers=cfg.loader_workers))
+    for _ in range(trainer.step):
+        next(batches)
+    attached = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last), *callbacks(p)]
+    with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
+        bar.advance(trainer.step)
+        attached.append(_Advance(bar, trainer.step))
+        try:
+            model = trainer.fit(batches, attached, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
+        finally:
+            batches.close()  # stops the loader's worker processes now: a failure's traceback still holds it
+    save_checkpoint(work / f"{name}.safetensors", selector_tensors(model), {
+        "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
+        "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
+    last.unlink(missing_ok=True)
+    last.with_suffix(".json").unlink(missing_ok=True)
+    return model
+
+
+def _evaluate_held_out(work: Path, cfg: TrainConfig, features: StageResult, selectors: dict) -> tuple[int, list[dict]]:
+    """Selectors vs random vs the uniform grid on up to EVAL_MAX_CROPS held-out crops, written to
+    ``selector_metrics.json`` / ``.png``; the number of crops and the metric rows."""
+    fdir, fm, pct = Path(features.path), features.manifest, cfg.held_out_percent
+    tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
+    held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
+    if not held:
+        raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
+    rows = held_out_metrics(selectors, held, cfg.eval_retentions, seeds=cfg.eval_seeds)
+    write_json_atomic(work / "selector_metrics.json", rows)
+
+    plot_selector_metrics(rows, work / "selector_metrics.png",
+                          title=f"held-out selector metrics ({len(held)} crops, L={tokens}, C={channels})")
+    return len(held), rows
+
+
+def _train_manifest(work: Path, cfg: TrainConfig, features: StageResult, encoder: dict[str, Any], n_tokens,
+                    held: int, timings: dict[str, float], rows: list[dict], t0: float) -> dict[str, Any]:
+    """The stage manifest, with each selector's logged curve's final loss."""
+    curves = {f"{p:g}": json.loads((work / f"curves-p{p:g}.json").read_text())
+              for p in cfg.retentions if (work / f"curves-p{p:g}.json").is_file()}
+    return {
+        "config": cfg.to_dict(), "inputs": {"features": features.key}, "encoder": encoder,
+        "code_version": code_version(), "stage_version": TRAIN_VERSION, "eval_mode": cfg.eval_mode,
+        "checkpoints": {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions},
+        "statistics_tokens": n_tokens, "held_out_crops": held,
+        "counts": {"selectors": len(cfg.retentions), "held_out_crops": held},
+        "train_seconds": timings, "final_loss": {p: (c[-1]["loss"] if c else None) for p, c in curves.items()},
+        "selector_metrics": rows, "seconds": time.perf_counter() - t0,
+    }
 
 
 class _Advance(Callback):

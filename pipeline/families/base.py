@@ -1,7 +1,15 @@
-"""The family interface: what pruned inference, extraction and FLOPs need to know about a model."""
+"""The family interface: what pruned inference, extraction, FLOPs and the tiny presets need to know
+about a model.
+
+Every method or capability a family must answer is abstract here (``abc``): a family module that
+leaves one out cannot be instantiated, so it fails at import, not halfway through a run. Defaults
+(``load_processor``, ``max_crops``, the interpolation hooks, ``text_config_class``) are the
+LLaVA-NeXT behaviour, which a family overrides where it differs.
+"""
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from ..errors import UserError
@@ -15,7 +23,12 @@ class InterpolatedGridError(UserError, ValueError):
     """A keep mask asked to go through a grid the model shrinks by interpolation (one line)."""
 
 
-class Family:
+# The capabilities (class attributes) every family declares in its own class body: callers ask these
+# instead of comparing family names (tests/test_families.py checks every family answers each).
+CAPABILITIES = ("can_interpolate", "multi_image_anyres")
+
+
+class Family(abc.ABC):
     """One LLaVA model family. Methods take the LLaVA config (``model.config``) so they work on a
     config alone (a 7B on the meta device, a checkpoint's ``config.json``)."""
 
@@ -25,22 +38,81 @@ class Family:
     tower = ""         # the vision tower (for messages)
     chat_template = ""  # the tiny presets' chat template (the real checkpoints ship their own)
 
-    # ------------------------------------------------------------- classes
-    def model_class(self):
-        raise NotImplementedError
+    # ------------------------------------------------------------- capabilities
+    @property
+    @abc.abstractmethod
+    def can_interpolate(self) -> bool:
+        """Can ``pack_image_features`` shrink a large grid (then pruning must turn that off)? A class
+        attribute in each family; :meth:`interpolation` says whether a given config does."""
 
+    @property
+    @abc.abstractmethod
+    def multi_image_anyres(self) -> bool:
+        """Does each image of a several-image prompt get its own AnyRes grid (base crop + grid)? False:
+        the model sends such images as base views only, which the pruning harness does not model."""
+
+    # ------------------------------------------------------------- classes
+    @abc.abstractmethod
+    def model_class(self):
+        """The ``*ForConditionalGeneration`` class."""
+
+    @abc.abstractmethod
     def image_processor_class(self):
         """The PIL-backend image processor (no torchvision needed)."""
-        raise NotImplementedError
 
-    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, chat_template: str):
-        """The stock processor built from its parts (tiny presets)."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, aspect: str | None = None):
+        """The stock processor built from its parts with :attr:`chat_template` (tiny and sized presets).
+        ``aspect``: the ``vision_aspect_ratio`` of a family that interpolates (None: its stock one)."""
+
+    def load_processor(self, model_dir):
+        """The processor of a saved model dir (PIL backend: no torchvision)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(model_dir, backend="pil")
+
+    # ------------------------------------------------------------- tiny and sized presets (pipeline.builders)
+    @property
+    @abc.abstractmethod
+    def tiny_text_model(self) -> str:
+        """The tiny presets' LM, a key of :meth:`text_config_class` (a class attribute in each family)."""
+
+    @property
+    @abc.abstractmethod
+    def corpus_line(self) -> str:
+        """One line of the tiny tokenizer's corpus in the family's prompt format, with ``{image}``,
+        ``{text}`` and ``{answer}`` fields (a class attribute in each family)."""
+
+    @abc.abstractmethod
+    def tokenizer_tokens(self, image_token: str) -> dict[str, Any]:
+        """The tiny tokenizer's special tokens: ``special`` (the list BPE training reserves, in id
+        order, after ``<unk> <s> </s> <pad>`` and ``image_token``), ``bos``, ``eos`` and ``extra``
+        (``extra_special_tokens`` of the HF tokenizer)."""
+
+    @abc.abstractmethod
+    def vision_config(self, *, hidden: int, intermediate: int, layers: int, heads: int, image_size: int,
+                      patch_size: int, projection_dim: int | None = None, hidden_act: str | None = None):
+        """The vision tower's config with these dimensions."""
+
+    def text_config_class(self, text_model: str):
+        """The config class of an LM (``llama``, ``mistral``, ``qwen2``)."""
+        from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+        return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
+
+    @abc.abstractmethod
+    def llava_config(self, vision, text, image_token_id: int, pinpoints, feature_layer: int,
+                     aspect: str | None = None):
+        """The model's config from its tower and LM configs (``aspect`` as in :meth:`processor`)."""
+
+    @abc.abstractmethod
+    def build_image_processor(self, crop: int, pinpoints):
+        """The PIL image processor for ``crop``-pixel crops and these grid pinpoints (height, width)."""
 
     # ------------------------------------------------------------- token geometry
+    @abc.abstractmethod
     def has_cls(self, cfg) -> bool:
         """Does the tower put a CLS token in front of the patch tokens?"""
-        raise NotImplementedError
 
     def side(self, cfg) -> int:
         """Tokens per crop side: ``image_size // patch_size`` (SigLIP-384/14: 27, covering 378 px)."""
@@ -60,15 +132,16 @@ class Family:
         """L: tokens per crop the projector receives."""
         return self.side(cfg) ** 2 + int(self.cls_in_features(cfg))
 
-    def patch_offset(self, cfg) -> int:
-        """Index of the first patch token in the tower's hidden states (1 after a CLS token)."""
-        return int(self.has_cls(cfg))
+    def max_crops(self, cfg) -> int:
+        """The largest grid (rows x cols) among the pinpoints."""
+        crop = cfg.vision_config.image_size
+        return max((h // crop) * (w // crop) for h, w in cfg.image_grid_pinpoints)
 
     # ------------------------------------------------------------- packing
+    @abc.abstractmethod
     def pack(self, inner, features: list, image_sizes, image_newline, cfg, aspect: str | None = None) -> list:
         """The model's own ``pack_image_features`` (base crop, unpadded grid, row newlines). ``aspect``
         overrides OneVision's ``vision_aspect_ratio`` for this call (the config is never mutated)."""
-        raise NotImplementedError
 
     def interpolation(self, cfg) -> bool:
         """Does the model shrink large grids by interpolation as configured now?"""

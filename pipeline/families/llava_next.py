@@ -26,6 +26,10 @@ class LlavaNext(Family):
     model_type = "llava_next"
     tower = "CLIP"
     chat_template = CHAT_TEMPLATE
+    can_interpolate = False
+    multi_image_anyres = True  # each image of a several-image prompt gets its own AnyRes grid
+    tiny_text_model = "llama"
+    corpus_line = "USER: {image}{text} ASSISTANT: {answer}"
 
     def model_class(self):
         from transformers import LlavaNextForConditionalGeneration
@@ -37,12 +41,37 @@ class LlavaNext(Family):
 
         return LlavaNextImageProcessorPil
 
-    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, chat_template: str):
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, aspect: str | None = None):
         from transformers import LlavaNextProcessor
 
         return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
                                   vision_feature_select_strategy="default", image_token=image_token,
-                                  num_additional_image_tokens=1, chat_template=chat_template)
+                                  num_additional_image_tokens=1, chat_template=self.chat_template)
+
+    # ------------------------------------------------------------- tiny and sized presets
+    def tokenizer_tokens(self, image_token: str) -> dict:
+        return {"special": [], "bos": "<s>", "eos": "</s>", "extra": {"image_token": image_token}}
+
+    def vision_config(self, *, hidden, intermediate, layers, heads, image_size, patch_size, projection_dim=None,
+                      hidden_act=None):
+        """CLIP (with CLS)."""
+        from transformers import CLIPVisionConfig
+
+        kw = {"hidden_act": hidden_act} if hidden_act else {}
+        return CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                                projection_dim=projection_dim or hidden, **kw)
+
+    def llava_config(self, vision, text, image_token_id, pinpoints, feature_layer, aspect=None):
+        from transformers import LlavaNextConfig
+
+        return LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                               image_grid_pinpoints=[list(p) for p in pinpoints], vision_feature_layer=feature_layer,
+                               projector_hidden_act="gelu", vision_feature_select_strategy="default")
+
+    def build_image_processor(self, crop, pinpoints):
+        return self.image_processor_class()(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
+                                            image_grid_pinpoints=[list(p) for p in pinpoints])
 
     def has_cls(self, cfg) -> bool:
         return True

@@ -48,6 +48,12 @@ class LlavaOnevision(Family):
     model_type = "llava_onevision"
     tower = "SigLIP"
     chat_template = CHAT_TEMPLATE
+    can_interpolate = True      # anyres_max_N shrinks large grids
+    # Several images in one prompt get no AnyRes grid, only their base view (``batch_num_images`` in
+    # transformers), which the pruning harness does not model.
+    multi_image_anyres = False
+    tiny_text_model = "qwen2"
+    corpus_line = "<|im_start|>user {image}{text}<|im_end|>\n<|im_start|>assistant\n {answer}<|im_end|>"
 
     def model_class(self):
         from transformers import LlavaOnevisionForConditionalGeneration
@@ -60,13 +66,12 @@ class LlavaOnevision(Family):
 
         return LlavaOnevisionImageProcessorPil
 
-    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, chat_template: str,
-                  vision_aspect_ratio: str = STOCK_ASPECT):
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, aspect: str | None = None):
         side = image_processor.size["height"] // patch_size
         return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer,
                                       num_image_tokens=side * side, vision_feature_select_strategy="full",
-                                      image_token=image_token, chat_template=chat_template,
-                                      vision_aspect_ratio=vision_aspect_ratio)
+                                      image_token=image_token, chat_template=self.chat_template,
+                                      vision_aspect_ratio=aspect or STOCK_ASPECT)
 
     def load_processor(self, model_dir):
         """The processor of a OneVision dir without a video processor: the PIL image processor,
@@ -92,6 +97,33 @@ class LlavaOnevision(Family):
         return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
                                       **{k: settings[k] for k in known if k in settings})
 
+    # ------------------------------------------------------------- tiny and sized presets
+    def tokenizer_tokens(self, image_token: str) -> dict:
+        """Qwen's chat tokens too; ``<|im_end|>`` ends an answer and there is no BOS, as in Qwen2."""
+        return {"special": ["<|im_start|>", "<|im_end|>", "<video>"], "bos": None, "eos": "<|im_end|>",
+                "extra": {"image_token": image_token, "video_token": "<video>"}}
+
+    def vision_config(self, *, hidden, intermediate, layers, heads, image_size, patch_size, projection_dim=None,
+                      hidden_act=None):
+        """SigLIP without its head (no CLS); ``projection_dim`` and ``hidden_act`` are CLIP's and unused."""
+        from transformers import SiglipVisionConfig
+
+        return SiglipVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                  num_attention_heads=heads, image_size=image_size, patch_size=patch_size,
+                                  vision_use_head=False)
+
+    def llava_config(self, vision, text, image_token_id, pinpoints, feature_layer, aspect=None):
+        from transformers import LlavaOnevisionConfig
+
+        return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
+                                    image_grid_pinpoints=[list(p) for p in pinpoints],
+                                    vision_feature_layer=feature_layer, projector_hidden_act="gelu",
+                                    vision_feature_select_strategy="full", vision_aspect_ratio=aspect or STOCK_ASPECT)
+
+    def build_image_processor(self, crop, pinpoints):
+        return self.image_processor_class()(size={"height": crop, "width": crop},
+                                            image_grid_pinpoints=[list(p) for p in pinpoints])
+
     def has_cls(self, cfg) -> bool:
         return False
 
@@ -101,11 +133,6 @@ class LlavaOnevision(Family):
         return packed
 
     # ------------------------------------------------------------- interpolation
-    def max_crops(self, cfg) -> int:
-        """The largest grid (rows x cols) among the pinpoints."""
-        crop = cfg.vision_config.image_size
-        return max((h // crop) * (w // crop) for h, w in cfg.image_grid_pinpoints)
-
     def off_value(self, cfg) -> str:
         """``vision_aspect_ratio`` under which no grid of the pinpoints is ever shrunk."""
         return f"anyres_max_{self.max_crops(cfg)}"

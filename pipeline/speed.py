@@ -1,4 +1,4 @@
-"""Timing helpers for ``atr bench``: interleaved rounds, medians, peak tensor memory, machine load.
+"""Timing helpers for ``atr speed``: interleaved rounds, medians, peak tensor memory, machine load.
 
 Pure torch. Every timed call is synchronized on CUDA. Timings interleave the
 candidates (A B C A B C ...) after warm-up rounds, so a load change on a shared
@@ -7,6 +7,7 @@ machine hits all of them alike, and report medians.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import threading
@@ -236,7 +237,7 @@ class LoadSampler:
         return rep
 
 
-# ---------------------------------------------------------------- what atr bench times
+# ---------------------------------------------------------------- what atr speed times
 
 def use_sdpa(model) -> str:
     """Make sure the model runs PyTorch SDPA attention; return the implementation in use."""
@@ -249,7 +250,7 @@ def use_sdpa(model) -> str:
         impl = getattr(model.config, "_attn_implementation", impl)
     return str(impl)
 
-def bench_image(model):
+def speed_image(model):
     """A deterministic RGB image whose size is the grid pinpoint with the most crops (5 for llava-v1.6:
     672x672 -> base + 2x2), so no crop is padding and the prompt has the model's largest visual token count."""
     import numpy as np
@@ -261,7 +262,7 @@ def bench_image(model):
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
 
-def bench_selector(tokens: int, channels: int, device):
+def speed_selector(tokens: int, channels: int, device):
     """A random-init paper selector (3 layers, d = C, FFN 4C, 16 heads where C allows) for (crops, L, C) features."""
     from .selector import SelectorConfig, TokenSelector
 
@@ -287,92 +288,142 @@ def cache_bytes(cache) -> int | None:
                 total += t.numel() * t.element_size()
     return total or None
 
-def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft: bool) -> dict[str, Any]:
-    """Median prefill seconds of the full prompt and of the selector-pruned one at each of
-    ``config["retentions"]`` (interleaved rounds), the selector + top-k time, peak memory, KV-cache
-    bytes and the FLOPs of every convention; with ``ttft`` also image-to-first-token."""
-    from . import flops as F
+@dataclass
+class _PrefillSetup:
+    """What :func:`prefill_timings` times: the speed image, its tower features, the random-init selector's
+    context, the chat prompt's text embeddings around the image, and the input embeddings of the full
+    prompt (retention 1) and of the selector-pruned one at each retention below 1 (with their keep masks)."""
+
+    image: Any
+    feats: Any
+    ctx: Any
+    head: torch.Tensor
+    tail: torch.Tensor
+    keep_masks: dict[float, torch.Tensor]
+    prompts: dict[float, torch.Tensor]
+
+    @property
+    def text_tokens(self) -> int:
+        return self.head.shape[0] + self.tail.shape[0]
+
+    def visual_tokens(self, r: float) -> int:
+        return self.prompts[r].shape[1] - self.text_tokens
+
+
+def _prefill_setup(model, processor, config: dict[str, Any]) -> _PrefillSetup:
+    """Encode the speed image once and build the full and pruned prompts (``config["retentions"]``)."""
     from .evaluate import chat_prompt
     from .prune import encode_images, split_prompt, visual_embeddings
     from .strategies import Context, keep_mask
 
-    dims = family_of(model.config).flops_dims(model.config)
-    image = bench_image(model)
+    image = speed_image(model)
     prompt = chat_prompt(processor, QUESTION, True)
     with torch.inference_mode():
         feats = encode_images(model, processor, [image])[0]
         crops, tokens, channels = feats.features.shape
-        selector = bench_selector(tokens, channels, feats.features.device)
+        selector = speed_selector(tokens, channels, feats.features.device)
         embed = model.get_input_embeddings()
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         if after is None:
             raise ConfigError(f"the chat prompt of {config['model']!r} has no image placeholder")
         head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
-        text_tokens = head.shape[0] + tail.shape[0]
         ctx = Context(selector=selector)
         pruned = [r for r in config["retentions"] if r < 1.0]  # 1 keeps everything: the full prompt
         keep_masks = {r: keep_mask("selector", feats.features, r, "per-crop", ctx, feats.valid) for r in pruned}
         prompts = {1.0: torch.cat([head, visual_embeddings(model, feats), tail])[None]}
         for r, mask in keep_masks.items():
             prompts[r] = torch.cat([head, visual_embeddings(model, feats, mask), tail])[None]
-    visual = {r: x.shape[1] - text_tokens for r, x in prompts.items()}
+    return _PrefillSetup(image, feats, ctx, head, tail, keep_masks, prompts)
 
-    candidates = {f"prefill@{r:g}": _prefill_call(model, x) for r, x in prompts.items()}
+
+def _prefill_candidates(model, processor, setup: _PrefillSetup, ttft: bool) -> dict[str, Callable[[], object]]:
+    """The timed calls, in the order each round runs them: the prefill of every prompt, of the text alone,
+    the selector + top-k at each pruned retention and, with ``ttft``, image-to-first-token per prompt."""
+    from .strategies import keep_mask
+
+    candidates = {f"prefill@{r:g}": _prefill_call(model, x) for r, x in setup.prompts.items()}
     # The prompt without its image: the fixed cost of one forward (Python, kernel launches) plus the text.
-    candidates["prefill@text"] = _prefill_call(model, torch.cat([head, tail])[None])
-    for r in pruned:
-        candidates[f"selector@{r:g}"] = (lambda r=r: keep_mask("selector", feats.features, r, "per-crop", ctx,
-                                                                     feats.valid))
+    candidates["prefill@text"] = _prefill_call(model, torch.cat([setup.head, setup.tail])[None])
+    for r in setup.keep_masks:
+        candidates[f"selector@{r:g}"] = functools.partial(keep_mask, "selector", setup.feats.features, r, "per-crop",
+                                                          setup.ctx, setup.feats.valid)
     if ttft:
-        def first_token(r):
-            def run():
-                f = encode_images(model, processor, [image])[0]
-                mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", ctx, f.valid)
-                x = torch.cat([head, visual_embeddings(model, f, mask), tail])[None]
-                return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
-            return run
-        for r in prompts:
-            candidates[f"ttft@{r:g}"] = first_token(r)
+        for r in setup.prompts:
+            candidates[f"ttft@{r:g}"] = functools.partial(_first_token, model, processor, setup, r)
+    return candidates
+
+
+def _first_token(model, processor, setup: _PrefillSetup, r: float):
+    """One image-to-first-token round: processor, tower, the selector's keep mask (below 1), packing,
+    prefill and the greedy first token."""
+    from .prune import encode_images, visual_embeddings
+    from .strategies import keep_mask
+
+    f = encode_images(model, processor, [setup.image])[0]
+    mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", setup.ctx, f.valid)
+    x = torch.cat([setup.head, visual_embeddings(model, f, mask), setup.tail])[None]
+    return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+
+def _prefill_row(setup: _PrefillSetup, r: float, times: dict[str, list[float]], lm, bytes_per: int,
+                 peak_bytes: int | None, kv_bytes: int | None, ttft: bool) -> dict[str, Any]:
+    """The figures of the prompt at retention ``r``: medians, speed-up, memory and the FLOPs model's limits."""
+    from . import flops as F
+
+    full_s = median(times["prefill@1"])
+    t = median(times[f"prefill@{r:g}"])
+    text_tokens, n_vis, full_vis = setup.text_tokens, setup.visual_tokens(r), setup.visual_tokens(1.0)
+    row: dict[str, Any] = {
+        "visual_tokens": n_vis, "seconds": t, "spread": spread(times[f"prefill@{r:g}"]),
+        "times": times[f"prefill@{r:g}"], "measured_speedup": full_s / t,
+        "peak_bytes": peak_bytes, "kv_cache_bytes": kv_bytes,
+        "kv_cache_bytes_model": F.kv_cache_bytes(lm, text_tokens + n_vis, bytes_per),
+    }
+    for conv in F.CONVENTIONS:
+        row[f"flops_{conv}"] = F.prefill_flops(lm, text_tokens, n_vis, conv)
+        row[f"ideal_{conv}"] = F.ideal_speedup(lm, text_tokens, full_vis, n_vis, conv)
+    row["flops_per_second"] = row["flops_causal"] / t
+    if r != 1.0:
+        crops, tokens, channels = setup.feats.features.shape
+        selector = setup.ctx.selector
+        sel_s = median(times[f"selector@{r:g}"])
+        sel_dims = F.SelectorDims(tokens=tokens, channels=channels, d_model=selector.cfg.d_model,
+                                  layers=selector.cfg.selector_layers, ffn_mult=selector.cfg.ffn_mult)
+        predicted = F.selector_share(sel_dims, crops, lm, text_tokens, full_vis)
+        row.update(selector_seconds=sel_s, selector_share=sel_s / full_s, selector_share_predicted=predicted,
+                   selector_flops=F.selector_flops(sel_dims, crops),
+                   encoder_tokens_kept=int(setup.keep_masks[r].sum()))
+    if ttft:
+        row["ttft_seconds"] = median(times[f"ttft@{r:g}"])
+    return row
+
+
+def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft: bool) -> dict[str, Any]:
+    """Median prefill seconds of the full prompt and of the selector-pruned one at each of
+    ``config["retentions"]`` (interleaved rounds), the selector + top-k time, peak memory, KV-cache
+    bytes and the FLOPs of every convention; with ``ttft`` also image-to-first-token."""
+    from . import flops as F
+
+    dims = family_of(model.config).flops_dims(model.config)
+    setup = _prefill_setup(model, processor, config)
+    candidates = _prefill_candidates(model, processor, setup, ttft)
     with torch.inference_mode():
         times = interleaved(candidates, config["repeats"], config["warmup"], device)
         memory, kv = {}, {}
-        for r, x in prompts.items():
+        for r, x in setup.prompts.items():
             memory[r] = peak_memory(_prefill_call(model, x), device)
             kv[r] = cache_bytes(_prefill_call(model, x)().past_key_values)
 
     bytes_per = next(model.parameters()).element_size()
-    per_r: dict[float, dict[str, Any]] = {}
-    full_s = median(times["prefill@1"])
-    for r in prompts:
-        t = median(times[f"prefill@{r:g}"])
-        n_vis = visual[r]
-        row: dict[str, Any] = {
-            "visual_tokens": n_vis, "seconds": t, "spread": spread(times[f"prefill@{r:g}"]),
-            "times": times[f"prefill@{r:g}"], "measured_speedup": full_s / t,
-            "peak_bytes": memory[r], "kv_cache_bytes": kv[r],
-            "kv_cache_bytes_model": F.kv_cache_bytes(dims.lm, text_tokens + n_vis, bytes_per),
-        }
-        for conv in F.CONVENTIONS:
-            row[f"flops_{conv}"] = F.prefill_flops(dims.lm, text_tokens, n_vis, conv)
-            row[f"ideal_{conv}"] = F.ideal_speedup(dims.lm, text_tokens, visual[1.0], n_vis, conv)
-        row["flops_per_second"] = row["flops_causal"] / t
-        if r != 1.0:
-            sel_s = median(times[f"selector@{r:g}"])
-            sel_dims = F.SelectorDims(tokens=tokens, channels=channels, d_model=selector.cfg.d_model,
-                                      layers=selector.cfg.selector_layers, ffn_mult=selector.cfg.ffn_mult)
-            predicted = F.selector_share(sel_dims, crops, dims.lm, text_tokens, visual[1.0])
-            row.update(selector_seconds=sel_s, selector_share=sel_s / full_s, selector_share_predicted=predicted,
-                       selector_flops=F.selector_flops(sel_dims, crops),
-                       encoder_tokens_kept=int(keep_masks[r].sum()))
-        if ttft:
-            row["ttft_seconds"] = median(times[f"ttft@{r:g}"])
-        per_r[r] = row
+    per_r = {r: _prefill_row(setup, r, times, dims.lm, bytes_per, memory[r], kv[r], ttft) for r in setup.prompts}
+    text_tokens = setup.text_tokens
+    crops, tokens, channels = setup.feats.features.shape
     text_only = {"seconds": median(times["prefill@text"]), "flops_causal": F.prefill_flops(dims.lm, text_tokens, 0)}
     vicuna_visual = F.llava_next_visual_tokens(24, 2, 2)
     projected = F.selector_share(F.CLIP_L_SELECTOR, 5, F.VICUNA_7B.lm, 60, vicuna_visual)
     return {"text_tokens": text_tokens, "crops": crops, "tokens_per_crop": tokens, "channels": channels,
-            "encoder_tokens": crops * tokens, "selector_heads": selector.cfg.n_heads,
-            "image_size": list(image.size), "by_retention": per_r, "text_only": text_only,
+            "encoder_tokens": crops * tokens, "selector_heads": setup.ctx.selector.cfg.n_heads,
+            "image_size": list(setup.image.size), "by_retention": per_r, "text_only": text_only,
             "projection": {"model": "llava-v1.6-vicuna-7b", "selector": "CLIP-L width 1024, 5 x 576 tokens",
                            "text_tokens": 60, "visual_tokens": vicuna_visual, "selector_share": projected,
                            "selector_flops": F.selector_flops(F.CLIP_L_SELECTOR, 5),
@@ -380,55 +431,66 @@ def prefill_timings(model, processor, config: dict[str, Any], device: str, ttft:
             "lm": vars(dims.lm)}
 
 
+def _choose(model, ctx, strategy: str, r: float, f):
+    """``strategy``'s choice at ``r`` on the features ``f`` (seeded generator, its own inputs)."""
+    from dataclasses import replace
+
+    from .evaluate import strategy_inputs
+    from .strategies import select
+
+    c = replace(ctx, generator=torch.Generator().manual_seed(0), **strategy_inputs(model, strategy, f))
+    return select(strategy, f.features, r, "per-crop", c, f.valid)
+
+
+def _strategy_first_token(model, processor, image, head: torch.Tensor, tail: torch.Tensor, ctx, strategy: str,
+                          r: float):
+    """One image-to-first-token round with ``strategy`` at ``r`` (the tower's CLS attention and keys where
+    the strategy scores with them)."""
+    from .prune import encode_images, visual_embeddings
+    from .strategies import get
+
+    f = encode_images(model, processor, [image], attention=get(strategy).tower_attention)[0]
+    sel = _choose(model, ctx, strategy, r, f)
+    x = torch.cat([head, visual_embeddings(model, f, sel.mask, sel.extra), tail])[None]
+    return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+
+
 def strategy_timings(model, processor, strategies, retentions, repeats: int, warmup: int,
                      device: str) -> dict[str, Any]:
-    """Every strategy side by side on the bench image, at equal budgets (interleaved rounds).
+    """Every strategy side by side on the speed image, at equal budgets (interleaved rounds).
 
     Per (strategy, retention): ``select_seconds``, the strategy's own work per image once the tower has
     run (its inputs that are not tower outputs -- projection, crop regions -- and the choice itself),
     ``ttft_seconds``, image -> processor -> tower (with the CLS attention and keys where the strategy
     scores with them) -> choice -> packing -> prefill -> first token, and the tokens sent. ``cdpruner``
     runs unconditioned (no text encoder here). The selector is random-init, as in the prefill timings."""
-    from .evaluate import chat_prompt, strategy_inputs
+    from .evaluate import chat_prompt
     from .prune import encode_images, split_prompt, visual_embeddings
-    from .strategies import TOWER_SCORES, Context, check_strategy, select
+    from .strategies import Context, check_strategy
 
     for s in strategies:
         check_strategy(s)
-    image = bench_image(model)
+    image = speed_image(model)
     prompt = chat_prompt(processor, QUESTION, True)
     embed = model.get_input_embeddings()
     with torch.inference_mode():
         feats = encode_images(model, processor, [image], attention=True)[0]
         crops, tokens, channels = feats.features.shape
-        ctx = Context(selector=bench_selector(tokens, channels, feats.features.device))
+        ctx = Context(selector=speed_selector(tokens, channels, feats.features.device))
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
-
-    def choose(strategy, r, f):
-        from dataclasses import replace
-
-        c = replace(ctx, generator=torch.Generator().manual_seed(0), **strategy_inputs(model, strategy, f))
-        return select(strategy, f.features, r, "per-crop", c, f.valid)
-
-    def first_token(strategy, r):
-        def run():
-            f = encode_images(model, processor, [image], attention=strategy in TOWER_SCORES)[0]
-            sel = choose(strategy, r, f)
-            x = torch.cat([head, visual_embeddings(model, f, sel.mask, sel.extra), tail])[None]
-            return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
-        return run
+    first_token = functools.partial(_strategy_first_token, model, processor, image, head, tail, ctx)
 
     pruned = [r for r in retentions if r < 1.0]
     candidates, sent = {}, {}
     with torch.inference_mode():
         for s in strategies:
             for r in pruned:
-                sel = choose(s, r, feats)
+                sel = _choose(model, ctx, s, r, feats)
                 sent[(s, r)] = (sel.tokens, int(visual_embeddings(model, feats, sel.mask, sel.extra).shape[0]))
-                candidates[f"select/{s}@{r:g}"] = (lambda s=s, r=r: choose(s, r, feats))
-                candidates[f"ttft/{s}@{r:g}"] = first_token(s, r)
-        candidates["ttft/full"] = first_token("full", 1.0)
+                candidates[f"select/{s}@{r:g}"] = functools.partial(_choose, model, ctx, s, r, feats)
+                candidates[f"ttft/{s}@{r:g}"] = functools.partial(first_token, s, r)
+        candidates["ttft/full"] = functools.partial(first_token, "full", 1.0)
         times = interleaved(candidates, repeats, warmup, device)
     rows = {}
     for s in strategies:
@@ -482,5 +544,5 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
 
 
 __all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",
-           "use_sdpa", "bench_image", "bench_selector", "cache_bytes", "prefill_timings", "extraction_timings",
+           "use_sdpa", "speed_image", "speed_selector", "cache_bytes", "prefill_timings", "extraction_timings",
            "strategy_timings"]

@@ -1,4 +1,4 @@
-"""``atr bench`` end to end on the tiny preset (real model, stages, DuckDB, MLflow), and its timing helpers.
+"""``atr speed`` end to end on the tiny preset (real model, stages, DuckDB, MLflow), and its timing helpers.
 
 No test asserts a wall-clock time: only that the figures are written, consistent
 with each other and with the FLOPs model.
@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from flows.cli import main
-from pipeline.bench import LoadSampler, interleaved, median, peak_memory, spread
+from pipeline.speed import LoadSampler, interleaved, median, peak_memory, spread
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
-    home = tmp_path_factory.mktemp("bench-home")
-    argv = ["bench", "--home", str(home), "--model", "tiny", "--retentions", "0.5,0.25", "--repeats", "1",
+def speed_run(tmp_path_factory):
+    home = tmp_path_factory.mktemp("speed-home")
+    argv = ["speed", "--home", str(home), "--model", "tiny", "--retentions", "0.5,0.25", "--repeats", "1",
             "--warmup", "0", "--extract-images", "4", "--batch-size", "2", "--shard-size", "2", "--ttft"]
     assert main(argv) == 0
     con = duckdb.connect(str(home / "results.duckdb"), read_only=True)
@@ -34,8 +34,8 @@ def _by(rows):
     return {(r[1], r[2]): {"measured": r[3], "ideal": r[4], "value": r[5], "unit": r[6]} for r in rows}
 
 
-def test_bench_writes_rows_a_run_and_a_plot(bench_run, capsys):
-    home, rows, runs = bench_run
+def test_speed_writes_rows_a_run_and_a_plot(speed_run, capsys):
+    home, rows, runs = speed_run
     assert len(runs) == 1 and runs[0][2] == "completed" and runs[0][3]
     run_id = runs[0][0]
     assert {r[0] for r in rows} == {run_id}
@@ -58,8 +58,8 @@ def test_bench_writes_rows_a_run_and_a_plot(bench_run, capsys):
     assert not (home / "bench-scratch").exists(), "the scratch extract stage was left behind"
 
 
-def test_bench_figures_are_consistent(bench_run):
-    _, rows, _ = bench_run
+def test_speed_figures_are_consistent(speed_run):
+    _, rows, _ = speed_run
     by = _by(rows)
     # tiny: 5 crops of 8x8 tokens for the 128x128 pinpoint: base 64 + 2x2 grid, 16 rows of 16 + a newline.
     assert by[("prefill/encoder_tokens", None)]["value"] == 5 * 64
@@ -89,17 +89,17 @@ def test_bench_figures_are_consistent(bench_run):
     assert by[("load/trustworthy", None)]["value"] in (0.0, 1.0)
 
 
-def test_bench_times_every_strategy_at_equal_budgets(bench_run):
-    from pipeline.config import PRUNERS
+def test_speed_times_every_strategy_at_equal_budgets(speed_run):
+    from pipeline.strategies import pruners
 
-    _, rows, _ = bench_run
+    _, rows, _ = speed_run
     by = _by(rows)
     full_ttft = by[("select/full/ttft_seconds", 1.0)]["value"]
     assert full_ttft > 0
     for r in (0.5, 0.25):
-        sent = {s: by[(f"select/{s}/tokens", r)]["value"] for s in PRUNERS}
+        sent = {s: by[(f"select/{s}/tokens", r)]["value"] for s in pruners()}
         assert set(sent.values()) == {5 * round(r * 64)}, sent  # every strategy sends what random sends
-        for s in PRUNERS:
+        for s in pruners():
             ms, ttft = by[(f"select/{s}/ms_per_image", r)], by[(f"select/{s}/ttft_seconds", r)]
             assert ms["unit"] == "ms" and ms["value"] > 0
             assert ttft["measured"] == pytest.approx(full_ttft / ttft["value"])
@@ -115,21 +115,38 @@ def test_bench_times_every_strategy_at_equal_budgets(bench_run):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--strategies", "random,fastv"], "unknown strategy 'fastv'; valid: random, selector, attention"),
 ])
-def test_bench_user_errors_are_one_line(tmp_path, capsys, argv, needle):
-    assert main(["bench", "--home", str(tmp_path / "h"), *argv]) == 2
+def test_speed_user_errors_are_one_line(tmp_path, capsys, argv, needle):
+    assert main(["speed", "--home", str(tmp_path / "h"), *argv]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err[-1].startswith("error: ") and needle in err[-1], err
     assert not (tmp_path / "h" / "results.duckdb").exists()  # refused before any run is recorded
 
 
-def test_bench_help_explains_every_option(capsys):
+def test_speed_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--help"])
+        main(["speed", "--help"])
     out = capsys.readouterr().out
     for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--extract-repeats",
                 "--batch-size",
                 "--shard-size", "--ttft", "--load-threshold", "--strategies"):
         assert opt in out
+
+
+NOTE = "note: `atr bench` is now `atr speed`; the old name goes in the next release"
+
+
+def test_the_old_name_bench_runs_atr_speed_with_one_note(tmp_path, capsys):
+    """``atr bench`` (the name before ``atr speed``) parses the same options and runs the same command,
+    after one note line on stderr; ``atr speed`` prints no note."""
+    assert main(["bench", "--home", str(tmp_path / "h"), "--repeats", "0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[0] == NOTE and sum("note:" in line for line in err) == 1, err
+    assert err[-1] == "error: --repeats must be >= 1, got 0", err
+    assert main(["speed", "--home", str(tmp_path / "h"), "--repeats", "0"]) == 2
+    assert "note:" not in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--load-threshold" in capsys.readouterr().out
 
 
 def test_interleaved_runs_rounds_in_order_after_warmup():

@@ -1,10 +1,12 @@
-"""The bench stage (``atr bench``): measured prefill speed-up against the FLOPs limit, selector
+"""The speed stage (``atr speed``): measured prefill speed-up against the FLOPs limit, selector
 overhead, extraction throughput, the cache, and memory -- in one process and one run.
 
 Not cached: every run measures. No Prefect flow runs inside the timings (its
 temporary server would add CPU noise on a shared machine); the timing loops are
-in ``pipeline.bench``, and ``flows.orchestration.flows.bench_run`` records the run
-like every flow (a ``runs`` row, an MLflow run, the ``bench_results`` rows).
+in ``pipeline.speed``, and ``flows.orchestration.flows.speed_run`` records the run
+like every flow (a ``runs`` row, an MLflow run, the ``bench_results`` rows). The stored names
+keep the command's old name ``bench``: they are data (the ``runs.flow`` value ``bench``, the
+``bench_results`` table, ``reports/bench-<run_id>/``, ``bench-scratch/``).
 
 What is timed (medians of ``--repeats`` interleaved rounds after ``--warmup`` rounds):
 
@@ -20,7 +22,7 @@ What is timed (medians of ``--repeats`` interleaved rounds after ``--warmup`` ro
   [selector] -> packing -> prefill -> first token;
 * **every strategy side by side** (``--strategies``, default all): each one's own selection time per
   image and its time to first token at each retention, at equal budgets
-  (``pipeline.bench.strategy_timings``; rows ``select/<strategy>/...``).
+  (``pipeline.speed.strategy_timings``; rows ``select/<strategy>/...``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import shutil
 import time
 from typing import Any
 
-from pipeline.bench import (
+from pipeline.speed import (
     LoadSampler,
     extraction_timings,
     median,
@@ -42,7 +44,7 @@ from pipeline.bench import (
 from pipeline.config import ExtractConfig
 from pipeline.device import compute, set_torch_threads, torch_facts
 from pipeline.families import family_of
-from pipeline.presets import cached_model
+from pipeline.loading import cached_model
 from storage.home import Home
 from storage.stages import StageResult
 
@@ -50,7 +52,7 @@ from ..present import progress
 from .extract import extract
 
 SPREAD_WARN = 0.25  # (max - min) / median of a prefill's rounds above which the run warns
-TARGETS = {  # the figures atr bench is held to: (description, comparison, target)
+TARGETS = {  # the figures atr speed is held to: (description, comparison, target)
     "prefill/measured_over_ideal/causal@0.5": ("measured / ideal prefill speed-up (causal) at 0.5", ">=", 0.90),
     "prefill/measured_over_ideal/causal@0.25": ("measured / ideal prefill speed-up (causal) at 0.25", ">=", 0.90),
     "selector/measured_over_predicted": ("selector + top-k share of full prefill / FLOPs-predicted share", "<=", 1.5),
@@ -60,7 +62,7 @@ TARGETS = {  # the figures atr bench is held to: (description, comparison, targe
 }
 
 
-def bench_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, Any]:
+def speed_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, Any]:
     """The options plus what the run measures on: model key, device, dtype, attention, torch threads."""
     if config.get("threads"):
         set_torch_threads(config["threads"])
@@ -74,14 +76,14 @@ def bench_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, 
             "attn_implementation": use_sdpa(model), **torch_facts()}
 
 
-def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: str) -> dict[str, Any]:
-    """Every measurement of ``atr bench`` on the model of ``model_stage`` (``config`` from :func:`bench_config`).
+def speed(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: str) -> dict[str, Any]:
+    """Every measurement of ``atr speed`` on the model of ``model_stage`` (``config`` from :func:`speed_config`).
 
     Returns the prefill and extraction figures, the machine load per phase, the
     warnings, the ``bench_results`` rows of run ``run_id`` and the figures against
     their targets. Nothing is recorded here; the extraction runs in a private
     scratch home that is removed at the end."""
-    device = config["device"]  # resolved by bench_config, as is config["dtype"]
+    device = config["device"]  # resolved by speed_config, as is config["dtype"]
     model, processor = cached_model(str(model_stage.model_dir), *config.get("load", (device, config["dtype"])),
                                     allow_cpu=config.get("allow_cpu", False))
     # pruned prompts need OneVision's grid interpolation off (as eval does); the full prompt is then the
@@ -102,7 +104,7 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
         extract_figures = None
         if config["extract_images"] > 0:
             with LoadSampler(threshold=threshold, label="the extraction and cache timings") as phase:
-                extract_figures = _bench_extract(home, model_stage, model, processor, config, run_id, device)
+                extract_figures = _speed_extract(home, model_stage, model, processor, config, run_id, device)
             phases["extract"] = phase.report
     load = sampler.report
     load.warnings[:] = [w for rep in phases.values() for w in rep.warnings]
@@ -111,7 +113,7 @@ def bench(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
         load.warnings.append(f"prefill timings varied by more than {SPREAD_WARN:.0%} between rounds (retention: "
                              f"(max - min) / median = {', '.join(f'{k}: {v:.0%}' for k, v in noisy.items())}); "
                              f"medians are less certain")
-    rows = bench_rows(run_id, prefill, extract_figures, load, phases, strategies)
+    rows = speed_rows(run_id, prefill, extract_figures, load, phases, strategies)
     return {"prefill": prefill, "extract": extract_figures, "strategies": strategies, "load": load, "phases": phases,
             "warnings": load.warnings, "rows": rows, "figures": figures(rows)}
 
@@ -124,7 +126,7 @@ def _extract_stage(home: Home, model_stage: StageResult, cfg) -> tuple[bool, flo
     return result.cached, time.perf_counter() - t0
 
 
-def _bench_extract(home: Home, model_stage: StageResult, model, processor, config: dict[str, Any], run_id: str,
+def _speed_extract(home: Home, model_stage: StageResult, model, processor, config: dict[str, Any], run_id: str,
                    device: str) -> dict[str, Any]:
     cfg = ExtractConfig(images="synthetic:docs", limit=config["extract_images"], batch_size=config["batch_size"],
                         shard_size=config["shard_size"])
@@ -167,12 +169,12 @@ def _bench_extract(home: Home, model_stage: StageResult, model, processor, confi
     finally:
         shutil.rmtree(scratch.root, ignore_errors=True)
         try:
-            scratch.root.parent.rmdir()  # bench-scratch/, when no other bench is running
+            scratch.root.parent.rmdir()  # bench-scratch/, when no other speed run is running
         except OSError:
             pass
 
 
-def bench_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict,
+def speed_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict,
                strategies: dict | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
@@ -265,7 +267,7 @@ def figures(rows: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
-def bench_metrics(rows: list[dict]) -> dict[str, float]:
+def speed_metrics(rows: list[dict]) -> dict[str, float]:
     out = {}
     for r in rows:
         if r["value"] is None:

@@ -1,22 +1,24 @@
-"""``atr bench``: prefill speed-up full vs pruned against the FLOPs limit, selector overhead,
-extraction throughput, the cache and memory (see ``flows.stages.bench``)."""
+"""``atr speed``: prefill speed-up full vs pruned against the FLOPs limit, selector overhead,
+extraction throughput, the cache and memory (see ``flows.stages.speed``). ``atr bench``, its old
+name, still runs it for one release (``flows.cli.RENAMED``)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from pipeline.config import PRUNERS, ConfigError
+from pipeline.config import ConfigError
 
-from .common import MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions
+from .common import (MODEL_HELP, add_command, add_compute_options, add_retentions_option, parse_retentions,
+                     strategies_help)
 
 DEFAULT_RETENTIONS = "0.5,0.25,0.11"
 SIZED_RETENTIONS = "0.5,0.222,0.111,0.056"  # the field's 1440 / 640 / 320 / 160 of LLaVA-NeXT's 2,880 tokens
 
 
-def bench_parser(sub, common) -> None:
+def speed_parser(sub, common) -> None:
     p = add_command(
-        sub, common, "bench",
+        sub, common, "speed", aliases=("bench",),
         help="speed benchmarks: prefill speed-up vs the FLOPs limit, selector, extraction",
         description="Measure, in one process, the prefill time of the full vs the pruned prompt at each retention "
                     "(medians of interleaved rounds A B A B after warm-up) against the ideal speed-up of the FLOPs "
@@ -26,9 +28,9 @@ def bench_parser(sub, common) -> None:
                     "cached extract stage, peak memory and KV-cache bytes. The machine load from other processes "
                     "is sampled during the run; a warning says when it makes the ratios untrustworthy. Rows go to "
                     "bench_results, the speed-up plot to $ATR_HOME/reports/bench-<run_id>/ and MLflow.",
-        epilog="examples:\n  atr bench\n  atr bench --retentions 0.5,0.25,0.11 --repeats 7\n"
-               "  atr bench --model bench-vicuna-7b                                   # real size, on a CUDA machine\n"
-               "  atr bench --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
+        epilog="examples:\n  atr speed\n  atr speed --retentions 0.5,0.25,0.11 --repeats 7\n"
+               "  atr speed --model bench-vicuna-7b                                   # real size, on a CUDA machine\n"
+               "  atr speed --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
                "  atr query \"SELECT name, retention, measured_speedup, ideal_speedup, value, unit FROM "
                "bench_results ORDER BY name\"")
     p.add_argument("--model", default="bench",
@@ -52,9 +54,10 @@ def bench_parser(sub, common) -> None:
                    help="timed rounds of the extract stage and the bare tower, at most --repeats (default: 5)")
     p.add_argument("--batch-size", type=int, default=8, help="images per vision-tower batch in extraction (default: 8)")
     p.add_argument("--shard-size", type=int, default=16, help="samples per shard in extraction (default: 16)")
-    p.add_argument("--strategies", default=",".join(PRUNERS),
-                   help="strategies timed side by side (selection ms per image and time to first token at each "
-                        "retention, equal budgets); 'none' skips them (default: " + ",".join(PRUNERS) + ")")
+    p.add_argument("--strategies", default=None,
+                   help=strategies_help("strategies timed side by side (selection ms per image and time to first "
+                                        "token at each retention, equal budgets); 'none' skips them (default: "
+                                        "every pruning strategy)", pruners_only=True))
     p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
     p.add_argument("--threads", type=int, default=None,
@@ -87,11 +90,13 @@ def check_args(args) -> dict[str, Any]:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if not args.load_threshold > 0:
         raise ConfigError(f"--load-threshold must be positive, got {args.load_threshold}")
-    strategies = [] if args.strategies.strip() in ("", "none") else \
-        [x.strip() for x in args.strategies.split(",") if x.strip()]
+    from pipeline.strategies import pruners
+
+    given = ",".join(pruners()) if args.strategies is None else args.strategies
+    strategies = [] if given.strip() in ("", "none") else [x.strip() for x in given.split(",") if x.strip()]
     for x in strategies:
-        if x not in PRUNERS:
-            raise ConfigError(f"--strategies: unknown strategy {x!r}; valid: {', '.join(PRUNERS)} (the full prompt "
+        if x not in pruners():
+            raise ConfigError(f"--strategies: unknown strategy {x!r}; valid: {', '.join(pruners())} (the full prompt "
                               f"is always timed)")
     return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
@@ -100,9 +105,9 @@ def check_args(args) -> dict[str, Any]:
             "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu, "strategies": strategies}
 
 
-def cmd_bench(home, args) -> int:
-    from ..orchestration.flows import bench_run
-    from ..present.tables import print_bench
+def cmd_speed(home, args) -> int:
+    from ..orchestration.flows import speed_run
+    from ..present.tables import print_speed
 
-    print_bench(bench_run(home, check_args(args)))
+    print_speed(speed_run(home, check_args(args)))
     return 0

@@ -20,7 +20,7 @@ from lmms_eval.protocol import ChatMessages
 
 from pipeline.config import ConfigError
 from pipeline.families import family_of
-from pipeline.strategies import BUDGETS, STRATEGIES
+from pipeline.strategies import BUDGETS, get
 
 # the model_args atr_llava takes, with their defaults
 MODEL_ARGS: dict[str, Any] = {"pretrained": None, "strategy": "full", "retention": 1.0, "selector": None,
@@ -38,11 +38,11 @@ class AtrLlava(lmms):
         super().__init__()
         args = check_model_args(kwargs)
         from pipeline.device import compute
-        from pipeline.presets import cached_model
+        from pipeline.loading import cached_model
         from storage.home import Home
 
-        from .eval import eval_selector, eval_text_encoder
-        from .prepare_model import prepare_model
+        from flows.stages.eval import eval_selector, eval_text_encoder
+        from flows.stages.prepare_model import prepare_model
 
         self.args = args
         self.home = Home.resolve(args["home"]).ensure()
@@ -51,18 +51,22 @@ class AtrLlava(lmms):
         self.model, self.processor = cached_model(str(self.model_stage.model_dir), self.device_name, self.dtype_name)
         from pipeline.evaluate import EvalConfig
 
-        from .eval import check_interpolation
+        from flows.stages.eval import check_interpolation
 
         check_interpolation(self.model_stage, EvalConfig(strategies=(args["strategy"],),
                                                          retentions=(float(args["retention"]),),
                                                          interpolation=args["interpolation"] == "on"))
         family_of(self.model).set_interpolation(self.model, self.processor, args["interpolation"] == "on")
+        from pipeline.evaluate import Pruning
+
+        self.pruning = Pruning(args["strategy"], float(args["retention"]), int(args["seed"]), args["budget"])
+        spec = self.pruning.spec
         self.selector = None
-        if args["strategy"] == "selector":
+        if "selector" in spec.needs:
             self.selector = eval_selector(self.home, str(args["selector"]), float(args["retention"]),
                                           self.model_stage).selector.to(self.model.device)
         self.relevance = None
-        if args["strategy"] == "cdpruner" and args["text_encoder"]:
+        if spec.wants("relevance") and args["text_encoder"]:
             self.relevance = eval_text_encoder(EvalConfig(text_encoder=args["text_encoder"]), self.model_stage,
                                                self.device_name)
         self._batch_size = int(args["batch_size"])
@@ -76,8 +80,8 @@ class AtrLlava(lmms):
     # ------------------------------------------------------------- the one method the ten tasks use
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         from pipeline.benchmarks import EvalItem
-        from pipeline.evaluate import encode_shard, predict_features
-        from pipeline.strategies import TOWER_SCORES
+        from pipeline.evaluate import Batching, Inputs, encode_shard, predict_features
+        from pipeline.strategies import tower_outputs
 
         a = self.args
         items, limits = [], []
@@ -92,9 +96,9 @@ class AtrLlava(lmms):
             if videos or audios:
                 raise NotImplementedError(f"atr_llava answers about images; {task} doc {doc_id} has "
                                           f"{len(videos)} videos, {len(audios)} audio clips")
-            if len(images) > 1 and family_of(self.model).name == "llava-onevision":
-                raise NotImplementedError(f"atr_llava: {task} doc {doc_id} has {len(images)} images; LLaVA-OneVision "
-                                          "sends several images without AnyRes, which atr's pruning does not model")
+            if len(images) > 1 and not family_of(self.model).multi_image_anyres:
+                raise NotImplementedError(f"atr_llava: {task} doc {doc_id} has {len(images)} images; "
+                                          f"{family_of(self.model).label} sends several images without AnyRes, which atr's pruning does not model")
             text = "\n".join(c.text for m in messages.messages if m.role == "user" for c in m.content
                              if c.type == "text")
             rgb = [im.convert("RGB") for im in images]
@@ -104,13 +108,13 @@ class AtrLlava(lmms):
         for limit in sorted(set(limits)):
             idx = [i for i, m in enumerate(limits) if m == limit]
             shard = encode_shard(self.model, self.processor, [items[i] for i in idx], idx,
-                                 attention=a["strategy"] in TOWER_SCORES, images=a["strategy"] != "none",
-                                 batch_size=max(1, self._batch_size), embeds=self.relevance is not None)
+                                 tower_outputs([a["strategy"]], self.relevance is not None),
+                                 batch_size=max(1, self._batch_size))
             if shard.skipped:
                 raise ValueError(f"atr_llava could not read {len(shard.skipped)} images: {shard.skipped[0][1]}")
-            got = predict_features(self.model, self.processor, shard, a["strategy"], float(a["retention"]),
-                                   int(a["seed"]), a["budget"], self.selector, self._batch_size, limit,
-                                   relevance=self.relevance)
+            got = predict_features(self.model, self.processor, shard, self.pruning,
+                                   Inputs(self.selector, self.relevance),
+                                   Batching(self._batch_size, max_new_tokens=limit))
             for i, text in zip(idx, got.texts):
                 out[i] = GenerationResult(text=text)
             self.visual_tokens += got.visual_tokens
@@ -135,13 +139,12 @@ def check_model_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not args["pretrained"]:
         raise ConfigError("atr_llava needs pretrained=ID_OR_DIR (a preset such as tiny-trained, a save_pretrained "
                           "folder, or a Hugging Face id)")
-    if args["strategy"] not in STRATEGIES:
-        raise ConfigError(f"atr_llava strategy {args['strategy']!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    get(args["strategy"])  # one line listing the registered strategies
     if args["budget"] not in BUDGETS:
         raise ConfigError(f"atr_llava budget {args['budget']!r} is unknown; valid: {', '.join(BUDGETS)}")
-    if args["strategy"] == "selector" and not args["selector"]:
-        raise ConfigError("atr_llava strategy=selector needs selector=CKPT (a .safetensors file or a train "
-                          "stage hash)")
+    if "selector" in get(args["strategy"]).needs and not args["selector"]:  # the plugin's planning
+        raise ConfigError(f"atr_llava strategy={args['strategy']} needs selector=CKPT (a .safetensors file or a "
+                          "train stage hash)")
     if args["interpolation"] not in ("on", "off"):
         raise ConfigError(f"atr_llava interpolation must be on or off, got {args['interpolation']!r}")
     try:

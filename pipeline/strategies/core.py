@@ -1,0 +1,461 @@
+"""The strategy registry, the budgets, and the one selection path every caller uses.
+
+A strategy is declared once, with :func:`strategy`, beside its function::
+
+    @strategy("mine", needs=("projected",), version="1", label="Mine", style=("tab:pink", "h"))
+    def mine(req: Request) -> torch.Tensor:          # (crops, L) bool keep mask
+        return req.top(req.need("projected").norm(dim=-1))
+
+That declaration is all the rest of the project reads: CLI choices and help, the
+eval cache keys (``version``), which tower outputs a shard computes (``needs``),
+plugin validation, the peers' table and the plot styles. Built-in strategies live
+in the modules of this package (each module is imported on first use); another
+installed package adds its own through the entry-point group ``atr.strategies``
+(``docs/strategies.md``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..config import ConfigError
+
+BUDGETS = ("per-crop", "global")
+ENTRY_POINT_GROUP = "atr.strategies"
+
+# What a strategy may need (the fields of Context) and where eval gets each one (pipeline.evaluate).
+TOWER_FIELDS = ("cls_attention", "early_attention", "keys", "cls_tokens")  # the tower computes these with attention
+MODEL_FIELDS = ("regions", "projected")                                   # computed from the model per image
+NEEDS = ("selector", "generator", "relevance", *TOWER_FIELDS, *MODEL_FIELDS)
+DEFAULT_STYLES = (("tab:pink", "h"), ("tab:green", "p"), ("black", "d"), ("tab:olive", "<"), ("tab:gray", ">"))
+
+
+@dataclass
+class Context:
+    """What strategies may need beyond the features (all per image)."""
+
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    selector: Any = None  # a TokenSelector (pipeline.selector)
+    cls_attention: torch.Tensor | None = None  # (crops, L) CLS -> token attention of the feature layer
+    early_attention: torch.Tensor | None = None  # (crops, L) CLS -> token attention of encoder layer 0
+    keys: torch.Tensor | None = None  # (crops, L, d) feature layer's attention keys, mean over heads
+    regions: torch.Tensor | None = None  # (L,) the grid crop (1..) each base-crop token lies in, 0 for none
+    projected: torch.Tensor | None = None  # (crops, L, D) the projector's output: LLM-space tokens
+    relevance: torch.Tensor | None = None  # (crops, L) relevance of each token to the question (cdpruner)
+    cls_tokens: torch.Tensor | None = None  # (crops, C) the feature layer's CLS token per crop (visionzip)
+
+
+@dataclass
+class Selection:
+    """What one image sends the LLM: ``mask`` (crops, L) of kept encoder tokens and ``extra`` (E, C)
+    new tokens in tower space (None: none), which go after the kept ones."""
+
+    mask: torch.Tensor
+    extra: torch.Tensor | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Encoder-side tokens sent (kept + extra; row newlines not counted)."""
+        return int(self.mask.sum()) + (0 if self.extra is None else int(self.extra.shape[0]))
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image's selection problem, as a strategy function receives it: ``features`` (crops, L, C),
+    the retention and budget mode, ``valid`` (crops, L) bool (only those are candidates), the Context
+    and the strategy's resolved ``options`` (its declared params, defaults filled in)."""
+
+    strategy: str
+    features: torch.Tensor
+    retention: float
+    budget: str
+    valid: torch.Tensor
+    context: Context
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def per_crop(self) -> bool:
+        return self.budget == "per-crop"
+
+    def counts(self) -> torch.Tensor:
+        """:func:`budget_counts` of this request: k per crop (per-crop) or a 1-element K (global)."""
+        return budget_counts(self.valid, self.retention, self.budget)
+
+    def image_budget(self) -> int:
+        """K: every token this image may send the LLM."""
+        return image_budget(self.valid, self.retention, self.budget)
+
+    def need(self, name: str) -> Any:
+        """The Context field ``name``, refused in one line when missing or of the wrong shape."""
+        return _need(self.context, name, self.strategy, *self.features.shape[:2])
+
+    def top(self, scores: torch.Tensor) -> torch.Tensor:
+        """(crops, L) mask of the top-k valid tokens by ``scores`` (crops, L), k from the budget."""
+        return top_k(scores, self.counts(), self.valid, per_crop=self.per_crop)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One strategy's declaration (see :func:`strategy`)."""
+
+    name: str
+    fn: Callable[[Request], Any]
+    needs: tuple[str, ...] = ()       # Context fields it cannot run without
+    uses: tuple[str, ...] = ()        # Context fields it uses when present (cdpruner: relevance)
+    version: str | None = None        # bumped when its choice changes: part of its eval cache keys
+    label: str = ""                   # the name in tables (default: the name)
+    peer: str = ""                    # a published pruner: its citation ("Alvar et al., CVPR 2025")
+    style: tuple[str, str] | None = None  # (matplotlib colour, marker); None: a default
+    retention: float | None = None    # a fixed retention (full: 1.0, none: 0.0); None: swept
+    seeded: bool = False              # draws at random: one result per seed
+    sends_image: bool = True          # False: the prompt carries no image (none)
+    params: Mapping[str, Any] = field(default_factory=dict)  # ablation switches and their defaults
+    choices: Mapping[str, tuple] = field(default_factory=dict)  # the allowed values of a param, where limited
+    batch: Callable[[list[Request]], list[Any]] | None = None  # many images at once (selector)
+    help: str = ""
+    rank: float = 100.0               # listing order (built-ins first)
+
+    def __post_init__(self) -> None:
+        for name in ("needs", "uses"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "label", self.label or self.name)
+
+    @property
+    def prunes(self) -> bool:
+        """Does it choose a subset at a swept retention (everything but full and none)?"""
+        return self.retention is None
+
+    def wants(self, name: str) -> bool:
+        return name in self.needs or name in self.uses
+
+    @property
+    def tower_attention(self) -> bool:
+        """Does it need the tower's attention outputs (CLS attention, keys, CLS tokens)?"""
+        return any(self.wants(n) for n in TOWER_FIELDS)
+
+    def resolve_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Its params with ``options`` applied; an unknown name or a value of the wrong type is refused."""
+        out = dict(self.params)
+        for key, value in (options or {}).items():
+            if key not in self.params:
+                valid = ", ".join(self.params) or "none"
+                raise ConfigError(f"strategy {self.name!r} has no option {key!r}; its options: {valid}")
+            default = self.params[key]
+            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+                value = tuple(value)
+            if type(value) is not type(default) and not (isinstance(default, float) and isinstance(value, int)
+                                                         and not isinstance(value, bool)):
+                raise ConfigError(f"option {self.name}.{key} must be a {type(default).__name__}, got {value!r}")
+            if key in self.choices and value not in self.choices[key]:
+                raise ConfigError(f"option {self.name}.{key} must be one of {', '.join(map(str, self.choices[key]))}, "
+                                  f"got {value!r}")
+            out[key] = value
+        return out
+
+    def changed_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The options that differ from the defaults (what enters a cache key; {} keeps the old keys)."""
+        resolved = self.resolve_options(options)
+        return {k: v for k, v in sorted(resolved.items()) if v != self.params[k]}
+
+
+_REGISTRY: dict[str, Strategy] = {}
+_LOADED = False
+
+
+def strategy(name: str, **declaration: Any) -> Callable:
+    """Decorator: declare ``fn(req: Request)`` as strategy ``name``; ``declaration`` sets the other fields of
+    :class:`Strategy` (``needs``, ``version``, ``peer``, ``style``, ...). ``fn`` returns a (crops, L) bool keep
+    mask, a :class:`Selection` (mask plus extra tokens), or None (no image)."""
+    fields = {f.name for f in dataclasses.fields(Strategy)} - {"name", "fn"}
+    unknown = sorted(set(declaration) - fields)
+    if unknown:
+        raise ConfigError(f"strategy {name!r}: unknown declaration field(s) {', '.join(unknown)}; "
+                          f"valid: {', '.join(sorted(fields))}")
+
+    def register_fn(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        register(Strategy(name, fn, **declaration))
+        return fn
+
+    return register_fn
+
+
+def register(spec: Strategy) -> Strategy:
+    """Add a strategy to the registry (what :func:`strategy` does); a clash or an unknown need is refused."""
+    if not spec.name or not all(c.isalnum() or c in "-_" for c in spec.name):
+        raise ConfigError(f"strategy name {spec.name!r} must be letters, digits, '-' or '_'")
+    unknown = [n for n in (*spec.needs, *spec.uses) if n not in NEEDS]
+    if unknown:
+        raise ConfigError(f"strategy {spec.name!r} needs {', '.join(unknown)}, which atr cannot give; "
+                          f"known: {', '.join(NEEDS)}")
+    old = _REGISTRY.get(spec.name)
+    if old is not None and old.fn is not spec.fn and getattr(old.fn, "__qualname__", None) != spec.fn.__qualname__:
+        raise ConfigError(f"strategy {spec.name!r} is declared twice ({_where(old.fn)} and {_where(spec.fn)})")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a strategy (tests that declare their own)."""
+    _REGISTRY.pop(name, None)
+
+
+def _where(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+
+
+def load() -> dict[str, Strategy]:
+    """Import every built-in strategy module of this package, then the ``atr.strategies`` entry points
+    (once per process); the registry, in listing order."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        package = importlib.import_module(__package__)
+        for info in pkgutil.iter_modules(package.__path__):
+            if info.name not in ("core",) and not info.name.startswith("_"):
+                importlib.import_module(f"{__package__}.{info.name}")
+        load_plugins()
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].rank, list(_REGISTRY).index(kv[0]))))
+
+
+def load_plugins() -> list[str]:
+    """Load the ``atr.strategies`` entry points: each names a module that declares strategies with
+    :func:`strategy`, or a :class:`Strategy` (or a list of them). A plugin that fails to load is refused in
+    one line naming it. Returns the entry points' names."""
+    from importlib.metadata import entry_points
+
+    names = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as exc:  # noqa: BLE001 (a broken plugin: one line naming it)
+            raise ConfigError(f"strategy plugin {ep.name!r} ({ep.value}) does not load: "
+                              f"{type(exc).__name__}: {exc}") from None
+        for spec in obj if isinstance(obj, (list, tuple)) else [obj]:
+            if isinstance(spec, Strategy):
+                register(spec)
+        names.append(ep.name)
+    return names
+
+
+def get(name: str) -> Strategy:
+    """The declaration of ``name``; an unknown name is refused in one line listing the known ones."""
+    registry = load()
+    if name not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown strategy {name!r}{hint}; valid: {', '.join(registry)}")
+    return registry[name]
+
+
+def names() -> tuple[str, ...]:
+    """Every strategy, in listing order."""
+    return tuple(load())
+
+
+def pruners() -> tuple[str, ...]:
+    """The strategies that choose a subset at a swept retention (not full, not none)."""
+    return tuple(n for n, s in load().items() if s.prunes)
+
+
+def prunes(name: str) -> bool:
+    """Is ``name`` swept over retentions (not full, not none)? A name not registered in this process (a
+    plugin's, read back from the results store) counts as swept."""
+    spec = load().get(name)
+    return spec is None or spec.prunes
+
+
+def peers() -> tuple[str, ...]:
+    """The published pruners."""
+    return tuple(n for n, s in load().items() if s.peer)
+
+
+def check_strategy(name: str) -> str:
+    get(name)
+    return name
+
+
+def check_budget(budget: str) -> str:
+    if budget not in BUDGETS:
+        raise ConfigError(f"unknown budget {budget!r}; valid: {', '.join(BUDGETS)}")
+    return budget
+
+
+def style(name: str) -> tuple[str, str]:
+    """(colour, marker) for plots: the declared one, else a default that is stable per name."""
+    spec = load().get(name)
+    if spec is not None and spec.style:
+        return spec.style
+    return DEFAULT_STYLES[sum(map(ord, name)) % len(DEFAULT_STYLES)]
+
+
+def label(name: str) -> str:
+    spec = load().get(name)
+    return spec.label if spec is not None else name
+
+
+@dataclass(frozen=True)
+class TowerOutputs:
+    """What the vision tower must compute for a set of strategies (``prune.encode_images``)."""
+
+    images: bool = True      # any strategy sends an image
+    attention: bool = False  # CLS attention, keys, CLS tokens
+    embeds: bool = False     # the post-norm last layer (the relevance of a text encoder)
+
+
+def tower_outputs(strategies: Sequence[str], relevance: bool = False) -> TowerOutputs:
+    """The tower outputs ``strategies`` need; ``relevance``: a text encoder is given (embeds for those
+    strategies that use relevance)."""
+    specs = [get(s) for s in strategies]
+    return TowerOutputs(images=any(s.sends_image for s in specs), attention=any(s.tower_attention for s in specs),
+                        embeds=relevance and any(s.wants("relevance") for s in specs))
+
+
+def seeded_generator(seed: int, index: int, slot: int = 0) -> torch.Generator:
+    """The generator of image ``slot`` of row ``index`` under ``seed``: a random keep depends on the row,
+    not on how rows are cut into shards, batches or crops (eval and the held-out selector metrics)."""
+    base = seed * 1_000_003 + index
+    return torch.Generator().manual_seed(base if slot == 0 else base * 64 + slot)
+
+
+# ---------------------------------------------------------------- the one selection path
+
+@torch.no_grad()
+def select(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
+           context: Context | None = None, valid: torch.Tensor | None = None,
+           options: Mapping[str, Any] | None = None) -> Selection | None:
+    """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``."""
+    spec = get(strategy)
+    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options)))
+
+
+def _request(spec: Strategy, features: torch.Tensor, retention: float, budget: str, context: Context | None,
+             valid: torch.Tensor | None, options: Mapping[str, Any] | None) -> Request:
+    check_budget(budget)
+    context = context or Context()
+    crops, tokens = features.shape[:2]
+    valid = _valid(valid, crops, tokens, features.device)
+    req = Request(spec.name, features, retention, budget, valid, context, spec.resolve_options(options))
+    for name in spec.needs:
+        req.need(name)
+    return req
+
+
+def _finish(out: Any) -> Selection | None:
+    if out is None or isinstance(out, Selection):
+        return out
+    return Selection(out)
+
+
+def keep_mask(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
+              context: Context | None = None, valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(crops, L) bool mask of the encoder tokens ``strategy`` keeps (its extra tokens aside); None for ``none``."""
+    sel = select(strategy, features, retention, budget, context, valid)
+    return None if sel is None else sel.mask
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The per-image inputs of :func:`selections` beside the features: ``valid[i]`` (crops_i, L) and
+    ``per_image[i]``, Context fields for image i (``cls_attention``, ``projected``, ``generator``, ...)."""
+
+    valid: Sequence[torch.Tensor | None] | None = None
+    per_image: Sequence[Mapping[str, Any]] | None = None
+
+
+@torch.no_grad()
+def selections(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
+               context: Context | None = None, batch: Batch | None = None,
+               options: Mapping[str, Any] | None = None) -> list[Selection | None]:
+    """:func:`select` for a batch of images, each ``(crops_i, L, C)``; one Selection (or None) per image.
+
+    A strategy with a ``batch`` function (``selector``: one forward over all crops of all images, which
+    gives every image the mask it gets alone) runs once; the others run image by image, in order."""
+    spec = get(strategy)
+    context = context or Context()
+    batch = batch or Batch()
+    valid = list(batch.valid) if batch.valid is not None else [None] * len(features)
+    extra = list(batch.per_image) if batch.per_image is not None else [{}] * len(features)
+    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options)
+            for f, e, v in zip(features, extra, valid, strict=True)]
+    if spec.batch is not None and reqs:
+        return [_finish(o) for o in spec.batch(reqs)]
+    return [_finish(spec.fn(r)) for r in reqs]
+
+
+def keep_masks(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
+               context: Context | None = None,
+               valid: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor | None]:
+    """The masks of :func:`selections`."""
+    return [None if s is None else s.mask
+            for s in selections(strategy, features, retention, budget, context, Batch(valid=valid))]
+
+
+def _need(context: Context, name: str, strategy: str, crops: int, tokens: int) -> Any:
+    value = getattr(context, name)
+    if value is None:
+        what = {"cls_attention": "the tower's CLS attention (encode with attention=True)",
+                "early_attention": "the tower's layer-0 CLS attention (encode with attention=True)",
+                "keys": "the feature layer's attention keys (encode with attention=True)",
+                "cls_tokens": "the feature layer's CLS tokens (encode with attention=True)",
+                "selector": "a selector checkpoint (--selector)",
+                "regions": "the base crop's token regions (pipeline.prune.base_regions)",
+                "relevance": "each token's relevance to the question (--text-encoder)"}
+        raise ConfigError(f"strategy {strategy!r} needs "
+                          f"{what.get(name, 'the projected tokens (crops, L, D) of the same image')}")
+    if name in ("cls_attention", "early_attention", "keys", "projected", "relevance") \
+            and tuple(value.shape[:2]) != (crops, tokens):
+        raise ValueError(f"{name} shape {tuple(value.shape)} does not match features {(crops, tokens)}")
+    return value
+
+
+def _valid(valid: torch.Tensor | None, crops: int, tokens: int, device) -> torch.Tensor:
+    if valid is None:
+        return torch.ones(crops, tokens, dtype=torch.bool, device=device)
+    if tuple(valid.shape) != (crops, tokens):
+        raise ValueError(f"valid-token mask shape {tuple(valid.shape)} does not match features {(crops, tokens)}")
+    return valid.to(device=device, dtype=torch.bool)
+
+
+# ---------------------------------------------------------------- budgets
+
+def budget_counts(valid: torch.Tensor, retention: float, budget: str) -> torch.Tensor:
+    """Tokens to keep: (crops,) per crop for ``per-crop``, a 1-element tensor for ``global``.
+
+    round(retention * valid tokens), at least 1 where there is any valid token."""
+    if not 0.0 < retention <= 1.0:  # also refuses nan
+        raise ConfigError(f"retention must be in (0, 1], got {retention!r}")
+    n = valid.sum(dim=1) if budget == "per-crop" else valid.sum().reshape(1)
+    k = torch.round(retention * n.double()).long()
+    return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(n)
+
+
+def image_budget(valid: torch.Tensor, retention: float, budget: str) -> int:
+    """K, every token the LLM sees of one image (row newlines aside): the sum of :func:`budget_counts`."""
+    return int(budget_counts(valid, retention, budget).sum())
+
+
+def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: bool) -> torch.Tensor:
+    """(crops, L) mask of the k[c] highest-scoring valid tokens of each crop (``per_crop``), or of the
+    k[0] highest over the whole image; ties go to the lower index."""
+    crops, tokens = scores.shape
+    masked = scores.float().masked_fill(~valid, float("-inf"))
+    if not per_crop:
+        masked = masked.reshape(1, crops * tokens)
+    order = masked.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order).contiguous())
+    return (ranks < k.to(ranks.device)[:, None]).reshape(crops, tokens)
+
+
+__all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Request", "Strategy", "Batch",
+           "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
+           "prunes", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs", "seeded_generator",
+           "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "top_k"]
