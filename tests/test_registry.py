@@ -83,15 +83,12 @@ def test_declarations_are_checked_in_one_line():
         get("visionzip").resolve_options({"merge": "median"})
 
 
-def test_a_strategy_from_this_file_runs_through_atr_eval_and_atr_speed(norm_strategy, prefect_api_url, tmp_path,
-                                                                     capsys):
-    from flows.cli import main
-
+def test_a_strategy_from_this_file_runs_through_atr_eval_and_atr_speed(norm_strategy, run_cli, tmp_path):
     home = tmp_path / "home"
     argv = ["eval", "--home", str(home), "--benchmark", "synthetic-ocr", "--strategies", f"full,random,{NAME}",
             "--retentions", "0.25", "--limit", "12", "--seeds", "1", "--shard-size", "6"]
-    assert main(argv) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
+    rc, out, err = run_cli(*argv)
+    assert rc == 0, err
     assert NAME in out
     con = duckdb.connect(str(home / "results.duckdb"), read_only=True)
     rows = dict(con.execute("SELECT strategy, mean_visual_tokens FROM eval_scores").fetchall())
@@ -101,7 +98,7 @@ def test_a_strategy_from_this_file_runs_through_atr_eval_and_atr_speed(norm_stra
     # equal budgets: as many encoder tokens as random (visual tokens differ only by the kept rows' newlines)
     assert abs(rows[NAME] - rows["random"]) < 2 and rows[NAME] < 0.6 * rows["full"]
     # its cache key carries its version: a second run is a cache hit
-    assert main(argv) == 0
+    assert run_cli(*argv)[0] == 0
     con = duckdb.connect(str(home / "results.duckdb"), read_only=True)
     computed = con.execute("SELECT m.value FROM stage_metrics m JOIN runs r USING (run_id) WHERE m.stage = 'eval' "
                            "AND m.name = 'computed' ORDER BY r.started_at").fetchall()
@@ -112,7 +109,8 @@ def test_a_strategy_from_this_file_runs_through_atr_eval_and_atr_speed(norm_stra
 
     speed = ["speed", "--home", str(tmp_path / "speed"), "--model", "tiny", "--retentions", "0.25", "--repeats", "1",
              "--warmup", "0", "--extract-images", "0", "--strategies", f"random,{NAME}", "--ttft"]
-    assert main(speed) == 0, capsys.readouterr().err
+    rc, _, err = run_cli(*speed)
+    assert rc == 0, err
     con = duckdb.connect(str(tmp_path / "speed" / "results.duckdb"), read_only=True)
     got = dict(con.execute("SELECT name, value FROM bench_results WHERE name LIKE 'select/%/tokens'").fetchall())
     con.close()
@@ -172,3 +170,19 @@ def test_no_public_function_takes_more_than_eight_parameters():
                 if len(params) > 8:
                     wide.append(f"{rel}:{node.lineno} {node.name} ({len(params)})")
     assert not wide, wide
+
+
+def test_eval_option_flags_parse_into_strategy_options():
+    from flows.cli.eval import parse_options
+    from pipeline.errors import UserError
+
+    got = parse_options(["visionzip.cls=false", "visionzip.merge=average", "visionzip.split=[1, 1]", "hired.alpha=0.3"])
+    assert got == {"visionzip": {"cls": False, "merge": "average", "split": [1, 1]}, "hired": {"alpha": 0.3}}
+    from pipeline.evaluate import EvalConfig
+
+    cfg = EvalConfig(strategies=("visionzip", "hired"), options=got)
+    assert {p.strategy: dict(p.options) for p in cfg.chunks()} == got
+    with pytest.raises(UserError, match="write STRATEGY.NAME=VALUE"):
+        parse_options(["visionzip-cls"])
+    with pytest.raises(ConfigError, match="option hired.alpha must be a float"):
+        EvalConfig(strategies=("hired",), options={"hired": {"alpha": "big"}})

@@ -471,9 +471,9 @@ def test_every_bad_input_through_the_cli(feature_stage, tmp_path, cli_env):
                                                       "channels": 64}))
     (tmp_path / "garbage.safetensors").write_bytes(pickle.dumps(_Unpickled(str(marker))))
     checkpoints = {
-        "another width C": (_selector_checkpoint(tmp_path / "c32.safetensors", channels=32), "C (encoder width) = 32"),
-        "another L": (_selector_checkpoint(tmp_path / "l16.safetensors", channels=64, tokens=16), "L (tokens per crop)"),
-        "sidecar lies about C": (lying, "C (encoder width) = 32"),
+        "another width C": (_selector_checkpoint(tmp_path / "c32.safetensors", channels=32), "(L, C) = (64, 32)"),
+        "another L": (_selector_checkpoint(tmp_path / "l16.safetensors", channels=64, tokens=16), "(L, C) = (16, 64)"),
+        "sidecar lies about C": (lying, "(L, C) = (64, 32)"),
         "pickle named .safetensors": (tmp_path / "garbage.safetensors", "not a valid safetensors file"),
         "missing file": (tmp_path / "nothing.safetensors", "no such checkpoint"),
     }

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.strategies import prunes
+from pipeline.strategies import prunes, seeded
 from storage.home import Home
 from storage.stages import write_json_atomic
 
@@ -66,7 +66,7 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
             r = by_r.get(ret)
             vals.append("" if r is None else f"{r['score']:.3f}" + ("" if r["rel"] is None else f" ({r['rel']:.2f}×)"))
         seeds = next(iter(by_r.values()))["seeds"]
-        name = strategy + (f" ({seeds} seeds)" if seeds > 1 else "")
+        name = strategy + (f" ({seeds} seeds)" if seeded(strategy) or seeds > 1 else "")
         f, n = full.get(bench), none.get(bench)
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")

@@ -272,6 +272,12 @@ def prunes(name: str) -> bool:
     return spec is None or spec.prunes
 
 
+def seeded(name: str) -> bool:
+    """Does ``name`` draw at random (one result per seed)? False for a name not registered here."""
+    spec = load().get(name)
+    return spec is not None and spec.seeded
+
+
 def peers() -> tuple[str, ...]:
     """The published pruners."""
     return tuple(n for n, s in load().items() if s.peer)
@@ -457,5 +463,5 @@ def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: 
 
 __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Request", "Strategy", "Batch",
            "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
-           "prunes", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs", "seeded_generator",
+           "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs", "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "top_k"]
