@@ -214,12 +214,16 @@ def load() -> dict[str, Strategy]:
     (once per process); the registry, in listing order."""
     global _LOADED
     if not _LOADED:
-        _LOADED = True
         package = importlib.import_module(__package__)
         for info in pkgutil.iter_modules(package.__path__):
             if info.name not in ("core",) and not info.name.startswith("_"):
                 importlib.import_module(f"{__package__}.{info.name}")
-        load_plugins()
+        _LOADED = True
+        try:
+            load_plugins()
+        except ConfigError:
+            _LOADED = False  # a broken plugin is refused on every call, not only the first
+            raise
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].rank, list(_REGISTRY).index(kv[0]))))
 
 
