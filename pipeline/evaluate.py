@@ -62,7 +62,8 @@ class EvalConfig(Config):
         check(self.harness == "builtin" or len(self.tasks) > 0, "--harness lmms-eval needs --tasks T1,T2")
         for s in self.strategies:
             get(s)
-        check(isinstance(self.options, Mapping), f"eval options must be a table of strategy tables, got {self.options!r}")
+        check(isinstance(self.options, Mapping),
+              f"eval options must be a table of strategy tables, got {self.options!r}")
         for s, opts in self.options.items():
             check(isinstance(opts, Mapping), f"eval options for {s!r} must be a table, got {opts!r}")
             get(s).resolve_options(opts)

@@ -56,7 +56,8 @@ def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[t
             x = x_all[start:start + batch_size].to(device)
             g = g_all[start:start + batch_size].to(device) if g_all is not None else None
             # the batch's crops as the crops of one image: the selector attends within each crop
-            strategies = {"selector": [kept_indices(select("selector", x, r, "per-crop", Context(selector=model)).mask)],
+            chosen = select("selector", x, r, "per-crop", Context(selector=model)).mask
+            strategies = {"selector": [kept_indices(chosen)],
                           "uniform-grid": [grid_indices(len(x), tokens, r).to(device)],
                           "random": [_random(x, r, s, start) for s in range(seeds)]}
             for name, draws in strategies.items():

@@ -96,9 +96,10 @@ class AtrLlava(lmms):
             if videos or audios:
                 raise NotImplementedError(f"atr_llava answers about images; {task} doc {doc_id} has "
                                           f"{len(videos)} videos, {len(audios)} audio clips")
-            if len(images) > 1 and not family_of(self.model).multi_image_anyres:
-                raise NotImplementedError(f"atr_llava: {task} doc {doc_id} has {len(images)} images; "
-                                          f"{family_of(self.model).label} sends several images without AnyRes, which atr's pruning does not model")
+            family = family_of(self.model)
+            if len(images) > 1 and not family.multi_image_anyres:
+                raise NotImplementedError(f"atr_llava: {task} doc {doc_id} has {len(images)} images; {family.label} "
+                                          "sends several images without AnyRes, which atr's pruning does not model")
             text = "\n".join(c.text for m in messages.messages if m.role == "user" for c in m.content
                              if c.type == "text")
             rgb = [im.convert("RGB") for im in images]
@@ -139,10 +140,10 @@ def check_model_args(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not args["pretrained"]:
         raise ConfigError("atr_llava needs pretrained=ID_OR_DIR (a preset such as tiny-trained, a save_pretrained "
                           "folder, or a Hugging Face id)")
-    get(args["strategy"])  # one line listing the registered strategies
+    spec = get(args["strategy"])  # one line listing the registered strategies
     if args["budget"] not in BUDGETS:
         raise ConfigError(f"atr_llava budget {args['budget']!r} is unknown; valid: {', '.join(BUDGETS)}")
-    if "selector" in get(args["strategy"]).needs and not args["selector"]:  # the plugin's planning
+    if "selector" in spec.needs and not args["selector"]:  # the plugin's planning
         raise ConfigError(f"atr_llava strategy={args['strategy']} needs selector=CKPT (a .safetensors file or a "
                           "train stage hash)")
     if args["interpolation"] not in ("on", "off"):

@@ -91,6 +91,17 @@ def eval_selector(home: Home, ref: str, retention: float, model: StageResult) ->
 
 # ---------------------------------------------------------------- chunks and shards
 
+def result_coords(benchmark: str, pruning: Pruning, limit: int, interpolation: bool) -> dict[str, Any]:
+    """What one result is, as its keys and manifests record it: the benchmark, the Pruning (with the
+    strategy's version and the options that differ from its defaults), the sample limit, interpolation."""
+    spec = pruning.spec
+    options = spec.changed_options(pruning.options)
+    return {"benchmark": benchmark, "strategy": pruning.strategy, "retention": pruning.retention,
+            "seed": pruning.seed, "budget": pruning.budget, "limit": limit,
+            **({"strategy_version": spec.version} if spec.version else {}),
+            **({"options": options} if options else {}), **({"interpolation": True} if interpolation else {})}
+
+
 @dataclass(frozen=True)
 class ResultKey:
     """Where one result's cache keys come from: its coordinates (benchmark, the Pruning, the sample limit,
@@ -108,12 +119,7 @@ class ResultKey:
     interpolation: bool = False
 
     def coords(self) -> dict[str, Any]:
-        p = self.pruning
-        spec = p.spec
-        options = spec.changed_options(p.options)
-        return {"benchmark": self.benchmark, "strategy": p.strategy, "retention": p.retention, "seed": p.seed,
-                "budget": p.budget, "limit": self.limit, **({"strategy_version": spec.version} if spec.version else {}),
-                **({"options": options} if options else {}), **({"interpolation": True} if self.interpolation else {})}
+        return result_coords(self.benchmark, self.pruning, self.limit, self.interpolation)
 
     def inputs(self) -> dict[str, Any]:
         return {"model": self.model, "data": self.data, "compute": self.compute,
@@ -363,8 +369,8 @@ class _ShardWork:
         write_json_atomic(work / "samples.json", res.samples)
         figures["padding"] += res.padding
         figures["positions"] += res.positions
-        key = ResultKey(s.benchmark, pruning, cfg.limit, self.model_key, "", interpolation=cfg.interpolation)
-        return {"config": {**key.coords(), "rows": [s.start, s.stop]},
+        return {"config": {**result_coords(s.benchmark, pruning, cfg.limit, cfg.interpolation),
+                           "rows": [s.start, s.stop]},
                 "inputs": {"model": self.model_key, "files": list(s.files), "selector": selector,
                            **({"text_encoder": cfg.text_encoder} if pruning.spec.wants("relevance") else {})},
                 "compute": {"device": s.device, "dtype": s.dtype},
@@ -466,4 +472,4 @@ def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any
 
 __all__ = ["Chunk", "Shard", "ResultKey", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk",
            "eval_chunks", "eval_summary", "data_files", "shard_items", "eval_selector", "eval_text_encoder",
-           "require_selector", "content_key", "SELECTOR_NEEDED"]
+           "require_selector", "result_coords", "content_key", "SELECTOR_NEEDED"]

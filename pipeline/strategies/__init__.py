@@ -78,4 +78,5 @@ from .core import (
 __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Batch", "Context", "Request", "Selection", "Strategy",
            "TowerOutputs", "budget_counts", "check_budget", "check_strategy", "get", "image_budget", "keep_mask",
            "keep_masks", "label", "load", "load_plugins", "names", "peers", "pruners", "prunes", "register",
-           "seeded", "seeded_generator", "select", "selections", "strategy", "style", "top_k", "tower_outputs", "unregister"]
+           "seeded", "seeded_generator", "select", "selections", "strategy", "style", "top_k", "tower_outputs",
+           "unregister"]

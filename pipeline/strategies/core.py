@@ -467,5 +467,6 @@ def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: 
 
 __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Request", "Strategy", "Batch",
            "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
-           "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs", "seeded_generator",
+           "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs",
+           "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "top_k"]
