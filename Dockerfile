@@ -5,9 +5,10 @@
 #   TORCH_INDEX_URL  where torch comes from: the PyTorch CPU index by default; the compose gpu
 #                    profile passes a CUDA one (the CUDA wheels bundle their CUDA libraries, so the
 #                    slim base image is enough; the host needs the NVIDIA Container Toolkit).
-#   TORCH_VERSION    the torch release, the same pin as the README's install command.
+#   TORCH_VERSION    the torch release, the same pin as the README's install command and constraints.txt.
 #   PREFECT_VERSION, MLFLOW_VERSION  client versions, pinned to the server images in
-#                    docker-compose.yml (a newer Prefect client can be refused by an older server).
+#                    docker-compose.yml (a newer Prefect client can be refused by an older server);
+#                    they must equal constraints.txt's pins (tests/test_lock.py checks both).
 ARG PYTHON_IMAGE=python:3.11.15-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -26,12 +27,13 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # Only what the package build needs (.dockerignore keeps everything else out of the context).
 # pyproject.toml's package data brings pipeline/assets (the shipped tiny-trained checkpoint).
-COPY pyproject.toml README.md /tmp/atr-src/
+COPY pyproject.toml README.md constraints.txt /tmp/atr-src/
 COPY pipeline /tmp/atr-src/pipeline
 COPY storage /tmp/atr-src/storage
 COPY flows /tmp/atr-src/flows
-# A regular (not editable) install; the installed torch satisfies torch>=2.4, so pip keeps it.
-RUN pip install /tmp/atr-src "prefect==${PREFECT_VERSION}" "mlflow==${MLFLOW_VERSION}" \
+# A regular (not editable) install of the tested versions (constraints.txt, the lock); the installed torch
+# (+cpu or a CUDA build of the same release) satisfies the lock's torch pin, so pip keeps it.
+RUN pip install /tmp/atr-src -c /tmp/atr-src/constraints.txt "prefect==${PREFECT_VERSION}" "mlflow==${MLFLOW_VERSION}" \
  && rm -rf /tmp/atr-src \
  && atr --help > /dev/null
 

@@ -2,12 +2,14 @@
 
 * PREFECT_HOME lives under $ATR_HOME (project-local, nothing in ~/.prefect);
   Prefect's analytics are off.
-* Thread counts: torch gets at most the machine's cores. The one compute process
+* Thread counts: $ATR_TORCH_THREADS, else $OMP_NUM_THREADS, else one per core
+  (``pipeline.device.thread_count``). The one compute process
   keeps OpenMP's default (spinning) wait policy: PASSIVE made selector training
   1.7x slower here. Worker processes that run beside others (Dask workers,
   parallel tests) must use ``WORKER_ENV`` (OMP_WAIT_POLICY=PASSIVE, 1 thread):
   with several torch processes on 2 shared CPUs, spinning threads were measured
-  15-100x slower.
+  15-100x slower. Dask workers that each drive one GPU share the cores out instead
+  (``gpu_worker_env``).
 * Hugging Face progress bars are off; our own progress bars report instead.
 """
 
@@ -66,6 +68,14 @@ def configure(home: Home, verbose: bool = False) -> None:
 
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "ATR_TORCH_THREADS": "1"}
+
+
+def gpu_worker_env(workers: int, cpus: int | None = None) -> dict[str, str]:
+    """``WORKER_ENV`` for one of ``workers`` processes that each drive one GPU: still PASSIVE, but the
+    machine's cores shared out between them, since a GPU worker's CPU work (image decoding and resizing,
+    the processor, strategies' CPU steps) runs on torch and OpenMP threads while its GPU waits."""
+    threads = str(max(1, (cpus or os.cpu_count() or 1) // max(1, workers)))
+    return {**WORKER_ENV, "OMP_NUM_THREADS": threads, "ATR_TORCH_THREADS": threads}
 
 
 class PrefectServerError(UserError):

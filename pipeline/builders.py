@@ -82,11 +82,17 @@ def build_tokenizer(preset: TinyPreset):
 
 
 def _preset_processor(preset, tokenizer):
-    """The preset's processor: its family's image processor and processor around ``tokenizer``."""
+    """The preset's processor: its family's image processor and processor around ``tokenizer``; a sized
+    or shape preset's own mean/std and chat template (the checkpoint's) where it records them."""
     family = preset.family
     image_processor = family.build_image_processor(preset.crop_size, preset.grid_pinpoints)
-    return family.processor(image_processor, tokenizer, IMAGE_TOKEN, preset.patch_size,
-                            getattr(preset, "vision_aspect_ratio", None))
+    if getattr(preset, "image_mean", None):
+        image_processor.image_mean, image_processor.image_std = list(preset.image_mean), list(preset.image_std)
+    processor = family.processor(image_processor, tokenizer, IMAGE_TOKEN, preset.patch_size,
+                                 getattr(preset, "vision_aspect_ratio", None))
+    if getattr(preset, "chat_template", ""):
+        processor.chat_template = preset.chat_template
+    return processor
 
 
 def build_tiny(preset: TinyPreset):
@@ -127,32 +133,44 @@ def sized_config(preset: SizedPreset, image_token_id: int):
     vision = family.vision_config(hidden=preset.vision_hidden, intermediate=preset.vision_intermediate,
                                   layers=preset.vision_layers, heads=preset.vision_heads, image_size=preset.crop_size,
                                   patch_size=preset.patch_size, projection_dim=768, hidden_act="quick_gelu")
-    text = family.text_config_class(preset.text_model)(
+    text_class = family.text_config_class(preset.text_model)
+    # sliding_window only where the LM's config has one (Mistral's null, Qwen2's unused 131072; Llama: none)
+    window = {"sliding_window": preset.sliding_window} if "sliding_window" in text_class().to_dict() else {}
+    text = text_class(
         vocab_size=preset.vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_intermediate,
         num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
         num_key_value_heads=preset.text_kv_heads, max_position_embeddings=preset.max_position,
-        rope_theta=preset.rope_theta, tie_word_embeddings=False)
-    return family.llava_config(vision, text, image_token_id, preset.grid_pinpoints, preset.vision_feature_layer,
-                               getattr(preset, "vision_aspect_ratio", None))
+        rope_theta=preset.rope_theta, rms_norm_eps=preset.rms_norm_eps, tie_word_embeddings=False, **window)
+    config = family.llava_config(vision, text, image_token_id, preset.grid_pinpoints, preset.vision_feature_layer,
+                                 getattr(preset, "vision_aspect_ratio", None))
+    config.tie_word_embeddings = False  # the checkpoints' top-level value too
+    return config
 
 
 def on_meta(preset: SizedPreset):
-    """The sized model built on the meta device: shapes and parameter counts, no memory."""
+    """The sized model built on the meta device: shapes and parameter counts, no memory (the checkpoint's
+    own ``image_token_index``)."""
     import torch
 
-    token = getattr(preset, "image_token_index", 32000)
     with torch.device("meta"):
-        return preset.family.model_class()(sized_config(preset, image_token_id=token)).eval()
+        return preset.family.model_class()(sized_config(preset, image_token_id=preset.image_token_index)).eval()
+
+
+def _saved_config(preset: SizedPreset):
+    """(config, tokenizer) of a sized or shape preset's dir: the checkpoint's config with the tiny
+    tokenizer's image, BOS, EOS and pad ids (the prompt's ids must be the ones the model looks for)."""
+    tokenizer = build_tokenizer(PRESETS[preset.tokenizer_preset])
+    config = sized_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    return config, tokenizer
 
 
 def save_sized(preset: SizedPreset, out_dir: Path) -> None:
     """config.json, the processor (its family's tiny tokenizer) and the marker: everything but weights."""
     import json
 
-    tokenizer = build_tokenizer(PRESETS[preset.tokenizer_preset])
-    config = sized_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config, tokenizer = _saved_config(preset)
     out_dir = Path(out_dir)
     config.save_pretrained(out_dir)
     _preset_processor(preset, tokenizer).save_pretrained(out_dir)
@@ -160,5 +178,27 @@ def save_sized(preset: SizedPreset, out_dir: Path) -> None:
                                                    sort_keys=True) + "\n")
 
 
+def save_shape(preset: SizedPreset, out_dir: Path) -> None:
+    """A shape preset's dir in the llava-hf layout: config.json, seeded random weights (safetensors, sharded
+    at 2 GB, in ``preset.weights_dtype``) and the processor files. No marker: it loads through the same
+    ``from_pretrained`` as a real checkpoint.
+
+    The model is built in ``weights_dtype`` directly (bf16: half the memory while building and saving)."""
+    import torch
+
+    config, tokenizer = _saved_config(preset)
+    before = torch.get_default_dtype()
+    torch.manual_seed(preset.seed)
+    try:
+        torch.set_default_dtype(getattr(torch, preset.weights_dtype))
+        model = preset.family.model_class()(config).eval()
+    finally:
+        torch.set_default_dtype(before)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, max_shard_size="2GB")
+    del model
+    _preset_processor(preset, tokenizer).save_pretrained(out_dir)
+
+
 __all__ = ["IMAGE_TOKEN", "SIZED_MARKER", "build_tokenizer", "build_tiny", "save_tiny", "sized_config", "on_meta",
-           "save_sized"]
+           "save_sized", "save_shape"]

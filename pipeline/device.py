@@ -58,14 +58,50 @@ def default_device() -> tuple[str, str]:
     return compute("auto", "auto")
 
 
-def set_torch_threads(threads: int | None = None) -> int:
-    """Use ``threads`` torch threads (default: $ATR_TORCH_THREADS, else one per core); returns the count.
+def cuda_devices() -> list[str]:
+    """The CUDA devices this process may use, named as ``CUDA_VISIBLE_DEVICES`` names them (``["0", "1"]``,
+    or ``["2", "3"]`` / ``GPU-<uuid>`` entries when it is set); ``[]`` without CUDA.
 
-    With several torch processes on shared cores, callers give each one thread
-    (see ``flows.runtime.WORKER_ENV``)."""
+    A Dask worker pinned to device ``i`` gets ``CUDA_VISIBLE_DEVICES`` starting with this list's ``i``-th
+    entry, so its ``cuda`` is that GPU."""
     import torch
 
-    wanted = threads or int(os.environ.get("ATR_TORCH_THREADS", "0")) or (os.cpu_count() or 1)
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(count)]
+    # CUDA stops at the first invalid entry; device_count() already counts only the ones before it.
+    return [v.strip() for v in visible.split(",") if v.strip()][:count]
+
+
+def thread_count(threads: int | None = None) -> int:
+    """The torch thread count to use: ``threads`` when given, else $ATR_TORCH_THREADS, else $OMP_NUM_THREADS
+    (its first level when nested, ``4,2``), else one per core. A bad ATR_TORCH_THREADS is one line; a bad
+    OMP_NUM_THREADS is ignored, as OpenMP ignores it."""
+    if threads:
+        return int(threads)
+    own = os.environ.get("ATR_TORCH_THREADS", "").strip()
+    if own and own != "0":  # 0: unset, as before
+        if not own.isdigit():
+            raise ConfigError(f"ATR_TORCH_THREADS={own!r}: give a positive number of torch threads")
+        return int(own)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    return os.cpu_count() or 1
+
+
+def set_torch_threads(threads: int | None = None) -> int:
+    """Use ``threads`` torch threads (default: :func:`thread_count`: $ATR_TORCH_THREADS, then
+    $OMP_NUM_THREADS, then one per core); returns the count.
+
+    With several torch processes on shared cores, callers give each one thread
+    (see ``flows.runtime.WORKER_ENV``, which sets both variables)."""
+    import torch
+
+    wanted = thread_count(threads)
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
     return wanted
@@ -79,4 +115,4 @@ def torch_facts() -> dict[str, Any]:
 
 
 __all__ = ["DEVICES", "DTYPES", "resolve_device", "resolve_dtype", "compute", "default_device",
-           "set_torch_threads", "torch_facts"]
+           "cuda_devices", "thread_count", "set_torch_threads", "torch_facts"]

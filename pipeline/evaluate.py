@@ -24,7 +24,7 @@ import torch
 from .benchmarks import EvalItem, aggregate, score_response, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
-from .prune import base_regions, encode_images, project, stock_visual_tokens, visual_embeddings
+from .prune import base_regions, encode_images, project, visual_embeddings
 from .strategies import BUDGETS, Batch, Context, TowerOutputs, get, names, seeded_generator, selections
 from .strategies.core import TOWER_FIELDS
 
@@ -38,10 +38,10 @@ class EvalConfig(Config):
     benchmarks: tuple = ("synthetic-ocr", "synthetic-scene")
     strategies: tuple = names()      # every registered strategy (pipeline.strategies)
     retentions: tuple = EVAL_RETENTIONS
-    budget: str = "per-crop"
+    budget: str | tuple = "per-crop"  # a budget mode (strategies.BUDGETS), or several: "per-crop,global" or a list
     seeds: int = 3
     limit: int = 300
-    batch_size: int | str = 16       # sequences per generate call, or "auto" (grows on CUDA; 16 on a CPU)
+    batch_size: int | str = 16       # sequences per generate call, or "auto" (cut by tokens on CUDA; 16 on a CPU)
     shard_size: int = 100            # items per work unit: the tower runs once per image of a shard
     device: str = "auto"             # where the model runs
     model_dtype: str = "auto"        # the model's dtype (--dtype)
@@ -70,22 +70,35 @@ class EvalConfig(Config):
         check(len(self.strategies) > 0 and len(self.benchmarks) > 0, "give at least one benchmark and strategy")
         for r in self.retentions:
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
-        check(self.budget in BUDGETS, f"unknown budget {self.budget!r}; valid: {', '.join(BUDGETS)}")
+        for b in self.budgets:
+            check(b in BUDGETS, f"unknown budget {b!r}; valid: {', '.join(BUDGETS)}")
+        check(len(self.budgets) > 0 and len(set(self.budgets)) == len(self.budgets),
+              f"--budget needs one or more distinct budgets of {', '.join(BUDGETS)}, got {self.budget!r}")
+        check(self.harness == "builtin" or len(self.budgets) == 1,
+              f"--harness lmms-eval takes one budget per run, got {self.budget!r}")
         check(self.seeds > 0 and self.limit > 0 and self.shard_size > 0, "seeds, limit and shard_size must be positive")
         check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
               f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         check_compute(self.device, self.model_dtype)
 
+    @property
+    def budgets(self) -> tuple[str, ...]:
+        """The budget modes evaluated (``budget`` split at commas)."""
+        raw = self.budget.split(",") if isinstance(self.budget, str) else self.budget
+        return tuple(str(b).strip() for b in raw if str(b).strip())
+
     def chunks(self) -> list[Pruning]:
-        """The results to compute: a strategy with a fixed retention (full, none) once, a seeded one (random)
-        per seed and retention, the rest once per retention."""
+        """The results to compute: a strategy with a fixed retention (full, none) once (under the first
+        budget: no budget changes what it sends), a seeded one (random) per seed, retention and budget, the
+        rest once per retention and budget."""
         out = []
         for s in self.strategies:
             spec = get(s)
             retentions = [spec.retention] if spec.retention is not None else self.retentions
             seeds = range(self.seeds) if spec.seeded and spec.retention is None else [0]
-            out.extend(Pruning(s, float(r), seed, self.budget, self.options.get(s, {}))
-                       for r in retentions for seed in seeds)
+            budgets = self.budgets if spec.retention is None else self.budgets[:1]
+            out.extend(Pruning(s, float(r), seed, b, self.options.get(s, {}))
+                       for b in budgets for r in retentions for seed in seeds)
         return out
 
 
@@ -146,7 +159,7 @@ class ChunkResult:
     prefill_ms: float
     padding: int = 0               # left-padding positions in the generate batches
     positions: int = 0             # all positions of those batches (padding share = padding / positions)
-    stock_visual_tokens: float | None = None  # OneVision: what the stock (interpolating) model would see
+    stock_visual_tokens: float | None = None  # what the stock model would see of the same images (None: no image)
 
 
 class _FirstTokenTimer:
@@ -187,25 +200,44 @@ def generate_timed(model, processor, prompts: Sequence[str], visual: Sequence[to
 
 
 AUTO_BATCH_CPU = 16   # --batch-size auto on a CPU: a fixed size
-AUTO_BATCH_START, AUTO_BATCH_MAX = 8, 256  # on CUDA: start here, double after every batch that fits
+AUTO_BATCH_START, AUTO_BATCH_MAX = 8, 256  # on CUDA without token counts: start here, double after every fit
+
+
+def default_batch_size(device: str = "auto") -> int | str:
+    """``atr eval``'s ``--batch-size`` when none is given: ``auto`` on CUDA (batches cut by tokens against
+    free memory), ``AUTO_BATCH_CPU`` on the CPU (the fixed size the CPU's results were made with; the
+    batch size is in no cache key)."""
+    from .device import resolve_device
+
+    return "auto" if resolve_device(device) == "cuda" else AUTO_BATCH_CPU
 
 
 class BatchSizer:
     """How many sequences go into the next ``generate`` call.
 
-    A fixed size stays fixed. ``auto`` on CUDA starts at ``AUTO_BATCH_START`` and
-    doubles after every batch that fits (up to ``AUTO_BATCH_MAX``); a batch that
-    runs out of memory is retried at half the size, and the size stays there. On a
-    CPU ``auto`` is ``AUTO_BATCH_CPU``."""
+    A fixed size stays fixed. ``auto`` on CUDA with a token ``budget``
+    (``pipeline.memory.token_budget``: free memory over the LLM's bytes per token)
+    cuts the items, longest first, into batches whose padded tokens (items x the
+    longest) fit the budget (``pipeline.memory.token_batches``); a batch that still
+    runs out of memory sets the budget to half its padded tokens and the rest is
+    cut again. ``auto`` on CUDA without a budget starts at ``AUTO_BATCH_START`` and
+    doubles after every batch that fits (up to ``AUTO_BATCH_MAX``), halving after
+    an out-of-memory batch and staying there. On a CPU ``auto`` is
+    ``AUTO_BATCH_CPU``. Batching never changes an answer, only the speed."""
 
-    def __init__(self, batch_size: int | str, device: str):
+    def __init__(self, batch_size: int | str, device: str, budget: int | None = None):
         self.auto = batch_size == "auto" and device.startswith("cuda")
         fixed = AUTO_BATCH_CPU if batch_size == "auto" else int(batch_size)
         self.size = AUTO_BATCH_START if self.auto else fixed
         self.ceiling = AUTO_BATCH_MAX
+        self.budget = budget if self.auto else None
+        self.batches: list[int] = []  # items per batch run, in order
 
-    def run(self, n: int, call: Callable[[int, int], Any]) -> list[Any]:
-        """``call(start, stop)`` over ``range(n)`` in batches; results in order."""
+    def run(self, n: int, call: Callable[[int, int], Any], lengths: Sequence[int] | None = None) -> list[Any]:
+        """``call(start, stop)`` over ``range(n)`` in batches; results in order. ``lengths``: each item's
+        tokens (in run order), which a token budget cuts by."""
+        if self.budget is not None and lengths is not None:
+            return self._run_by_tokens(n, call, lengths)
         out, start = [], 0
         while start < n:
             stop = min(n, start + self.size)
@@ -218,9 +250,29 @@ class BatchSizer:
                     torch.cuda.empty_cache()
                 self.size = self.ceiling = max(1, (stop - start) // 2)
                 continue
+            self.batches.append(stop - start)
             start = stop
             if self.auto:
                 self.size = min(self.ceiling, self.size * 2)
+        return out
+
+    def _run_by_tokens(self, n: int, call: Callable[[int, int], Any], lengths: Sequence[int]) -> list[Any]:
+        from .memory import token_batches
+
+        out, start = [], 0
+        while start < n:
+            stop = start + token_batches(lengths[start:n], self.budget, self.ceiling)[0][1]
+            try:
+                out.append(call(start, stop))
+            except torch.OutOfMemoryError:
+                if stop - start == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.budget = max(1, (stop - start) * max(lengths[start:stop]) // 2)
+                continue
+            self.batches.append(stop - start)
+            start = stop
         return out
 
 
@@ -354,9 +406,20 @@ def predict_features(model, processor, shard: ShardFeatures, pruning: Pruning, i
         if batching.on_batch:
             batching.on_batch(len(part))
 
-    sizer = BatchSizer(batching.batch_size, str(getattr(model, "device", "cpu")))
-    sizer.run(n, run)
+    device = str(getattr(model, "device", "cpu"))
+    sizer = BatchSizer(batching.batch_size, device, generate_budget(model, device, batching.batch_size))
+    sizer.run(n, run, [lengths[i] + batching.max_new_tokens for i in order])
     return Predictions(preds, n_visual, sum(prefill) / max(1, len(prefill)), pad["padding"], pad["positions"])
+
+
+def generate_budget(model, device: str, batch_size: int | str) -> int | None:
+    """Tokens per generate batch for ``--batch-size auto`` on CUDA: free memory now (model and shard
+    features already there) over the LLM's bytes per token (``pipeline.memory``); None otherwise."""
+    if batch_size != "auto" or not device.startswith("cuda"):
+        return None
+    from .memory import element_bytes, free_memory, token_budget, token_bytes
+
+    return token_budget(free_memory(device)[0], token_bytes(model.config.text_config, element_bytes(model.dtype)))
 
 
 SELECT_CHUNK = 64  # images per selections() call (one selector forward per chunk)
@@ -367,6 +430,7 @@ def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pru
     """Each image's Selection, through the one selection path (``strategies.selections``)."""
     masks: dict[tuple[int, int], Any] = {}
     spec = pruning.spec
+    stock = family_of(model).stock_config(model, None) if pruning.budget == "stock" else None
     if spec.tower_attention and not shard.attention:
         raise ValueError(f"strategy {pruning.strategy!r} needs features encoded with attention")
     for start in range(0, len(units), SELECT_CHUNK):
@@ -377,8 +441,10 @@ def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pru
         if spec.seeded:
             for extra, (i, slot) in zip(per_image, part):
                 extra["generator"] = seeded_generator(pruning.seed, shard.indices[i], slot)
+        stock_features = None if stock is None else \
+            [family_of(model).stock_tokens(model.config, f.image_size, stock).features for f in feats]
         got = selections(pruning.strategy, [f.features for f in feats], pruning.retention, pruning.budget,
-                         Context(selector=inputs.selector), Batch([f.valid for f in feats], per_image),
+                         Context(selector=inputs.selector), Batch([f.valid for f in feats], per_image, stock_features),
                          pruning.options)
         masks.update(zip(part, got))
     return masks
@@ -393,11 +459,7 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, pr
     batching = dataclasses.replace(batching or Batching(), max_new_tokens=bench.max_new_tokens)
     got = predict_features(model, processor, shard, pruning, inputs, batching)
     preds, n_visual, n = got.texts, got.visual_tokens, len(shard.items)
-    use_image = [pruning.spec.sends_image and f is not None for f in shard.features]
-    stock = family_of(model).stock_config(model, processor)
-    n_stock = [stock_visual_tokens(model, shard.features[i].crops, shard.features[i].tokens_per_crop,
-                                   shard.features[i].image_size, stock) if use_image[i] else 0
-               for i in range(n)] if stock else None
+    n_stock = stock_counts(model, processor, shard) if pruning.spec.sends_image else None
     rows, scores = [], []
     for i, it in enumerate(shard.items):
         pred, sc = score_response(benchmark, preds[i], it)
@@ -409,6 +471,16 @@ def evaluate_features(model, processor, benchmark: str, shard: ShardFeatures, pr
     return ChunkResult(rows, aggregate(benchmark, scores, list(shard.items)), bench.metric, n,
                        sum(n_visual) / max(1, n), got.prefill_ms, got.padding, got.positions,
                        sum(n_stock) / max(1, n) if n_stock else None)
+
+
+def stock_counts(model, processor, shard: ShardFeatures) -> list[int]:
+    """Per item, the visual tokens the *stock* model sends for its images (0 without one), newlines included:
+    ``Family.stock_tokens`` from each image's geometry under the checkpoint's own settings
+    (``Family.stock_config``: OneVision's interpolation on, whatever eval set)."""
+    family = family_of(model)
+    stock = family.stock_config(model, processor)
+    return [sum(family.stock_tokens(model.config, f.image_size, stock).total for f in shard.image_features(i))
+            for i in range(len(shard.items))]
 
 
 def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None) -> dict[str, Any]:
@@ -447,30 +519,48 @@ def merge_results(benchmark: str, parts: Sequence[dict[str, Any]]) -> dict[str, 
     return {"samples": samples,
             "summary": {"metric": spec(benchmark).metric, "score": aggregate(benchmark, scores, stand_in),
                         "n_samples": n, "mean_visual_tokens": sum(r["visual_tokens"] for r in samples) / max(1, n),
-                        "prefill_ms": prefill,
-                        **({"stock_visual_tokens": sum(r["stock_visual_tokens"] for r in samples) / max(1, n)}
-                           if samples and "stock_visual_tokens" in samples[0] else {})}}
+                        "prefill_ms": prefill, **stock_summary(samples)}}
+
+
+def stock_summary(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The context against the stock model over a result's samples (those that carry a stock count):
+    ``stock_visual_tokens`` (mean), ``tokens_vs_stock`` (mean visual tokens / mean stock tokens) and
+    ``above_stock`` (samples whose visual tokens exceed their stock count); {} without stock counts."""
+    rows = [r for r in samples if r.get("stock_visual_tokens") is not None]
+    if not rows:
+        return {}
+    n = len(samples)
+    stock = sum(r["stock_visual_tokens"] for r in rows) / n
+    sent = sum(r["visual_tokens"] for r in rows) / n
+    return {"stock_visual_tokens": stock, "tokens_vs_stock": sent / stock if stock else None,
+            "above_stock": sum(r["visual_tokens"] > r["stock_visual_tokens"] for r in rows)}
 
 
 def eval_table(summary: list[dict]) -> list[dict]:
-    """Chunk rows -> one row per (benchmark, strategy, retention): the score averaged over seeds,
-    ``rel`` = score / the benchmark's full-image score, mean visual tokens and prefill ms, and
-    ``cached`` when every seed's chunk was."""
+    """Chunk rows -> one row per (benchmark, strategy, retention, budget): the score averaged over seeds,
+    ``rel`` = score / the benchmark's full-image score, mean visual tokens, the stock model's
+    (``stock_tokens``) and their ratio (``vs_stock``; None where unknown), prefill ms, and ``cached`` when
+    every seed's chunk was."""
     groups: dict[tuple, list[dict]] = {}
     for r in summary:
-        groups.setdefault((r["benchmark"], r["strategy"], r["retention"]), []).append(r)
-    full = {b: g[0]["score"] for (b, s, _), g in groups.items() if s == "full"}
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"], r.get("budget", "per-crop")), []).append(r)
+    full = {b: g[0]["score"] for (b, s, _, _), g in groups.items() if s == "full"}
     rows = []
-    for (bench, strategy, retention), g in groups.items():
+    for (bench, strategy, retention, budget), g in groups.items():
         score = sum(r["score"] for r in g) / len(g)
-        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "metric": g[0]["metric"],
-                     "score": score, "seeds": len(g), "rel": score / full[bench] if full.get(bench) else None,
-                     "visual_tokens": sum(r["mean_visual_tokens"] for r in g) / len(g),
+        tokens = sum(r["mean_visual_tokens"] for r in g) / len(g)
+        stock = [r["stock_visual_tokens"] for r in g if r.get("stock_visual_tokens")]
+        stock_tokens = sum(stock) / len(stock) if len(stock) == len(g) else None
+        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "budget": budget,
+                     "metric": g[0]["metric"], "score": score, "seeds": len(g),
+                     "rel": score / full[bench] if full.get(bench) else None, "visual_tokens": tokens,
+                     "stock_tokens": stock_tokens, "vs_stock": tokens / stock_tokens if stock_tokens else None,
                      "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g),
                      "cached": all(r.get("cached", False) for r in g)})
     return rows
 
 
 __all__ = ["Predictions", "predict_features", "EvalConfig", "Pruning", "Inputs", "Batching", "default_strategies",
-           "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "encode_shard", "evaluate_features",
-           "merge_results", "chat_prompt", "generate_timed", "eval_table"]
+           "strategy_inputs", "ChunkResult", "ShardFeatures", "BatchSizer", "default_batch_size", "generate_budget",
+           "encode_shard", "evaluate_features",
+           "merge_results", "stock_counts", "stock_summary", "chat_prompt", "generate_timed", "eval_table"]

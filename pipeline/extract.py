@@ -6,6 +6,11 @@ resize in raster order). The vision tower runs on every crop; the hidden state
 of ``vision_feature_layer`` is taken and, for the ``default`` select strategy,
 the CLS token dropped. The result per image is ``(crops, L, C)``.
 
+The tower pass keeps only the hidden states that are used (:func:`tower_hidden_states`) and stops
+after the last of them: LLaVA-NeXT's feature layer is -2, so its last encoder layer never runs here.
+The extract stage gives the extractor the tower alone (``pipeline.loading.load_vision_tower``): no
+LM or projector weight is read.
+
 Geometry helpers map every crop and every token back to original-image pixels,
 so synthetic images can mark which tokens hold glyphs.
 """
@@ -112,8 +117,9 @@ class ChannelSums:
 class FeatureExtractor:
     """Run a LLaVA-NeXT / LLaVA-OneVision model's processor + vision tower; return per-crop projector inputs.
 
-    ``crops="base"`` keeps only the base crop of each image (and runs the tower on
-    it alone); ``"all"`` keeps every crop.
+    ``model`` is the whole model or its tower alone (``pipeline.loading.VisionTower``): only its
+    ``config`` and vision tower are used. ``crops="base"`` keeps only the base crop of each image (and
+    runs the tower on it alone); ``"all"`` keeps every crop.
     """
 
     def __init__(self, model, processor, crops: str = "all"):
@@ -148,12 +154,14 @@ class FeatureExtractor:
         return crop_layout(width, height, self.crop_size, self.pinpoints)
 
     def pixel_crops(self, images: Sequence[Any]) -> list[Any]:
-        """Per image, the (crops, 3, S, S) pixel tensor the processor makes (unpadded)."""
-        batch = self.processor.image_processor(images=list(images), return_tensors="pt")
+        """Per image, the (crops, 3, S, S) pixel tensor the processor makes (unpadded). One image at a time:
+        the same pixels as a batch call, without its padding to the batch's largest grid or its float
+        copies of every image at once (0.17 GiB for 10 photos at CLIP-336's sizes, against 0.06)."""
         out = []
-        for pixels, image in zip(batch["pixel_values"], images):
+        for image in images:
+            pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
             n = 1 if self.crops == "base" else len(self.layout(*image.size).boxes)
-            out.append(pixels[:n])
+            out.append(pixels[:n].clone() if n < len(pixels) else pixels)
         return out
 
     def __call__(self, images: Sequence[Any]) -> list[np.ndarray]:
@@ -162,23 +170,130 @@ class FeatureExtractor:
 
         crops = self.pixel_crops(images)
         counts = [c.shape[0] for c in crops]
-        pixels = torch.cat(crops, dim=0).to(device=_device(self.tower), dtype=_dtype(self.tower))
+        pixels = torch.cat(crops, dim=0)
+        feats = np.empty((len(pixels), self.tokens_per_crop, self.feature_dim), dtype=np.float32)
+        step = crops_per_pass(self.tower, _device(self.tower))
         with torch.inference_mode():
-            out = self.tower(pixels, output_hidden_states=True, return_dict=True)
-            feats = projector_inputs(out.hidden_states, self.layer, self.strategy)
-        feats = feats.float().cpu().numpy()
+            for start in range(0, len(pixels), step):  # bounded activations, whatever the batch
+                chunk = pixels[start:start + step].to(device=_device(self.tower), dtype=_dtype(self.tower))
+                feats[start:start + step] = self.features(chunk).float().cpu().numpy()
         return [f for f in np.split(feats, np.cumsum(counts)[:-1], axis=0)]
+
+    def features(self, pixels):
+        """(N, L, C) projector inputs of a batch of crop pixels (on the tower's device and dtype), in one
+        pass: the tower runs up to the feature layer and keeps only it."""
+        hidden = tower_hidden_states(self.tower, pixels, feature_layers(self.layer))
+        return projector_inputs(hidden, self.layer, self.strategy)
+
+
+def feature_layers(layer) -> list[int]:
+    """The hidden-state indices ``vision_feature_layer`` names (one int, or a list of them)."""
+    return list(layer) if isinstance(layer, (list, tuple)) else [layer]
 
 
 def projector_inputs(hidden_states, layer, strategy: str):
     """What LLaVA feeds its projector: the ``layer`` hidden state (several layers
     concatenated on channels), CLS dropped for the ``default`` select strategy (CLIP;
-    OneVision's SigLIP has no CLS and uses ``full``)."""
+    OneVision's SigLIP has no CLS and uses ``full``). ``hidden_states``: the tower's
+    ``hidden_states`` tuple, or :class:`HiddenStates` holding at least these layers."""
     import torch
 
     feats = (torch.cat([hidden_states[i] for i in layer], dim=-1) if isinstance(layer, (list, tuple))
              else hidden_states[layer])
     return feats[:, 1:] if strategy == "default" else feats
+
+
+class HiddenStates:
+    """Some of a vision tower's hidden states, indexed as its ``output_hidden_states`` tuple would be:
+    ``len`` is that tuple's length (encoder layers + 1), index 0 the encoder's input, index i the output
+    of encoder layer i - 1, negative indices from the end. Only the indices in ``kept`` are held."""
+
+    def __init__(self, count: int, kept: dict):
+        self.count, self.kept = count, kept
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        if not -self.count <= index < self.count:
+            raise IndexError(f"hidden state {index} of a tower with {self.count} hidden states")
+        try:
+            return self.kept[index % self.count]
+        except KeyError:
+            raise KeyError(f"hidden state {index} was not kept (kept: {sorted(self.kept)})") from None
+
+
+# Tokens one tower pass takes on the CPU (4 CLIP-L crops of 577; 8x that on CUDA). Extraction and eval
+# cut their crops into passes of this size, so one layer's activations stay bounded whatever the batch:
+# CLIP-L's FFN on 4 crops holds 4 x 577 x 4096 values per temporary (38 MB in fp32); a pass of 4 crops
+# grew the peak RSS by 0.23 GiB, one of 8 by 0.35 GiB. Passes are bit-identical to one pass over every
+# crop (tests/test_tower_memory.py).
+PASS_TOKENS = 4 * 577
+
+
+def crops_per_pass(tower, device) -> int:
+    """How many crops one tower pass takes on ``device`` (:data:`PASS_TOKENS`; at least one)."""
+    cfg = tower.config
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+    return max(1, PASS_TOKENS * (8 if str(device).startswith("cuda") else 1) // tokens)
+
+
+class _Enough(Exception):
+    """Raised inside the tower once the last wanted hidden state is in: the layers after it need not run."""
+
+
+def encoder_layers(tower):
+    """The encoder layers of a CLIP / SigLIP vision tower (transformers 5.x: ``tower.encoder``; 4.x nested
+    it in ``tower.vision_model``)."""
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def tower_hidden_states(tower, pixels, indices) -> HiddenStates:
+    """Run ``tower`` on ``pixels`` keeping only the hidden states ``indices`` name (as indices of its
+    ``output_hidden_states`` tuple), and stop it once the last of them is computed.
+
+    The tower's own forward runs; forward pre-hooks on the encoder layers take each wanted layer input
+    (hidden state i is encoder layer i's input; the last one the last layer's output). At the last wanted
+    one the hook raises, so later layers never run (LLaVA-NeXT's -2: the last layer is skipped) and no
+    other hidden state is held. Same kernels, same inputs: the kept states are bit-identical to
+    ``output_hidden_states=True``. The hooks live for this call only and act on this thread only."""
+    import threading
+
+    layers = encoder_layers(tower)
+    count = len(layers) + 1
+    for i in indices:
+        if not -count <= i < count:
+            raise IndexError(f"hidden state {i} of a tower with {count} hidden states")
+    wanted = sorted({i % count for i in indices})
+    kept: dict = {}
+    owner = threading.get_ident()
+
+    def first(args, kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def before_layer(index: int):
+        def hook(_module, args, kwargs):
+            if threading.get_ident() == owner:
+                kept[index] = first(args, kwargs)
+                if index == wanted[-1]:
+                    raise _Enough
+        return hook
+
+    def after_last(_module, _args, output):
+        if threading.get_ident() == owner:
+            kept[count - 1] = output[0] if isinstance(output, tuple) else output
+
+    handles = [layers[i].register_forward_pre_hook(before_layer(i), with_kwargs=True) for i in wanted if i < count - 1]
+    if wanted[-1] == count - 1:
+        handles.append(layers[-1].register_forward_hook(after_last))
+    try:
+        tower(pixels, return_dict=True)
+    except _Enough:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return HiddenStates(count, kept)
 
 
 def _vision_tower(model):

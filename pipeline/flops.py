@@ -84,6 +84,7 @@ class SelectorDims:
     d_model: int | None = None  # None -> channels
     layers: int = 3
     ffn_mult: int = 4
+    reconstructor_layers: int = 3  # training only: the reconstructor runs beside the selector
 
     @property
     def d(self) -> int:
@@ -121,6 +122,16 @@ VICUNA_7B = LlavaNextDims(
 )
 # The paper's selector on CLIP ViT-L/14-336 features: L = 576 tokens per crop, C = d = 1024.
 CLIP_L_SELECTOR = SelectorDims(tokens=576, channels=1024)
+# The same on SigLIP-so400m/14-384 features (LLaVA-OneVision): L = 729 tokens per crop (no CLS), C = d = 1152.
+SIGLIP_SO400M_SELECTOR = SelectorDims(tokens=729, channels=1152)
+# Real-shape selector dims by the name ``atr speed --selector-training`` takes.
+SELECTOR_SHAPES = {"next": CLIP_L_SELECTOR, "ov": SIGLIP_SO400M_SELECTOR}
+# What selector-training projections assume for a GPU: an H100 SXM's dense bf16 peak, at 40 % of it
+# (model FLOPs utilization; large dense transformer training reaches 35-50 %).
+H100_BF16_PEAK_FLOPS = 989e12
+ASSUMED_UTILIZATION = 0.40
+# The data of the paper's training (DESIGN.md): features of 100K COCO images at base resolution, one crop each.
+PAPER_TRAINING_CROPS = 100_000
 
 
 def lm_prefill_flops(lm: LMDims, tokens: int, convention: str = "causal", logits_positions: int = 1) -> dict:
@@ -174,6 +185,43 @@ def selector_flops(sel: SelectorDims, crops: int) -> int:
     return crops * (inp + sel.layers * layer + 2 * L * d)
 
 
+def _selector_layer_flops(sel: SelectorDims) -> int:
+    """One pre-LN block on one crop: q,k,v,o projections, the full L^2 attention (QK^T and AV), the FFN."""
+    L, d = sel.tokens, sel.d
+    return 2 * L * 4 * d * d + 4 * L * L * d + 2 * 2 * L * d * (sel.ffn_mult * d)
+
+
+def selector_training_flops(sel: SelectorDims, crops: int) -> int:
+    """FLOPs of one training step on ``crops`` crops: the forward of the selector (``layers`` blocks and
+    the keep-logit head) and of the reconstructor (``reconstructor_layers`` blocks and the output
+    projection back to C), attention included, times 3 for forward + backward (the backward pass
+    computes two matmuls per forward one: the gradients of the input and of the weight). The optimizer
+    step, norms, Gumbel sampling and the loss are O(params) or O(L*C) and not counted."""
+    L, c, d = sel.tokens, sel.channels, sel.d
+    inp = 0 if c == d else 2 * L * c * d
+    forward = (2 * inp + (sel.layers + sel.reconstructor_layers) * _selector_layer_flops(sel)
+               + 2 * L * d + 2 * L * d * c)
+    return 3 * crops * forward
+
+
+def selector_parameters(sel: SelectorDims) -> int:
+    """Trainable parameters of the selector + reconstructor (``pipeline.selector.TokenSelector``):
+    per encoder an input projection (when C != d), L x d positions, the blocks (LN, qkv, o, LN,
+    FFN; with biases) and a final LN; the keep-logit head, the mask embedding, the output projection."""
+    L, c, d, m = sel.tokens, sel.channels, sel.d, sel.ffn_mult * sel.d
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * m + m) + (m * d + d)
+    def encoder(layers: int) -> int:
+        return (0 if c == d else c * d + d) + L * d + layers * block + 2 * d
+    return encoder(sel.layers) + (d + 1) + c + encoder(sel.reconstructor_layers) + (d * c + c)
+
+
+def training_seconds(sel: SelectorDims, crops: int, flops_per_second: float) -> float:
+    """Seconds to train on ``crops`` crops at a sustained ``flops_per_second``."""
+    if not flops_per_second > 0:
+        raise ValueError(f"flops_per_second must be positive, got {flops_per_second!r}")
+    return selector_training_flops(sel, crops) / flops_per_second
+
+
 def projector_flops(in_dim: int, out_dim: int, tokens: int) -> int:
     """LLaVA's 2-layer MLP projector (in -> out -> out) on ``tokens`` encoder tokens."""
     return 2 * tokens * (in_dim * out_dim + out_dim * out_dim)
@@ -199,5 +247,7 @@ def selector_share(sel: SelectorDims, crops: int, lm: LMDims, text_tokens: int, 
 
 
 __all__ = ["CONVENTIONS", "LMDims", "ViTDims", "SelectorDims", "LlavaNextDims", "VICUNA_7B", "CLIP_L_SELECTOR",
-           "lm_prefill_flops", "prefill_flops", "ideal_speedup", "vision_tower_flops",
-           "selector_flops", "projector_flops", "kv_cache_bytes", "llava_next_visual_tokens", "selector_share"]
+           "SIGLIP_SO400M_SELECTOR", "SELECTOR_SHAPES", "H100_BF16_PEAK_FLOPS", "ASSUMED_UTILIZATION",
+           "PAPER_TRAINING_CROPS", "lm_prefill_flops", "prefill_flops", "ideal_speedup", "vision_tower_flops",
+           "selector_flops", "selector_training_flops", "selector_parameters", "training_seconds", "projector_flops",
+           "kv_cache_bytes", "llava_next_visual_tokens", "selector_share"]

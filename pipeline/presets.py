@@ -116,15 +116,48 @@ BENCH_PRESET = TinyPreset(
 PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset(), "bench": BENCH_PRESET, "tiny-ov": TinyOvPreset()}
 
 
+# The published checkpoints' chat templates (their chat_template.json), which the sized and shape presets
+# mirror; "" in a preset's ``chat_template`` means its family's tiny template.
+# llava-hf/llava-v1.6-mistral-7b-hf: "[INST] <image>\n{question} [/INST]" (the template of the llava-hf
+# Mistral-7B LLaVA-NeXT repos; also the prompt of transformers' convert_llava_next_weights_to_hf.py).
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+# llava-hf/llava-onevision-qwen2-7b-ov-hf's chat_template.json (as transformers' test_processor_llava_onevision.py
+# copies it): "<|im_start|>user <image>\n{question}<|im_end|><|im_start|>assistant\n".
+ONEVISION_QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}{# Render all video then #}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
 @dataclasses.dataclass(frozen=True)
 class SizedPreset(_Geometry, Config):
     """A random-init LLaVA-NeXT with exactly the dimensions of a real checkpoint, for timing on a GPU.
 
-    Its prepare-model stage saves only the config and a processor (no weights: 14 GB of random
+    Every field is the checkpoint's (its ``config.json``, ``preprocessor_config.json`` and chat
+    template; ``tests/test_sized_presets.py`` compares them with the published values). Its
+    prepare-model stage saves only the config and a processor (no weights: 14 GB of random
     numbers would mean nothing). Loading builds the model straight on the target device in the
     target dtype, seeded (:func:`materialize`); ``on_meta`` builds it on the meta device to check
     shapes and parameter counts without allocating anything. The processor's tokenizer is the tiny
-    one (ids fit the real vocabulary): timings do not depend on which ids the prompt holds."""
+    one (ids fit the real vocabulary): timings do not depend on which ids the prompt holds. So the
+    saved config's ``image_token_index`` and BOS/EOS/pad ids are the tiny tokenizer's; the
+    checkpoint's are recorded here (``image_token_index``) and used by ``on_meta``."""
 
     kind = "sized-preset"
     model_type = "llava_next"      # the family it builds (pipeline.families.family_of); not a field
@@ -141,6 +174,9 @@ class SizedPreset(_Geometry, Config):
     vocab_size: int = 32064
     max_position: int = 4096
     rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5               # lmsys/vicuna-7b-v1.5 and Mistral-7B-Instruct-v0.2 (not 1e-6)
+    sliding_window: int | None = None        # Mistral-7B-Instruct-v0.2: null (MistralConfig's default is 4096)
+    image_token_index: int = 32000
     vision_hidden: int = 1024                # CLIP ViT-L/14-336
     vision_layers: int = 24
     vision_heads: int = 16
@@ -149,19 +185,24 @@ class SizedPreset(_Geometry, Config):
     patch_size: int = 14
     grid_pinpoints: tuple = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
     vision_feature_layer: int = -2
+    image_mean: tuple = CLIP_MEAN            # preprocessor_config.json
+    image_std: tuple = CLIP_STD
+    chat_template: str = ""                  # "": the family's (vicuna's "USER: <image>\n... ASSISTANT:")
     seed: int = 0
     version: str = PRESET_VERSION
 
     def validate(self) -> None:
         check(self.text_model in ("llama", "mistral"), f"text_model must be llama or mistral, got {self.text_model!r}")
         check(self.text_heads % self.text_kv_heads == 0, "text_heads must be a multiple of text_kv_heads")
+        check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std have 3 channels")
 
 
 @dataclasses.dataclass(frozen=True)
 class SizedOvPreset(SizedPreset):
     """A random-init LLaVA-OneVision with the dimensions of ``llava-hf/llava-onevision-qwen2-7b-ov-hf``:
-    SigLIP-so400m/14-384 (26 layers, no head, no CLS: 27 x 27 = 729 tokens per crop), Qwen2-7B
-    (GQA 28/4), its 36 grid pinpoints and ``anyres_max_9``."""
+    SigLIP-so400m/14-384 as the checkpoint has it (26 layers: LLaVA-OneVision drops the tower's last one;
+    no head, no CLS: 27 x 27 = 729 tokens per crop), Qwen2-7B-Instruct (GQA 28/4), its 36 grid
+    pinpoints, ``anyres_max_9`` and SigLIP's mean and std (0.5)."""
 
     kind = "sized-ov-preset"
     model_type = "llava_onevision"
@@ -178,6 +219,9 @@ class SizedOvPreset(SizedPreset):
     vocab_size: int = 152128
     max_position: int = 32768
     rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-6
+    sliding_window: int | None = 131072      # Qwen2-7B-Instruct's (unused: use_sliding_window is false)
+    image_token_index: int = 151646
     vision_hidden: int = 1152
     vision_layers: int = 26
     vision_heads: int = 16
@@ -187,19 +231,70 @@ class SizedOvPreset(SizedPreset):
     grid_pinpoints: tuple = tuple((384 * r, 384 * c) for r in range(1, 7) for c in range(1, 7))
     vision_feature_layer: int = -1
     vision_aspect_ratio: str = "anyres_max_9"
-    image_token_index: int = 151646
+    image_mean: tuple = SIGLIP_MEAN
+    image_std: tuple = SIGLIP_STD
+    chat_template: str = ONEVISION_QWEN2_CHAT_TEMPLATE
 
     def validate(self) -> None:
         check(self.text_model == "qwen2", f"a OneVision sized preset has a qwen2 LM, got {self.text_model!r}")
         check(self.text_heads % self.text_kv_heads == 0, "text_heads must be a multiple of text_kv_heads")
+        check(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean and image_std have 3 channels")
 
 
+_MISTRAL = dict(mirrors="llava-hf/llava-v1.6-mistral-7b-hf", text_model="mistral", text_kv_heads=8,
+                text_intermediate=14336, max_position=32768, rope_theta=1000000.0, chat_template=MISTRAL_CHAT_TEMPLATE)
 SIZED_PRESETS: dict[str, SizedPreset] = {
     "bench-vicuna-7b": SizedPreset(),
-    "bench-mistral-7b": SizedPreset(name="bench-mistral-7b", mirrors="llava-hf/llava-v1.6-mistral-7b-hf",
-                                    text_model="mistral", text_kv_heads=8, text_intermediate=14336,
-                                    max_position=32768, rope_theta=1000000.0),
+    "bench-mistral-7b": SizedPreset(name="bench-mistral-7b", **_MISTRAL),
     "bench-ov-7b": SizedOvPreset(),
+}
+
+
+class _Shape:
+    """Real shapes, saved weights: the checkpoint's tower, projector, processor and chat template, its LM
+    cut to ``text_layers`` (1) with the real width and vocabulary, random seeded weights saved in the
+    llava-hf layout (``weights_dtype``: bf16 halves the disk and the write; loading in float32 upcasts).
+    The tokenizer is the in-project tiny one (ids fit the real vocabulary), so the saved config's
+    ``image_token_index`` and BOS/EOS/pad ids are the tiny tokenizer's. Nothing downloads."""
+
+    saves_weights = True
+    weights_dtype: str
+
+    def validate(self) -> None:
+        super().validate()  # the sized preset's checks (the next class in the MRO)
+        check(self.weights_dtype in ("bfloat16", "float32"), f"weights_dtype must be bfloat16 or float32, "
+                                                            f"got {self.weights_dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapePreset(_Shape, SizedPreset):
+    """``shape-next-mistral``: ``llava-hf/llava-v1.6-mistral-7b-hf`` with the real CLIP ViT-L/14-336 tower
+    (24 layers, feature layer -2), its 5 pinpoints, the ``[INST] <image>\n... [/INST]`` template and a
+    one-layer Mistral-7B (4096 wide, GQA 32/8, vocabulary 32064). See :class:`_Shape`."""
+
+    kind = "shape-preset"
+
+    name: str = "shape-next-mistral"
+    text_layers: int = 1
+    weights_dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeOvPreset(_Shape, SizedOvPreset):
+    """``shape-ov-qwen2``: ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` with its SigLIP-so400m/14-384 tower
+    (26 layers), 36 pinpoints, ``anyres_max_9``, SigLIP's mean/std, the Qwen2 chatml template and a
+    one-layer Qwen2-7B (3584 wide, GQA 28/4, vocabulary 152128). See :class:`_Shape`."""
+
+    kind = "shape-ov-preset"
+
+    name: str = "shape-ov-qwen2"
+    text_layers: int = 1
+    weights_dtype: str = "bfloat16"
+
+
+SHAPE_PRESETS: dict[str, SizedPreset] = {
+    "shape-next-mistral": ShapePreset(name="shape-next-mistral", **_MISTRAL),
+    "shape-ov-qwen2": ShapeOvPreset(),
 }
 # Presets whose weights are trained in-project (pipeline.tinyworld); built by the prepare-model stage.
 TRAINED_PRESETS = ("tiny-trained", "tiny-ov-trained")
@@ -212,10 +307,12 @@ def sized_preset_from_dict(data: dict[str, Any], family: str) -> SizedPreset:
 
 
 def unknown_model_message(spec: str) -> str:
-    return (f"unknown model {spec!r}: use a preset ({', '.join([*TRAINED_PRESETS, *PRESETS, *SIZED_PRESETS])}), "
+    return (f"unknown model {spec!r}: use a preset "
+            f"({', '.join([*TRAINED_PRESETS, *PRESETS, *SIZED_PRESETS, *SHAPE_PRESETS])}), "
             f"a local directory "
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
 __all__ = ["PRESET_VERSION", "TinyPreset", "TinyOvPreset", "BENCH_PRESET", "PRESETS", "SizedPreset", "SizedOvPreset",
-           "SIZED_PRESETS", "TRAINED_PRESETS", "sized_preset_from_dict", "unknown_model_message"]
+           "SIZED_PRESETS", "ShapePreset", "ShapeOvPreset", "SHAPE_PRESETS", "MISTRAL_CHAT_TEMPLATE",
+           "ONEVISION_QWEN2_CHAT_TEMPLATE", "TRAINED_PRESETS", "sized_preset_from_dict", "unknown_model_message"]

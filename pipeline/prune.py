@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .extract import crop_layout, projector_inputs
+from .extract import (crop_layout, crops_per_pass, encoder_layers, feature_layers, projector_inputs,
+                      tower_hidden_states)
 from .families import family_of
 from .families.base import InterpolatedGridError
 
@@ -40,7 +41,7 @@ class ImageFeatures:
     valid: torch.Tensor | None = None  # (crops, L) bool: the tokens LLaVA-NeXT's unpadding keeps
     early_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in encoder layer 0
     keys: torch.Tensor | None = None  # (crops, L, head_dim): the feature layer's keys, mean over heads
-    last_hidden: torch.Tensor | None = None  # (crops, L, C'): the tower's last layer, post-norm (embeds=True)
+    last_hidden: torch.Tensor | None = None  # (crops, L, C'): the embeds layer (the last), post-norm (embeds=True)
     cls_tokens: torch.Tensor | None = None  # (crops, C): the CLS token's hidden state of the feature layer
 
     @property
@@ -71,10 +72,16 @@ def _inner(model):
     return inner
 
 
+# The hidden state whose post-norm tokens ``embeds=True`` returns (CDPruner's relevance input): the
+# tower's last layer. An index of the tower's ``output_hidden_states`` tuple.
+EMBEDS_LAYER = -1
+
+
 @torch.no_grad()
 def encode_images(model, processor, images: Sequence[Any], attention: bool = False,
-                  embeds: bool = False) -> list[ImageFeatures]:
-    """Tower features of every crop of every image, in one tower forward.
+                  embeds: bool = False, embeds_layer: int = EMBEDS_LAYER) -> list[ImageFeatures]:
+    """Tower features of every crop of every image, in tower passes of a bounded number of crops (one pass
+    with ``attention``).
 
     ``attention=True`` also gives each token the attention the CLS token pays it
     inside the feature layer (mean over heads) and inside encoder layer 0 -- on a tower
@@ -84,8 +91,12 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     input hidden state with the layer's own norm and q/k projections (SDPA kernels
     do not return attention weights). These are what VisionZip (dominance, key
     similarity) and HiRED (layer-0 budget split) score with. ``embeds=True`` also
-    keeps the tower's last hidden state after its ``post_layernorm`` (CLS dropped):
-    the input of a CLIP ``visual_projection`` (CDPruner's relevance)."""
+    keeps the ``embeds_layer`` hidden state (default: the last) after the tower's ``post_layernorm`` (CLS
+    dropped): the input of a CLIP ``visual_projection`` (CDPruner's relevance).
+
+    The tower keeps only the hidden states these need (the feature layer; with ``attention`` the
+    feature layer's and layer 0's inputs; with ``embeds`` ``embeds_layer``) and stops after the last of
+    them (``pipeline.extract.tower_hidden_states``): never every layer."""
     cfg = model.config
     inner = _inner(model)
     crop = cfg.vision_config.image_size
@@ -99,43 +110,54 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
         sizes.append((h, w))
     tower = inner.vision_tower
     param = next(tower.parameters())
-    out = tower(torch.cat(pixels).to(param.device, param.dtype), output_hidden_states=True, return_dict=True)
     layer = cfg.vision_feature_layer
-    feats = projector_inputs(out.hidden_states, layer, cfg.vision_feature_select_strategy)
-    n_img = len(counts)
-    attn: list[Any] = [None] * n_img
-    early: list[Any] = [None] * n_img
-    keys: list[Any] = [None] * n_img
-    last: list[Any] = [None] * n_img
-    cls_tok: list[Any] = [None] * n_img
     family = family_of(cfg)
     has_cls = family.has_cls(cfg)
-    if attention:
-        if isinstance(layer, (list, tuple)) or family.cls_in_features(cfg):
-            raise ValueError("attention scores need one vision_feature_layer and patch-only features "
-                             "(the 'default' strategy on a CLIP tower)")
-        index = layer % len(out.hidden_states)  # hidden_states[i] is the output of encoder layer i - 1
-        cls, k = _layer_attention(tower, out.hidden_states, index, has_cls)
-        attn, keys = list(torch.split(cls, counts)), list(torch.split(k, counts))
-        early = list(torch.split(_layer_attention(tower, out.hidden_states, 1, has_cls)[0], counts))
-        if has_cls:
-            cls_tok = list(torch.split(out.hidden_states[layer][:, 0], counts))
-    if embeds:
-        post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
-        hidden = out.hidden_states[-1]
-        hidden = post(hidden) if post is not None else hidden
-        drop = has_cls and not family.cls_in_features(cfg)
-        last = list(torch.split(hidden[:, 1:] if drop else hidden, counts))
+    if attention and (isinstance(layer, (list, tuple)) or family.cls_in_features(cfg)):
+        raise ValueError("attention scores need one vision_feature_layer and patch-only features "
+                         "(the 'default' strategy on a CLIP tower)")
+    index = layer % (len(encoder_layers(tower)) + 1) if attention else 0  # hidden state i: layer i - 1's output
+    needed = feature_layers(layer) + ([index - 1, 0] if attention else []) + ([embeds_layer] if embeds else [])
+    drop = has_cls and not family.cls_in_features(cfg)
+    post = getattr(getattr(tower, "vision_model", tower), "post_layernorm", None)
+
+    def one_pass(chunk) -> dict[str, torch.Tensor]:
+        hidden_states = tower_hidden_states(tower, chunk, needed)
+        out = {"features": projector_inputs(hidden_states, layer, cfg.vision_feature_select_strategy)}
+        if attention:
+            out["cls_attention"], out["keys"] = _layer_attention(tower, hidden_states, index, has_cls)
+            out["early_attention"] = _layer_attention(tower, hidden_states, 1, has_cls)[0]
+            if has_cls:
+                out["cls_tokens"] = hidden_states[layer][:, 0]
+        if embeds:
+            hidden = hidden_states[embeds_layer]
+            hidden = post(hidden) if post is not None else hidden
+            out["last_hidden"] = hidden[:, 1:] if drop else hidden
+        return out
+
+    # Passes over a bounded number of crops keep one layer's activations bounded whatever the batch (16
+    # OneVision pages are ~500 crops), bit-identical to one pass over all. Not with attention scores: the
+    # CLS query's projection is a GEMM with one row per crop, whose CPU kernel (and so its last bits)
+    # changes with the row count; those keep today's single pass.
+    pixels = torch.cat(pixels).to(param.device, param.dtype)
+    step = len(pixels) if attention else crops_per_pass(tower, param.device)
+    passes = [one_pass(pixels[i:i + step]) for i in range(0, len(pixels), step)]
+    parts = {name: torch.split(passes[0][name] if len(passes) == 1 else torch.cat([p[name] for p in passes]), counts)
+             for name in passes[0]}
+    none = [None] * len(counts)
     result = []
-    for i, (f, s) in enumerate(zip(torch.split(feats, counts), sizes)):
-        result.append(ImageFeatures(f, s, attn[i], valid_tokens(model, f.shape[0], f.shape[1], s, f.device),
-                                    early[i], keys[i], last[i], cls_tok[i]))
+    for i, (f, s) in enumerate(zip(parts["features"], sizes)):
+        result.append(ImageFeatures(f, s, parts.get("cls_attention", none)[i],
+                                    valid_tokens(model, f.shape[0], f.shape[1], s, f.device),
+                                    parts.get("early_attention", none)[i], parts.get("keys", none)[i],
+                                    parts.get("last_hidden", none)[i], parts.get("cls_tokens", none)[i]))
     return result
 
 
 def _layer_attention(tower, hidden_states, index: int, cls: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Inside the encoder layer whose output is ``hidden_states[index]``: (N, L) attention scores of the
-    patch tokens (mean over heads) and (N, L, head_dim) their keys (mean over heads).
+    patch tokens (mean over heads) and (N, L, head_dim) their keys (mean over heads). ``hidden_states``
+    needs only index ``index - 1`` (that layer's input; ``pipeline.extract.HiddenStates``).
 
     With a CLS token (CLIP) the score is the attention CLS pays each patch token. Without one
     (SigLIP) it is the mean attention each token *receives* from all tokens, sum_i A[i, j] / T:

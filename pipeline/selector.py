@@ -194,7 +194,8 @@ class TokenSelector(nn.Module):
         """Training step on (B, L, C) raw features: loss = MSE + max(mean(M), p)."""
         self._check(features)
         x = self.standardize(features)
-        logits = self.head(self.selector(x)).squeeze(-1)
+        # float32 logits: under bf16 autocast the Gumbel noise, the hard mask and its keep ratio stay exact
+        logits = self.head(self.selector(x)).squeeze(-1).float()
         mask = self.sample_mask(logits)
         recon = self.reconstruct(x, mask)
         mse = F.mse_loss(recon, x)

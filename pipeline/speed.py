@@ -524,7 +524,7 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
     def bare_tower():
         with torch.inference_mode():
             for b in batches:
-                fx.tower(b, output_hidden_states=True, return_dict=True)
+                fx.features(b)  # the stage's own tower pass: up to the feature layer, keeping it alone
 
     def preprocess():  # what the stage does before the tower: render/decode, image processor
         imgs = [it.load().image for it in items]
@@ -543,6 +543,85 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
             "tower_flops": vision_tower_flops(family_of(model.config).flops_dims(model.config).vision, crops)}
 
 
+def selector_training_timings(dims, batch_size: int, steps: int, device: str, autocast: str = "none",
+                              warmup: int = 1) -> dict[str, Any]:
+    """Selector training throughput at ``dims`` (a ``flops.SelectorDims``): ``warmup`` untimed, then
+    ``steps`` timed optimizer steps of the training loop itself (``pipeline.train.Trainer.fit``: the
+    forward of selector and reconstructor under ``autocast`` where it applies, the loss, backward,
+    gradient clipping, AdamW) on random fp16 ``(batch_size, L, C)`` batches held on the CPU, as the
+    shard loader delivers them (each step moves its batch to the device and widens it there). The
+    paper's defaults otherwise (``SelectorConfig``: 16 heads where d allows, FFN 4d, 3 + 3 layers).
+
+    Returns seconds per step (median and each), crops/s, the FLOPs model's FLOPs per step, achieved
+    FLOP/s, parameters, torch threads, whether bf16 autocast ran, and on CUDA the peak bytes the
+    training allocated during the timed steps (its weights, gradients and AdamW moments included;
+    whatever was on the device before, such as the loaded model, not)."""
+    from .flops import selector_parameters, selector_training_flops
+    from .selector import SelectorConfig
+    from .train import Callback, Trainer
+
+    if batch_size < 1 or steps < 1 or warmup < 1:
+        raise ValueError(f"batch_size, steps and warmup must be >= 1, got {batch_size}, {steps}, {warmup}")
+    d = dims.d
+    heads = max(h for h in range(1, 17) if d % h == 0)
+    cfg = SelectorConfig(d_model=dims.d_model, n_heads=heads, ffn_mult=dims.ffn_mult, selector_layers=dims.layers,
+                         reconstructor_layers=dims.reconstructor_layers, steps=warmup + steps, batch_size=batch_size,
+                         warmup_steps=0)
+    cuda = torch.device(device).type == "cuda"
+    before = torch.cuda.memory_allocated(device) if cuda else 0  # what else is on the device (a loaded model)
+    trainer = Trainer(cfg, dims.tokens, dims.channels, device=device, autocast=autocast)
+    batch = torch.randn(batch_size, dims.tokens, dims.channels, generator=torch.Generator().manual_seed(0)).half()
+    stamps: list[float] = []
+    peak = None
+
+    class _Clock(Callback):
+        def on_step(self, step: int, metrics: dict[str, float]) -> None:
+            synchronize(device)
+            stamps.append(time.perf_counter())
+            if step == warmup and cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+
+    def forever():
+        while True:
+            yield batch
+
+    trainer.fit(forever(), [_Clock()], checkpoint_every=10 ** 9, log_every=1)
+    if cuda:
+        peak = int(torch.cuda.max_memory_allocated(device)) - before
+    times = [b - a for a, b in zip(stamps[warmup - 1:], stamps[warmup:])]
+    per_step = median(times)
+    step_flops = selector_training_flops(dims, batch_size)
+    out = {"tokens": dims.tokens, "channels": dims.channels, "d_model": d, "heads": heads,
+           "layers": dims.layers, "reconstructor_layers": dims.reconstructor_layers, "ffn_mult": dims.ffn_mult,
+           "parameters": sum(p.numel() for p in trainer.model.parameters()),
+           "parameters_model": selector_parameters(dims), "batch_size": batch_size, "steps": steps,
+           "warmup": warmup, "device": device, "autocast": bool(trainer.autocast), "threads": torch.get_num_threads(),
+           "step_times": times, "seconds_per_step": per_step, "spread": spread(times),
+           "crops_per_second": batch_size / per_step, "flops_per_step": step_flops,
+           "flops_per_crop": selector_training_flops(dims, 1), "flops_per_second": step_flops / per_step,
+           "peak_bytes": peak}
+    del trainer, batch
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def selector_training_projection(dims, flops_per_second: float, steps: int, batch_size: int) -> dict[str, Any]:
+    """Time to train a selector at ``dims`` on the paper's data (100K COCO crops) for ``steps`` steps of
+    ``batch_size`` crops, from the FLOPs model: at the measured ``flops_per_second``, and on an H100 at
+    an assumed 40 % of its dense bf16 peak."""
+    from . import flops as F
+
+    crops = steps * batch_size
+    work = F.selector_training_flops(dims, crops)
+    gpu = F.H100_BF16_PEAK_FLOPS * F.ASSUMED_UTILIZATION
+    return {"dataset_crops": F.PAPER_TRAINING_CROPS, "steps": steps, "batch_size": batch_size, "crops": crops,
+            "passes": crops / F.PAPER_TRAINING_CROPS, "flops": work,
+            "seconds_measured": work / flops_per_second if flops_per_second > 0 else None,
+            "gpu": "H100", "gpu_peak_flops": F.H100_BF16_PEAK_FLOPS, "gpu_utilization": F.ASSUMED_UTILIZATION,
+            "seconds_gpu": work / gpu}
+
+
 __all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",
            "use_sdpa", "speed_image", "speed_selector", "cache_bytes", "prefill_timings", "extraction_timings",
-           "strategy_timings"]
+           "strategy_timings", "selector_training_timings", "selector_training_projection"]

@@ -136,7 +136,8 @@ class Callback:
 class Trainer:
     """Owns model, optimizer and schedule for one selector; ``state()``/``load_state()`` round-trip
     everything needed to resume (weights, AdamW moments, step, and the python, numpy, torch and CUDA
-    RNG states). ``autocast="bf16"`` runs the forward under bfloat16 autocast on CUDA."""
+    RNG states). ``autocast="bf16"`` runs the forward under bfloat16 autocast on CUDA (``self.autocast``;
+    the CPU's autocast runs the same code when it is set by hand, as a test does)."""
 
     def __init__(self, cfg: SelectorConfig, tokens: int, channels: int, device: str = "cpu",
                  autocast: str = "none"):
@@ -150,6 +151,14 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=tuple(cfg.betas))
         self.step = 0
+
+    def to_device(self, batch) -> torch.Tensor:
+        """A (B, L, C) batch (numpy or torch, fp16 as the loader reads it, or float32) as float32 on the
+        training device. It moves in its own dtype (half the bytes of float32 for fp16 features; from
+        pinned memory the copy is asynchronous) and is widened there, which is exact for fp16."""
+        x = torch.as_tensor(batch)
+        pinned = torch.device(self.device).type == "cuda" and x.is_pinned()
+        return x.to(self.device, non_blocking=pinned).to(torch.float32)
 
     def _set_lr(self) -> float:
         lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.cfg.steps)
@@ -169,10 +178,10 @@ class Trainer:
                 batch = next(batches)
             except StopIteration:
                 raise ConfigError("the feature stream ended before training finished") from None
-            x = torch.as_tensor(np.asarray(batch), dtype=torch.float32, device=self.device)
+            x = self.to_device(batch)
             lr = self._set_lr()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(x)
+            with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
+                out = self.model(x)  # the backward below runs outside autocast, in the forward's dtypes
             loss = out["loss"]
             if not torch.isfinite(loss):
                 raise TrainingDiverged(

@@ -69,6 +69,7 @@ class Column:
     name: str
     type: str
     comment: str
+    default: str | None = None  # a key column's value when a row leaves it out (the DDL's DEFAULT too)
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ class Table:
         return tuple(c.name for c in self.columns)
 
     def ddl(self) -> str:
-        parts = [f'"{c.name}" {c.type}' for c in self.columns]
+        parts = [f'"{c.name}" {c.type}' + ("" if c.default is None else f" DEFAULT {_sql_literal(c.default)}")
+                 for c in self.columns]
         if self.primary_key:
             parts.append(f"PRIMARY KEY ({', '.join(self.key)})")
         if self.check:
@@ -100,6 +102,8 @@ _RUN_ID = Column("run_id", "VARCHAR", "Pipeline run id (runs.run_id)")
 _RETENTION = Column("retention", "DOUBLE", "Fraction of visual tokens kept (0-1]")
 _STRATEGY = Column("strategy", "VARCHAR", "Token-selection strategy name")
 _SEED = Column("seed", "INTEGER", "Random seed of the evaluation")
+_BUDGET = Column("budget", "VARCHAR", "Budget mode: per-crop (k per crop), global (K per image) or stock "
+                                      "(K = retention x the stock model's tokens of the image)", default="per-crop")
 
 TABLES: dict[str, Table] = {
     t.name: t
@@ -165,8 +169,14 @@ TABLES: dict[str, Table] = {
                 Column("n_samples", "INTEGER", "Number of samples scored"),
                 Column("mean_visual_tokens", "DOUBLE", "Mean visual tokens fed to the LLM"),
                 Column("prefill_ms", "DOUBLE", "Mean prefill latency in milliseconds"),
+                _BUDGET,
+                Column("stock_visual_tokens", "DOUBLE", "Mean visual tokens the stock model (the unpruned checkpoint "
+                                                       "with its own settings) sends for the same images; NULL: "
+                                                       "no image sent, or recorded before atr counted it"),
+                Column("tokens_vs_stock", "DOUBLE", "mean_visual_tokens / stock_visual_tokens: above 1 the pruned "
+                                                    "context costs more than the stock model"),
             ),
-            key=("run_id", "model", "benchmark", "strategy", "retention", "seed", "metric"),
+            key=("run_id", "model", "benchmark", "strategy", "retention", "seed", "metric", "budget"),
         ),
         Table(
             "eval_samples",
@@ -182,8 +192,13 @@ TABLES: dict[str, Table] = {
                 Column("prediction", "VARCHAR", "Model output"),
                 Column("answer", "VARCHAR", "Reference answer(s)"),
                 Column("score", "DOUBLE", "Per-sample score"),
+                _BUDGET,
+                Column("visual_tokens", "INTEGER", "Visual tokens the LLM saw for this sample (kept tokens, kept "
+                                                   "row newlines, extra tokens); NULL: not recorded"),
+                Column("stock_visual_tokens", "INTEGER", "Visual tokens the stock model sends for this sample's "
+                                                         "images; NULL: no image sent, or not recorded"),
             ),
-            key=("run_id", "model", "benchmark", "sample_id", "strategy", "retention", "seed"),
+            key=("run_id", "model", "benchmark", "sample_id", "strategy", "retention", "seed", "budget"),
         ),
         Table(
             "bench_results",
@@ -246,8 +261,13 @@ def _sql_literal(text: str) -> str:
 
 # How a column added by a later schema is filled in rows an older atr wrote (default: NULL).
 # A key column cannot be NULL: a run with no eval_scores row gets 'unknown'.
+# The budget of an older row is its run's: the eval config in runs.config_json (one budget per run then).
+_RUN_BUDGET = ("coalesce((SELECT json_extract_string(r.config_json, '$.eval.budget') FROM runs r "
+               "WHERE r.run_id = old.run_id), 'per-crop')")
 _BACKFILL = {("eval_samples", "model"):
-             "coalesce((SELECT any_value(s.model) FROM eval_scores s WHERE s.run_id = old.run_id), 'unknown')"}
+             "coalesce((SELECT any_value(s.model) FROM eval_scores s WHERE s.run_id = old.run_id), 'unknown')",
+             ("eval_samples", "budget"): _RUN_BUDGET, ("eval_scores", "budget"): _RUN_BUDGET,
+             ("eval_scores", "tokens_vs_stock"): "NULL"}
 
 
 def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> tuple[str, ...]:
@@ -397,6 +417,9 @@ class ResultsStore:
         spec = TABLES.get(table)
         if spec is None:
             raise ValueError(f"unknown table {table!r}; known tables: {', '.join(TABLES)}")
+        defaults = {c.name: c.default for c in spec.columns if c.default is not None and c.name in spec.key}
+        if defaults:
+            rows = [{**row, **{k: d for k, d in defaults.items() if row.get(k) is None}} for row in rows]
         columns = list(dict.fromkeys(name for row in rows for name in row))
         for name in columns:
             if name not in spec.column_names:

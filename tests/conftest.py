@@ -218,6 +218,7 @@ class _FdCapture:
 def atr_in_process(argv, env, cwd=REPO):
     """`atr argv` with environment ``env`` (all of it, e.g. ``cli_env``), run by ``flows.cli.main`` in this
     process; a ``subprocess.CompletedProcess`` with its exit code, stdout and stderr."""
+    import contextlib
     import logging
     import subprocess
     import sys
@@ -243,6 +244,11 @@ def atr_in_process(argv, env, cwd=REPO):
     def configure_then_levels(*a, **k):
         configure(*a, **k)
         level = os.environ["PREFECT_LOGGING_LEVEL"].upper()
+        # Prefect read its settings when this process imported it; a server app created during the
+        # command (the first in a session) re-applies logging from them: give them the command's level.
+        from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+
+        scoped.enter_context(temporary_settings(updates={PREFECT_LOGGING_LEVEL: level}))
         for name in _PREFECT_LEVEL_LOGGERS:
             logging.getLogger(name).setLevel(level)
 
@@ -253,7 +259,7 @@ def atr_in_process(argv, env, cwd=REPO):
         tracking.Tracker._warned = set()
     runtime.configure = configure_then_levels
     try:
-        with _warnings.catch_warnings(), _FdCapture() as cap:
+        with contextlib.ExitStack() as scoped, _warnings.catch_warnings(), _FdCapture() as cap:
             _fresh_warning_filters()
             _warnings.showwarning, _warnings._showwarnmsg_impl = _warnings._showwarning_orig, _print_warning
             try:

@@ -176,6 +176,7 @@ def test_every_user_error_type_is_one_line_with_exit_code_2(monkeypatch, tmp_pat
     from pipeline.errors import MissingFile, UserError
     from pipeline.images import BadImage
     from pipeline.loading import ModelLoadError
+    from pipeline.memory import NotEnoughMemory
     from pipeline.train import TrainingDiverged
     from storage.benchmarks import BenchmarkFileError
     from storage.checkpoints import CheckpointError
@@ -184,7 +185,7 @@ def test_every_user_error_type_is_one_line_with_exit_code_2(monkeypatch, tmp_pat
     from storage.stages import StageError
 
     for kind in (UserError, ConfigError, MissingFile, BadImage, ModelLoadError, TrainingDiverged, BenchmarkFileError,
-                 CheckpointError, QueryError, ShardError, StageError):
+                 CheckpointError, QueryError, ShardError, StageError, NotEnoughMemory):
         def broken(home, args, kind=kind):
             raise kind(f"{kind.__name__}: the thing named here is wrong")
 
@@ -203,7 +204,24 @@ def test_lmms_eval_harness_without_the_extra_says_how_to_install_it(cli_env):
         pytest.skip("lmms-eval is installed in this venv")  # the [lmms] venv runs only -m lmms anyway
     assert_one_line_errors([
         (["eval", "--harness", "lmms-eval", "--tasks", "docvqa_val"],
-         "--harness lmms-eval needs the [lmms] extra, which is not installed: pip install torch==2.13.0 -e '.[lmms]'"),
+         "--harness lmms-eval needs the [lmms] extra, which is not installed: "
+         "pip install torch==2.13.0 -c constraints.txt -e '.[lmms]'"),
         (["eval", "--tasks", "docvqa_val"], "--tasks names lmms-eval tasks: add --harness lmms-eval"),
         (["eval", "--harness", "lmms-eval"], "--harness lmms-eval needs --tasks T1,T2"),
     ], cli_env)
+
+
+def test_eval_batch_size_defaults_by_device_and_a_bad_thread_count_is_one_line(cli_env, capsys):
+    """--batch-size unset: auto on CUDA (batches by tokens), 16 on the CPU (what the CPU's results were made
+    with); ATR_TORCH_THREADS that is not a number ends in one line before anything runs."""
+    from pipeline.evaluate import default_batch_size
+
+    args = build_parser().parse_args(["eval"])
+    assert args.batch_size is None and default_batch_size("cpu") == 16
+    assert build_parser().parse_args(["eval", "--batch-size", "auto"]).batch_size == "auto"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "(default: auto on CUDA, 16 on the CPU)" in " ".join(capsys.readouterr().out.split())
+    assert_one_line_errors([
+        (["speed", "--model", "tiny"], "ATR_TORCH_THREADS='two': give a positive number of torch threads"),
+    ], {**cli_env, "ATR_TORCH_THREADS": "two"})

@@ -48,9 +48,24 @@ def test_eval_flow_records_rows_plots_and_reuses_chunks(prefect_api_url, session
         n_samples = con.execute("SELECT count(*), count(DISTINCT sample_id) FROM eval_samples WHERE run_id = ?",
                                 [out["run_id"]]).fetchone()
         run = con.execute("SELECT flow, status, mlflow_run_id FROM runs WHERE run_id = ?", [out["run_id"]]).fetchone()
+        stock = con.execute("SELECT strategy, seed, budget, mean_visual_tokens, stock_visual_tokens, tokens_vs_stock "
+                            "FROM eval_scores WHERE run_id = ? ORDER BY strategy, seed", [out["run_id"]]).fetchall()
+        per_sample = con.execute("SELECT strategy, count(*), count(visual_tokens), sum(visual_tokens), "
+                                 "count(stock_visual_tokens), min(stock_visual_tokens) FROM eval_samples "
+                                 "WHERE run_id = ? GROUP BY strategy ORDER BY strategy", [out["run_id"]]).fetchall()
     assert len(scores) == 5 and all(s[3] == "exact_match" and s[5] == 24 for s in scores)
     assert dict(((s[0], s[2]), s[4]) for s in scores)["full", 0] == pytest.approx(by["full", 0]["score"])
     assert n_samples == (5 * 24, 24)
+    # LLaVA-NeXT never shrinks its grid: the stock model sends what full sends; every row says its budget
+    by_stock = {(r[0], r[1]): r[3:] for r in stock}  # (mean tokens, stock tokens, ratio)
+    assert all(r[2] == "per-crop" for r in stock)
+    assert by_stock["full", 0][1] == pytest.approx(by_stock["full", 0][0]) and by_stock["full", 0][2] == 1.0
+    assert by_stock["none", 0][1:] == (None, None)
+    assert 0.2 < by_stock["random", 0][2] < 0.5 and by_stock["random", 0][1] == by_stock["full", 0][1]
+    samples = {r[0]: r[1:] for r in per_sample}
+    assert samples["none"][:3] == (24, 24, 0) and samples["none"][3] == 0  # no image: 0 tokens, no stock count
+    assert samples["full"][:2] == (24, 24) and samples["full"][3] == 24 and samples["full"][4] > 0
+    assert samples["full"][2] == pytest.approx(24 * by_stock["full", 0][0])
     assert run == ("eval", "completed", out["mlflow_run_id"])
     for png in out["plots"]:
         with open(png, "rb") as fh:

@@ -108,3 +108,14 @@ def _inside(layout, side, size):
         t = token_boxes(box, side)
         out.append((t[:, 0] >= 0) & (t[:, 1] >= 0) & (t[:, 2] <= w) & (t[:, 3] <= h))
     return np.stack(out)
+
+
+def test_slow_extraction_rates_stay_readable():
+    """A real-size tower on a CPU runs at a fraction of an image per second: never "0.0 images/s"."""
+    from flows.present.progress import rate_text
+
+    assert rate_text(41.26) == "41.3 images/s"
+    assert rate_text(0.123) == "0.12 images/s"
+    assert rate_text(1 / 8.3) == "0.12 images/s"
+    assert rate_text(0.04) == "25.0 s/image"
+    assert rate_text(0.5, "steps") == "0.50 steps/s" and rate_text(0.01, "steps") == "100.0 s/step"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.flops import (CLIP_L_SELECTOR, VICUNA_7B, LlavaNextDims, LMDims, SelectorDims, ideal_speedup,
-                            kv_cache_bytes, llava_next_visual_tokens, lm_prefill_flops, prefill_flops,
-                            projector_flops, selector_flops, selector_share, vision_tower_flops)
+from pipeline.flops import (CLIP_L_SELECTOR, SIGLIP_SO400M_SELECTOR, VICUNA_7B, LlavaNextDims, LMDims, SelectorDims,
+                            ideal_speedup, kv_cache_bytes, llava_next_visual_tokens, lm_prefill_flops, prefill_flops,
+                            projector_flops, selector_flops, selector_parameters, selector_share,
+                            selector_training_flops, training_seconds, vision_tower_flops)
 
 LM = VICUNA_7B.lm
 
@@ -112,6 +113,51 @@ def test_selector_over_5_crops_of_576_tokens_is_under_1_percent_of_vicuna_prefil
     narrow = SelectorDims(tokens=576, channels=1024, d_model=512)
     assert selector_flops(narrow, 1) - (3 * (2 * 576 * 4 * 512 ** 2 + 4 * 576 ** 2 * 512 + 4 * 576 * 512 * 2048)
                                         + 2 * 576 * 512) == 2 * 576 * 1024 * 512
+
+
+def test_selector_training_step_on_clip_l_features_by_hand():
+    # One crop of L = 576 tokens, d = C = 1024, FFN 4096, 3 selector + 3 reconstructor blocks.
+    layer = 2 * 576 * 4 * 1024 * 1024 + 4 * 576 * 576 * 1024 + 2 * 2 * 576 * 1024 * 4096
+    assert layer == 4_831_838_208 + 1_358_954_496 + 9_663_676_416 == 15_854_469_120
+    # Forward: 6 blocks, the keep-logit head (d -> 1) and the reconstructor's output projection (d -> C).
+    forward = 6 * layer + 2 * 576 * 1024 + 2 * 576 * 1024 * 1024
+    assert forward == 96_335_953_920
+    # Forward + backward = 3 x forward: 289 GFLOP per crop, 18.5 TFLOP per step of 64.
+    assert selector_training_flops(CLIP_L_SELECTOR, 1) == 3 * forward == 289_007_861_760
+    assert selector_training_flops(CLIP_L_SELECTOR, 64) == 64 * 289_007_861_760
+    # The selector alone (inference) is the first 3 blocks and the head.
+    assert selector_flops(CLIP_L_SELECTOR, 1) == 3 * layer + 2 * 576 * 1024
+    # The default schedule (2000 steps x 64 = 128,000 crops) on an H100 at 40 % of 989 TFLOP/s: 93.5 s.
+    assert training_seconds(CLIP_L_SELECTOR, 128_000, 0.4 * 989e12) == pytest.approx(93.51, abs=0.01)
+    # The 72 GFLOP/s on one CPU thread: 4.0 s per crop, 4.3 min per step of 64.
+    assert training_seconds(CLIP_L_SELECTOR, 64, 72e9) / 60 == pytest.approx(4.28, abs=0.01)
+    with pytest.raises(ValueError):
+        training_seconds(CLIP_L_SELECTOR, 1, 0.0)
+
+
+def test_selector_parameters_at_the_real_dims():
+    # Per block: 2 LNs (4d), qkv (3d^2 + 3d), o (d^2 + d), FFN (4d^2 + 4d, 4d^2 + d) = 12d^2 + 13d.
+    d = 1024
+    block = 12 * d * d + 13 * d
+    encoder = 576 * d + 3 * block + 2 * d  # positions, 3 blocks, final LN
+    head, mask_embedding, out = d + 1, d, d * d + d
+    assert selector_parameters(CLIP_L_SELECTOR) == 2 * encoder + head + mask_embedding + out == 77_812_737
+    assert selector_parameters(SIGLIP_SO400M_SELECTOR) == 98_656_129
+    # OneVision's crop: 729 tokens of 1152 channels, 468 GFLOP per training crop.
+    assert selector_training_flops(SIGLIP_SO400M_SELECTOR, 1) == pytest.approx(467.83e9, rel=1e-4)
+
+
+def test_selector_parameters_match_the_model():
+    import torch
+
+    from pipeline.selector import SelectorConfig, TokenSelector
+
+    for dims, cfg in ((CLIP_L_SELECTOR, SelectorConfig()), (SIGLIP_SO400M_SELECTOR, SelectorConfig()),
+                      (SelectorDims(16, 24, d_model=32, layers=2, ffn_mult=2, reconstructor_layers=1),
+                       SelectorConfig(d_model=32, n_heads=4, ffn_mult=2, selector_layers=2, reconstructor_layers=1))):
+        with torch.device("meta"):
+            model = TokenSelector(cfg, dims.tokens, dims.channels)
+        assert sum(p.numel() for p in model.parameters()) == selector_parameters(dims)
 
 
 def test_kv_cache_and_projector_by_hand():

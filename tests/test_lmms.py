@@ -1,6 +1,6 @@
 """The ``[lmms]`` extra installs a working lmms-eval on the CPU torch wheel (issue: lmms-eval, item 5).
 
-Run by ``.ci/run`` in a second, clean venv (``pip install torch==2.13.0 -e '.[dev,lmms]'``,
+Run by ``.ci/run`` in a second, clean venv (``pip install torch==2.13.0 -c constraints.txt -e '.[dev,lmms]'``,
 ``pytest -m lmms``). The three snags of lmms-eval 0.7.3 with the CPU wheel, each checked:
 the torchvision pip picks must be the one made for this torch, and its CUDA-only extension
 must not break ``import transformers``; filelock must stay below 4; decord must be there.

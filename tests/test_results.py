@@ -210,12 +210,19 @@ def test_format_table():
         format_rows(COLUMNS, ROWS, "xml")
 
 
+# eval_scores as atr wrote it before the budget and stock columns (issue 29: budgets against the stock model)
+OLD_EVAL_SCORES = ('CREATE TABLE eval_scores ("run_id" VARCHAR, "model" VARCHAR, "benchmark" VARCHAR, '
+                   '"strategy" VARCHAR, "retention" DOUBLE, "seed" INTEGER, "metric" VARCHAR, "score" DOUBLE, '
+                   '"n_samples" INTEGER, "mean_visual_tokens" DOUBLE, "prefill_ms" DOUBLE, PRIMARY KEY (run_id, '
+                   'model, benchmark, strategy, retention, seed, metric))')
+
+
 def test_a_store_from_before_eval_samples_had_a_model_column_is_migrated(tmp_path):
     """An older atr wrote eval_samples without ``model`` (key without it): opening the store rebuilds the
     table in the current schema, keeps every row and fills ``model`` from the run's eval_scores."""
     path = tmp_path / "results.duckdb"
     with duckdb.connect(str(path)) as conn:
-        conn.execute(TABLES["eval_scores"].ddl())
+        conn.execute(OLD_EVAL_SCORES)
         conn.execute('CREATE TABLE eval_samples ("run_id" VARCHAR, "benchmark" VARCHAR, "sample_id" VARCHAR, '
                      '"strategy" VARCHAR, "retention" DOUBLE, "seed" INTEGER, "prediction" VARCHAR, '
                      '"answer" VARCHAR, "score" DOUBLE, PRIMARY KEY (run_id, benchmark, sample_id, strategy, '
@@ -238,3 +245,48 @@ def test_a_store_from_before_eval_samples_had_a_model_column_is_migrated(tmp_pat
     assert "model" in comment.lower()
     ResultsStore(path)  # a second open changes nothing
     assert _rows(store, "SELECT count(*) FROM eval_samples") == [(3,)]
+
+
+def test_a_store_from_before_the_budget_column_is_migrated_with_each_runs_budget(tmp_path):
+    """eval_scores and eval_samples keyed without ``budget``: opening the store rebuilds both, every row
+    kept, ``budget`` taken from the run's recorded eval config (``per-crop`` where it has none), the new
+    columns NULL; then a per-crop and a global row of the same strategy and retention live side by side."""
+    path = tmp_path / "results.duckdb"
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(TABLES["runs"].ddl())
+        conn.execute(OLD_EVAL_SCORES)
+        conn.execute('CREATE TABLE eval_samples ("run_id" VARCHAR, "model" VARCHAR, "benchmark" VARCHAR, '
+                     '"sample_id" VARCHAR, "strategy" VARCHAR, "retention" DOUBLE, "seed" INTEGER, '
+                     '"prediction" VARCHAR, "answer" VARCHAR, "score" DOUBLE, PRIMARY KEY (run_id, model, '
+                     'benchmark, sample_id, strategy, retention, seed))')
+        for run, cfg in (("r1", {"eval": {"budget": "global"}}), ("r2", {"model": "tiny-trained"})):
+            conn.execute("INSERT INTO runs (run_id, flow, status, config_json) VALUES (?, 'eval', 'completed', ?)",
+                         [run, json.dumps(cfg)])
+        for run, score in (("r1", 0.85), ("r2", 0.687), ("r3", 0.5)):  # r3: no runs row at all
+            conn.execute("INSERT INTO eval_scores VALUES (?, 'tiny-trained', 'synthetic-ocr', 'selector', 0.1, 0, "
+                         "'exact_match', ?, 300, 7.5, 3.0)", [run, score])
+            conn.execute("INSERT INTO eval_samples VALUES (?, 'tiny-trained', 'synthetic-ocr', 'q1', 'selector', "
+                         "0.1, 0, 'K7', 'K7', 1.0)", [run])
+    store = ResultsStore(path)
+    assert _rows(store, "SELECT run_id, budget, score, stock_visual_tokens, tokens_vs_stock FROM eval_scores "
+                        "ORDER BY run_id") == [("r1", "global", 0.85, None, None), ("r2", "per-crop", 0.687, None, None),
+                                               ("r3", "per-crop", 0.5, None, None)]
+    assert _rows(store, "SELECT run_id, budget, visual_tokens FROM eval_samples ORDER BY run_id") == \
+        [("r1", "global", None), ("r2", "per-crop", None), ("r3", "per-crop", None)]
+    # the new key: the other budget of the same (strategy, retention, seed) in the same run is a second row
+    row = dict(run_id="r1", model="tiny-trained", benchmark="synthetic-ocr", strategy="selector", retention=0.1,
+               seed=0, metric="exact_match", score=0.687, n_samples=300, mean_visual_tokens=7.5, budget="per-crop",
+               stock_visual_tokens=7.5, tokens_vs_stock=1.0)
+    store.insert_rows("eval_scores", [row])
+    assert _rows(store, "SELECT budget, score FROM eval_scores WHERE run_id = 'r1' ORDER BY budget") == \
+        [("global", 0.85), ("per-crop", 0.687)]
+    ResultsStore(path)  # a second open changes nothing
+    assert _rows(store, "SELECT count(*) FROM eval_scores") == [(4,)]
+
+
+def test_a_row_without_a_budget_is_the_papers_per_crop(store):
+    """Writers that predate the budget column (and the DDL's DEFAULT) record per-crop rows."""
+    score = dict(run_id="r1", model="m", benchmark="b", strategy="random", retention=0.25, seed=0, metric="acc",
+                 score=0.5, n_samples=10)
+    store.insert_rows("eval_scores", [score, {**score, "budget": "stock", "score": 0.75}])
+    assert _rows(store, "SELECT budget, score FROM eval_scores ORDER BY budget") == [("per-crop", 0.5), ("stock", 0.75)]

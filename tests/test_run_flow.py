@@ -290,5 +290,6 @@ def test_both_families_in_one_run_keyed_by_model(cold):
     md = (report / "summary.md").read_text()
     assert "](tiny-ov-trained/eval-grid.png)" in md and "](tiny-trained/eval-grid.png)" in md
     ov_md = (report / "tiny-ov-trained" / "summary.md").read_text()
-    assert "- synthetic-scene: stock (interpolated) context" in ov_md  # OneVision: tokens against stock
-    assert "stock (interpolated)" not in (report / "tiny-trained" / "summary.md").read_text()
+    assert "- synthetic-scene: stock context" in ov_md and "; full 1." in ov_md  # OneVision: full above stock
+    next_md = (report / "tiny-trained" / "summary.md").read_text()
+    assert "stock context" not in next_md and "(1.00×) | " in next_md  # NeXT: stock is full; the token table stays

@@ -43,7 +43,8 @@ def test_the_stage_saves_config_and_processor_only(session_home):
 
 
 def test_materialize_builds_on_the_target_device_in_its_dtype_seeded(tmp_path):
-    """A shrunken sized preset (the 7B one needs 14 GiB): built in bf16, the same weights every load."""
+    """A shrunken sized preset (the 7B one: 14.1 GiB in bf16, 28.2 GiB in fp32): built in bf16, the same weights
+    every load."""
     import torch
 
     from pipeline.builders import save_sized
@@ -71,3 +72,116 @@ def test_a_cpu_speed_run_is_refused_in_one_line(cli_env):
     assert_one_line_errors([
         (["speed", "--model", "bench-vicuna-7b", "--device", "cpu"], "bench-vicuna-7b has 7.1 B parameters"),
     ], cli_env)
+
+
+# The published checkpoints' values (item 9 of issue 29). Sources, read 2026-12-07:
+# - llava-hf/llava-v1.6-mistral-7b-hf config.json, as its quantized copies carry it verbatim
+#   (zhenxuan/llava-v1.6-mistral-7b-awq and Ayush374/quantised_llava config.json, "_name_or_path" the llava-hf
+#   snapshot): text_config {intermediate_size 14336, max_position_embeddings 32768, num_key_value_heads 8,
+#   rms_norm_eps 1e-05, rope_theta 1000000.0, sliding_window null, vocab_size 32064}, image_token_index 32000,
+#   tie_word_embeddings false, CLIP vision_config {1024, 336, 4096, 16 heads, 24 layers, patch 14,
+#   projection_dim 768}; the rest are the Mistral-7B-Instruct-v0.2 / openai/clip-vit-large-patch14-336 values
+#   transformers' convert_llava_next_weights_to_hf.py copies (hidden 4096, 32 heads, silu, quick_gelu, 1e-5).
+# - llava-hf/llava-v1.6-vicuna-7b-hf config.json was not found verbatim; its text config is lmsys/vicuna-7b-v1.5's
+#   (convert_llava_next_weights_to_hf.py), as llava-hf/llava-1.5-7b-hf's config.json carries it:
+#   max_position_embeddings 4096, rms_norm_eps 1e-05, vocab_size 32064 (32000 + <image>, <pad>, padded to 64).
+# - llava-hf/llava-onevision-qwen2-7b-ov-hf config.json: its copy mgoin/llava-onevision-qwen2-7b-ov-hf-bnb-full-4bit
+#   (36 pinpoints 384..2304, image_token_index 151646); transformers' convert_llava_onevision_weights_to_hf.py
+#   (SiglipVisionConfig 1152 / 384 / 4304 / 16 heads / 26 layers ("drop the last layer") / patch 14 / no head;
+#   Qwen/Qwen2-7B-Instruct's text config, vocabulary resized to 152064 + 2 padded to 64 = 152128) and
+#   Qwen2-7B-Instruct's config.json (rms_norm_eps 1e-06, rope_theta 1000000.0, max_position_embeddings 32768,
+#   sliding_window 131072 with use_sliding_window false, tie_word_embeddings false).
+# - preprocessor_config.json: LLaVA-NeXT's is openai/clip-vit-large-patch14-336's through LlavaNextImageProcessor
+#   (crop 336, shortest_edge 336, CLIP mean/std, bicubic; e.g. llava-hf/LLaVA-NeXT-Video-7B-hf's file);
+#   OneVision's is google/siglip-so400m-patch14-384's through LlavaOnevisionImageProcessor (384 x 384, mean and
+#   std 0.5, bicubic; the lmms-lab/llava-onevision-qwen2-* preprocessor_config.json files), not CLIP's.
+_CLIP = {"model_type": "clip_vision_model", "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+         "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+         "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+_NEXT = {"image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+         "image_token_index": 32000, "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+         "vision_feature_select_strategy": "default", "tie_word_embeddings": False}
+_CLIP_PIXELS = {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}, "resample": 3,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+PUBLISHED = {
+    "llava-hf/llava-v1.6-mistral-7b-hf": {
+        **_NEXT, "vision": _CLIP, "pixels": _CLIP_PIXELS,
+        "text": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_act": "silu",
+                 "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+                 "sliding_window": None, "vocab_size": 32064, "tie_word_embeddings": False},
+        "prompt": "[INST] <image>\nWhat is it? [/INST]"},
+    "llava-hf/llava-v1.6-vicuna-7b-hf": {
+        **_NEXT, "vision": _CLIP, "pixels": _CLIP_PIXELS,
+        "text": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                 "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": 32064,
+                 "tie_word_embeddings": False, "attention_bias": False},
+        "prompt": "USER: <image>\nWhat is it? ASSISTANT:"},
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": {
+        "image_grid_pinpoints": [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)],
+        "image_token_index": 151646, "projector_hidden_act": "gelu", "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9", "tie_word_embeddings": False,
+        "vision": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 384,
+                   "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 26, "patch_size": 14,
+                   "vision_use_head": False, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6},
+        "text": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                 "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_act": "silu",
+                 "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                 "use_sliding_window": False, "max_window_layers": 28, "vocab_size": 152128,
+                 "tie_word_embeddings": False},
+        "pixels": {"size": {"height": 384, "width": 384}, "resample": 3, "image_mean": [0.5, 0.5, 0.5],
+                   "image_std": [0.5, 0.5, 0.5]},
+        "prompt": "<|im_start|>user <image>\nWhat is it?<|im_end|><|im_start|>assistant\n"},
+}
+
+
+def _every_mirroring_preset():
+    from pipeline.presets import SHAPE_PRESETS
+
+    return [*SIZED_PRESETS.values(), *SHAPE_PRESETS.values()]
+
+
+@pytest.mark.parametrize("preset", _every_mirroring_preset(), ids=lambda p: p.name)
+def test_every_config_field_is_the_published_checkpoints(preset):
+    """bench-* and shape-* build the config the checkpoint publishes (shape-*: one LM layer, by design)."""
+    cfg = on_meta(preset).config
+    want = PUBLISHED[preset.mirrors]
+    for key, value in want.items():
+        if key not in ("vision", "text", "pixels", "prompt"):
+            got = cfg.image_grid_pinpoints if key == "image_grid_pinpoints" else getattr(cfg, key)
+            assert got == value, (preset.name, key)
+    for key, value in want["vision"].items():
+        assert getattr(cfg.vision_config, key) == value, (preset.name, "vision", key)
+    text = cfg.text_config
+    for key, value in want["text"].items():
+        got = text.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(text, key)
+        if key == "num_hidden_layers" and getattr(preset, "saves_weights", False):
+            value = 1  # the real-shape presets cut the LM to one layer
+        assert got == value, (preset.name, "text", key, got)
+    # the effective window: Mistral's is none (not MistralConfig's 4096); Qwen2's 131072 is unused
+    assert getattr(text, "sliding_window", None) is None
+
+
+@pytest.mark.parametrize("preset", _every_mirroring_preset(), ids=lambda p: p.name)
+def test_the_saved_processor_is_the_published_one(preset, tmp_path):
+    """Pixels (size, crop, mean/std, resample, pinpoints), the processor's token settings and the chat template
+    as the checkpoint's files give them."""
+    from pipeline.builders import save_sized
+    from pipeline.loading import load_processor
+
+    save_sized(preset, tmp_path)
+    processor = load_processor(tmp_path)
+    ip = json.loads(processor.image_processor.to_json_string())
+    want = PUBLISHED[preset.mirrors]
+    for key, value in want["pixels"].items():
+        got = ip[key]
+        if isinstance(value, dict):
+            got = {k: v for k, v in got.items() if v is not None}
+        assert got == pytest.approx(value) if isinstance(value, list) else got == value, (preset.name, key, got)
+    assert ip["image_grid_pinpoints"] == want["image_grid_pinpoints"]
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": "What is it?"}]}],
+                                           add_generation_prompt=True)
+    assert prompt == want["prompt"]
+    assert processor.vision_feature_select_strategy == want["vision_feature_select_strategy"]

@@ -20,7 +20,8 @@ from pipeline.speed import LoadSampler, interleaved, median, peak_memory, spread
 def speed_run(tmp_path_factory):
     home = tmp_path_factory.mktemp("speed-home")
     argv = ["speed", "--home", str(home), "--model", "tiny", "--retentions", "0.5,0.25", "--repeats", "1",
-            "--warmup", "0", "--extract-images", "4", "--batch-size", "2", "--shard-size", "2", "--ttft"]
+            "--warmup", "0", "--extract-images", "4", "--batch-size", "2", "--shard-size", "2", "--ttft",
+            "--selector-training", "16x64", "--selector-batch", "3", "--selector-steps", "2"]
     assert main(argv) == 0
     con = duckdb.connect(str(home / "results.duckdb"), read_only=True)
     rows = con.execute("SELECT run_id, name, retention, measured_speedup, ideal_speedup, value, unit "
@@ -107,7 +108,55 @@ def test_speed_times_every_strategy_at_equal_budgets(speed_run):
             assert sent[s] <= vis <= sent[s] + 16  # plus at most one newline per grid row
 
 
+def test_speed_times_selector_training_against_the_flops_model(speed_run):
+    from pipeline.flops import SelectorDims, selector_parameters, selector_training_flops
+
+    home, rows, runs = speed_run
+    by = _by(rows)
+    dims = SelectorDims(tokens=16, channels=64)
+    row = {name.rsplit("/", 1)[-1]: by[(name, None)] for name, r in by if name.startswith("selector_training/16x64/")
+           and name.count("/") == 2}
+    assert row["parameters"]["value"] == selector_parameters(dims) and row["batch_size"]["value"] == 3
+    assert row["flops_per_crop"]["value"] == selector_training_flops(dims, 1)
+    step = row["seconds_per_step"]["value"]
+    assert row["crops_per_second"]["value"] == pytest.approx(3 / step)
+    assert row["achieved_flops_per_second"]["value"] == pytest.approx(selector_training_flops(dims, 3) / step)
+    assert row["torch_threads"]["value"] == torch.get_num_threads() and row["bf16_autocast"]["value"] == 0.0
+    assert row["peak_bytes"]["value"] is None  # counted on CUDA only
+    # The default schedule, 2000 steps x 64 crops, at the measured rate and on an H100 at 40 % of its bf16 peak.
+    assert by[("selector_training/16x64/projected_crops", None)]["value"] == 128_000
+    measured = by[("selector_training/16x64/projected_seconds/measured", None)]["value"]
+    assert measured == pytest.approx(selector_training_flops(dims, 128_000) / row["achieved_flops_per_second"]["value"])
+    gpu = by[("selector_training/16x64/projected_seconds/h100_bf16_at_40pct", None)]
+    assert gpu["unit"] == "s" and gpu["value"] == pytest.approx(selector_training_flops(dims, 128_000) / (0.4 * 989e12))
+    assert ("load/selector_training/trustworthy", None) in by
+    import json
+
+    summary = json.loads((home / "reports" / f"bench-{runs[0][0]}" / "summary.json").read_text())
+    assert summary["selector_training"]["16x64"]["projection"]["passes"] == 1.28
+
+
+def test_speed_prints_the_selector_training_projection():
+    from flows.present.tables import duration, selector_training_lines
+
+    x = {"tokens": 576, "channels": 1024, "d_model": 1024, "heads": 16, "layers": 3, "reconstructor_layers": 3,
+         "parameters": 77_812_737, "batch_size": 2, "autocast": False, "steps": 2, "warmup": 1, "device": "cpu",
+         "threads": 1, "crops_per_second": 0.25, "flops_per_second": 72.25e9, "flops_per_crop": 289.0e9,
+         "projection": {"steps": 2000, "batch_size": 64, "crops": 128_000, "passes": 1.28,
+                        "seconds_measured": 512_000.0, "gpu": "H100", "gpu_utilization": 0.4,
+                        "gpu_peak_flops": 989e12, "seconds_gpu": 93.5}}
+    (line,) = selector_training_lines({"next": x}, {})
+    assert "measured 0.25 crops/s at 72 GFLOP/s (cpu, 1 thread;" in line
+    assert line.endswith("100K COCO crops at the default schedule (2000 steps × 64 = 128,000 crops, 1.28 passes) "
+                         "≈ 5.9 days here; on an H100 at 40% of 989 TFLOP/s bf16 ≈ 94 s")
+    assert "not measured" in selector_training_lines(None, {})[0]
+    assert [duration(s) for s in (5.0, 95.0, 600.0, 9000.0, 200_000.0)] == ["5.00 s", "95 s", "10.0 min", "2.5 h",
+                                                                            "2.3 days"]
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--selector-training", "next,12xc"], "--selector-training: unknown shape '12xc'; valid: next, ov, none"),
+    (["--selector-batch", "0"], "--selector-batch must be >= 1, got 0"),
     (["--retentions", "0,0.5"], "retention must be in (0, 1], got 0"),
     (["--retentions", "1.5"], "retention must be in (0, 1], got 1.5"),
     (["--retentions", "half"], "'half' is not a number"),
@@ -128,7 +177,8 @@ def test_speed_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--model", "--retentions", "--repeats", "--warmup", "--extract-images", "--extract-repeats",
                 "--batch-size",
-                "--shard-size", "--ttft", "--load-threshold", "--strategies"):
+                "--shard-size", "--ttft", "--load-threshold", "--strategies", "--selector-training",
+                "--selector-batch", "--selector-steps", "--selector-autocast"):
         assert opt in out
 
 

@@ -76,6 +76,30 @@ NO_RUNTIME = ("query", "clean")  # commands that load neither Prefect nor torch
 FLOW_COMMANDS = ("prepare-model", "extract", "train", "eval", "run")  # commands that run a Prefect flow
 
 
+class VersionAction(argparse.Action):
+    """``--version``: one line, read from the installed packages' metadata (torch itself is not imported)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
+
+
+def version_line() -> str:
+    """``atr 0.1.0 (torch 2.13.0+cpu, transformers 5.25.0)``: the versions pip installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"atr {installed('atr')} (torch {installed('torch')}, transformers {installed('transformers')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Options valid before and after the subcommand. SUPPRESS keeps a subparser's
     # unset option from overwriting a value given before the subcommand.
@@ -88,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="atr", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    parser.add_argument("--version", action=VersionAction,
+                        help="print atr's version with the installed torch and transformers, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add_parser, _ in COMMANDS.values():
         add_parser(sub, common)

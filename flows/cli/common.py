@@ -16,7 +16,8 @@ from typing import Any, Callable
 from pipeline.config import ConfigError
 
 MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained: a LLaVA-NeXT / LLaVA-OneVision trained in-project "
-              "and able to read; tiny / tiny-ov: random weights, for fast tests), a local directory saved with "
+              "and able to read; tiny / tiny-ov: random weights, for fast tests; shape-next-mistral / shape-ov-qwen2: "
+              "the real towers and processors with a one-layer LM), a local directory saved with "
               "save_pretrained, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf or "
               "llava-hf/llava-onevision-qwen2-7b-ov-hf (must be in the local HF cache when offline)")
 
@@ -119,14 +120,15 @@ def add_dask_options(p) -> None:
                    help="map extraction shards and eval chunks over an existing Dask cluster (tcp://HOST:PORT; "
                         "start its workers with OMP_WAIT_POLICY=PASSIVE and one thread per process)")
     g.add_argument("--dask-workers", metavar="N", type=int, default=None,
-                   help="... or over a local Dask cluster of N single-threaded worker processes")
+                   help="... or over a local Dask cluster of N single-threaded worker processes; with CUDA, "
+                        "one per GPU, each pinned to its device (at most the GPU count)")
 
 
 def on_dask(flow, args):
     """``flow`` on a DaskTaskRunner when --dask-address / --dask-workers was given."""
     from ..orchestration.dask import task_runner
 
-    runner = task_runner(args.dask_address, args.dask_workers)
+    runner = task_runner(args.dask_address, args.dask_workers, getattr(args, "device", "auto"))
     return flow if runner is None else flow.with_options(task_runner=runner)
 
 
@@ -134,7 +136,11 @@ def preflight(model: str, images: str | None = None, seed: int = 0, tiny_world: 
     """Check user inputs before any flow starts, so mistakes end in one line, not a flow failure."""
     from ..stages.prepare_model import model_spec
 
-    model_spec(model, tiny_world)
+    kind, identity = model_spec(model, tiny_world)
+    if kind in ("local", "hub"):  # a user's folder: its tower config and weights agree (headers only)
+        from pipeline.loading import check_tower_weights
+
+        check_tower_weights(identity["dir"])
     if images is not None:
         from pipeline.images import open_source
 

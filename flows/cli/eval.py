@@ -66,14 +66,20 @@ def eval_parser(sub, common) -> None:
                         "as in the paper): vision_aspect_ratio is set so no grid shrinks, the only way a keep mask "
                         "can be gathered; on: the checkpoint's own setting, for full/none only (stock baseline)")
     add_retentions_option(p, "0.1,0.25,0.5,0.75", help="comma-separated (default: 0.1,0.25,0.5,0.75)")
-    p.add_argument("--budget", default="per-crop", choices=["per-crop", "global"],
-                   help="per-crop: k = round(r * valid tokens) in every crop; global: r * the image's valid tokens. "
-                        "Every strategy sends the LLM that many tokens; the peers that split a budget themselves "
-                        "(HiRED, DivPrune, CDPruner) spread the image's total their way")
+    p.add_argument("--budget", default="per-crop", metavar="per-crop|global|stock[,...]",
+                   help="per-crop: k = round(r * valid tokens) in every crop; global: r * the image's valid tokens; "
+                        "stock: r * the encoder tokens the stock model (the unpruned checkpoint with its own settings: "
+                        "LLaVA-OneVision's interpolation on) sends of the image, spread as global. Every strategy "
+                        "sends the LLM that many tokens; the peers that split a budget themselves (HiRED, DivPrune, "
+                        "CDPruner) spread the image's total their way. Comma-separated: each budget is evaluated, "
+                        "side by side in one run (default: per-crop)")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
-    p.add_argument("--batch-size", type=_batch_size, default=16,
-                   help="questions per generate call, or auto: on CUDA it starts at 8 and doubles while memory "
-                        "lasts (halving after an out-of-memory batch); on a CPU auto is 16 (default: 16)")
+    p.add_argument("--batch-size", type=_batch_size, default=None,
+                   help="questions per generate call, or auto: on CUDA each batch is cut by its tokens (visual + "
+                        "text + new) against free GPU memory over the LLM's bytes per token, so long pages go "
+                        "in smaller batches (an out-of-memory batch halves the budget); on a CPU auto is 16. "
+                        "Batching changes speed, never answers or cache keys (default: auto on CUDA, 16 on the "
+                        "CPU)")
     p.add_argument("--shard-size", type=int, default=100,
                    help="questions per work unit: the vision tower runs once per image of a shard for every "
                         "strategy, retention and seed, and --dask-* distributes shards (default: 100)")
@@ -130,7 +136,7 @@ def parse_options(given: list[str]) -> dict[str, dict]:
 
 
 def cmd_eval(home, args) -> int:
-    from pipeline.evaluate import EvalConfig, default_strategies
+    from pipeline.evaluate import EvalConfig, default_batch_size, default_strategies
 
     from ..orchestration.flows import eval_flow
     from ..present import progress
@@ -146,7 +152,8 @@ def cmd_eval(home, args) -> int:
     if tasks and args.harness != "lmms-eval":
         raise UserError("--tasks names lmms-eval tasks: add --harness lmms-eval (the built-in harness takes --benchmark)")
     cfg = EvalConfig(benchmarks=benchmarks, strategies=strategies, retentions=parse_retentions(args.retentions),
-                     budget=args.budget, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
+                     budget=args.budget, seeds=args.seeds, limit=args.limit,
+                     batch_size=default_batch_size(args.device) if args.batch_size is None else args.batch_size,
                      shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
                      text_encoder=args.text_encoder, interpolation=args.interpolation == "on",
                      harness=args.harness, tasks=tasks, options=parse_options(args.option))

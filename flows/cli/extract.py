@@ -56,7 +56,7 @@ def cmd_extract(home, args) -> int:
     rate = m.get("images_per_second")
     print(f"extract {state} in {ext['seconds']:.2f}s (wall {wall:.1f}s): {c['samples']} samples in "
           f"{c['shards']} shards, {c['skipped']} skipped; features {f['dtype']} (crops, {f['tokens_per_crop']}, "
-          f"{f['feature_dim']})" + (f"; {rate:.1f} images/s" if rate and not ext["cached"] else ""))
+          f"{f['feature_dim']})" + (f"; {progress.rate_text(rate)}" if rate and not ext["cached"] else ""))
     print(f"  output  {ext['path']}")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

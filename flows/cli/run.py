@@ -40,7 +40,7 @@ def run_parser(sub, common) -> None:
 def cmd_run(home, args) -> int:
     from pipeline.run_config import load_run_config, run_config_toml
 
-    from ..orchestration.dask import task_runner
+    from ..orchestration.dask import cluster_device, task_runner
     from ..orchestration.flows import run_flow
     from ..present import progress
     from ..present.report import stage_summary
@@ -51,7 +51,8 @@ def cmd_run(home, args) -> int:
     if args.print_config:
         sys.stdout.write(run_config_toml(cfg))
         return 0
-    task_runner(args.dask_address, args.dask_workers)  # bad options: one line before any flow starts
+    # bad options (and more local workers than GPUs): one line before any flow starts
+    task_runner(args.dask_address, args.dask_workers, cluster_device(cfg.extract.device, cfg.eval.device))
     for model in cfg.models:
         preflight(model, cfg.extract.images, cfg.extract.seed)
     for bench in cfg.eval.benchmarks:

@@ -25,10 +25,14 @@ def speed_parser(sub, common) -> None:
                     "model (true FLOPs, causal attention; FastV's and the full-square conventions beside it), the "
                     "selector + top-k time as a share of the full prefill against its FLOPs share, extraction "
                     "images/s through the extract stage (shards included) against the bare vision tower, cold vs "
-                    "cached extract stage, peak memory and KV-cache bytes. The machine load from other processes "
+                    "cached extract stage, peak memory and KV-cache bytes, and (--selector-training, the default "
+                    "on CUDA) selector-training crops/s and FLOP/s at the real tower dims with the time to train on "
+                    "100K COCO crops projected from them. The machine load from other processes "
                     "is sampled during the run; a warning says when it makes the ratios untrustworthy. Rows go to "
                     "bench_results, the speed-up plot to $ATR_HOME/reports/bench-<run_id>/ and MLflow.",
         epilog="examples:\n  atr speed\n  atr speed --retentions 0.5,0.25,0.11 --repeats 7\n"
+               "  atr speed --selector-training next,ov --extract-images 0 --strategies none  # real-dim selector "
+               "training\n"
                "  atr speed --model bench-vicuna-7b                                   # real size, on a CUDA machine\n"
                "  atr speed --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
                "  atr query \"SELECT name, retention, measured_speedup, ideal_speedup, value, unit FROM "
@@ -37,13 +41,18 @@ def speed_parser(sub, common) -> None:
                    help=MODEL_HELP + " (default: bench, a random-init LLaVA-NeXT with the real token counts: "
                                      "336-px crops of 14-px patches, 576 tokens per crop, up to 5 crops; "
                                      "bench-vicuna-7b and bench-mistral-7b: random-init with the exact dimensions "
-                                     "of llava-v1.6-vicuna-7b / -mistral-7b, built on the target device in bf16)")
+                                     "of llava-v1.6-vicuna-7b / -mistral-7b, built on the target device in the "
+                                     "--dtype chosen: 13.2 / 14.1 GiB of weights in bf16 (auto on CUDA), 26.3 / "
+                                     "28.2 GiB in fp32 (auto on the CPU))")
     add_retentions_option(p, "",
                           help=f"comma-separated fractions of encoder tokens kept per crop, each in (0, 1]; the "
                                f"full prompt (1) is always measured (default: {DEFAULT_RETENTIONS}; "
                                f"{SIZED_RETENTIONS} for bench-vicuna-7b and bench-mistral-7b)")
     p.add_argument("--allow-cpu", action="store_true",
-                   help="let bench-vicuna-7b / bench-mistral-7b run on the CPU (14 GiB, minutes per prefill)")
+                   help="let bench-vicuna-7b / bench-mistral-7b run on the CPU (minutes per prefill): 26.3 / 28.2 GiB "
+                        "of weights in fp32 (--dtype auto there), 13.2 / 14.1 GiB with --dtype bf16. A model whose "
+                        "weights + 20 %% + 1 GiB exceed free RAM is refused before allocating (ATR_MEMORY_LIMIT=8GiB "
+                        "sets what counts as free)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds per measurement; medians are reported (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default: 1)")
@@ -61,7 +70,22 @@ def speed_parser(sub, common) -> None:
     p.add_argument("--ttft", action=argparse.BooleanOptionalAction, default=None,
                    help="also time image-to-first-token, full vs pruned (default: on with CUDA, off on the CPU)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: one per core, as every atr command; ATR_TORCH_THREADS also sets it)")
+                   help="torch threads (default, as every atr command: $ATR_TORCH_THREADS, else $OMP_NUM_THREADS, else "
+                        "one per core)")
+    p.add_argument("--selector-training", default=None, metavar="SHAPES",
+                   help="time selector training (the training loop's own steps: selector + reconstructor forward, "
+                        "backward, AdamW) at these feature shapes, comma-separated: next (CLIP ViT-L/14-336, 576 "
+                        "tokens x 1024 channels), ov (SigLIP-so400m, 729 x 1152) or LxC; reports crops/s and "
+                        "FLOP/s against the FLOPs model and projects the time to train on 100K COCO crops at the "
+                        "default schedule (2000 steps x 64), as measured and on an H100; 'none' skips it "
+                        "(default: next,ov on CUDA, none on the CPU, where a real-shape step takes seconds per crop)")
+    p.add_argument("--selector-batch", type=int, default=None,
+                   help="crops per selector-training step (default: 64 on CUDA, 2 on the CPU)")
+    p.add_argument("--selector-steps", type=int, default=None,
+                   help="timed selector-training steps after one warm-up step (default: 5 on CUDA, 2 on the CPU)")
+    p.add_argument("--selector-autocast", choices=("auto", "none", "bf16"), default="auto",
+                   help="selector training under bf16 autocast, as `atr train --autocast bf16` (CUDA only; "
+                        "default: auto, bf16 on CUDA)")
     add_compute_options(p)
     p.add_argument("--load-threshold", type=float, default=0.2,
                    help="mean CPU cores used by other processes above which the run is flagged untrustworthy "
@@ -98,11 +122,35 @@ def check_args(args) -> dict[str, Any]:
         if x not in pruners():
             raise ConfigError(f"--strategies: unknown strategy {x!r}; valid: {', '.join(pruners())} (the full prompt "
                               f"is always timed)")
-    return {"model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
+    training = _selector_shapes(args.selector_training)
+    for opt, value in (("--selector-batch", args.selector_batch), ("--selector-steps", args.selector_steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{opt} must be >= 1, got {value}")
+    return {"selector_training": training, "selector_batch": args.selector_batch,
+            "selector_steps": args.selector_steps, "selector_autocast": args.selector_autocast,
+            "model": args.model, "retentions": retentions, "repeats": args.repeats, "warmup": args.warmup,
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
             "batch_size": args.batch_size, "shard_size": args.shard_size,
             "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads,
             "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu, "strategies": strategies}
+
+
+def _selector_shapes(given: str | None) -> list[str] | None:
+    """``--selector-training``: None (the device's default), [] for none, else the validated shape names."""
+    from pipeline.flops import SELECTOR_SHAPES
+
+    if given is None:
+        return None
+    names = [x.strip() for x in given.split(",") if x.strip()]
+    if names in ([], ["none"]):
+        return []
+    for name in names:
+        tokens, x, channels = name.partition("x")
+        if name not in SELECTOR_SHAPES and not (x and tokens.isdigit() and channels.isdigit()
+                                                and int(tokens) > 0 and int(channels) > 0):
+            raise ConfigError(f"--selector-training: unknown shape {name!r}; valid: {', '.join(SELECTOR_SHAPES)}, "
+                              f"none, or LxC (tokens x channels, e.g. 64x256)")
+    return names
 
 
 def cmd_speed(home, args) -> int:

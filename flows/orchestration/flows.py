@@ -49,7 +49,7 @@ from ..stages.extract import extract, extract_figures
 from ..stages.report import report
 from ..stages.speed import jsonable, speed, speed_config, speed_metrics
 from ..stages.train import features_model_name, train_artifacts, train_figures
-from .dask import task_runner
+from .dask import cluster_device, task_runner
 from .recorder import RunRecorder, quality_figures
 from .tasks import TASK_MAPPER, prepare_model_run, train_run
 
@@ -243,7 +243,8 @@ def run_flow(home: str, config: dict[str, Any], from_stage: str | None = None, u
 
     With ``dask_address``/``dask_workers`` the stages run in a subflow on prefect-dask's
     DaskTaskRunner, which maps extraction shards and eval chunks over the cluster."""
-    runner = task_runner(dask_address, dask_workers)
+    runner = task_runner(dask_address, dask_workers,
+                         cluster_device(*(config.get(s, {}).get("device", "auto") for s in ("extract", "eval"))))
     if runner is None:
         return _pipeline(home, config, from_stage, user_set)
     return _pipeline_on_dask.with_options(task_runner=runner)(home, config, from_stage, user_set)
@@ -299,7 +300,8 @@ def speed_run(home: Home, config: dict[str, Any]) -> dict[str, Any]:
         plot = plot_speedups(out["prefill"], folder / "speedup.png", title)
         summary = {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, "config": full_config,
                    "prefill": jsonable(out["prefill"]), "extract": jsonable(out["extract"]),
-                   "strategies": jsonable(out["strategies"]), "load": load.as_dict(),
+                   "strategies": jsonable(out["strategies"]),
+                   "selector_training": jsonable(out.get("selector_training")), "load": load.as_dict(),
                    "load_by_phase": {k: v.as_dict() for k, v in out["phases"].items()},
                    "warnings": out["warnings"], "figures": out["figures"], "plot": str(plot)}
         (folder / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")

@@ -110,14 +110,20 @@ class RunRecorder:
         if child is None:
             for c, o in results:
                 s = o.manifest["summary"]
-                self.stage(o, metrics={"score": s["score"], "mean_visual_tokens": s["mean_visual_tokens"]})
+                self.stage(o, metrics={"score": s["score"], "mean_visual_tokens": s["mean_visual_tokens"],
+                                       **({"tokens_vs_stock": s["tokens_vs_stock"]}
+                                          if s.get("tokens_vs_stock") is not None else {})})
         else:
             self.stages_batch(stages)
             metrics = {}
             for c, o in results:
-                name = f"{c.benchmark}/{c.strategy}/r{c.retention:g}/seed{c.seed}"
+                budget = c.pruning.budget
+                name = f"{c.benchmark}/{c.strategy}/r{c.retention:g}" + \
+                    ("" if budget == "per-crop" else f"/{budget}") + f"/seed{c.seed}"
                 metrics[f"{name}/score"] = o.manifest["summary"]["score"]
                 metrics[f"{name}/mean_visual_tokens"] = o.manifest["summary"]["mean_visual_tokens"]
+                if o.manifest["summary"].get("tokens_vs_stock") is not None:
+                    metrics[f"{name}/tokens_vs_stock"] = o.manifest["summary"]["tokens_vs_stock"]
             metrics["chunks"] = len(results)
             metrics["cached_chunks"] = sum(o.cached for o in stages)
             metrics["seconds"] = sum(o.seconds for o in stages)
@@ -126,13 +132,19 @@ class RunRecorder:
         for c, o in results:
             s = o.manifest["summary"]
             rows = json.loads((o.path / "samples.json").read_text())
+            budget = c.pruning.budget
             samples += [{"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "sample_id": r["sample_id"],
-                         "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
-                         "prediction": r["prediction"], "answer": r["answer"], "score": r["score"]} for r in rows]
+                         "strategy": c.strategy, "retention": c.retention, "seed": c.seed, "budget": budget,
+                         "prediction": r["prediction"], "answer": r["answer"], "score": r["score"],
+                         "visual_tokens": r.get("visual_tokens"),
+                         "stock_visual_tokens": r.get("stock_visual_tokens")} for r in rows]
+            stock = s.get("stock_visual_tokens")
             scores.append({"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "strategy": c.strategy,
-                           "retention": c.retention, "seed": c.seed, "metric": s["metric"], "score": s["score"],
-                           "n_samples": s["n_samples"], "mean_visual_tokens": s["mean_visual_tokens"],
-                           "prefill_ms": s["prefill_ms"]})
+                           "retention": c.retention, "seed": c.seed, "budget": budget, "metric": s["metric"],
+                           "score": s["score"], "n_samples": s["n_samples"],
+                           "mean_visual_tokens": s["mean_visual_tokens"], "prefill_ms": s["prefill_ms"],
+                           "stock_visual_tokens": stock,
+                           "tokens_vs_stock": s["mean_visual_tokens"] / stock if stock else None})
         self.store.insert_rows("eval_samples", samples)
         self.store.insert_rows("eval_scores", scores)
 

@@ -18,24 +18,45 @@ import matplotlib.pyplot as plt  # noqa: E402
 STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "uniform-grid": ("tab:blue", "^")}
 
 
+SELECTOR_METRICS = (("recon_mse", "reconstruction MSE (standardized)"),
+                    ("glyph_coverage", "glyph coverage (fraction of glyph tokens kept)"))
+
+
 def plot_selector_metrics(rows: list[dict], path: Path, title: str = "") -> Path:
-    """Reconstruction MSE and glyph coverage vs retention, one line per strategy."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """Write :func:`selector_metrics_figure` to ``path`` (PNG)."""
+    return _save(selector_metrics_figure(rows, title), path)
+
+
+def selector_metrics_figure(rows: list[dict], title: str = ""):
+    """Reconstruction MSE and glyph coverage vs retention, one line per strategy: one panel per metric
+    that has a value (real images carry no glyph labels, so their glyph coverage is NaN and gets no
+    panel), the reconstruction panel always; a legend only where there are lines."""
     strategies = sorted({r["strategy"] for r in rows}, key=lambda s: list(STYLE).index(s) if s in STYLE else 99)
-    for ax, metric, label in ((axes[0], "recon_mse", "reconstruction MSE (standardized)"),
-                              (axes[1], "glyph_coverage", "glyph coverage (fraction of glyph tokens kept)")):
+
+    def points(metric: str, s: str) -> list[tuple[float, float]]:
+        return sorted((r["retention"], r[metric]) for r in rows
+                      if r["strategy"] == s and r.get(metric) is not None and r[metric] == r[metric])
+
+    metrics = [(m, label) for m, label in SELECTOR_METRICS
+               if m == "recon_mse" or any(points(m, s) for s in strategies)]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics):
         for s in strategies:
-            pts = sorted((r["retention"], r[metric]) for r in rows if r["strategy"] == s and r[metric] == r[metric])
+            pts = points(metric, s)
             if pts:
                 color, marker = STYLE.get(s, (None, "x"))
                 ax.plot(*zip(*pts), marker=marker, color=color, label=s)
         ax.set_xlabel("retention (fraction of tokens kept)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+BUDGET_LINES = {"per-crop": "-", "global": "-.", "stock": ":"}  # line styles when a run holds several budgets
 
 
 def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -> None:
@@ -54,13 +75,17 @@ def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -
             pts = [r["score"] for r in mine if r["strategy"] == name]
             ax.axhline(pts[0], color=color, linestyle="--", label=spec.label)
             continue
-        by_r: dict[float, list[float]] = {}
-        for r in mine:
-            if r["strategy"] == name:
-                by_r.setdefault(r["retention"], []).append(r["score"])
-        xs = sorted(by_r)
-        label = name + (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
-        ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label)
+        budgets = list(dict.fromkeys(r.get("budget", "per-crop") for r in mine if r["strategy"] == name))
+        for budget in budgets:  # several budgets in one run: a line each, told apart by its line style
+            by_r: dict[float, list[float]] = {}
+            for r in mine:
+                if r["strategy"] == name and r.get("budget", "per-crop") == budget:
+                    by_r.setdefault(r["retention"], []).append(r["score"])
+            xs = sorted(by_r)
+            label = name + (f" [{budget}]" if len(budgets) > 1 else "") + \
+                (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
+            ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label,
+                    linestyle=BUDGET_LINES.get(budget, "-") if len(budgets) > 1 else "-")
     ax.set_title(benchmark if model is None else f"{benchmark} ({model})")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
@@ -179,27 +204,54 @@ def _draw_panel(ax, image, box, side: int, kept: list[int], valid: list[int], cl
     ax.set_yticks([])
 
 
-def draw_mask(res: dict[str, Any], image, retention: float, seed: int, out: Path, image_name: str) -> Path:
-    """Write the two-column overlay PNG atomically (temp file + rename)."""
+MASK_PANEL_IN = 3.0   # width of one column of ``atr mask`` (inches)
+MASK_FONT_PT = 9      # its titles' font size
+_CHAR_EM = 0.62       # a wide estimate of DejaVu Sans' mean character width, in ems
+
+
+def fit_title(parts: list[str], width_in: float, fontsize: float = MASK_FONT_PT) -> str:
+    """``parts`` as lines, each wrapped at word boundaries to fit ``width_in`` inches at ``fontsize``."""
+    import textwrap
+
+    chars = max(8, int(width_in * 72 / (fontsize * _CHAR_EM)))
+    return "\n".join(line for part in parts for line in textwrap.wrap(part, chars, break_on_hyphens=False))
+
+
+def mask_figure(res: dict[str, Any], image, retention: float, seed: int, image_name: str):
+    """The two-column overlay (selector, random): one row per crop. Every title is wrapped to its
+    column's width (a little less, for the gap), so neighbouring titles never run into each other."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     n, side = len(res["boxes"]), res["side"]
-    panel = 3.0
-    fig = Figure(figsize=(2 * panel, n * (panel + 0.35) + 0.4), layout="constrained")
+    panel, width = MASK_PANEL_IN, 0.9 * MASK_PANEL_IN
+    grid = res["layout"].grid
+    titles = []
+    for i in range(n):
+        valid, k = res["valid_indices"][i], res["k"][i]
+        of = [f"{k}/{len(valid)} valid kept" + ("" if len(valid) == res["tokens"] else " (grey: padding)"),
+              _crop_title(i, grid)]
+        titles.append([fit_title(["selector", *of], width), fit_title([f"random (seed {seed})", *of], width)])
+    lines = max(t.count("\n") + 1 for row in titles for t in row)
+    head = fit_title([f"{image_name}  {image.size[0]}x{image.size[1]}  retention {retention:g}",
+                      f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})"], 2 * width)
+    title_in = 1.4 * MASK_FONT_PT / 72  # one title line, with its leading
+    height = n * (panel + lines * title_in + 0.1) + (head.count("\n") + 1) * title_in + 0.2
+    fig = Figure(figsize=(2 * panel, height), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n, 2, squeeze=False)
-    grid = res["layout"].grid
     for i, box in enumerate(res["boxes"]):
-        where = _crop_title(i, grid)
-        valid, k = res["valid_indices"][i], res["k"][i]
-        of = f"{k}/{len(valid)} valid kept" + ("" if len(valid) == res["tokens"] else " (grey: padding)")
-        _draw_panel(axes[i][0], image, box, side, res["selector"][i], valid, res["cls_offset"], SELECTOR_EDGE)
-        axes[i][0].set_title(f"selector: {of}\n{where}", fontsize=9)
-        _draw_panel(axes[i][1], image, box, side, res["random"][i], valid, res["cls_offset"], RANDOM_EDGE)
-        axes[i][1].set_title(f"random (seed {seed}): {of}\n{where}", fontsize=9)
-    fig.suptitle(f"{image_name}  {image.size[0]}x{image.size[1]}  retention {retention:g}  "
-                 f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})", fontsize=9)
+        valid = res["valid_indices"][i]
+        for j, (kept, edge) in enumerate(((res["selector"][i], SELECTOR_EDGE), (res["random"][i], RANDOM_EDGE))):
+            _draw_panel(axes[i][j], image, box, side, kept, valid, res["cls_offset"], edge)
+            axes[i][j].set_title(titles[i][j], fontsize=MASK_FONT_PT)
+    fig.suptitle(head, fontsize=MASK_FONT_PT)
+    return fig
+
+
+def draw_mask(res: dict[str, Any], image, retention: float, seed: int, out: Path, image_name: str) -> Path:
+    """Write :func:`mask_figure` as a PNG atomically (temp file + rename)."""
+    fig = mask_figure(res, image, retention, seed, image_name)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -17,8 +17,10 @@ from storage.stages import write_json_atomic
 
 
 def stock_token_lines(summary: list[dict]) -> list[str]:
-    """LLaVA-OneVision: per benchmark, the visual tokens sent against the stock (interpolating) model's,
-    for full and for the largest pruned context (the paper keeps it under the stock one)."""
+    """Per benchmark, the visual tokens sent against the stock model's (the unpruned checkpoint with its own
+    settings: LLaVA-OneVision's interpolation on): for full, for the largest pruned context, and the largest
+    retention of each budget whose pruned contexts all stay within stock. Benchmarks where the stock model
+    sends what full sends, and no pruned context exceeds it, get no line."""
     out = []
     for bench in dict.fromkeys(r["benchmark"] for r in summary):
         rows = [r for r in summary if r["benchmark"] == bench and r.get("stock_visual_tokens")]
@@ -27,15 +29,54 @@ def stock_token_lines(summary: list[dict]) -> list[str]:
         stock = rows[0]["stock_visual_tokens"]
         full = [r["mean_visual_tokens"] for r in rows if r["strategy"] == "full"]
         pruned = [r for r in rows if prunes(r["strategy"])]
-        parts = [f"{bench}: stock (interpolated) context {stock:.1f} visual tokens"]
+        if full and abs(full[0] - stock) < 1e-9 and all(r["mean_visual_tokens"] <= stock for r in pruned):
+            continue  # the stock model sends what full sends (LLaVA-NeXT, small images): nothing to add
+        parts = [f"{bench}: stock context {stock:.1f} visual tokens"]
         if full:
-            parts.append(f"full without interpolation {full[0] / stock:.2f}x it")
+            parts.append(f"full {full[0] / stock:.2f}x it")
         if pruned:
             top = max(pruned, key=lambda r: r["mean_visual_tokens"])
             parts.append(f"largest pruned context {top['mean_visual_tokens'] / stock:.2f}x "
-                         f"({top['strategy']} at {top['retention']:g})")
+                         f"({top['strategy']} at {top['retention']:g}, {top.get('budget', 'per-crop')} budget)")
+            for budget in dict.fromkeys(r.get("budget", "per-crop") for r in pruned):
+                mine = [r for r in pruned if r.get("budget", "per-crop") == budget]
+                over = sorted({r["retention"] for r in mine if r["mean_visual_tokens"] > r["stock_visual_tokens"]})
+                under = [x for x in sorted({r["retention"] for r in mine}) if not over or x < over[0]]
+                if over:
+                    parts.append(f"{budget}: within stock up to retention {under[-1]:g}" if under else
+                                 f"{budget}: above stock from retention {over[0]:g}")
         out.append("; ".join(parts))
     return out
+
+
+def stock_table(rows: list[dict]) -> list[str]:
+    """Markdown: mean visual tokens per (benchmark, strategy, budget) and retention, with the ratio to the
+    stock model's context in brackets (``eval_table`` rows); [] when no row knows its stock count."""
+    if not any(r.get("vs_stock") for r in rows):
+        return []
+    retentions = sorted({r["retention"] for r in rows if prunes(r["strategy"])})
+    several = len({r["budget"] for r in rows if prunes(r["strategy"])}) > 1
+    lines = ["| benchmark | strategy | " + " | ".join(f"{r:g}" for r in retentions) + " | full | stock |",
+             "|---|---|" + "---|" * (len(retentions) + 2)]
+    cells: dict[tuple, dict] = {}
+    full: dict[str, dict] = {}
+    for r in rows:
+        if prunes(r["strategy"]):
+            cells.setdefault((r["benchmark"], r["strategy"], r["budget"]), {})[r["retention"]] = r
+        elif r["strategy"] == "full":
+            full[r["benchmark"]] = r
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return ""
+        return f"{r['visual_tokens']:.1f}" + ("" if r["vs_stock"] is None else f" ({r['vs_stock']:.2f}×)")
+
+    for (bench, strategy, budget), by_r in cells.items():
+        stock = next((r["stock_tokens"] for r in by_r.values() if r.get("stock_tokens")), None)
+        name = strategy + (f" [{budget}]" if several else "")
+        lines.append(f"| {bench} | {name} | " + " | ".join(cell(by_r.get(x)) for x in retentions) +
+                     f" | {cell(full.get(bench))} | {'' if stock is None else f'{stock:.1f}'} |")
+    return lines
 
 
 def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
@@ -57,22 +98,27 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
              "| benchmark | strategy | " + " | ".join(f"{r:g}" for r in retentions) + " | full | none |",
              "|---|---|" + "---|" * (len(retentions) + 2)]
     cells: dict[tuple, dict] = {}
+    several = len({r.get("budget") for r in rows if prunes(r["strategy"])}) > 1
     for r in rows:
         if prunes(r["strategy"]):
-            cells.setdefault((r["benchmark"], r["strategy"]), {})[r["retention"]] = r
-    for (bench, strategy), by_r in cells.items():
+            cells.setdefault((r["benchmark"], r["strategy"], r.get("budget", "per-crop")), {})[r["retention"]] = r
+    for (bench, strategy, budget), by_r in cells.items():
         vals = []
         for ret in retentions:
             r = by_r.get(ret)
             vals.append("" if r is None else f"{r['score']:.3f}" + ("" if r["rel"] is None else f" ({r['rel']:.2f}×)"))
         seeds = next(iter(by_r.values()))["seeds"]
-        name = strategy + (f" ({seeds} seeds)" if seeded(strategy) or seeds > 1 else "")
+        name = strategy + (f" ({seeds} seeds)" if seeded(strategy) or seeds > 1 else "") + \
+            (f" [{budget} budget]" if several else "")
         f, n = full.get(bench), none.get(bench)
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")
+    tokens = stock_table(rows)
+    if tokens:
+        lines += ["", "Mean visual tokens the LLM saw; in brackets, over what the stock model (the unpruned "
+                      "checkpoint with its own settings) sends for the same images:", ""] + tokens
     if stock_lines:
-        lines += ["", "Visual tokens against the stock (interpolating) LLaVA-OneVision:", ""] + \
-            [f"- {line}" for line in stock_lines]
+        lines += ["", "Visual tokens against the stock model:", ""] + [f"- {line}" for line in stock_lines]
     sel = tm["selector_metrics"]
     if sel:
         strategies = sorted({r["strategy"] for r in sel})

@@ -65,19 +65,28 @@ def print_eval_figures(figures: dict | None) -> None:
 def print_eval(summary: list[dict], title: str | None = None) -> None:
     """The eval table of one model's chunks, with the Rel. line."""
     rows = eval_table(summary)
+    budgets = {r["budget"] for r in rows if prunes(r["strategy"])}
+    several = len(budgets) > 1
+    show_budget = budgets - {"per-crop"} != set()  # the paper's per-crop alone: no column
     table = Table(title=title or "pruned evaluation")
-    for col in ("benchmark", "strategy", "retention", "metric", "score", "vs full", "tokens", "prefill ms", "cached"):
-        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "metric") else "right")
+    for col in ("benchmark", "strategy", *(("budget",) if show_budget else ()), "retention", "metric", "score",
+                "vs full", "tokens", "vs stock", "prefill ms", "cached"):
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "budget", "metric") else "right")
     for r in rows:
         name = r["strategy"] + (f" x{r['seeds']}" if r["seeds"] > 1 else "")
-        table.add_row(r["benchmark"], name, f"{r['retention']:g}", r["metric"], f"{r['score']:.3f}",
-                      "" if r["rel"] is None else f"{r['rel']:.2f}", f"{r['visual_tokens']:.1f}",
+        budget = ((r["budget"] if prunes(r["strategy"]) else ""),) if show_budget else ()
+        table.add_row(r["benchmark"], name, *budget, f"{r['retention']:g}",
+                      r["metric"], f"{r['score']:.3f}", "" if r["rel"] is None else f"{r['rel']:.2f}",
+                      f"{r['visual_tokens']:.1f}", "" if r["vs_stock"] is None else f"{r['vs_stock']:.2f}",
                       f"{r['prefill_ms']:.1f}", "yes" if r["cached"] else "")
     console().print(table)
+    print("  (tokens: mean visual tokens the LLM saw; vs stock: those over what the stock model sends for the same "
+          "images)")
     rel: dict[tuple, list[float]] = {}
     for r in rows:
         if prunes(r["strategy"]) and r["rel"] is not None:
-            rel.setdefault((r["strategy"], r["retention"]), []).append(r["rel"])
+            rel.setdefault((r["strategy"] + (f"[{r['budget']}]" if several else ""), r["retention"]),
+                           []).append(r["rel"])
     if rel:
         print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
             f"{s}@{ret:g} {sum(v) / len(v):.2f}" for (s, ret), v in sorted(rel.items())))
@@ -109,6 +118,39 @@ def print_stages(rows: list[dict]) -> None:
 
 def _fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
+
+
+def duration(seconds: float | None) -> str:
+    """``seconds`` in the largest unit that keeps it readable: s, min, h or days."""
+    if seconds is None:
+        return "n/a"
+    for unit, size in (("days", 86400.0), ("h", 3600.0), ("min", 60.0)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2f} s"
+
+
+def selector_training_lines(training: dict[str, Any] | None, cfg: dict[str, Any]) -> list[str]:
+    """``atr speed``'s selector-training figures, one line per shape: the measurement and the 100K-crop projection."""
+    if not training:
+        return ["selector training: not measured (--selector-training next,ov times it at the real dims, the "
+                "default on CUDA)"]
+    lines = []
+    for shape, x in training.items():
+        p = x["projection"]
+        threads = f", {x['threads']} thread{'s' if x['threads'] != 1 else ''}"
+        where = x["device"] + ("" if x["device"].startswith("cuda") else threads)
+        lines.append(
+            f"selector training, {shape} ({x['tokens']} × {x['channels']}, d {x['d_model']}, {x['heads']} heads, "
+            f"{x['layers']}+{x['reconstructor_layers']} layers, {x['parameters'] / 1e6:.1f} M parameters; batch "
+            f"{x['batch_size']}, {'bf16 autocast' if x['autocast'] else 'float32'}, median of {x['steps']} steps "
+            f"after {x['warmup']} warm-up): measured {x['crops_per_second']:.3g} crops/s at "
+            f"{x['flops_per_second'] / 1e9:.0f} GFLOP/s ({where}; FLOPs model: {x['flops_per_crop'] / 1e9:.0f} GFLOP "
+            f"per crop, forward + backward); 100K COCO crops at the default schedule ({p['steps']} steps × "
+            f"{p['batch_size']} = {p['crops']:,} crops, {p['passes']:.2f} passes) ≈ "
+            f"{duration(p['seconds_measured'])} here; on an {p['gpu']} at {p['gpu_utilization']:.0%} of "
+            f"{p['gpu_peak_flops'] / 1e12:.0f} TFLOP/s bf16 ≈ {duration(p['seconds_gpu'])}")
+    return lines
 
 
 def strategy_cost_lines(st: dict[str, Any]) -> list[str]:
@@ -188,6 +230,8 @@ def print_speed(out: dict[str, Any]) -> None:
                       f"{e['other_seconds']:.2f} s of {e['stage_seconds']:.2f} s)")
         console.print(f"extract stage: cold {e['cold_seconds']:.2f} s, cached {e['cached_seconds'] * 1000:.1f} ms, "
                       f"cached/cold {e['cached_over_cold']:.4f}")
+    for line in selector_training_lines(out.get("selector_training"), cfg):
+        console.print(escape(line))
     f = Table(title="figures against their targets")
     for col in ("figure", "value", "target", "met"):
         f.add_column(col)

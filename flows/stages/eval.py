@@ -188,13 +188,11 @@ def require_selector(strategies: Any, selector: str | None) -> None:
         raise ConfigError(SELECTOR_NEEDED.format(strategy=needing[0]))
 
 
-PAPER_MAX_RETENTION = 0.6  # the paper's OneVision runs keep p <= 0.6: the pruned context stays under the stock one
-
-
 def check_interpolation(model: StageResult, cfg: EvalConfig) -> None:
     """A family that can interpolate (LLaVA-OneVision) only: refuse pruning with interpolation on (one line
-    saying how to turn it off), and warn when a retention above the paper's 0.6 may send more tokens than
-    the stock model. The family is asked by the ``model_type`` the prepare-model stage recorded."""
+    saying how to turn it off). The family is asked by the ``model_type`` the prepare-model stage recorded.
+    Whether a pruned context exceeds the stock model's is known per image only: :func:`stock_warnings`
+    says so after the sweep, at any retention."""
     facts = (model.manifest or {}).get("describe") or {}
     family = FAMILIES.get(facts.get("model_type"))
     if not (family and family.can_interpolate):
@@ -205,11 +203,6 @@ def check_interpolation(model: StageResult, cfg: EvalConfig) -> None:
                           f"vision_aspect_ratio={facts.get('vision_aspect_ratio')!r} shrinks large grids and a keep "
                           f"mask cannot be gathered through that; drop --interpolation on (off is the default: "
                           f"vision_aspect_ratio={facts.get('interpolation_off')!r}) or evaluate only full,none")
-    high = [r for r in cfg.retentions if r > PAPER_MAX_RETENTION]
-    if pruning and high and not cfg.interpolation:
-        _warn(f"retention {', '.join(f'{r:g}' for r in high)} > {PAPER_MAX_RETENTION}: with interpolation off a "
-              f"pruned {family.label} may see more visual tokens than the stock (interpolated) model; the paper "
-              f"keeps p <= {PAPER_MAX_RETENTION} (compare mean_visual_tokens with stock_visual_tokens)")
 
 
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
@@ -395,7 +388,7 @@ def merge_chunk(home: Home, chunk: Chunk, shard_results: list[StageResult], forc
         write_json_atomic(work / "samples.json", merged["samples"])
         skipped = sum(r.manifest.get("counts", {}).get("skipped", 0) for r in shard_results)
         return {"config": {"benchmark": chunk.benchmark, "strategy": chunk.strategy, "retention": chunk.retention,
-                           "seed": chunk.seed},
+                           "seed": chunk.seed, "budget": chunk.pruning.budget},
                 "inputs": {"shards": [r.key for r in shard_results], "files": list(chunk.files)},
                 "compute": {"device": chunk.device, "dtype": chunk.dtype}, "summary": merged["summary"],
                 "counts": {"samples": merged["summary"]["n_samples"], "shards": len(shard_results),
@@ -456,7 +449,37 @@ def eval_chunks(home: Home, config: EvalConfig, model: StageResult, plan: list[C
                "computed": sum(o["computed"] for o in outs), "skipped": sum(o["skipped"] for o in outs),
                "cached_shards": sum(complete), "padding_share": padding / positions if positions else 0.0,
                "seconds": time.perf_counter() - t0}
+    for line in stock_warnings(eval_summary(results)):
+        _warn(line)
     return EvalRun(results, figures)
+
+
+def stock_warnings(summary: list[dict[str, Any]]) -> list[str]:
+    """One line per (benchmark, budget, retention) at which a pruning strategy sent some image more visual
+    tokens than the stock model would (``above_stock`` samples; a result cached before that count existed:
+    its mean against the stock mean). LLaVA-OneVision with interpolation off does, at any retention where
+    r x full exceeds the shrunk stock grid; ``--budget stock`` sizes the budget against the stock model."""
+    from pipeline.strategies import prunes
+
+    groups: dict[tuple, list[tuple[str, int, int, float]]] = {}
+    for r in summary:
+        stock = r.get("stock_visual_tokens")
+        if not (prunes(r["strategy"]) and stock):
+            continue
+        above = r.get("above_stock")
+        if above is None:
+            above = r["n_samples"] if r["mean_visual_tokens"] > stock else 0
+        if above:
+            groups.setdefault((r["benchmark"], r.get("budget", "per-crop"), r["retention"]), []).append(
+                (r["strategy"], above, r["n_samples"], r["mean_visual_tokens"] / stock))
+    lines = []
+    for (bench, budget, retention), rows in groups.items():
+        names = ", ".join(dict.fromkeys(name for name, *_ in rows))
+        worst = max(rows, key=lambda x: x[1])
+        lines.append(f"{bench} at retention {retention:g} ({budget} budget): {names} sent more visual tokens than "
+                     f"the stock model would on {worst[1]} of {worst[2]} images (mean context up to "
+                     f"{max(x[3] for x in rows):.2f}x stock); compare at equal cost with --budget stock")
+    return lines
 
 
 def content_key(shard: Shard) -> str:
@@ -467,9 +490,9 @@ def content_key(shard: Shard) -> str:
 def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any]]:
     """One row per chunk: its coordinates, whether it was cached, and its summary figures."""
     return [{"benchmark": c.benchmark, "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
-             "cached": o.cached, **o.manifest["summary"]} for c, o in results]
+             "budget": c.pruning.budget, "cached": o.cached, **o.manifest["summary"]} for c, o in results]
 
 
 __all__ = ["Chunk", "Shard", "ResultKey", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk",
            "eval_chunks", "eval_summary", "data_files", "shard_items", "eval_selector", "eval_text_encoder",
-           "require_selector", "result_coords", "content_key", "SELECTOR_NEEDED"]
+           "require_selector", "result_coords", "content_key", "stock_warnings", "SELECTOR_NEEDED"]

@@ -7,8 +7,10 @@ hashes the model stage, the image source's fingerprint, the cache-relevant
 config and where it ran (CUDA fp16 features differ from CPU fp32 ones).
 
 The work unit is one shard (:func:`extract_shard`); the stage maps the missing
-ones through its ``mapper``. A finished shard has a resume record
-(``storage.shards.shard_record``), so an interrupted run recomputes only the rest.
+ones through its ``mapper``. Each process loads the model's vision tower alone,
+once (``pipeline.loading.cached_tower``): no LM or projector weight is read. A
+finished shard has a resume record (``storage.shards.shard_record``), so an
+interrupted run recomputes only the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import ConfigError, ExtractConfig
-from pipeline.loading import cached_model
+from pipeline.loading import cached_tower
 from storage.home import Home
 from storage.shards import (drop_shard_records, merge_channel_sums, shard_name, shard_record, write_shard,
                             write_shard_record, write_shard_sums)
@@ -95,8 +97,8 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
     lo, hi = plan.shard_items(index)
     if items is None:
         items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)[lo:hi]
-    model, processor = cached_model(plan.model_dir, plan.device, plan.dtype)
-    fx = FeatureExtractor(model, processor, crops=cfg.crops)
+    tower, processor = cached_tower(plan.model_dir, plan.device, plan.dtype)  # the vision tower alone: no LM read
+    fx = FeatureExtractor(tower, processor, crops=cfg.crops)
     sums = ChannelSums(fx.feature_dim)  # so the train stage needs no second pass over the shards
     samples: list[tuple[str, Any, dict[str, Any]]] = []
     skipped: list[dict[str, str]] = []
@@ -129,7 +131,7 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
         if on_images:
             on_images(len(batch))
     info = {"index": index, "images": len(items), "samples": len(samples), "skipped": skipped,
-            "tower_seconds": tower_seconds, "seconds": 0.0, "device": str(next(model.parameters()).device),
+            "tower_seconds": tower_seconds, "seconds": 0.0, "device": str(next(tower.parameters()).device),
             "tokens_per_crop": fx.tokens_per_crop, "feature_dim": fx.feature_dim}
     # The tar lands first, its record second; a shard counts as done only with both.
     written = write_shard(work / shard_name(index), samples)

@@ -29,7 +29,7 @@ from storage.stages import StageResult, code_version, run_stage, stage_key, writ
 from .eval import Chunk, eval_selector, require_selector
 
 LMMS_EVAL_VERSION = "1"
-INSTALL = "pip install torch==2.13.0 -e '.[lmms]'"
+INSTALL = "pip install torch==2.13.0 -c constraints.txt -e '.[lmms]'"
 
 
 def require_lmms_eval() -> str:
@@ -109,7 +109,7 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
         for p in cfg.chunks():
             sha = eval_selector(home, selector, p.retention, model).sha256 if "selector" in p.spec.needs else None
             coords = {"task": task, "strategy": p.strategy, "retention": p.retention, "seed": p.seed, "limit": cfg.limit,
-                      "budget": cfg.budget, **({"interpolation": True} if cfg.interpolation else {})}
+                      "budget": p.budget, **({"interpolation": True} if cfg.interpolation else {})}
             inputs = {"model": model.key, "data": fp, "compute": f"{device}-{dtype}", "lmms_eval": version,
                       **({"selector": sha} if sha else {})}
             key = stage_key("eval-lmms", LMMS_EVAL_VERSION, coords, inputs)
@@ -152,7 +152,7 @@ def run_lmms_chunk(home: Home, chunk: Chunk, model: StageResult, cfg: EvalConfig
         if chunk.files:
             task, include = _local_task(chunk.benchmark, chunk.files[0], work)
         lm = AtrLlava(pretrained=str(model.model_dir), strategy=chunk.strategy, retention=chunk.retention,
-                      selector=selector, budget=cfg.budget, seed=chunk.seed, device=cfg.device,
+                      selector=selector, budget=chunk.pruning.budget, seed=chunk.seed, device=cfg.device,
                       dtype=cfg.model_dtype, batch_size=cfg.batch_size if isinstance(cfg.batch_size, int) else 16,
                       interpolation="on" if cfg.interpolation else "off", text_encoder=cfg.text_encoder,
                       home=str(home.root))

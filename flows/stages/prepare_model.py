@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import pipeline
 from pipeline.config import ConfigError
-from pipeline.builders import save_sized, save_tiny
+from pipeline.builders import save_shape, save_sized, save_tiny
 from pipeline.loading import ModelLoadError, is_hub_id, load_model, resolve_hub_snapshot
-from pipeline.presets import PRESETS, SIZED_PRESETS, TRAINED_PRESETS, unknown_model_message
+from pipeline.presets import PRESETS, SHAPE_PRESETS, SIZED_PRESETS, TRAINED_PRESETS, unknown_model_message
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key
 
@@ -37,7 +37,8 @@ def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[st
 
     kind is "trained" (a preset trained in-project, e.g. tiny-trained; its
     identity is the full training config, so a changed config retrains),
-    "preset", "local" or "hub". A hub id is resolved to its cached snapshot here
+    "preset", "sized" (real dimensions, config only), "shape" (real shapes, one LM layer, saved
+    weights), "local" or "hub". A hub id is resolved to its cached snapshot here
     (one clear line when offline and not cached)."""
     if tiny_world is not None and model not in TRAINED_PRESETS:
         raise ConfigError(f"training options (--retrain, --seed, --steps) apply only to "
@@ -54,6 +55,8 @@ def model_spec(model: str, tiny_world: dict[str, Any] | None = None) -> tuple[st
         return "preset", {"preset": PRESETS[model].to_dict()}
     if model in SIZED_PRESETS:
         return "sized", {"sized": SIZED_PRESETS[model].to_dict()}
+    if model in SHAPE_PRESETS:
+        return "shape", {"shape": SHAPE_PRESETS[model].to_dict()}
     path = Path(model).expanduser()
     if path.is_dir():
         return "local", {"dir": str(path.resolve()), "files": _dir_fingerprint(path)}
@@ -111,6 +114,15 @@ def prepare_model(home: Home, model: str, tiny_world: dict[str, Any] | None = No
             manifest["model_dir"] = None  # the stage dir itself
             loaded, _ = load_model(work)  # proves from_pretrained reads what we saved
             manifest["describe"] = describe(loaded)
+        elif kind == "shape":
+            # Real shapes, one LM layer, random weights saved in the llava-hf layout: a local checkpoint.
+            for f in work.iterdir():  # a half-written shard of an interrupted run is never reused
+                shutil.rmtree(f) if f.is_dir() else f.unlink()
+            save_shape(type(SHAPE_PRESETS[model]).from_dict(identity["shape"]), work)
+            manifest["model_dir"] = None
+            manifest["describe"] = describe(load_model_config(work))
+            manifest["weights_bytes"] = sum(f.stat().st_size for f in work.glob("*.safetensors"))
+            check_processor(work, model)
         elif kind == "sized":
             # Real dimensions, random weights: config + processor only, materialized where it runs.
             save_sized(type(SIZED_PRESETS[model]).from_dict(identity["sized"]), work)

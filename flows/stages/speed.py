@@ -22,7 +22,12 @@ What is timed (medians of ``--repeats`` interleaved rounds after ``--warmup`` ro
   [selector] -> packing -> prefill -> first token;
 * **every strategy side by side** (``--strategies``, default all): each one's own selection time per
   image and its time to first token at each retention, at equal budgets
-  (``pipeline.speed.strategy_timings``; rows ``select/<strategy>/...``).
+  (``pipeline.speed.strategy_timings``; rows ``select/<strategy>/...``);
+* **selector training** (``--selector-training``; default on CUDA: the real-shape dims ``next``, 576 x 1024,
+  and ``ov``, 729 x 1152, at batch 64 in bf16 autocast; off on the CPU): optimizer steps of the training
+  loop itself after a warm-up step, crops/s and FLOP/s against the FLOPs model, and the time to train
+  on 100K COCO crops at the default schedule projected from it and for an H100
+  (``pipeline.speed.selector_training_timings``; rows ``selector_training/<shape>/...``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pipeline.speed import (
     extraction_timings,
     median,
     prefill_timings,
+    selector_training_projection,
+    selector_training_timings,
     strategy_timings,
     synchronize,
     use_sdpa,
@@ -44,6 +51,8 @@ from pipeline.speed import (
 from pipeline.config import ExtractConfig
 from pipeline.device import compute, set_torch_threads, torch_facts
 from pipeline.families import family_of
+from pipeline.flops import SELECTOR_SHAPES, SelectorDims
+from pipeline.selector import SelectorConfig
 from pipeline.loading import cached_model
 from storage.home import Home
 from storage.stages import StageResult
@@ -71,9 +80,45 @@ def speed_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, 
     param = next(model.parameters())
     device, dtype = str(param.device), str(param.dtype).replace("torch.", "")
     ttft = config["ttft"] if config["ttft"] is not None else device.startswith("cuda")
-    return {**config, "ttft": ttft, "model_key": model_stage.key, "device": device, "dtype": dtype,
+    return {**config, "ttft": ttft, **selector_training_config(config, device),
+            "model_key": model_stage.key, "device": device, "dtype": dtype,
             "load": list(resolved),  # the names the model was loaded under (one load per process)
             "attn_implementation": use_sdpa(model), **torch_facts()}
+
+
+def selector_training_config(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """The selector-training options with their device-dependent defaults resolved: on CUDA the real-shape
+    dims ``next`` and ``ov`` at the paper's batch (64), 5 timed steps, bf16 autocast; on the CPU none (with
+    ``--selector-training``: batch 2, 2 timed steps, float32)."""
+    cuda = device.startswith("cuda")
+    shapes = config.get("selector_training")
+    batch, steps, autocast = (config.get(k) for k in ("selector_batch", "selector_steps", "selector_autocast"))
+    return {"selector_training": list(SELECTOR_SHAPES) if shapes is None and cuda else list(shapes or []),
+            "selector_batch": batch or (SelectorConfig().batch_size if cuda else 2),
+            "selector_steps": steps or (5 if cuda else 2),
+            "selector_autocast": autocast if autocast not in (None, "auto") else ("bf16" if cuda else "none")}
+
+
+def selector_shape(name: str) -> SelectorDims:
+    """``next`` / ``ov`` (the real towers' L x C), or ``LxC`` (e.g. ``64x256``) for other dims."""
+    if name in SELECTOR_SHAPES:
+        return SELECTOR_SHAPES[name]
+    tokens, _, channels = name.partition("x")
+    return SelectorDims(tokens=int(tokens), channels=int(channels))
+
+
+def selector_training(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """Training throughput and the 100K-crop projection for each of ``config["selector_training"]``."""
+    schedule = SelectorConfig()  # the default schedule: steps x batch size
+    out = {}
+    for name in config["selector_training"]:
+        dims = selector_shape(name)
+        timed = selector_training_timings(dims, config["selector_batch"], config["selector_steps"], device,
+                                          config["selector_autocast"])
+        timed["projection"] = selector_training_projection(dims, timed["flops_per_second"], schedule.steps,
+                                                           schedule.batch_size)
+        out[name] = timed
+    return out
 
 
 def speed(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: str) -> dict[str, Any]:
@@ -106,6 +151,11 @@ def speed(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
             with LoadSampler(threshold=threshold, label="the extraction and cache timings") as phase:
                 extract_figures = _speed_extract(home, model_stage, model, processor, config, run_id, device)
             phases["extract"] = phase.report
+        training = None
+        if config.get("selector_training"):
+            with LoadSampler(threshold=threshold, label="the selector-training timings") as phase:
+                training = selector_training(config, device)
+            phases["selector_training"] = phase.report
     load = sampler.report
     load.warnings[:] = [w for rep in phases.values() for w in rep.warnings]
     noisy = {f"{float(r):g}": x["spread"] for r, x in prefill["by_retention"].items() if x["spread"] > SPREAD_WARN}
@@ -113,9 +163,9 @@ def speed(home: Home, config: dict[str, Any], model_stage: StageResult, run_id: 
         load.warnings.append(f"prefill timings varied by more than {SPREAD_WARN:.0%} between rounds (retention: "
                              f"(max - min) / median = {', '.join(f'{k}: {v:.0%}' for k, v in noisy.items())}); "
                              f"medians are less certain")
-    rows = speed_rows(run_id, prefill, extract_figures, load, phases, strategies)
+    rows = speed_rows(run_id, prefill, extract_figures, load, phases, strategies, training)
     return {"prefill": prefill, "extract": extract_figures, "strategies": strategies, "load": load, "phases": phases,
-            "warnings": load.warnings, "rows": rows, "figures": figures(rows)}
+            "selector_training": training, "warnings": load.warnings, "rows": rows, "figures": figures(rows)}
 
 
 def _extract_stage(home: Home, model_stage: StageResult, cfg) -> tuple[bool, float]:
@@ -175,7 +225,7 @@ def _speed_extract(home: Home, model_stage: StageResult, model, processor, confi
 
 
 def speed_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: dict,
-               strategies: dict | None = None) -> list[dict[str, Any]]:
+               strategies: dict | None = None, training: dict | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def add(name, value, unit, retention=None, measured=None, ideal=None):
@@ -231,6 +281,20 @@ def speed_rows(run_id: str, prefill: dict, extract: dict | None, load, phases: d
         add("extract/seconds/cold", extract["cold_seconds"], "s")
         add("extract/seconds/cached", extract["cached_seconds"], "s")
         add("extract/cached_over_cold", extract["cached_over_cold"], "ratio")
+    for shape, x in (training or {}).items():
+        base, proj = f"selector_training/{shape}", x["projection"]
+        add(f"{base}/crops_per_second", x["crops_per_second"], "crops/s")
+        add(f"{base}/seconds_per_step", x["seconds_per_step"], "s")
+        add(f"{base}/achieved_flops_per_second", x["flops_per_second"], "FLOP/s")
+        add(f"{base}/flops_per_crop", x["flops_per_crop"], "FLOP")
+        add(f"{base}/batch_size", x["batch_size"], "crops")
+        add(f"{base}/parameters", x["parameters"], "parameters")
+        add(f"{base}/torch_threads", x["threads"], "threads")
+        add(f"{base}/bf16_autocast", 1.0 if x["autocast"] else 0.0, "bool")
+        add(f"{base}/peak_bytes", x["peak_bytes"], "bytes")
+        add(f"{base}/projected_crops", proj["crops"], "crops")
+        add(f"{base}/projected_seconds/measured", proj["seconds_measured"], "s")
+        add(f"{base}/projected_seconds/h100_bf16_at_40pct", proj["seconds_gpu"], "s")
     add("load/other_cores_mean", load.other_cores, "cores")
     add("load/other_cores_max", load.other_cores_max, "cores")
     add("load/loadavg1_start", load.loadavg_start, "load")

@@ -10,7 +10,7 @@ LLaVA-NeXT behaviour, which a family overrides where it differs.
 from __future__ import annotations
 
 import abc
-from typing import Any
+from typing import Any, Mapping, NamedTuple
 
 from ..errors import UserError
 
@@ -21,6 +21,18 @@ class UnknownFamilyError(UserError, ValueError):
 
 class InterpolatedGridError(UserError, ValueError):
     """A keep mask asked to go through a grid the model shrinks by interpolation (one line)."""
+
+
+class VisualTokens(NamedTuple):
+    """The visual tokens one image sends the LLM: ``features`` (encoder tokens: base crop plus the packed
+    grid) and ``newlines`` (row-newline embeddings); ``total`` is their sum."""
+
+    features: int
+    newlines: int
+
+    @property
+    def total(self) -> int:
+        return self.features + self.newlines
 
 
 # The capabilities (class attributes) every family declares in its own class body: callers ask these
@@ -70,6 +82,17 @@ class Family(abc.ABC):
         from transformers import AutoProcessor
 
         return AutoProcessor.from_pretrained(model_dir, backend="pil")
+
+    # The checkpoint key prefixes of the vision tower's tensors: transformers 5.x's save layout, then the
+    # llava-hf hub layout (pipeline.loading.load_vision_tower reads only these).
+    tower_prefixes = ("model.vision_tower.", "vision_tower.")
+
+    def build_vision_tower(self, cfg):
+        """The vision tower module alone, built from ``cfg.vision_config`` as the whole model builds its
+        ``model.vision_tower`` (LLaVA-NeXT and OneVision: ``AutoModel.from_config``; CLIP or SigLIP)."""
+        from transformers import AutoModel
+
+        return AutoModel.from_config(cfg.vision_config)
 
     # ------------------------------------------------------------- tiny and sized presets (pipeline.builders)
     @property
@@ -158,6 +181,32 @@ class Family(abc.ABC):
         """The public config values :meth:`set_interpolation` changes, as the checkpoint ships them."""
         return {}
 
+    # ------------------------------------------------------------- token counts from geometry
+    def visual_tokens(self, cfg, image_size: tuple[int, int], aspect: str | None = None) -> VisualTokens:
+        """What ``pack_image_features`` sends the LLM for one image of ``image_size`` (height, width), from
+        geometry alone (no weights: works on a config or a meta-device model): the base crop, then the grid
+        of the best pinpoint, unpadded as HF's ``unpad_image`` does, shrunk where :meth:`shrink` says
+        (``aspect``: OneVision's ``vision_aspect_ratio`` for this count; None: the config's), one newline
+        per grid row. ``tests/test_stock_budget.py`` checks it against the model's own packing."""
+        from transformers.image_processing_utils import select_best_resolution
+
+        h, w = int(image_size[0]), int(image_size[1])
+        crop, side = cfg.vision_config.image_size, self.side(cfg)
+        best_h, best_w = select_best_resolution((h, w), [list(p) for p in cfg.image_grid_pinpoints])
+        rows, cols = unpadded_grid((best_h // crop) * side, (best_w // crop) * side, h, w)
+        rows, cols = self.shrink(cfg, rows, cols, aspect)
+        return VisualTokens(self.tokens_per_crop(cfg) + rows * cols, rows)
+
+    def shrink(self, cfg, rows: int, cols: int, aspect: str | None = None) -> tuple[int, int]:
+        """The (rows, cols) of an unpadded token grid after the family's interpolation (NeXT: none)."""
+        return rows, cols
+
+    def stock_tokens(self, cfg, image_size: tuple[int, int], stock: Mapping[str, Any] | None = None) -> VisualTokens:
+        """:meth:`visual_tokens` under the stock settings: ``stock`` is :meth:`stock_config` (the checkpoint's
+        own values, which eval's :meth:`set_interpolation` may have changed on the live config); None: ``cfg``
+        as it is. What the stock HF model feeds its LLM for the image."""
+        return self.visual_tokens(cfg, image_size, (stock or {}).get("vision_aspect_ratio"))
+
     # ------------------------------------------------------------- cost model
     def flops_dims(self, cfg):
         from ..flops import LlavaNextDims
@@ -178,3 +227,14 @@ class Family(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+
+def unpadded_grid(rows: int, cols: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of a ``rows`` x ``cols`` token grid after HF's ``unpad_image`` for an image of
+    ``height`` x ``width`` pixels: the rows (or columns) that only cover canvas padding are cut, with
+    HF's own arithmetic (``int(round(x, 7))``, padding split in two halves)."""
+    if width / height > cols / rows:
+        new = int(round(height * (cols / width), 7))
+        return rows - 2 * ((rows - new) // 2), cols
+    new = int(round(width * (rows / height), 7))
+    return rows, cols - 2 * ((cols - new) // 2)

@@ -26,6 +26,7 @@ The paper's second model. Differences from LLaVA-NeXT that pruning must respect:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .base import Family
@@ -141,6 +142,15 @@ class LlavaOnevision(Family):
         limit = int(str(cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
         # ratio = sqrt(area / (limit * side^2)) <= sqrt(max_crops / limit): shrinking needs > 1.1
         return self.max_crops(cfg) / limit > 1.1 ** 2
+
+    def shrink(self, cfg, rows: int, cols: int, aspect: str | None = None) -> tuple[int, int]:
+        """HF's rule: ratio = sqrt(rows * cols / (N * side^2)) for ``anyres_max_N``; above 1.1 the grid is
+        bilinearly resized to (int(rows // ratio), int(cols // ratio))."""
+        limit = int(str(aspect or cfg.vision_aspect_ratio).removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (limit * self.side(cfg) ** 2))
+        if ratio > 1.1:
+            return int(rows // ratio), int(cols // ratio)
+        return rows, cols
 
     def describe(self, cfg) -> dict[str, Any]:
         return {**super().describe(cfg), "vision_aspect_ratio": cfg.vision_aspect_ratio,

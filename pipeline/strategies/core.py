@@ -26,7 +26,11 @@ import torch
 
 from ..config import ConfigError
 
-BUDGETS = ("per-crop", "global")
+BUDGETS = ("per-crop", "global", "stock")
+# per-crop: k = round(r * valid tokens) in every crop (the paper's); global: K = round(r * the image's valid
+# tokens) over the whole image; stock: K = round(r * the encoder tokens the *stock* model sends of the image,
+# newlines aside), spread as global spreads it (see :func:`stock_request`). On a family that never shrinks
+# its grid (LLaVA-NeXT) stock sends exactly what global does.
 ENTRY_POINT_GROUP = "atr.strategies"
 
 # What a strategy may need (the fields of Context) and where eval gets each one (pipeline.evaluate).
@@ -69,7 +73,8 @@ class Selection:
 class Request:
     """One image's selection problem, as a strategy function receives it: ``features`` (crops, L, C),
     the retention and budget mode, ``valid`` (crops, L) bool (only those are candidates), the Context
-    and the strategy's resolved ``options`` (its declared params, defaults filled in)."""
+    and the strategy's resolved ``options`` (its declared params, defaults filled in). A ``stock`` budget
+    arrives as its ``global`` equivalent (:func:`stock_request`): the retention that gives its K."""
 
     strategy: str
     features: torch.Tensor
@@ -340,18 +345,22 @@ def seeded_generator(seed: int, index: int, slot: int = 0) -> torch.Generator:
 @torch.no_grad()
 def select(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
            context: Context | None = None, valid: torch.Tensor | None = None,
-           options: Mapping[str, Any] | None = None) -> Selection | None:
-    """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``."""
+           options: Mapping[str, Any] | None = None, stock: int | None = None) -> Selection | None:
+    """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``. ``stock``: the
+    encoder tokens the stock model sends of this image (``Family.stock_tokens(...).features``), which the
+    ``stock`` budget needs."""
     spec = get(strategy)
-    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options)))
+    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options, stock)))
 
 
 def _request(spec: Strategy, features: torch.Tensor, retention: float, budget: str, context: Context | None,
-             valid: torch.Tensor | None, options: Mapping[str, Any] | None) -> Request:
+             valid: torch.Tensor | None, options: Mapping[str, Any] | None, stock: int | None = None) -> Request:
     check_budget(budget)
     context = context or Context()
     crops, tokens = features.shape[:2]
     valid = _valid(valid, crops, tokens, features.device)
+    if budget == "stock":
+        retention, budget = stock_request(valid, retention, stock, spec.name)
     req = Request(spec.name, features, retention, budget, valid, context, spec.resolve_options(options))
     for name in spec.needs:
         req.need(name)
@@ -378,13 +387,15 @@ class Batch:
 
     valid: Sequence[torch.Tensor | None] | None = None
     per_image: Sequence[Mapping[str, Any]] | None = None
+    stock: Sequence[int | None] | None = None  # the ``stock`` budget: encoder tokens the stock model sends per image
 
 
 @torch.no_grad()
 def selections(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
                context: Context | None = None, batch: Batch | None = None,
                options: Mapping[str, Any] | None = None) -> list[Selection | None]:
-    """:func:`select` for a batch of images, each ``(crops_i, L, C)``; one Selection (or None) per image.
+    """:func:`select` for a batch of images, each ``(crops_i, L, C)``; one Selection (or None) per image
+    (``batch.stock``: each image's stock token count, which the ``stock`` budget needs).
 
     A strategy with a ``batch`` function (``selector``: one forward over all crops of all images, which
     gives every image the mask it gets alone) runs once; the others run image by image, in order."""
@@ -393,8 +404,9 @@ def selections(strategy: str, features: Sequence[torch.Tensor], retention: float
     batch = batch or Batch()
     valid = list(batch.valid) if batch.valid is not None else [None] * len(features)
     extra = list(batch.per_image) if batch.per_image is not None else [{}] * len(features)
-    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options)
-            for f, e, v in zip(features, extra, valid, strict=True)]
+    stock = list(batch.stock) if batch.stock is not None else [None] * len(features)
+    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options, s)
+            for f, e, v, s in zip(features, extra, valid, stock, strict=True)]
     if spec.batch is not None and reqs:
         return [_finish(o) for o in spec.batch(reqs)]
     return [_finish(spec.fn(r)) for r in reqs]
@@ -442,9 +454,37 @@ def budget_counts(valid: torch.Tensor, retention: float, budget: str) -> torch.T
     round(retention * valid tokens), at least 1 where there is any valid token."""
     if not 0.0 < retention <= 1.0:  # also refuses nan
         raise ConfigError(f"retention must be in (0, 1], got {retention!r}")
+    if budget == "stock":  # a Request has turned it into its global equivalent (stock_request) already
+        raise ConfigError("budget_counts cannot size the stock budget without the stock token count; "
+                          "use stock_request (strategies.select does)")
     n = valid.sum(dim=1) if budget == "per-crop" else valid.sum().reshape(1)
     k = torch.round(retention * n.double()).long()
     return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(n)
+
+
+def stock_budget(valid: torch.Tensor, retention: float, stock: int) -> int:
+    """K of the ``stock`` budget: round(retention * ``stock``), the encoder tokens (row newlines aside, as
+    every budget counts them) the stock model sends of this image -- for LLaVA-OneVision with its grid
+    shrunk by interpolation, fewer than the image's valid tokens. At least 1, at most the valid tokens."""
+    if not 0.0 < retention <= 1.0:  # also refuses nan
+        raise ConfigError(f"retention must be in (0, 1], got {retention!r}")
+    n = int(valid.sum())
+    return min(n, max(1, round(retention * stock))) if n else 0
+
+
+def stock_request(valid: torch.Tensor, retention: float, stock: int | None, strategy: str = "") -> tuple[float, str]:
+    """The ``stock`` budget as every strategy already understands it: the image-level (``global``) budget
+    at the retention whose K is :func:`stock_budget`'s (K / valid tokens; ``budget_counts`` gives back
+    exactly K). So each strategy, the peers that split an image's K their own way included, spreads the
+    stock-relative K the way it spreads a ``global`` one."""
+    if stock is None:
+        raise ConfigError(f"the stock budget needs the stock model's token count of each image"
+                          f"{f' (strategy {strategy!r})' if strategy else ''}; eval computes it per image from "
+                          "the family (Family.stock_tokens)")
+    n = int(valid.sum())
+    if n == 0:
+        return retention, "global"
+    return stock_budget(valid, retention, stock) / n, "global"
 
 
 def image_budget(valid: torch.Tensor, retention: float, budget: str) -> int:
@@ -469,4 +509,5 @@ __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Req
            "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
            "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs",
            "seeded_generator",
-           "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "top_k"]
+           "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "stock_budget",
+           "stock_request", "top_k"]
