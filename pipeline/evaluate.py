@@ -41,7 +41,7 @@ class EvalConfig(Config):
     budget: str | tuple = "per-crop"  # a budget mode (strategies.BUDGETS), or several: "per-crop,global" or a list
     seeds: int = 3
     limit: int = 300
-    batch_size: int | str = 16       # sequences per generate call, or "auto" (cut by tokens on CUDA; 16 on a CPU)
+    batch_size: int | str = "auto"   # sequences per generate call, or "auto": cut by tokens on CUDA, 16 on a CPU
     shard_size: int = 100            # items per work unit: the tower runs once per image of a shard
     device: str = "auto"             # where the model runs
     model_dtype: str = "auto"        # the model's dtype (--dtype)
