@@ -41,9 +41,10 @@ def divprune(projected: torch.Tensor, retention: float, budget: str, valid: torc
     Faithful: greedy max-min on cosine distance over the *projected* (LLM-space) tokens of the whole
     image, as one set: the first token is the one farthest from its nearest neighbour, then repeatedly
     the token farthest from everything kept. K (the image's budget, :func:`image_budget`) falls wherever
-    diversity puts it. What differs: only valid tokens are candidates (the reference runs before
-    LLaVA-NeXT's unpadding), and row newlines follow the kept rows as for every strategy (the
-    reference prunes after packing, newlines included). Memory: O(N) per pick beyond the features
+    diversity puts it. What differs: the reference prunes the packed sequence (after LLaVA-NeXT's
+    unpadding, so padding is never a candidate there either, but with the row newlines among the
+    candidates); here the candidates are the image's valid encoder tokens, and row newlines follow the
+    kept rows as for every strategy. Memory: O(N) per pick beyond the features
     (:func:`_max_min`); ``dense_limit`` is the distance-matrix size up to which it is built whole."""
     crops, tokens = projected.shape[:2]
     k = torch.tensor([image_budget(valid, retention, budget)], device=projected.device)
