@@ -36,7 +36,9 @@ def hired(cls_attention: torch.Tensor, early_attention: torch.Tensor, regions: t
     base token goes to the grid crop that covers its centre in the original image, so canvas padding
     draws no budget; (b) their shares are floored, so their total can fall short of K; here the
     largest remainder makes them sum to K exactly, and a crop never gets more than its valid tokens
-    (the excess goes on to the others); (c) heads are averaged, not summed (the same ranking)."""
+    (the excess goes on to the others); (c) heads are averaged, not summed (the same ranking); (d) with
+    one crop (no grid: ``--crops base``) the reference keeps only int(alpha * K), the base crop's share;
+    here that crop gets all of K, so that HiRED sends the budget every strategy sends (docs/peers.md)."""
     crops, tokens = cls_attention.shape
     total = image_budget(valid, retention, budget)
     n_valid = valid.sum(dim=1).cpu()
