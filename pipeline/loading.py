@@ -14,7 +14,7 @@ from .builders import SIZED_MARKER, on_meta
 from .config import first_line
 from .errors import UserError
 from .families import DEFAULT_FAMILY, UnknownFamilyError, family_of
-from .memory import check_fits, checkpoint_params, element_bytes, format_bytes
+from .memory import check_fits, checkpoint_params, element_bytes, format_bytes, read_safetensors_header
 from .presets import SizedPreset, sized_preset_from_dict
 
 
@@ -182,22 +182,6 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _read_header(file: Path) -> tuple[dict[str, Any], int]:
-    """(tensor entries, offset of the data) of a safetensors file, from its header alone: an 8-byte
-    little-endian length, then that many bytes of JSON (dtype, shape, data_offsets per tensor)."""
-    import json
-
-    with open(file, "rb") as f:
-        size = struct.unpack("<Q", f.read(8))[0]
-        if size > 100 * 2 ** 20:
-            raise ValueError(f"header of {size} bytes: not a safetensors file")
-        header = json.loads(f.read(size))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object: not a safetensors file")
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
 # What reading a missing, truncated or garbled safetensors file or index raises.
 _READ_ERRORS = (OSError, ValueError, KeyError, TypeError, IndexError, struct.error)
 
@@ -212,7 +196,7 @@ def _weight_map(model_dir: Path) -> dict[str, Path]:
         if index.is_file():
             return {k: model_dir / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         if single.is_file():
-            return {k: single for k in _read_header(single)[0]}
+            return {k: single for k in read_safetensors_header(single)[0]}
     except _READ_ERRORS as exc:
         raise _tower_error(model_dir, f"unreadable safetensors index or header: {first_line(exc)}") from None
     raise _tower_error(model_dir, "no model.safetensors or model.safetensors.index.json there")
@@ -224,7 +208,7 @@ def _read_tensors(file: Path, pairs, put) -> None:
     process's RSS, and at most one tensor's bytes are held besides the module's own."""
     import torch
 
-    header, base = _read_header(file)
+    header, base = read_safetensors_header(file)
     with open(file, "rb") as f:
         for key, name in pairs:
             entry = header[key]
@@ -274,7 +258,7 @@ def _tower_tensors(model_dir: Path, family, tower) -> dict[Path, list[tuple[str,
     shapes = {}
     for file, pairs in by_file.items():
         try:
-            header = _read_header(file)[0]
+            header = read_safetensors_header(file)[0]
             shapes.update({name: tuple(header[key]["shape"]) for key, name in pairs})
         except _READ_ERRORS as exc:
             raise _tower_error(model_dir, f"cannot read {file.name}: {first_line(exc)}") from None

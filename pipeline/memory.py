@@ -161,6 +161,21 @@ def check_fits(name: str, params: int, param_bytes: int, dtype: str, device: str
     return need
 
 
+def read_safetensors_header(file: str | os.PathLike) -> tuple[dict, int]:
+    """(tensor entries, offset of the data) of a safetensors file, from its header alone: an 8-byte
+    little-endian length, then that many bytes of JSON (dtype, shape, data_offsets per tensor). Raises
+    OSError, ValueError or struct.error on a file that is not one."""
+    with open(file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        if size > 100 * 2 ** 20:
+            raise ValueError(f"header of {size} bytes: not a safetensors file")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object: not a safetensors file")
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 def checkpoint_params(model_dir: str | os.PathLike, dtype: str) -> tuple[int, int] | None:
     """(parameters, bytes once loaded in ``dtype``) of a folder's ``*.safetensors``, from their headers
     only (8 bytes of length, then JSON); None without safetensors files."""
@@ -171,14 +186,10 @@ def checkpoint_params(model_dir: str | os.PathLike, dtype: str) -> tuple[int, in
     params = nbytes = 0
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                (length,) = struct.unpack("<Q", fh.read(8))
-                header = json.loads(fh.read(length))
+            header = read_safetensors_header(f)[0]
         except (OSError, ValueError, struct.error):
             return None  # unreadable: from_pretrained names the file in its own one-line error
-        for key, t in header.items():
-            if key == "__metadata__":
-                continue
+        for t in header.values():
             n = math.prod(t["shape"])
             params += n
             nbytes += n * (size if t["dtype"] in _ST_FLOAT else _ST_OTHER.get(t["dtype"], size))
@@ -224,6 +235,6 @@ def token_batches(lengths: Sequence[int], budget: int, max_items: int = 256) -> 
     return out
 
 
-__all__ = ["GiB", "MARGIN_FRACTION", "MARGIN_BYTES", "MARGIN_TEXT", "LIMIT_ENV", "NotEnoughMemory", "parse_bytes",
+__all__ = ["GiB", "read_safetensors_header", "MARGIN_FRACTION", "MARGIN_BYTES", "MARGIN_TEXT", "LIMIT_ENV", "NotEnoughMemory", "parse_bytes",
            "format_bytes", "element_bytes", "memory_need", "ram_available", "free_memory", "check_fits",
            "checkpoint_params", "token_bytes", "token_budget", "token_batches"]
