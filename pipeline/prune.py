@@ -41,7 +41,7 @@ class ImageFeatures:
     valid: torch.Tensor | None = None  # (crops, L) bool: the tokens LLaVA-NeXT's unpadding keeps
     early_attention: torch.Tensor | None = None  # (crops, L): CLS -> token attention in encoder layer 0
     keys: torch.Tensor | None = None  # (crops, L, head_dim): the feature layer's keys, mean over heads
-    last_hidden: torch.Tensor | None = None  # (crops, L, C'): the embeds layer (the last), post-norm (embeds=True)
+    last_hidden: torch.Tensor | None = None  # (crops, L, C'): the embeds layer (the feature layer), post-norm (embeds=True)
     cls_tokens: torch.Tensor | None = None  # (crops, C): the CLS token's hidden state of the feature layer
 
     @property
@@ -72,14 +72,16 @@ def _inner(model):
     return inner
 
 
-# The hidden state whose post-norm tokens ``embeds=True`` returns (CDPruner's relevance input): the
-# tower's last layer. An index of the tower's ``output_hidden_states`` tuple.
-EMBEDS_LAYER = -1
+# The hidden state whose post-norm tokens ``embeds=True`` returns (CDPruner's relevance input). None: the
+# model's feature layer (``vision_feature_layer``; the last of several), as CDPruner's ``clip_encoder.py``
+# takes ``post_layernorm(hidden_states[select_layer])`` -- layer -2 on LLaVA-NeXT, -1 on LLaVA-OneVision.
+# Otherwise an index of the tower's ``output_hidden_states`` tuple.
+EMBEDS_LAYER: int | None = None
 
 
 @torch.no_grad()
 def encode_images(model, processor, images: Sequence[Any], attention: bool = False,
-                  embeds: bool = False, embeds_layer: int = EMBEDS_LAYER) -> list[ImageFeatures]:
+                  embeds: bool = False, embeds_layer: int | None = EMBEDS_LAYER) -> list[ImageFeatures]:
     """Tower features of every crop of every image, in tower passes of a bounded number of crops (one pass
     with ``attention``).
 
@@ -91,7 +93,7 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     input hidden state with the layer's own norm and q/k projections (SDPA kernels
     do not return attention weights). These are what VisionZip (dominance, key
     similarity) and HiRED (layer-0 budget split) score with. ``embeds=True`` also
-    keeps the ``embeds_layer`` hidden state (default: the last) after the tower's ``post_layernorm`` (CLS
+    keeps the ``embeds_layer`` hidden state (default: the feature layer) after the tower's ``post_layernorm`` (CLS
     dropped): the input of a CLIP ``visual_projection`` (CDPruner's relevance).
 
     The tower keeps only the hidden states these need (the feature layer; with ``attention`` the
@@ -116,6 +118,8 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     if attention and (isinstance(layer, (list, tuple)) or family.cls_in_features(cfg)):
         raise ValueError("attention scores need one vision_feature_layer and patch-only features "
                          "(the 'default' strategy on a CLIP tower)")
+    if embeds_layer is None:
+        embeds_layer = layer[-1] if isinstance(layer, (list, tuple)) else layer
     index = layer % (len(encoder_layers(tower)) + 1) if attention else 0  # hidden state i: layer i - 1's output
     needed = feature_layers(layer) + ([index - 1, 0] if attention else []) + ([embeds_layer] if embeds else [])
     drop = has_cls and not family.cls_in_features(cfg)

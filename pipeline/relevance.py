@@ -1,8 +1,9 @@
 """CDPruner's instruction relevance: how much each visual token has to do with the question.
 
 As in CDPruner's reference code (Theia-4869/CDPruner, ``clip_encoder.py`` and
-``llava_arch.py``): the image side is the tower's last hidden state after its
-``post_layernorm``, mapped by a CLIP ``visual_projection``; the text side is the
+``llava_arch.py``): the image side is the feature layer's hidden state (their
+``feature_select``: ``hidden_states[mm_vision_select_layer]``, layer -2 on LLaVA-NeXT, patch tokens)
+after the tower's ``post_layernorm``, mapped by a CLIP ``visual_projection``; the text side is the
 question through the CLIP text tower (``text_embeds``), cut into 77-token
 segments, one pooled embedding per segment. Both are L2-normalized;
 
@@ -60,8 +61,8 @@ class TextRelevance:
 
     @torch.no_grad()
     def relevance(self, last_hidden: torch.Tensor, question: str) -> torch.Tensor:
-        """(crops, L) relevance of every token of one image (``last_hidden``: the tower's post-norm last
-        layer, (crops, L, C')) to ``question``."""
+        """(crops, L) relevance of every token of one image (``last_hidden``: the tower's post-norm feature
+        layer (CLS dropped), (crops, L, C')) to ``question``."""
         if last_hidden.shape[-1] != self.vision_width:
             raise ConfigError(f"--text-encoder {self.name}: its visual_projection takes width {self.vision_width}, "
                               f"but the model's vision tower gives {last_hidden.shape[-1]}")

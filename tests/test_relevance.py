@@ -98,6 +98,27 @@ def test_relevance_changes_what_cdpruner_keeps(trained_model, clip_dir):
     assert differ >= 1
 
 
+def test_relevance_reads_the_feature_layer_as_the_reference(trained_model):
+    """CDPruner's clip_encoder.py: image_embeds = post_layernorm(hidden_states[select_layer]) of the patch
+    tokens, select_layer = -2 on LLaVA-NeXT -- the feature layer, not the last layer."""
+    from pipeline.prune import encode_images
+    from pipeline.synthetic import generate_samples
+
+    model, processor = trained_model
+    layer = model.config.vision_feature_layer
+    assert layer == -2
+    image = generate_samples("synthetic-ocr", "test", 1)[0].image
+    f = encode_images(model, processor, [image], embeds=True)[0]
+    tower = model.model.vision_tower
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0][:f.features.shape[0]]
+    with torch.no_grad():
+        hidden = tower(pixels, output_hidden_states=True).hidden_states
+        post = getattr(tower, "vision_model", tower).post_layernorm
+        want, last = post(hidden[layer])[:, 1:], post(hidden[-1])[:, 1:]
+    torch.testing.assert_close(f.last_hidden, want, rtol=1e-5, atol=1e-5)
+    assert (f.last_hidden - last).abs().max() > 1e-3  # the last layer would differ
+
+
 # slow (57 s): the whole atr eval with a CLIP text tower; the relevance scores are checked in the default run
 @pytest.mark.slow
 def test_eval_cdpruner_with_a_text_encoder(cli_env, clip_dir, tmp_path):

@@ -19,7 +19,10 @@ ever candidates:
 
 * ``per-crop`` (default): k_c = round(r * valid tokens of crop c) in every crop
   (at least 1 where the crop has any), the base crop included; K = sum of k_c;
-* ``global``: K = round(r * valid tokens of the image).
+* ``global``: K = round(r * valid tokens of the image);
+* ``stock``: K = round(r * the tokens the stock model sends of the image), spread as ``global``;
+* ``threshold`` (adaptive strategies: the selector): the tokens whose keep probability reaches a
+  threshold, between a floor and a cap (r), so K follows the image's content.
 
 Strategies whose paper distributes the budget itself (the peers HiRED, DivPrune
 and CDPruner) take the image's K and spread it their way. Without ``valid``
@@ -42,6 +45,7 @@ from __future__ import annotations
 from .core import (
     BUDGETS,
     ENTRY_POINT_GROUP,
+    FIXED_BUDGETS,
     NEEDS,
     Batch,
     Context,
@@ -49,6 +53,7 @@ from .core import (
     Selection,
     Strategy,
     TowerOutputs,
+    adaptive_keep,
     budget_counts,
     check_budget,
     check_strategy,
@@ -73,9 +78,10 @@ from .core import (
     top_k,
     tower_outputs,
     unregister,
+    variant_text,
 )
 
-__all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Batch", "Context", "Request", "Selection", "Strategy",
+__all__ = ["BUDGETS", "FIXED_BUDGETS", "adaptive_keep", "variant_text", "ENTRY_POINT_GROUP", "NEEDS", "Batch", "Context", "Request", "Selection", "Strategy",
            "TowerOutputs", "budget_counts", "check_budget", "check_strategy", "get", "image_budget", "keep_mask",
            "keep_masks", "label", "load", "load_plugins", "names", "peers", "pruners", "prunes", "register",
            "seeded", "seeded_generator", "select", "selections", "strategy", "style", "top_k", "tower_outputs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError
 from .core import Request, strategy, top_k
 
 
@@ -30,19 +31,82 @@ def random(req: Request) -> torch.Tensor:
     return req.top(scores)
 
 
+SELECTOR_VARIANTS = ("nearest", "range")  # or "p<value>": the checkpoint trained at exactly that p
+ALLOCATIONS = ("crop", "image")
+CALIBRATIONS = ("none", "crop-z")
+
+
+def _check_selector(options) -> None:
+    variant = options["variant"]
+    if variant in SELECTOR_VARIANTS:
+        return
+    try:
+        ok = variant.startswith("p") and 0.0 < float(variant[1:]) <= 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError(f"option selector.variant must be nearest, range or p<retention> (e.g. p0.25), "
+                          f"got {variant!r}")
+
+
+def calibrated(logits: torch.Tensor, valid: torch.Tensor, calibration: str) -> torch.Tensor:
+    """(crops, L) keep-logits made comparable across an image's crops. ``none``: as the head gives them
+    (the rate term of the loss is a mean over a batch of crops, so a crop with more content may already keep
+    more); ``crop-z``: standardized within each crop over its valid tokens (each crop's mean and spread
+    removed: only how far a token stands out in its own crop counts)."""
+    if calibration == "none":
+        return logits
+    x = logits.float().masked_fill(~valid, float("nan"))
+    mean = x.nanmean(dim=1, keepdim=True)
+    std = (x - mean).pow(2).nanmean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
+    return ((logits.float() - mean.nan_to_num(0.0)) / std.nan_to_num(1.0)).masked_fill(~valid, 0.0)
+
+
+def _keep_probability(selector, features: torch.Tensor) -> torch.Tensor:
+    """The Gumbel head's own keep probability (crops, L): sigmoid of the logits it samples from. A
+    range-trained selector takes its offset at the middle of its range (the offset moves every logit of
+    every image alike, so a threshold sweep traces the same frontier at any p; only the thresholds'
+    labels shift)."""
+    rng = getattr(selector.cfg, "retention_range", None)
+    if rng and hasattr(selector, "keep_probability"):
+        return selector.keep_probability(features, (rng[0] + rng[1]) / 2)
+    if hasattr(selector, "keep_probability"):
+        return selector.keep_probability(features)
+    return torch.sigmoid(selector.keep_logits(features))
+
+
 def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
     """One selector forward over all crops of all images (it attends within each crop, so every image
     gets the mask it gets alone)."""
     selector = reqs[0].need("selector")
-    logits = selector.keep_logits(torch.cat([r.features for r in reqs]).float())
+    x = torch.cat([r.features for r in reqs]).float()
+    adaptive = reqs[0].adaptive
+    scores = _keep_probability(selector, x) if adaptive else selector.keep_logits(x)
     out = []
-    for r, s in zip(reqs, torch.split(logits, [r.features.shape[0] for r in reqs]), strict=True):
-        out.append(top_k(s, r.counts(), r.valid, per_crop=r.per_crop))
+    for r, s in zip(reqs, torch.split(scores, [r.features.shape[0] for r in reqs]), strict=True):
+        if adaptive:
+            out.append(r.keep_by_probability(s))
+            continue
+        s = calibrated(s, r.valid, r.options.get("calibration", "none"))
+        image = r.options.get("allocation", "crop") == "image"
+        out.append(top_k(s, r.counts().sum().reshape(1) if image else r.counts(), r.valid,
+                         per_crop=r.per_crop and not image))
     return out
 
 
-@strategy("selector", needs=("selector",), batch=_selector_batch, style=("tab:red", "o"), rank=3,
-          help="the paper's trained selector: top-k by keep-logit (needs --selector)")
+@strategy("selector", needs=("selector",), batch=_selector_batch, style=("tab:red", "o"), rank=3, adaptive=True,
+          params={"variant": "nearest", "allocation": "crop", "calibration": "none"},
+          choices={"allocation": ALLOCATIONS, "calibration": CALIBRATIONS}, check=_check_selector,
+          help="the paper's trained selector: top-k by keep-logit (needs --selector); options: variant "
+               "(nearest | range | p0.25: which checkpoint of a train stage), allocation (crop: k per crop, "
+               "the paper's | image: the image's K by logit over all crops), calibration (none | crop-z)")
 def selector(req: Request) -> torch.Tensor:
-    """The paper's trained selector: the top-k tokens by keep-logit."""
+    """The paper's trained selector: the top-k tokens by keep-logit.
+
+    Options: ``variant`` picks the checkpoint of a train stage (eval resolves it: ``nearest`` trained p,
+    the ``range``-trained one, or ``p0.25``); ``allocation`` ``crop`` keeps k per crop (the paper's,
+    under the per-crop budget) and ``image`` keeps the image's K = sum of k by logit over all its crops;
+    ``calibration`` (:func:`calibrated`) makes logits comparable across crops first. Under the threshold
+    budget it keeps the tokens whose keep probability (the Gumbel head's own decision) passes the
+    threshold, between the floor and the cap."""
     return _selector_batch([req])[0]

@@ -11,7 +11,8 @@ from ._rows import DENSE_LIMIT, PickedRows, block_rows
 from .core import Request, budget_counts, image_budget, strategy
 
 
-@strategy("cdpruner", needs=("projected",), uses=("relevance",), version="1", label="CDPruner",
+# version 2: the relevance reads the feature layer (-2 on LLaVA-NeXT), as the reference does, not the last
+@strategy("cdpruner", needs=("projected",), uses=("relevance",), version="2", label="CDPruner",
           peer="Zhang et al., 2025", style=("tab:cyan", "*"), rank=9,
           help="CDPruner: conditional DPP on the projected tokens (conditioned with --text-encoder)")
 def _cdpruner(req: Request) -> torch.Tensor:

@@ -26,11 +26,15 @@ import torch
 
 from ..config import ConfigError
 
-BUDGETS = ("per-crop", "global", "stock")
+BUDGETS = ("per-crop", "global", "stock", "threshold")
 # per-crop: k = round(r * valid tokens) in every crop (the paper's); global: K = round(r * the image's valid
 # tokens) over the whole image; stock: K = round(r * the encoder tokens the *stock* model sends of the image,
 # newlines aside), spread as global spreads it (see :func:`stock_request`). On a family that never shrinks
-# its grid (LLaVA-NeXT) stock sends exactly what global does.
+# its grid (LLaVA-NeXT) stock sends exactly what global does. threshold (adaptive strategies only: the
+# selector): each image keeps the valid tokens whose keep probability reaches the threshold, at least
+# round(floor * valid) and at most round(r * valid) of them (r is the cap), so the count varies per image
+# (:func:`adaptive_keep`).
+FIXED_BUDGETS = BUDGETS[:3]
 ENTRY_POINT_GROUP = "atr.strategies"
 
 # What a strategy may need (the fields of Context) and where eval gets each one (pipeline.evaluate).
@@ -83,14 +87,26 @@ class Request:
     valid: torch.Tensor
     context: Context
     options: Mapping[str, Any] = field(default_factory=dict)
+    threshold: float = 0.0   # the threshold budget: the keep probability a token needs (0: a fixed budget)
+    floor: float = 0.0       # the threshold budget: the least fraction of valid tokens kept
 
     @property
     def per_crop(self) -> bool:
         return self.budget == "per-crop"
 
+    @property
+    def adaptive(self) -> bool:
+        """Is this the threshold budget (the count follows the image's keep probabilities)?"""
+        return self.budget == "threshold"
+
     def counts(self) -> torch.Tensor:
         """:func:`budget_counts` of this request: k per crop (per-crop) or a 1-element K (global)."""
         return budget_counts(self.valid, self.retention, self.budget)
+
+    def keep_by_probability(self, probability: torch.Tensor) -> torch.Tensor:
+        """(crops, L) mask of the threshold budget from each token's keep probability (crops, L):
+        :func:`adaptive_keep` with this request's threshold, floor and cap (the retention)."""
+        return adaptive_keep(probability, self.valid, self.threshold, self.floor, self.retention)
 
     def image_budget(self) -> int:
         """K: every token this image may send the LLM."""
@@ -123,11 +139,14 @@ class Strategy:
     params: Mapping[str, Any] = field(default_factory=dict)  # ablation switches and their defaults
     choices: Mapping[str, tuple] = field(default_factory=dict)  # the allowed values of a param, where limited
     batch: Callable[[list[Request]], list[Any]] | None = None  # many images at once (selector)
+    adaptive: bool = False            # takes the threshold budget (has a keep probability per token)
+    files: tuple[str, ...] = ()       # options whose value names a file: eval keys hold the file's sha256
+    check: Callable[[Mapping[str, Any]], None] | None = None  # validates resolved options (one ConfigError line)
     help: str = ""
     rank: float = 100.0               # listing order (built-ins first)
 
     def __post_init__(self) -> None:
-        for name in ("needs", "uses"):
+        for name in ("needs", "uses", "files"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "label", self.label or self.name)
 
@@ -161,12 +180,26 @@ class Strategy:
                 raise ConfigError(f"option {self.name}.{key} must be one of {', '.join(map(str, self.choices[key]))}, "
                                   f"got {value!r}")
             out[key] = value
+        if self.check is not None:
+            self.check(out)
         return out
 
     def changed_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         """The options that differ from the defaults (what enters a cache key; {} keeps the old keys)."""
         resolved = self.resolve_options(options)
         return {k: v for k, v in sorted(resolved.items()) if v != self.params[k]}
+
+    def variant(self, options: Mapping[str, Any] | None) -> str:
+        """The options that differ from the defaults as one short text, ``name=value`` joined by ``,`` in
+        name order ('' for the defaults): the ``variant`` column of the results store."""
+        return variant_text(self.changed_options(options))
+
+
+def variant_text(changed: Mapping[str, Any]) -> str:
+    """``{"allocation": "image", "cls": False}`` -> ``allocation=image,cls=false`` (JSON for non-strings)."""
+    import json
+
+    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(changed.items()))
 
 
 _REGISTRY: dict[str, Strategy] = {}
@@ -345,23 +378,44 @@ def seeded_generator(seed: int, index: int, slot: int = 0) -> torch.Generator:
 @torch.no_grad()
 def select(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
            context: Context | None = None, valid: torch.Tensor | None = None,
-           options: Mapping[str, Any] | None = None, stock: int | None = None) -> Selection | None:
+           options: Mapping[str, Any] | None = None, stock: int | None = None,
+           threshold: float = 0.0, floor: float = 0.0) -> Selection | None:
     """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``. ``stock``: the
     encoder tokens the stock model sends of this image (``Family.stock_tokens(...).features``), which the
-    ``stock`` budget needs."""
+    ``stock`` budget needs; ``threshold`` and ``floor``: the ``threshold`` budget's (``retention`` is its
+    cap)."""
     spec = get(strategy)
-    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options, stock)))
+    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options, stock,
+                                    threshold, floor)))
+
+
+def check_threshold(spec: Strategy, budget: str, threshold: float, floor: float, cap: float) -> None:
+    """The threshold budget's one-line refusals: a strategy without keep probabilities, a threshold outside
+    (0, 1), a floor outside [0, cap]."""
+    if budget != "threshold":
+        return
+    if not spec.adaptive:
+        adaptive = ", ".join(n for n, s in load().items() if s.adaptive) or "none"
+        raise ConfigError(f"strategy {spec.name!r} has no keep probability, so it cannot take the threshold "
+                          f"budget; adaptive strategies: {adaptive}")
+    if not 0.0 < threshold < 1.0:  # also refuses nan
+        raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
+    if not 0.0 <= floor <= cap:
+        raise ConfigError(f"threshold floor must be in [0, cap={cap:g}], got {floor!r}")
 
 
 def _request(spec: Strategy, features: torch.Tensor, retention: float, budget: str, context: Context | None,
-             valid: torch.Tensor | None, options: Mapping[str, Any] | None, stock: int | None = None) -> Request:
+             valid: torch.Tensor | None, options: Mapping[str, Any] | None, stock: int | None = None,
+             threshold: float = 0.0, floor: float = 0.0) -> Request:
     check_budget(budget)
+    check_threshold(spec, budget, threshold, floor, retention)
     context = context or Context()
     crops, tokens = features.shape[:2]
     valid = _valid(valid, crops, tokens, features.device)
     if budget == "stock":
         retention, budget = stock_request(valid, retention, stock, spec.name)
-    req = Request(spec.name, features, retention, budget, valid, context, spec.resolve_options(options))
+    req = Request(spec.name, features, retention, budget, valid, context, spec.resolve_options(options),
+                  threshold if budget == "threshold" else 0.0, floor if budget == "threshold" else 0.0)
     for name in spec.needs:
         req.need(name)
     return req
@@ -388,6 +442,8 @@ class Batch:
     valid: Sequence[torch.Tensor | None] | None = None
     per_image: Sequence[Mapping[str, Any]] | None = None
     stock: Sequence[int | None] | None = None  # the ``stock`` budget: encoder tokens the stock model sends per image
+    threshold: float = 0.0  # the ``threshold`` budget: the keep probability a token needs
+    floor: float = 0.0      # the ``threshold`` budget: the least fraction of valid tokens kept
 
 
 @torch.no_grad()
@@ -405,7 +461,7 @@ def selections(strategy: str, features: Sequence[torch.Tensor], retention: float
     valid = list(batch.valid) if batch.valid is not None else [None] * len(features)
     extra = list(batch.per_image) if batch.per_image is not None else [{}] * len(features)
     stock = list(batch.stock) if batch.stock is not None else [None] * len(features)
-    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options, s)
+    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options, s, batch.threshold, batch.floor)
             for f, e, v, s in zip(features, extra, valid, stock, strict=True)]
     if spec.batch is not None and reqs:
         return [_finish(o) for o in spec.batch(reqs)]
@@ -457,6 +513,9 @@ def budget_counts(valid: torch.Tensor, retention: float, budget: str) -> torch.T
     if budget == "stock":  # a Request has turned it into its global equivalent (stock_request) already
         raise ConfigError("budget_counts cannot size the stock budget without the stock token count; "
                           "use stock_request (strategies.select does)")
+    if budget == "threshold":  # the count follows the keep probabilities: Request.keep_by_probability
+        raise ConfigError("the threshold budget has no fixed count: an adaptive strategy keeps tokens by "
+                          "probability (Request.keep_by_probability)")
     n = valid.sum(dim=1) if budget == "per-crop" else valid.sum().reshape(1)
     k = torch.round(retention * n.double()).long()
     return torch.where(n > 0, k.clamp(min=1), torch.zeros_like(k)).minimum(n)
@@ -492,6 +551,22 @@ def image_budget(valid: torch.Tensor, retention: float, budget: str) -> int:
     return int(budget_counts(valid, retention, budget).sum())
 
 
+def adaptive_keep(probability: torch.Tensor, valid: torch.Tensor, threshold: float, floor: float,
+                  cap: float) -> torch.Tensor:
+    """(crops, L) mask of the threshold budget over one image: the valid tokens whose keep ``probability``
+    (crops, L) is at least ``threshold``, but no fewer than round(``floor`` * n) (at least 1) and no more
+    than round(``cap`` * n) of them, n the image's valid tokens; the extra or missing ones go by
+    probability over the whole image (ties to the lower index), so an image with more content keeps more."""
+    n = int(valid.sum())
+    if n == 0:
+        return torch.zeros_like(valid)
+    passing = int(((probability.float() >= threshold) & valid).sum())
+    lo = max(1, round(floor * n))
+    hi = max(lo, min(n, round(cap * n)))
+    k = torch.tensor([min(max(passing, lo), hi)])
+    return top_k(probability, k, valid, per_crop=False)
+
+
 def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: bool) -> torch.Tensor:
     """(crops, L) mask of the k[c] highest-scoring valid tokens of each crop (``per_crop``), or of the
     k[0] highest over the whole image; ties go to the lower index."""
@@ -510,4 +585,4 @@ __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Req
            "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs",
            "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "stock_budget",
-           "stock_request", "top_k"]
+           "stock_request", "top_k", "adaptive_keep", "check_threshold", "variant_text", "FIXED_BUDGETS"]

@@ -1,0 +1,108 @@
+"""The selector's allocation across crops, its calibration, the threshold budget and variant labels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError
+from pipeline.selector import SelectorConfig, TokenSelector
+from pipeline.strategies import Batch, Context, adaptive_keep, get, select, selections, variant_text
+from pipeline.strategies.basic import calibrated
+
+
+@pytest.fixture(scope="module")
+def selector():
+    torch.manual_seed(0)
+    model = TokenSelector(SelectorConfig(n_heads=4), tokens=16, channels=8).eval()
+    with torch.no_grad():  # a head with logits spread over about (-3, 3): a threshold sweep sees them all
+        model.head.weight.mul_(100.0)
+    return model
+
+
+def _image(crops=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(crops, 16, 8, generator=g)
+
+
+def test_image_allocation_is_the_global_top_k_of_the_same_logits(selector):
+    x = _image()
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    valid[2, 12:] = False  # a padded crop
+    per_crop = select("selector", x, 0.25, "per-crop", Context(selector=selector), valid)
+    image = select("selector", x, 0.25, "per-crop", Context(selector=selector), valid, options={"allocation": "image"})
+    glob = select("selector", x, 0.25, "global", Context(selector=selector), valid)
+    # the same K as the paper's k per crop (4 + 4 + 3), spread by logit over the whole image
+    assert image.tokens == per_crop.tokens == 11
+    logits = selector.keep_logits(x).masked_fill(~valid, float("-inf")).flatten()
+    assert set(image.mask.flatten().nonzero().flatten().tolist()) == set(logits.topk(11).indices.tolist())
+    assert not (image.mask & ~valid).any()
+    # global's K = round(0.25 * 44) = 11 too: the same tokens
+    assert torch.equal(glob.mask, image.mask)
+
+
+def test_crop_z_calibration_removes_each_crops_offset_and_scale():
+    valid = torch.ones(2, 4, dtype=torch.bool)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0], [10.0, 12.0, 14.0, 16.0]])
+    z = calibrated(logits, valid, "crop-z")
+    torch.testing.assert_close(z[0], z[1])  # the same shape in both crops, once offset and scale are gone
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(2))
+    assert torch.equal(calibrated(logits, valid, "none"), logits)
+    valid[1, 3] = False  # padding takes no part in a crop's statistics
+    z = calibrated(logits, valid, "crop-z")
+    assert z[1, 3] == 0 and abs(float(z[1, :3].mean())) < 1e-6
+
+
+def test_threshold_budget_keeps_what_passes_between_floor_and_cap():
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    prob = torch.zeros(2, 10)
+    prob[0, :3] = 0.9  # three tokens pass 0.5
+    assert int(adaptive_keep(prob, valid, 0.5, 0.0, 1.0).sum()) == 3
+    assert adaptive_keep(prob, valid, 0.5, 0.0, 1.0)[0, :3].all()
+    assert int(adaptive_keep(prob, valid, 0.5, 0.25, 1.0).sum()) == 5   # floor: round(0.25 * 20)
+    assert int(adaptive_keep(prob, valid, 0.5, 0.0, 0.1).sum()) == 2    # cap: round(0.1 * 20)
+    assert int(adaptive_keep(prob, valid, 0.95, 0.0, 1.0).sum()) == 1   # at least one token
+    prob[1] = 0.8  # more content, more tokens
+    assert int(adaptive_keep(prob, valid, 0.5, 0.0, 1.0).sum()) == 13
+
+
+def test_threshold_budget_through_select_follows_the_selectors_probability(selector):
+    x = _image()
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    prob = torch.sigmoid(selector.keep_logits(x))
+    for t in (0.3, 0.5, 0.7):
+        got = select("selector", x, 0.75, "threshold", Context(selector=selector), valid, threshold=t, floor=0.02)
+        want = int((prob >= t).sum())
+        assert got.tokens == min(max(want, 1), 36)
+        assert bool((prob[got.mask] >= prob[~got.mask].max()).all()) if got.tokens < 48 else True
+    # the batch path gives every image the mask it gets alone
+    images = [_image(seed=s) for s in (1, 2)]
+    batch = selections("selector", images, 0.75, "threshold", Context(selector=selector),
+                       Batch(threshold=0.5, floor=0.02))
+    alone = [select("selector", f, 0.75, "threshold", Context(selector=selector), threshold=0.5, floor=0.02)
+             for f in images]
+    assert all(torch.equal(a.mask, b.mask) for a, b in zip(batch, alone))
+
+
+def test_threshold_budget_refusals_are_one_line(selector):
+    x = _image()
+    with pytest.raises(ConfigError, match="has no keep probability"):
+        select("random", x, 0.5, "threshold", threshold=0.5)
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match=r"threshold must be in \(0, 1\)"):
+            select("selector", x, 0.5, "threshold", Context(selector=selector), threshold=bad)
+    with pytest.raises(ConfigError, match="floor"):
+        select("selector", x, 0.5, "threshold", Context(selector=selector), threshold=0.5, floor=0.6)
+
+
+def test_selector_options_and_variant_labels():
+    spec = get("selector")
+    assert spec.adaptive and not get("divprune").adaptive
+    assert spec.variant({}) == "" and spec.variant({"variant": "nearest"}) == ""
+    assert spec.variant({"allocation": "image", "calibration": "crop-z"}) == "allocation=image,calibration=crop-z"
+    assert spec.variant({"variant": "p0.25"}) == "variant=p0.25"
+    assert variant_text({"cls": False, "merge": "average"}) == "cls=false,merge=average"
+    for bad in ({"variant": "best"}, {"variant": "p2"}, {"allocation": "crops"}, {"calibration": "softmax"}):
+        with pytest.raises(ConfigError) as err:
+            spec.resolve_options(bad)
+        assert "\n" not in str(err.value)
