@@ -25,7 +25,7 @@ from .benchmarks import EvalItem, aggregate, score_response, spec
 from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
 from .prune import base_regions, encode_images, project, visual_embeddings
-from .strategies import BUDGETS, Batch, Context, TowerOutputs, get, names, seeded_generator, selections
+from .strategies import FIXED_BUDGETS, Batch, Context, Threshold, TowerOutputs, get, names, seeded_generator, selections
 from .strategies.core import TOWER_FIELDS
 
 
@@ -38,7 +38,7 @@ class EvalConfig(Config):
     benchmarks: tuple = ("synthetic-ocr", "synthetic-scene")
     strategies: tuple = names()      # every registered strategy (pipeline.strategies)
     retentions: tuple = EVAL_RETENTIONS
-    budget: str | tuple = "per-crop"  # a budget mode (strategies.BUDGETS), or several: "per-crop,global" or a list
+    budget: str | tuple = "per-crop"  # a fixed budget mode (strategies.FIXED_BUDGETS), or several: "per-crop,global" or a list
     seeds: int = 3
     limit: int = 300
     batch_size: int | str = "auto"   # sequences per generate call, or "auto": cut by tokens on CUDA, 16 on a CPU
@@ -50,8 +50,15 @@ class EvalConfig(Config):
     harness: str = "builtin"         # builtin, or lmms-eval (its own tasks and scoring; --tasks)
     tasks: tuple = ()                # lmms-eval task names (--harness lmms-eval)
     # strategy -> {option: value}: the declared ablation switches (e.g. {"visionzip": {"cls": False}});
-    # the options that differ from a strategy's defaults are part of its results' cache keys
-    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    # the options that differ from a strategy's defaults are part of its results' cache keys. A LIST of
+    # tables evaluates several variants of one strategy side by side ({"selector": [{}, {"allocation": "image"}]})
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # the threshold budget (adaptive strategies: the selector): each threshold is one more result per variant,
+    # keeping the tokens whose keep probability reaches it, at least floor x and at most cap x the valid tokens
+    thresholds: tuple = ()
+    threshold_floor: float = 0.02
+    threshold_cap: float = 0.75
+    split: str = "test"              # the split of the generated synthetic benchmarks (val or test); real ones: --data
 
     def validate(self) -> None:
         from .benchmarks import BENCHMARKS
@@ -65,21 +72,61 @@ class EvalConfig(Config):
         check(isinstance(self.options, Mapping),
               f"eval options must be a table of strategy tables, got {self.options!r}")
         for s, opts in self.options.items():
-            check(isinstance(opts, Mapping), f"eval options for {s!r} must be a table, got {opts!r}")
-            get(s).resolve_options(opts)
+            check(isinstance(opts, Mapping) or (isinstance(opts, (list, tuple)) and len(opts) > 0),
+                  f"eval options for {s!r} must be a table or a list of tables (variants), got {opts!r}")
+            seen: dict[str, int] = {}
+            for i, one in enumerate(self.variants(s)):
+                check(isinstance(one, Mapping), f"eval options for {s!r}: variant {i + 1} must be a table, got {one!r}")
+                text = get(s).variant(one)
+                check(text not in seen, f"eval options for {s!r} list the variant "
+                                        f"{text or '(defaults)'!r} twice (entries {seen.get(text, 0) + 1} and {i + 1})")
+                seen[text] = i
+        check(self.harness == "builtin" or not any(isinstance(o, (list, tuple)) for o in self.options.values()),
+              "--harness lmms-eval takes one variant per strategy (no --variant, no option lists)")
         check(len(self.strategies) > 0 and len(self.benchmarks) > 0, "give at least one benchmark and strategy")
         for r in self.retentions:
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
         for b in self.budgets:
-            check(b in BUDGETS, f"unknown budget {b!r}; valid: {', '.join(BUDGETS)}")
+            check(b != "threshold", "--budget takes fixed budgets (per-crop, global, stock); the threshold budget "
+                                    "comes from --thresholds T1,T2 (adaptive strategies: the selector)")
+            check(b in FIXED_BUDGETS, f"unknown budget {b!r}; valid: {', '.join(FIXED_BUDGETS)}")
         check(len(self.budgets) > 0 and len(set(self.budgets)) == len(self.budgets),
-              f"--budget needs one or more distinct budgets of {', '.join(BUDGETS)}, got {self.budget!r}")
+              f"--budget needs one or more distinct budgets of {', '.join(FIXED_BUDGETS)}, got {self.budget!r}")
         check(self.harness == "builtin" or len(self.budgets) == 1,
               f"--harness lmms-eval takes one budget per run, got {self.budget!r}")
+        self._validate_thresholds()
+        check(self.split in ("val", "test"),
+              "--split train is refused: the learned methods train on the synthetic train split; use val or test"
+              if self.split == "train" else f"--split must be val or test, got {self.split!r}")
         check(self.seeds > 0 and self.limit > 0 and self.shard_size > 0, "seeds, limit and shard_size must be positive")
         check(self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size > 0),
               f"--batch-size must be a positive integer or 'auto', got {self.batch_size!r}")
         check_compute(self.device, self.model_dtype)
+
+    def _validate_thresholds(self) -> None:
+        num = (int, float)
+        for t in self.thresholds:
+            check(isinstance(t, num) and not isinstance(t, bool) and 0.0 < t < 1.0,
+                  f"threshold must be in (0, 1), got {t!r}")
+        check(len(set(self.thresholds)) == len(self.thresholds), f"--thresholds lists a threshold twice: "
+                                                                  f"{list(self.thresholds)}")
+        cap, floor = self.threshold_cap, self.threshold_floor
+        check(isinstance(cap, num) and not isinstance(cap, bool) and 0.0 < cap <= 1.0,
+              f"--threshold-cap must be in (0, 1], got {cap!r}")
+        check(isinstance(floor, num) and not isinstance(floor, bool) and 0.0 <= floor <= cap,
+              f"--threshold-floor must be in [0, cap={cap:g}], got {floor!r}")
+        if self.thresholds:
+            adaptive = [n for n in names() if get(n).adaptive]
+            check(any(get(s).adaptive for s in self.strategies),
+                  f"--thresholds applies to adaptive strategies ({', '.join(adaptive) or 'none registered'}), and "
+                  f"none is evaluated (--strategies {','.join(self.strategies)})")
+            check(self.harness == "builtin", "--harness lmms-eval takes no --thresholds (fixed budgets only)")
+
+    def variants(self, strategy: str) -> list[Mapping[str, Any]]:
+        """The option tables of ``strategy``'s variants, in order: ``options[strategy]`` (one table or a
+        list of them), [{}] (its defaults) when none is given."""
+        opts = self.options.get(strategy, {})
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
 
     @property
     def budgets(self) -> tuple[str, ...]:
@@ -90,43 +137,65 @@ class EvalConfig(Config):
     def chunks(self) -> list[Pruning]:
         """The results to compute: a strategy with a fixed retention (full, none) once (under the first
         budget: no budget changes what it sends), a seeded one (random) per seed, retention and budget, the
-        rest once per retention and budget."""
+        rest once per retention and budget; all of that per variant (``options[strategy]`` a list), and for
+        an adaptive strategy (the selector) one more per variant and threshold: the threshold budget with
+        the cap as its retention."""
         out = []
         for s in self.strategies:
             spec = get(s)
             retentions = [spec.retention] if spec.retention is not None else self.retentions
             seeds = range(self.seeds) if spec.seeded and spec.retention is None else [0]
             budgets = self.budgets if spec.retention is None else self.budgets[:1]
-            out.extend(Pruning(s, float(r), seed, b, self.options.get(s, {}))
-                       for b in budgets for r in retentions for seed in seeds)
+            for opts in self.variants(s):
+                out.extend(Pruning(s, float(r), seed, b, opts) for b in budgets for r in retentions for seed in seeds)
+                if spec.adaptive:
+                    out.extend(Pruning(s, float(self.threshold_cap), 0, "threshold", opts, threshold=float(t),
+                                       floor=float(self.threshold_floor)) for t in self.thresholds)
         return out
 
 
 def default_strategies(selector: bool = True) -> tuple[str, ...]:
-    """Every strategy; those that need a selector only when there is one to evaluate."""
-    return tuple(s for s in names() if selector or "selector" not in get(s).needs)
+    """Every strategy; those that need a selector only when there is one to evaluate; those that read a trained
+    file (``Strategy.files``: visionselector's checkpoint, trained per model) only when named."""
+    return tuple(s for s in names() if (selector or "selector" not in get(s).needs) and not get(s).files)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pruning:
     """What one result prunes: the strategy at a retention (full: 1, none: 0), the seed (random), the
-    budget mode and the strategy's options (ablation switches; {}: its defaults)."""
+    budget mode and the strategy's options (ablation switches; {}: its defaults). Under the ``threshold``
+    budget the retention is the cap, ``threshold`` the keep probability a token needs and ``floor`` the
+    least fraction kept (both 0 under a fixed budget)."""
 
     strategy: str
     retention: float
     seed: int = 0
     budget: str = "per-crop"
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    threshold: float = 0.0
+    floor: float = 0.0
 
     def __hash__(self) -> int:
         from .config import canonical_json
 
-        return hash((self.strategy, self.retention, self.seed, self.budget, canonical_json(self.options)))
+        return hash((self.strategy, self.retention, self.seed, self.budget, canonical_json(self.options),
+                     self.threshold, self.floor))
+
+    @property
+    def select_budget(self) -> "str | Threshold":
+        """The budget as ``strategies.selections`` takes it: the name, or the :class:`Threshold` of the
+        threshold budget."""
+        return Threshold(self.threshold, self.floor) if self.budget == "threshold" else self.budget
 
     @property
     def spec(self):
         """The strategy's declaration (``pipeline.strategies.Strategy``)."""
         return get(self.strategy)
+
+    @property
+    def variant(self) -> str:
+        """The options that differ from the strategy's defaults, ``k=v,k=v`` ('' for the defaults)."""
+        return self.spec.variant(self.options)
 
 
 @dataclasses.dataclass
@@ -443,8 +512,9 @@ def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pru
                 extra["generator"] = seeded_generator(pruning.seed, shard.indices[i], slot)
         stock_features = None if stock is None else \
             [family_of(model).stock_tokens(model.config, f.image_size, stock).features for f in feats]
-        got = selections(pruning.strategy, [f.features for f in feats], pruning.retention, pruning.budget,
-                         Context(selector=inputs.selector), Batch([f.valid for f in feats], per_image, stock_features),
+        got = selections(pruning.strategy, [f.features for f in feats], pruning.retention, pruning.select_budget,
+                         Context(selector=inputs.selector),
+                         Batch([f.valid for f in feats], per_image, stock_features),
                          pruning.options)
         masks.update(zip(part, got))
     return masks
@@ -537,26 +607,29 @@ def stock_summary(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def eval_table(summary: list[dict]) -> list[dict]:
-    """Chunk rows -> one row per (benchmark, strategy, retention, budget): the score averaged over seeds,
-    ``rel`` = score / the benchmark's full-image score, mean visual tokens, the stock model's
-    (``stock_tokens``) and their ratio (``vs_stock``; None where unknown), prefill ms, and ``cached`` when
-    every seed's chunk was."""
+    """Chunk rows -> one row per (benchmark, strategy, variant, retention, budget, threshold): the score
+    averaged over seeds, ``rel`` = score / the benchmark's full-image score, mean visual tokens, the stock
+    model's (``stock_tokens``) and their ratio (``vs_stock``; None where unknown), prefill ms, and ``cached``
+    when every seed's chunk was. ``variant`` ('' for the defaults) and ``threshold`` (0: a fixed budget)
+    tell a strategy's variants and threshold sweeps apart."""
     groups: dict[tuple, list[dict]] = {}
     for r in summary:
-        groups.setdefault((r["benchmark"], r["strategy"], r["retention"], r.get("budget", "per-crop")), []).append(r)
-    full = {b: g[0]["score"] for (b, s, _, _), g in groups.items() if s == "full"}
+        groups.setdefault((r["benchmark"], r["strategy"], r["retention"], r.get("budget", "per-crop"),
+                           r.get("variant", ""), r.get("threshold", 0.0)), []).append(r)
+    full = {b: g[0]["score"] for (b, s, *_), g in groups.items() if s == "full"}
     rows = []
-    for (bench, strategy, retention, budget), g in groups.items():
+    for (bench, strategy, retention, budget, variant, threshold), g in groups.items():
         score = sum(r["score"] for r in g) / len(g)
         tokens = sum(r["mean_visual_tokens"] for r in g) / len(g)
         stock = [r["stock_visual_tokens"] for r in g if r.get("stock_visual_tokens")]
         stock_tokens = sum(stock) / len(stock) if len(stock) == len(g) else None
-        rows.append({"benchmark": bench, "strategy": strategy, "retention": retention, "budget": budget,
-                     "metric": g[0]["metric"], "score": score, "seeds": len(g),
+        rows.append({"benchmark": bench, "strategy": strategy, "variant": variant, "retention": retention,
+                     "budget": budget, "threshold": threshold, "metric": g[0]["metric"], "score": score, "seeds": len(g),
                      "rel": score / full[bench] if full.get(bench) else None, "visual_tokens": tokens,
                      "stock_tokens": stock_tokens, "vs_stock": tokens / stock_tokens if stock_tokens else None,
                      "prefill_ms": sum(r["prefill_ms"] for r in g) / len(g),
-                     "cached": all(r.get("cached", False) for r in g)})
+                     "cached": all(r.get("cached", False) for r in g),
+                     **({"floor": g[0].get("floor", 0.0)} if budget == "threshold" else {})})
     return rows
 
 

@@ -102,7 +102,14 @@ def _toml_value(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):  # an inline table: {allocation = "image"}
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    """A bare TOML key where it may be one, else a quoted one."""
+    return k if k and all(c.isalnum() or c in "-_" for c in k) else json.dumps(k)
 
 
 _COMMENTS = {
@@ -139,6 +146,8 @@ def run_config_toml(cfg: RunConfig) -> str:
     section("extract", cfg.extract.to_dict())
     train = cfg.train.to_dict()
     section("train", train)
+    if "retention_range" not in train:  # omitted from to_dict() when unset (the stage keys stay as they were)
+        out.append("# retention_range = [0.05, 0.5]  (unset: also train one selector on this range of p)")
     sel = train["selector"]
     tiny = {k: f"{_toml_value(sel[k])}  (paper scale; the tiny presets use {_toml_value(v)} unless this is set)"
             for k, v in TINY_SCHEDULE.items()}
@@ -146,9 +155,15 @@ def run_config_toml(cfg: RunConfig) -> str:
     section("train.selector", {k: v for k, v in sel.items() if k != "retention"},
             commented={k: v for k, v in sel_comments.items() if sel.get(k) is None or k in tiny})
     section("eval", cfg.eval.to_dict())
-    out.append("# strategy options (ablation switches), one table per strategy, e.g. [eval.options.visionzip]")
+    out.append("# strategy options (ablation switches), one table per strategy, e.g. [eval.options.visionzip];")
+    out.append("# a list of tables evaluates variants side by side: [eval.options] selector = [{}, {allocation = \"image\"}]")
+    variants = {n: o for n, o in cfg.eval.options.items() if isinstance(o, (list, tuple))}
+    if variants:
+        out.append("[eval.options]")
+        out.extend(f"{_toml_key(n)} = {_toml_value(list(o))}" for n, o in variants.items())
     for name, opts in cfg.eval.options.items():
-        out.extend([f"[eval.options.{name}]", *(f"{k} = {_toml_value(v)}" for k, v in opts.items())])
+        if name not in variants:
+            out.extend([f"[eval.options.{_toml_key(name)}]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in opts.items())])
     out.extend(["", f"# {_COMMENTS['data']}", "[data]"])
     if cfg.data:
         out.extend(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in cfg.data.items())

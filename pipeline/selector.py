@@ -9,6 +9,10 @@ Shapes: B crops per batch, L tokens per crop, C feature channels (d = C by defau
     F_rec  (B, L, C)  R(F_pr): 3 pre-LN Transformer layers, final norm, learned output projection
     loss              mean((F_rec - F)^2) + max(mean(M), p)      (Eq. 7, no weight)
 
+A range selector (``retention_range = (min, max)``, "one selector for every budget") draws p
+per batch from [min, max] and samples M from S(F) + offset(p), offset(p) = logit(p) + a tiny MLP of
+logit(p): one scalar per batch, the same for every token, so the ranking S(F) does not depend on p.
+
 Features are standardized per channel with training-set statistics (stored as
 buffers), and the loss is taken in that standardized space. Both networks add
 learnable absolute positional embeddings: without them every masked slot would
@@ -27,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Config, check
+from .config import Config, ConfigError, canonical_json, check, content_hash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +62,14 @@ class SelectorConfig(Config):
     batch_size: int = 64
     grad_clip: float = 1.0
     seed: int = 0
+    # (min, max): train one selector for every budget, p drawn per batch uniformly from [min, max]
+    # (Matryoshka-style); None: one p, ``retention``. Omitted from to_dict() when None.
+    retention_range: tuple | None = None
 
     def validate(self) -> None:
         check(0.0 < self.retention <= 1.0, f"retention must be in (0, 1], got {self.retention!r}")
+        if self.retention_range is not None:
+            check_retention_range(self.retention_range)
         check(self.d_model is None or self.d_model > 0, f"d_model must be positive, got {self.d_model!r}")
         check(self.n_heads > 0 and self.ffn_mult > 0, "n_heads and ffn_mult must be positive")
         check(self.selector_layers > 0 and self.reconstructor_layers > 0, "layer counts must be positive")
@@ -70,6 +79,36 @@ class SelectorConfig(Config):
         check(self.steps > 0 and self.batch_size > 0 and self.warmup_steps >= 0,
               "steps and batch_size must be positive, warmup_steps >= 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"bad betas {self.betas!r}")
+
+    def to_dict(self) -> dict:
+        """As Config.to_dict, without ``retention_range`` when it is None: a single-p selector's dict
+        (checkpoint meta, stage keys) stays what it was before the field existed."""
+        return omit_unset_range(super().to_dict())
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    def hash(self) -> str:
+        return content_hash({"kind": self.kind, "config": self.to_dict()})
+
+
+def omit_unset_range(d: dict) -> dict:
+    """``d`` without a ``retention_range`` key whose value is None."""
+    if d.get("retention_range", 0) is None:
+        d.pop("retention_range")
+    return d
+
+
+def check_retention_range(value) -> tuple[float, float]:
+    """(min, max) of a retention range: two numbers with 0 < min < max <= 1, else one ConfigError line."""
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+    check(ok, f"retention_range must be two numbers (min, max), got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    check(0.0 < lo <= 1.0 and 0.0 < hi <= 1.0,
+          f"retention_range ({lo:g}, {hi:g}) must lie in (0, 1]: both min and max are keep ratios")
+    check(lo < hi, f"retention_range min {lo:g} must be below max {hi:g}")
+    return lo, hi
 
 
 def keep_count(retention: float, tokens: int) -> int:
@@ -128,6 +167,22 @@ class Encoder(nn.Module):
         return self.ln(x)
 
 
+class RetentionOffset(nn.Module):
+    """offset(p) = logit(p) + a tiny MLP of logit(p): one keep-logit offset, added to every token's logit
+    of a batch trained at target ratio p (the logit(p) term starts the keep ratio near p while the head's
+    logits are still near 0; the MLP learns the rest). A shift shared by all tokens moves how many the
+    Gumbel head keeps but never their order, so the ranking (``keep_logits``) is the same at every p."""
+
+    def __init__(self, hidden: int = 16):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, p: float, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor on ``like``'s device and dtype."""
+        z = torch.full((1, 1), math.log(p / (1.0 - p)) if p < 1.0 else 10.0, device=like.device, dtype=like.dtype)
+        return (z + self.net(z)).reshape(())
+
+
 class TokenSelector(nn.Module):
     """Selector S + reconstructor R + mask embedding, trained end to end as an autoencoder.
 
@@ -144,6 +199,8 @@ class TokenSelector(nn.Module):
         self.register_buffer("feature_std", torch.ones(channels))
         self.selector = Encoder(channels, d, tokens, cfg.selector_layers, cfg)
         self.head = nn.Linear(d, 1)
+        # range selectors only (single-p checkpoints have no such weights): the keep-logit offset of p
+        self.offset = RetentionOffset() if cfg.retention_range is not None else None
         self.mask_embedding = nn.Parameter(torch.zeros(channels))
         nn.init.normal_(self.mask_embedding, std=0.02)
         self.reconstructor = Encoder(channels, d, tokens, cfg.reconstructor_layers, cfg)
@@ -175,9 +232,31 @@ class TokenSelector(nn.Module):
         return (x - self.feature_mean) / self.feature_std if self.cfg.standardize else x
 
     def keep_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raw features -> (B, L) keep-logits."""
+        """(B, L, C) raw features -> (B, L) keep-logits: the ranking (the head alone, no offset)."""
         self._check(features)
         return self.head(self.selector(self.standardize(features))).squeeze(-1)
+
+    @property
+    def is_range(self) -> bool:
+        return self.offset is not None
+
+    def _offset(self, p: float | None, like: torch.Tensor) -> torch.Tensor | float:
+        """The keep-logit offset at target ratio ``p`` (0 for a single-p selector)."""
+        if self.offset is None:
+            return 0.0
+        if p is None:
+            lo, hi = self.cfg.retention_range
+            raise ConfigError(f"this selector was trained on the retention range [{lo:g}, {hi:g}]: "
+                              f"give the target keep ratio p")
+        check(0.0 < float(p) <= 1.0, f"retention must be in (0, 1], got {p!r}")
+        return self.offset(float(p), like)
+
+    def keep_probability(self, features: torch.Tensor, p: float | None = None) -> torch.Tensor:
+        """(B, L, C) raw features -> (B, L) the keep probability the Gumbel head samples from:
+        sigmoid(keep_logits) for a single-p selector (``p`` is not used), sigmoid(keep_logits + offset(p))
+        for a range selector (``p`` required)."""
+        logits = self.keep_logits(features).float()
+        return torch.sigmoid(logits + self._offset(p, logits))
 
     def sample_mask(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, L) logits -> (B, L) hard {0,1} mask with straight-through Gumbel-Softmax gradients."""
@@ -190,17 +269,20 @@ class TokenSelector(nn.Module):
         f_pr = m * x + (1 - m) * self.mask_embedding
         return self.out(self.reconstructor(f_pr))
 
-    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Training step on (B, L, C) raw features: loss = MSE + max(mean(M), p)."""
+    def forward(self, features: torch.Tensor, p: float | None = None) -> dict[str, torch.Tensor]:
+        """Training step on (B, L, C) raw features: loss = MSE + max(mean(M), p). ``p`` is the batch's
+        target ratio for a range selector (required there); a single-p selector uses ``cfg.retention``."""
         self._check(features)
         x = self.standardize(features)
         # float32 logits: under bf16 autocast the Gumbel noise, the hard mask and its keep ratio stay exact
         logits = self.head(self.selector(x)).squeeze(-1).float()
+        target = self.cfg.retention if self.offset is None else float(p) if p is not None else None
+        logits = logits + self._offset(target, logits)
         mask = self.sample_mask(logits)
         recon = self.reconstruct(x, mask)
         mse = F.mse_loss(recon, x)
         keep_ratio = mask.mean()
-        rate = torch.clamp(keep_ratio, min=self.cfg.retention)
+        rate = torch.clamp(keep_ratio, min=target)
         # "keep" (the kept fraction) is the name this figure has in curves and MLflow.
         return {"loss": mse + rate, "mse": mse.detach(), "keep": keep_ratio.detach(), "logits": logits}
 

@@ -7,6 +7,11 @@ uniform grid) it reports:
   (standardized space, mean over crops, tokens and channels);
 * glyph_coverage: the fraction of glyph-bearing tokens that are kept, over all
   held-out crops that carry a glyph mask (synthetic documents); NaN otherwise.
+
+With several selectors in a train stage, ``variants`` adds rows for more selectors at
+every retention (the three-way comparison of "one selector for every budget"): the
+per-p selectors (nearest p, strategy ``selector``), the single selector trained at
+0.25 (``selector-p0.25``) and the range-trained one (``selector-range``).
 """
 
 from __future__ import annotations
@@ -26,15 +31,25 @@ def kept_indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[tuple[np.ndarray, np.ndarray | None]],
-             retentions: Iterable[float], seeds: int = 3, batch_size: int = 256) -> list[dict]:
+             retentions: Iterable[float], seeds: int = 3, batch_size: int = 256,
+             variants: Mapping[str, tuple[float | str, TokenSelector]] | None = None) -> list[dict]:
     """Rows ``{strategy, retention, selector_retention, recon_mse, glyph_coverage, n_crops}``.
 
     ``selectors`` maps trained p -> model. The selector row at retention r uses the
     model trained at the p nearest to r (with one selector: that one, top-k at r);
-    every strategy is scored with that same model's reconstructor. ``selector`` and
-    ``random`` choose through ``strategies.select`` with eval's per-crop budget, and
-    ``random`` draws as eval does, from a generator seeded by (seed, crop index)
-    (``strategies.seeded_generator``); ``uniform-grid`` is an ordered-dither grid."""
+    ``random`` and ``uniform-grid`` are scored with that same model's reconstructor.
+    ``selector`` and ``random`` choose through ``strategies.select`` with eval's per-crop
+    budget, and ``random`` draws as eval does, from a generator seeded by (seed, crop index)
+    (``strategies.seeded_generator``); ``uniform-grid`` is an ordered-dither grid.
+
+    ``variants`` maps a strategy name to (its train-stage checkpoint key: a float p or
+    "range", model): e.g. ``selector-p0.25`` (the selector trained at 0.25, top-k at every r)
+    and ``selector-range`` (the range-trained one, top-k by its p-independent ranking).
+    Each variant's row is scored with ITS OWN reconstructor (its kept set rebuilt by the
+    reconstructor trained with it), not with the per-p selector's; its row carries
+    ``checkpoint`` (the manifest's checkpoints key) and ``selector_retention`` (the p it was
+    trained at; None for the range selector). The rows of ``selector``, ``random`` and
+    ``uniform-grid`` are the same with or without variants."""
     retentions = [float(r) for r in retentions]
     feats, masks = [], []
     for f, m in crops:
@@ -70,7 +85,30 @@ def held_out_metrics(selectors: Mapping[float, TokenSelector], crops: Iterable[t
         for name, (mse, kept, glyphs) in totals.items():
             rows.append({"strategy": name, "retention": r, "selector_retention": p, "recon_mse": mse / n,
                          "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})
+        for name, (ckpt, variant) in (variants or {}).items():
+            mse, kept, glyphs = _own_reconstructor_scores(variant, x_all, g_all, r, batch_size)
+            trained_at = None if isinstance(ckpt, str) else float(ckpt)
+            rows.append({"strategy": name, "retention": r, "selector_retention": trained_at,
+                         "checkpoint": ckpt if isinstance(ckpt, str) else f"{ckpt:g}", "recon_mse": mse / n,
+                         "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})
     return rows
+
+
+def _own_reconstructor_scores(model: TokenSelector, x_all: torch.Tensor, g_all: torch.Tensor | None, r: float,
+                              batch_size: int) -> tuple[float, float, float]:
+    """(sum of per-crop MSE, kept glyph tokens, glyph tokens) of ``model``'s top-k at ``r``, each crop
+    rebuilt by ``model``'s own reconstructor."""
+    device = next(model.parameters()).device
+    acc = [0.0, 0.0, 0.0]
+    for start in range(0, len(x_all), batch_size):
+        x = x_all[start:start + batch_size].to(device)
+        kept = kept_indices(select("selector", x, r, "per-crop", Context(selector=model)).mask)
+        acc[0] += model.reconstruction_error(x, kept).sum().item()
+        if g_all is not None:
+            g = g_all[start:start + batch_size].to(device)
+            acc[1] += g.gather(1, kept).sum().item()
+            acc[2] += g.sum().item()
+    return acc[0], acc[1], acc[2]
 
 
 def _random(x: torch.Tensor, retention: float, seed: int, start: int) -> torch.Tensor:

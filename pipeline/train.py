@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .config import EVAL_RETENTIONS, Config, ConfigError, check, check_compute
+from .config import EVAL_RETENTIONS, Config, ConfigError, canonical_json, check, check_compute, content_hash
 from .errors import UserError
-from .selector import SelectorConfig, TokenSelector
+from .selector import SelectorConfig, TokenSelector, check_retention_range, omit_unset_range
 
 # The embedded default (tiny presets on 2 CPUs) shortens the paper-scale schedule, SelectorConfig's
 # defaults (lr 1e-4, 2000 steps, batch 64; the paper's Sec. 4.4, Training, gives no schedule),
@@ -39,7 +39,11 @@ class TrainConfig(Config):
     eval_mode records how the held-out comparison uses the selectors: with one
     retention, that selector's top-k is taken at every eval retention (the
     paper's evaluation); with several, each eval retention uses the selector
-    trained at the nearest p ("per-retention", the paper's x-axis)."""
+    trained at the nearest p ("per-retention", the paper's x-axis).
+
+    retention_range (min, max) trains one more selector beside the per-p ones, on the whole range
+    (p drawn per batch from [min, max]; ``selector_for_range``). It is left out of ``to_dict()`` when
+    None, so the stage keys of configs without it are the ones they were before it existed."""
 
     kind: ClassVar[str] = "train"
 
@@ -54,9 +58,15 @@ class TrainConfig(Config):
     eval_seeds: int = 3
     device: str = "auto"             # where the selector trains and is evaluated (auto: CUDA when present)
     autocast: str = "none"           # "bf16": bfloat16 autocast on CUDA
+    retention_range: tuple | None = None  # (min, max): one more selector, trained on the whole range
 
     def validate(self) -> None:
         check(len(self.retentions) > 0, "give at least one --retention")
+        if self.retention_range is not None:
+            check_retention_range(self.retention_range)
+        check(self.selector.retention_range is None,
+              f"set the range as [train] retention_range (atr train --retention-range), not in the selector "
+              f"section (got selector retention_range {self.selector.retention_range!r})")
         for r in (*self.retentions, *self.eval_retentions):
             check(isinstance(r, (int, float)) and 0.0 < r <= 1.0, f"retention must be in (0, 1], got {r!r}")
         check(len(set(self.retentions)) == len(self.retentions), f"duplicate retentions {self.retentions!r}")
@@ -74,7 +84,24 @@ class TrainConfig(Config):
         return "single-selector-top-k" if len(self.retentions) == 1 else "per-retention"
 
     def selector_for(self, retention: float) -> SelectorConfig:
-        return dataclasses.replace(self.selector, retention=float(retention))
+        return dataclasses.replace(self.selector, retention=float(retention), retention_range=None)
+
+    def selector_for_range(self) -> SelectorConfig:
+        """The range selector's config (``retention`` keeps the selector section's value; unused)."""
+        lo, hi = check_retention_range(self.retention_range)
+        return dataclasses.replace(self.selector, retention_range=(lo, hi))
+
+    def to_dict(self) -> dict:
+        """As Config.to_dict, without ``retention_range`` (here and in ``selector``) when it is None."""
+        d = omit_unset_range(super().to_dict())
+        d["selector"] = self.selector.to_dict()
+        return d
+
+    def to_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    def hash(self) -> str:
+        return content_hash({"kind": self.kind, "config": self.to_dict()})
 
 
 def split_bucket(image_id: str) -> int:
@@ -160,6 +187,17 @@ class Trainer:
         pinned = torch.device(self.device).type == "cuda" and x.is_pinned()
         return x.to(self.device, non_blocking=pinned).to(torch.float32)
 
+    def batch_retention(self, step: int | None = None) -> float | None:
+        """The target ratio p of the batch at ``step`` (default: the next one) for a range selector:
+        uniform on [min, max] from a generator seeded by (seed, step), so it is a function of the seed
+        and the step alone (a resumed run draws the same p, and no global RNG is touched); None for a
+        single-p selector."""
+        if self.cfg.retention_range is None:
+            return None
+        lo, hi = self.cfg.retention_range
+        step = self.step if step is None else step
+        return float(np.random.default_rng([self.cfg.seed, step, 0x9E3779B9]).uniform(lo, hi))
+
     def _set_lr(self) -> float:
         lr = self.cfg.lr * lr_factor(self.step, self.cfg.warmup_steps, self.cfg.steps)
         for group in self.optimizer.param_groups:
@@ -180,20 +218,25 @@ class Trainer:
                 raise ConfigError("the feature stream ended before training finished") from None
             x = self.to_device(batch)
             lr = self._set_lr()
+            p = self.batch_retention()
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(x)  # the backward below runs outside autocast, in the forward's dtypes
+                out = self.model(x, p)  # the backward below runs outside autocast, in the forward's dtypes
             loss = out["loss"]
             if not torch.isfinite(loss):
+                what = f"retention {self.cfg.retention}" if p is None else f"retention range, p {p:.3f}"
                 raise TrainingDiverged(
                     f"training stopped: loss became {loss.item()} at step {self.step} "
-                    f"(retention {self.cfg.retention}, lr {lr:.2e}); lower --lr or check the features")
+                    f"({what}, lr {lr:.2e}); lower --lr or check the features")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.step += 1
-            window.append({"loss": loss.item(), "mse": out["mse"].item(), "keep": out["keep"].item()})
+            row = {"loss": loss.item(), "mse": out["mse"].item(), "keep": out["keep"].item()}
+            if p is not None:  # a range selector: the drawn p and how far the kept fraction is from it
+                row.update(p=p, keep_gap=row["keep"] - p)
+            window.append(row)
             if self.step % log_every == 0 or self.step == self.cfg.steps:
                 metrics = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
                 metrics.update(lr=lr, seconds=time.perf_counter() - t0)

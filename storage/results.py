@@ -69,7 +69,7 @@ class Column:
     name: str
     type: str
     comment: str
-    default: str | None = None  # a key column's value when a row leaves it out (the DDL's DEFAULT too)
+    default: Any = None  # a key column's value when a row leaves it out (the DDL's DEFAULT too): str, float, bool
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Table:
         return tuple(c.name for c in self.columns)
 
     def ddl(self) -> str:
-        parts = [f'"{c.name}" {c.type}' + ("" if c.default is None else f" DEFAULT {_sql_literal(c.default)}")
+        parts = [f'"{c.name}" {c.type}' + ("" if c.default is None else f" DEFAULT {_sql_value(c.default)}")
                  for c in self.columns]
         if self.primary_key:
             parts.append(f"PRIMARY KEY ({', '.join(self.key)})")
@@ -103,7 +103,16 @@ _RETENTION = Column("retention", "DOUBLE", "Fraction of visual tokens kept (0-1]
 _STRATEGY = Column("strategy", "VARCHAR", "Token-selection strategy name")
 _SEED = Column("seed", "INTEGER", "Random seed of the evaluation")
 _BUDGET = Column("budget", "VARCHAR", "Budget mode: per-crop (k per crop), global (K per image) or stock "
-                                      "(K = retention x the stock model's tokens of the image)", default="per-crop")
+                                      "(K = retention x the stock model's tokens of the image), or threshold "
+                                      "(adaptive: the tokens whose keep probability reaches `threshold`, retention "
+                                      "is the cap)", default="per-crop")
+_VARIANT = Column("variant", "VARCHAR", "The strategy's options that differ from its defaults, as k=v,k=v in name "
+                                        "order (e.g. allocation=image); '' for the defaults", default="")
+_THRESHOLD = Column("threshold", "DOUBLE", "The threshold budget's keep-probability threshold (0: a fixed budget); "
+                                           "the floor is in the run's config", default=0.0)
+_INTERPOLATION = Column("interpolation", "BOOLEAN", "LLaVA-OneVision's grid interpolation was on (--interpolation "
+                                                    "on: full/none only); false: off, the default",
+                        default=False)
 
 TABLES: dict[str, Table] = {
     t.name: t
@@ -175,8 +184,12 @@ TABLES: dict[str, Table] = {
                                                        "no image sent, or recorded before atr counted it"),
                 Column("tokens_vs_stock", "DOUBLE", "mean_visual_tokens / stock_visual_tokens: above 1 the pruned "
                                                     "context costs more than the stock model"),
+                _VARIANT,
+                _THRESHOLD,
+                _INTERPOLATION,
             ),
-            key=("run_id", "model", "benchmark", "strategy", "retention", "seed", "metric", "budget"),
+            key=("run_id", "model", "benchmark", "strategy", "retention", "seed", "metric", "budget", "variant",
+                 "threshold", "interpolation"),
         ),
         Table(
             "eval_samples",
@@ -197,8 +210,12 @@ TABLES: dict[str, Table] = {
                                                    "row newlines, extra tokens); NULL: not recorded"),
                 Column("stock_visual_tokens", "INTEGER", "Visual tokens the stock model sends for this sample's "
                                                          "images; NULL: no image sent, or not recorded"),
+                _VARIANT,
+                _THRESHOLD,
+                _INTERPOLATION,
             ),
-            key=("run_id", "model", "benchmark", "sample_id", "strategy", "retention", "seed", "budget"),
+            key=("run_id", "model", "benchmark", "sample_id", "strategy", "retention", "seed", "budget", "variant",
+                 "threshold", "interpolation"),
         ),
         Table(
             "bench_results",
@@ -259,15 +276,31 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _sql_value(value: Any) -> str:
+    """A column default as SQL: a quoted string, true/false, or a number."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(float(value)) if isinstance(value, float) else str(value)
+    return _sql_literal(str(value))
+
+
 # How a column added by a later schema is filled in rows an older atr wrote (default: NULL).
 # A key column cannot be NULL: a run with no eval_scores row gets 'unknown'.
 # The budget of an older row is its run's: the eval config in runs.config_json (one budget per run then).
 _RUN_BUDGET = ("coalesce((SELECT json_extract_string(r.config_json, '$.eval.budget') FROM runs r "
                "WHERE r.run_id = old.run_id), 'per-crop')")
+# variant and threshold did not exist before: every older row is a default variant under a fixed budget; its
+# interpolation is its run's (the eval config in runs.config_json), false where the run does not say.
+_RUN_INTERPOLATION = ("coalesce((SELECT TRY_CAST(json_extract_string(r.config_json, '$.eval.interpolation') AS BOOLEAN) "
+                      "FROM runs r WHERE r.run_id = old.run_id), false)")
 _BACKFILL = {("eval_samples", "model"):
              "coalesce((SELECT any_value(s.model) FROM eval_scores s WHERE s.run_id = old.run_id), 'unknown')",
              ("eval_samples", "budget"): _RUN_BUDGET, ("eval_scores", "budget"): _RUN_BUDGET,
-             ("eval_scores", "tokens_vs_stock"): "NULL"}
+             ("eval_scores", "tokens_vs_stock"): "NULL",
+             **{(t, "variant"): "''" for t in ("eval_scores", "eval_samples")},
+             **{(t, "threshold"): "0.0" for t in ("eval_scores", "eval_samples")},
+             **{(t, "interpolation"): _RUN_INTERPOLATION for t in ("eval_scores", "eval_samples")}}
 
 
 def _columns(conn: duckdb.DuckDBPyConnection, table: str) -> tuple[str, ...]:

@@ -2,8 +2,10 @@
 
 ``--selector`` is either a checkpoint file (``.safetensors``, or its ``.json``
 sidecar) or a train stage: its hash, a unique prefix of it, or its directory.
-From a stage the checkpoint trained at the retention nearest to the one asked
-for is used. Loading reads only safetensors (``storage.checkpoints``) and checks
+From a stage, ``variant`` picks the checkpoint: ``nearest`` (the default) the one
+trained at the retention nearest to the one asked for, ``range`` the one trained
+on a retention range (``atr train --retention-range``), ``p0.25`` exactly the one
+trained at 0.25. Loading reads only safetensors (``storage.checkpoints``) and checks
 the encoder width C and tokens per crop L before the weights are used.
 """
 
@@ -34,15 +36,39 @@ class LoadedSelector:
     sha256: str            # first 16 hex digits of the file's sha256 (part of eval cache keys)
 
 
-def resolve_selector(home: Home, ref: str, retention: float) -> Path:
-    """The checkpoint file for ``--selector``: a file path as given, or the nearest-retention
-    checkpoint listed in a train stage's manifest (CheckpointError / StageError when neither)."""
+RANGE = "range"  # the train manifest's checkpoints key of the range-trained selector
+VARIANTS = ("nearest", RANGE, "p<P>")
+
+
+def parse_variant(variant: str) -> float | str:
+    """"nearest" or "range" as given, "p0.25" as the float 0.25; anything else one CheckpointError line."""
+    if variant in ("nearest", RANGE):
+        return variant
+    if isinstance(variant, str) and variant.startswith("p"):
+        try:
+            p = float(variant[1:])
+        except ValueError:
+            p = None
+        if p is not None and 0.0 < p <= 1.0:
+            return p
+    raise CheckpointError(f"selector variant must be nearest, range or p<P> (e.g. p0.25), got {variant!r}")
+
+
+def resolve_selector(home: Home, ref: str, retention: float, variant: str = "nearest") -> Path:
+    """The checkpoint file for ``--selector``: a file path as given, or a checkpoint listed in a train
+    stage's manifest, chosen by ``variant``: ``nearest`` (trained at the p nearest ``retention``),
+    ``range`` (the range-trained one) or ``p0.25`` (exactly that p). CheckpointError / StageError, one
+    line, when there is none; a file named directly must fit the variant too (``range``: trained on a
+    range; ``p0.25``: trained at 0.25)."""
+    want = parse_variant(variant)
     path = Path(ref).expanduser()
     if path.is_file() or path.suffix in CHECKPOINT_SUFFIXES:
         if path.suffix == ".json" and path.with_suffix(".safetensors").is_file():
-            return path.with_suffix(".safetensors")  # the sidecar was named
+            path = path.with_suffix(".safetensors")  # the sidecar was named
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint")
+        if want != "nearest":
+            _check_file_variant(path, want)
         return path  # load_checkpoint refuses anything but safetensors
     sd = find_stage(home, "train", ref)
     manifest = read_manifest(sd.path)
@@ -50,11 +76,44 @@ def resolve_selector(home: Home, ref: str, retention: float) -> Path:
     if not isinstance(checkpoints, dict) or not checkpoints:
         raise StageError(f"{sd.path}: manifest lists no selector checkpoints (not a train stage?)")
     try:
-        options = sorted((float(p), name) for p, name in checkpoints.items())
+        options = sorted((float(p), name) for p, name in checkpoints.items() if p != RANGE)
     except (TypeError, ValueError):
         raise StageError(f"{sd.path}: unreadable checkpoints entry in the manifest") from None
-    _, name = min(options, key=lambda o: (abs(o[0] - retention), o[0]))
-    return sd.path / name
+    trained = ", ".join(f"{p:g}" for p, _ in options)
+    if want == RANGE:
+        if RANGE not in checkpoints:
+            raise CheckpointError(f"{sd.path} was trained at {'one p' if len(options) == 1 else 'p'} ({trained}), "
+                                  f"not on a range: variant=range needs a checkpoint from atr train "
+                                  f"--retention-range MIN,MAX")
+        return sd.path / checkpoints[RANGE]
+    if want == "nearest":
+        if not options:
+            raise StageError(f"{sd.path}: manifest lists no per-p selector checkpoints")
+        _, name = min(options, key=lambda o: (abs(o[0] - retention), o[0]))
+        return sd.path / name
+    exact = [name for p, name in options if abs(p - want) < 1e-9]
+    if not exact:
+        raise CheckpointError(f"{sd.path} has no selector trained at p = {want:g} (variant=p{want:g}); it has "
+                              f"p = {trained or 'none'}{' and a range' if RANGE in checkpoints else ''}")
+    return sd.path / exact[0]
+
+
+def _check_file_variant(path: Path, want: float | str) -> None:
+    """A checkpoint file named directly with variant range or p<P>: its meta must say so (one line)."""
+    try:
+        _, meta = load_checkpoint(path)
+    except CheckpointError:
+        return  # loading it reports what is wrong with the file
+    rng = meta.get("retention_range") or (meta.get("config") or {}).get("retention_range")
+    p = meta.get("retention", (meta.get("config") or {}).get("retention"))
+    if want == RANGE and not rng:
+        raise CheckpointError(f"{path} was trained at one p ({p:g}), not on a range: variant=range needs a "
+                              f"checkpoint from atr train --retention-range MIN,MAX" if isinstance(p, (int, float))
+                              else f"{path} was not trained on a range: variant=range needs a checkpoint from "
+                                   f"atr train --retention-range MIN,MAX")
+    if isinstance(want, float) and (rng or not isinstance(p, (int, float)) or abs(float(p) - want) > 1e-9):
+        what = f"on the range [{rng[0]:g}, {rng[1]:g}]" if rng else f"at p = {p}"
+        raise CheckpointError(f"{path} was trained {what}, not at p = {want:g} (variant=p{want:g})")
 
 
 def load_selector(path: Path, build: Callable[[dict, dict], Any], expect_channels: int | None = None,
@@ -71,4 +130,4 @@ def load_selector(path: Path, build: Callable[[dict, dict], Any], expect_channel
     return LoadedSelector(selector, meta, Path(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16])
 
 
-__all__ = ["CHECKPOINT_SUFFIXES", "LoadedSelector", "resolve_selector", "load_selector"]
+__all__ = ["CHECKPOINT_SUFFIXES", "LoadedSelector", "VARIANTS", "parse_variant", "resolve_selector", "load_selector"]

@@ -70,7 +70,7 @@ def test_eval_flow_records_rows_plots_and_reuses_chunks(prefect_api_url, session
     for png in out["plots"]:
         with open(png, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {p.rsplit("/", 1)[1] for p in out["plots"]} == {"eval-synthetic-ocr.png", "eval-grid.png"}
+    assert {p.rsplit("/", 1)[1] for p in out["plots"]} == {"eval-synthetic-ocr.png", "eval-grid.png", "frontier.png"}
 
     # Adding a strategy reuses every finished chunk.
     cfg2 = EvalConfig(benchmarks=("synthetic-ocr",), strategies=("full", "none", "random", "selector", "diversity"),

@@ -135,7 +135,7 @@ def test_every_strategy_runs_on_onevision_at_the_budget_of_random(ov):
     samples = generate_samples("synthetic-scene", "test", 4, seed=0)
     items = [EvalItem(f"s{i}", s.image, s.question, s.answers, {}) for i, s in enumerate(samples)]
     tokens = {}
-    for strategy in [p for p in pruners() if p != "selector"]:
+    for strategy in [p for p in pruners() if p not in ("selector", "visionselector")]:  # trained for other models
         r = evaluate_chunk(model, processor, "synthetic-scene", items, strategy, 0.25)
         tokens[strategy] = r.mean_visual_tokens
         assert r.stock_visual_tokens is not None and r.stock_visual_tokens > r.mean_visual_tokens

@@ -178,8 +178,8 @@ def test_every_strategy_sends_as_many_tokens_as_random(budget):
             want = select("random", feats, r, budget, ctx, valid).tokens
             assert want == image_budget(valid, r, budget)
             for s in names():
-                if s in ("none", "full"):
-                    continue
+                if s in ("none", "full", "visionselector"):  # visionselector: a checkpoint trained for the model
+                    continue                                  # (its budgets: tests/test_visionselector.py)
                 got = select(s, feats, r, budget, ctx, valid)
                 assert got.tokens == want, (s, crops, r, budget)
                 assert not (got.mask & ~valid).any(), s

@@ -67,7 +67,7 @@ def test_cold_run_computes_every_stage_and_writes_the_report(cold):
     assert report.parent == home.reports and report.name == f"run-{out['run_id']}"
     files = {p.name for p in report.iterdir()}
     assert {"summary.md", "summary.json", "run.json", "eval-synthetic-ocr.png", "eval-synthetic-scene.png",
-            "eval-grid.png", "selector_metrics.png"} <= files
+            "eval-grid.png", "frontier.png", "selector_metrics.png"} <= files
     md = (report / "summary.md").read_text()
     assert out["run_id"] in md and out["mlflow_run_id"] in md
     assert "| synthetic-ocr | selector |" in md and "| synthetic-scene | random (1 seeds) |" in md
@@ -116,7 +116,7 @@ def test_mlflow_parent_run_has_one_child_per_stage_with_params_metrics_artifacts
     train_arts = {a.path for a in client.list_artifacts(child["train"].info.run_id)}
     assert {"selector-p0.25.safetensors", "selector_metrics.png", "_manifest.json"} <= train_arts
     report_arts = {a.path for a in client.list_artifacts(child["report"].info.run_id)}
-    assert {"summary.md", "eval-grid.png", "_manifest.json"} <= report_arts
+    assert {"summary.md", "eval-grid.png", "frontier.png", "_manifest.json"} <= report_arts
 
 
 def test_prefect_cache_entries_are_keyed_by_the_stage_hashes(cold):

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import ConfigError
 from pipeline.selector import SelectorConfig, TokenSelector
-from pipeline.strategies import Batch, Context, adaptive_keep, get, select, selections, variant_text
+from pipeline.strategies import Context, Threshold, adaptive_keep, get, select, selections, variant_text
 from pipeline.strategies.basic import calibrated
 
 
@@ -71,15 +71,14 @@ def test_threshold_budget_through_select_follows_the_selectors_probability(selec
     valid = torch.ones(3, 16, dtype=torch.bool)
     prob = torch.sigmoid(selector.keep_logits(x))
     for t in (0.3, 0.5, 0.7):
-        got = select("selector", x, 0.75, "threshold", Context(selector=selector), valid, threshold=t, floor=0.02)
+        got = select("selector", x, 0.75, Threshold(t, 0.02), Context(selector=selector), valid)
         want = int((prob >= t).sum())
         assert got.tokens == min(max(want, 1), 36)
         assert bool((prob[got.mask] >= prob[~got.mask].max()).all()) if got.tokens < 48 else True
     # the batch path gives every image the mask it gets alone
     images = [_image(seed=s) for s in (1, 2)]
-    batch = selections("selector", images, 0.75, "threshold", Context(selector=selector),
-                       Batch(threshold=0.5, floor=0.02))
-    alone = [select("selector", f, 0.75, "threshold", Context(selector=selector), threshold=0.5, floor=0.02)
+    batch = selections("selector", images, 0.75, Threshold(0.5, 0.02), Context(selector=selector))
+    alone = [select("selector", f, 0.75, Threshold(0.5, 0.02), Context(selector=selector))
              for f in images]
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(batch, alone))
 
@@ -87,12 +86,14 @@ def test_threshold_budget_through_select_follows_the_selectors_probability(selec
 def test_threshold_budget_refusals_are_one_line(selector):
     x = _image()
     with pytest.raises(ConfigError, match="has no keep probability"):
-        select("random", x, 0.5, "threshold", threshold=0.5)
-    for bad in (0.0, 1.0, 1.5, float("nan")):
+        select("random", x, 0.5, Threshold(0.5))
+    with pytest.raises(ConfigError, match="needs its threshold"):
+        select("selector", x, 0.5, "threshold", Context(selector=selector))
+    for bad in (1.0, 1.5, -0.5, float("nan")):
         with pytest.raises(ConfigError, match=r"threshold must be in \(0, 1\)"):
-            select("selector", x, 0.5, "threshold", Context(selector=selector), threshold=bad)
+            select("selector", x, 0.5, Threshold(bad), Context(selector=selector))
     with pytest.raises(ConfigError, match="floor"):
-        select("selector", x, 0.5, "threshold", Context(selector=selector), threshold=0.5, floor=0.6)
+        select("selector", x, 0.5, Threshold(0.5, 0.6), Context(selector=selector))
 
 
 def test_selector_options_and_variant_labels():
@@ -106,3 +107,30 @@ def test_selector_options_and_variant_labels():
         with pytest.raises(ConfigError) as err:
             spec.resolve_options(bad)
         assert "\n" not in str(err.value)
+
+
+def test_grid_allocation_spends_the_images_k_on_the_grid_crops_only(selector):
+    x = _image(crops=3)
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    got = select("selector", x, 0.25, "per-crop", Context(selector=selector), valid, options={"allocation": "grid"})
+    assert got.tokens == 12 and not got.mask[0].any()
+    logits = selector.keep_logits(x)[1:].flatten()
+    assert set((got.mask[1:].flatten().nonzero().flatten()).tolist()) == set(logits.topk(12).indices.tolist())
+    # the same K under the global budget; a one-crop image keeps its own top-K
+    assert select("selector", x, 0.25, "global", Context(selector=selector), valid,
+                  options={"allocation": "grid"}).tokens == 12
+    one = select("selector", x[:1], 0.25, "per-crop", Context(selector=selector), options={"allocation": "grid"})
+    assert one.tokens == 4
+    # grid crops with fewer valid tokens than K: the base crop fills in
+    few = valid.clone()
+    few[1:, 2:] = False
+    got = select("selector", x, 0.5, "global", Context(selector=selector), few, options={"allocation": "grid"})
+    assert got.tokens == 10 and got.mask[0].any()
+
+
+def test_threshold_budget_with_grid_allocation_skips_the_base_crop(selector):
+    x = _image(crops=3)
+    got = select("selector", x, 0.75, Threshold(0.3, 0.02), Context(selector=selector), options={"allocation": "grid"})
+    prob = torch.sigmoid(selector.keep_logits(x))[1:]
+    assert not got.mask[0].any()
+    assert got.tokens == min(max(int((prob >= 0.3).sum()), 1), 24)  # the cap: 0.75 of the grid's 32 tokens

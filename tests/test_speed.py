@@ -98,9 +98,10 @@ def test_speed_times_every_strategy_at_equal_budgets(speed_run):
     full_ttft = by[("select/full/ttft_seconds", 1.0)]["value"]
     assert full_ttft > 0
     for r in (0.5, 0.25):
-        sent = {s: by[(f"select/{s}/tokens", r)]["value"] for s in pruners()}
+        timed = [s for s in pruners() if s != "visionselector"]  # timed only when named: its checkpoint fits no bench
+        sent = {s: by[(f"select/{s}/tokens", r)]["value"] for s in timed}
         assert set(sent.values()) == {5 * round(r * 64)}, sent  # every strategy sends what random sends
-        for s in pruners():
+        for s in timed:
             ms, ttft = by[(f"select/{s}/ms_per_image", r)], by[(f"select/{s}/ttft_seconds", r)]
             assert ms["unit"] == "ms" and ms["value"] > 0
             assert ttft["measured"] == pytest.approx(full_ttft / ttft["value"])

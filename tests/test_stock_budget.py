@@ -155,7 +155,7 @@ def test_every_strategy_sends_the_stock_budget_on_onevision():
     family = family_of(model)
     stock_cfg = family.stock_config(model, processor)
     family.set_interpolation(model, processor, False)
-    names = [p for p in pruners() if p != "selector"]
+    names = [p for p in pruners() if p not in ("selector", "visionselector")]  # visionselector: test_visionselector.py
     images = [Image.new("RGB", (w, h), c) for (h, w), c in zip(((190, 190), (60, 100), (129, 129), (180, 64)),
                                                                ("red", "blue", "green", "white"))]
     feats = encode_images(model, processor, images, attention=tower_outputs(names).attention)

@@ -67,7 +67,7 @@ def _reference(model, processor, images):
         index = layer % len(hs)
         cls, keys = _layer_attention(tower, hs, index, family.has_cls(cfg))
         early = _layer_attention(tower, hs, 1, family.has_cls(cfg))[0]
-        last = tower.post_layernorm(hs[-1])
+        last = tower.post_layernorm(hs[layer])  # CDPruner's relevance input: the feature layer, post-norm
         last = last[:, 1:] if family.has_cls(cfg) else last
         return {"features": projector_inputs(hs, layer, cfg.vision_feature_select_strategy), "cls_attention": cls,
                 "keys": keys, "early_attention": early, "last_hidden": last,

@@ -30,6 +30,7 @@ from .serve import cmd_serve, serve_parser
 from .speed import cmd_speed, speed_parser
 from .sync import cmd_sync, sync_parser
 from .train import cmd_train, train_parser
+from .train_visionselector import cmd_train_visionselector, train_visionselector_parser
 
 DESCRIPTION = """\
 Adaptive visual-token reduction for LLaVA-NeXT (arXiv 2503.16660), as a pipeline.
@@ -60,6 +61,7 @@ COMMANDS = {
     "benchmark": (benchmark_parser, cmd_benchmark),
     "extract": (extract_parser, cmd_extract),
     "train": (train_parser, cmd_train),
+    "train-visionselector": (train_visionselector_parser, cmd_train_visionselector),
     "eval": (eval_parser, cmd_eval),
     "mask": (mask_parser, cmd_mask),
     "run": (run_parser, cmd_run),

@@ -32,6 +32,8 @@ def eval_parser(sub, common) -> None:
                     "$ATR_HOME/reports/eval-<run>/ and MLflow.",
         epilog="examples:\n  atr eval --selector <train-hash>\n"
                "  atr eval --benchmark synthetic-ocr --strategies full,random --retentions 0.25\n"
+               "  atr eval --selector <train-hash> --strategies full,none,selector --variant selector:allocation=image "
+               "--thresholds 0.3,0.5,0.7\n"
                "  atr eval --model llava-hf/llava-v1.6-mistral-7b-hf --selector sel.safetensors "
                "--benchmark docvqa_val --data DocVQA/validation-00000-of-00006.parquet")
     p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
@@ -50,6 +52,27 @@ def eval_parser(sub, common) -> None:
                         "--option visionzip.merge=average; values are JSON (true, 0.5, [1, 1]) or plain strings. "
                         "Options that differ from the defaults are part of the results' cache keys "
                         "(docs/strategies.md)")
+    p.add_argument("--variant", action="append", default=[], metavar="STRATEGY:NAME=VALUE[,NAME=VALUE]",
+                   help="one more variant of a strategy, evaluated beside its default (the --option values) in the "
+                        "same run, repeatable, e.g. --variant selector:allocation=image --variant "
+                        "selector:allocation=image,calibration=crop-z; each variant's options go on top of the "
+                        "strategy's --option values. Results are told apart by their variant (eval_scores.variant: "
+                        "the changed options as k=v,k=v) and labelled e.g. 'selector [allocation=image]'")
+    p.add_argument("--thresholds", default=None, metavar="T1,T2",
+                   help="the threshold budget, for adaptive strategies (the selector): per threshold in (0, 1) one "
+                        "more result per variant that keeps each image's tokens whose keep probability reaches it, "
+                        "between --threshold-floor and --threshold-cap of its valid tokens, so the count follows the "
+                        "image (reported with its mean visual tokens, e.g. 'selector @ t=0.5', and on the frontier "
+                        "plot); other strategies are evaluated as usual")
+    p.add_argument("--threshold-floor", type=float, default=0.02, metavar="F",
+                   help="threshold budget: the least fraction of an image's valid tokens kept (default: 0.02)")
+    p.add_argument("--threshold-cap", type=float, default=0.75, metavar="C",
+                   help="threshold budget: the most fraction of an image's valid tokens kept; also the retention "
+                        "whose selector checkpoint it uses (default: 0.75)")
+    p.add_argument("--split", default="test", metavar="val|test",
+                   help="which split of the synthetic benchmarks is generated: val to fix choices on, test to report "
+                        "once (default: test; train is refused: VisionSelector learns on it). Real benchmarks read "
+                        "--data, whose files decide their split")
     p.add_argument("--text-encoder", default=None, metavar="ID_OR_DIR",
                    help="a CLIP checkpoint (hub id or save_pretrained folder, e.g. openai/clip-vit-large-patch14-336) "
                         "whose text tower gives cdpruner the question's relevance; without it cdpruner runs the "
@@ -72,7 +95,8 @@ def eval_parser(sub, common) -> None:
                         "LLaVA-OneVision's interpolation on) sends of the image, spread as global. Every strategy "
                         "sends the LLM that many tokens; the peers that split a budget themselves (HiRED, DivPrune, "
                         "CDPruner) spread the image's total their way. Comma-separated: each budget is evaluated, "
-                        "side by side in one run (default: per-crop)")
+                        "side by side in one run (default: per-crop). The adaptive threshold budget is not one of these: "
+                        "--thresholds gives it")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
     p.add_argument("--batch-size", type=_batch_size, default=None,
                    help="questions per generate call, or auto: on CUDA each batch is cut by its tokens (visual + "
@@ -135,6 +159,50 @@ def parse_options(given: list[str]) -> dict[str, dict]:
     return out
 
 
+def _option_value(raw: str):
+    import json
+
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def parse_variants(given: list[str], options: dict[str, dict]) -> dict[str, object]:
+    """``--variant STRATEGY:NAME=VALUE[,NAME=VALUE]`` (repeatable) on top of ``--option``'s tables: a
+    strategy with variants gets the list [its --option table, that table updated by each variant]; one
+    line for a bad one."""
+    out: dict[str, object] = dict(options)
+    for text in given:
+        strategy, colon, body = text.partition(":")
+        strategy = strategy.strip()
+        pairs = [p for p in body.split(",") if p.strip()]
+        if not (colon and strategy and pairs and all("=" in p and p.partition("=")[0].strip() for p in pairs)):
+            raise UserError(f"--variant {text!r}: write STRATEGY:NAME=VALUE[,NAME=VALUE], e.g. "
+                            "selector:allocation=image,calibration=crop-z")
+        base = options.get(strategy, {})
+        current = out.get(strategy, base)
+        tables = list(current) if isinstance(current, list) else [current]
+        tables.append({**base, **{k.strip(): _option_value(v.strip()) for k, _, v in (p.partition("=") for p in pairs)}})
+        out[strategy] = tables
+    return out
+
+
+def parse_thresholds(text: str | None) -> tuple[float, ...]:
+    """``--thresholds 0.3,0.5`` -> (0.3, 0.5); one line for a value that is not a number."""
+    if not text:
+        return ()
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise UserError(f"--thresholds {text!r}: {part!r} is not a number (write e.g. 0.3,0.5,0.7)") from None
+    return tuple(out)
+
+
 def cmd_eval(home, args) -> int:
     from pipeline.evaluate import EvalConfig, default_batch_size, default_strategies
 
@@ -156,7 +224,9 @@ def cmd_eval(home, args) -> int:
                      batch_size=default_batch_size(args.device) if args.batch_size is None else args.batch_size,
                      shard_size=args.shard_size, device=args.device, model_dtype=args.dtype,
                      text_encoder=args.text_encoder, interpolation=args.interpolation == "on",
-                     harness=args.harness, tasks=tasks, options=parse_options(args.option))
+                     harness=args.harness, tasks=tasks, options=parse_variants(args.variant, parse_options(args.option)),
+                     thresholds=parse_thresholds(args.thresholds), threshold_floor=args.threshold_floor,
+                     threshold_cap=args.threshold_cap, split=args.split)
     if args.harness == "lmms-eval":
         from ..stages.lmms_eval import check_tasks, require_lmms_eval
 

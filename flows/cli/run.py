@@ -27,7 +27,8 @@ def run_parser(sub, common) -> None:
                "  atr run --dask-address tcp://10.0.0.5:8786  # ... or on an existing one")
     p.add_argument("--config", metavar="RUN.TOML", default=None,
                    help="TOML file with any of: model, [extract], [train], [train.selector], [eval], [data] "
-                        "(see --print-config); unknown keys are refused")
+                        "(see --print-config); unknown keys are refused. [eval.options] takes a table per strategy, "
+                        "or a list of tables for variants side by side: selector = [{}, {allocation = \"image\"}]")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", choices=STAGES, default=None,
                    help=f"recompute STAGE and every stage after it ({', '.join(STAGES)}); earlier stages are "
                         "reused from the cache")

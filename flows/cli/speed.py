@@ -114,9 +114,10 @@ def check_args(args) -> dict[str, Any]:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
     if not args.load_threshold > 0:
         raise ConfigError(f"--load-threshold must be positive, got {args.load_threshold}")
-    from pipeline.strategies import pruners
+    from pipeline.strategies import get, pruners
 
-    given = ",".join(pruners()) if args.strategies is None else args.strategies
+    # by default every pruner but those reading a trained file (visionselector's checkpoint, trained per model)
+    given = ",".join(p for p in pruners() if not get(p).files) if args.strategies is None else args.strategies
     strategies = [] if given.strip() in ("", "none") else [x.strip() for x in given.split(",") if x.strip()]
     for x in strategies:
         if x not in pruners():

@@ -14,11 +14,14 @@ def train_parser(sub, common) -> None:
         description="Train the paper's selector + reconstructor on extracted features (loss = "
                     "MSE + max(mean(M), p)), one selector per retention p, then compare selector "
                     "top-k with random-k (mean of 3 seeds) and a uniform grid on held-out crops at "
-                    "retentions 0.1, 0.25, 0.5, 0.75 (reconstruction MSE, glyph coverage). "
+                    "retentions 0.1, 0.25, 0.5, 0.75 (reconstruction MSE, glyph coverage). With "
+                    "--retention-range MIN,MAX one more selector is trained on the whole range and "
+                    "compared with the per-p ones. "
                     "Features come from --features, or are extracted first from --model/--images. "
                     "A killed run resumes from its last checkpoint; an identical run is a cache hit.",
         epilog="examples:\n  atr train --retentions 0.25\n  atr train --features 4c914bad --retentions "
-               "0.1,0.25,0.5 --steps 2000\n  atr train --model llava-hf/llava-v1.6-mistral-7b-hf "
+               "0.1,0.25,0.5 --steps 2000\n  atr train --retentions 0.1,0.25,0.5 --retention-range 0.05,0.6"
+               "\n  atr train --model llava-hf/llava-v1.6-mistral-7b-hf "
                "--images /data/coco/train2017 --limit 100000 --steps 20000 --batch-size 64")
     p.add_argument("--features", metavar="STAGE_OR_HASH", default=None,
                    help="an extract stage: its hash (or a unique prefix) or its directory")
@@ -32,6 +35,10 @@ def train_parser(sub, common) -> None:
     add_retentions_option(p, "0.25", alias=True,
                           help="target keep ratio p, or a comma-separated list for one selector per p (default: "
                                "0.25; --retention is the same option)")
+    p.add_argument("--retention-range", metavar="MIN,MAX", default=None,
+                   help="also train one selector on a range of keep ratios (p drawn per batch uniformly from "
+                        "[MIN, MAX]; its ranking serves every budget), saved as selector-range beside the per-p "
+                        "ones, e.g. 0.05,0.5 (default: none)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimizer steps per selector (default: 2000, also for the tiny presets)")
     p.add_argument("--batch-size", type=int, default=None, help="crops per step (default: 64; 32 for the tiny presets)")
@@ -46,6 +53,20 @@ def train_parser(sub, common) -> None:
     p.add_argument("--autocast", choices=("none", "bf16"), default="none",
                    help="train the selector under bfloat16 autocast on CUDA (default: none; --dtype is the "
                         "model's precision when features are extracted first)")
+
+
+def parse_retention_range(text: str | None) -> tuple[float, float] | None:
+    """``--retention-range MIN,MAX``: two numbers; their bounds are checked by TrainConfig (one line)."""
+    from pipeline.config import ConfigError
+
+    if text is None:
+        return None
+    parts = [t.strip() for t in str(text).split(",")]
+    try:
+        lo, hi = (float(t) for t in parts)
+    except ValueError:
+        raise ConfigError(f"--retention-range: give two keep ratios MIN,MAX like 0.05,0.5, got {text!r}") from None
+    return (lo, hi)
 
 
 def cmd_train(home, args) -> int:
@@ -63,7 +84,8 @@ def cmd_train(home, args) -> int:
     selector = SelectorConfig(seed=args.seed, **{k: v for k, v in user.items() if v is not None})
     cfg = TrainConfig(selector=selector, retentions=parse_retentions(args.retentions),
                       held_out_percent=args.held_out_percent, checkpoint_every=args.checkpoint_every,
-                      device=args.device, autocast=args.autocast)
+                      device=args.device, autocast=args.autocast,
+                      retention_range=parse_retention_range(args.retention_range))
     from pipeline.device import resolve_device
 
     resolve_device(cfg.device)  # --device cuda without CUDA: one line before any flow starts

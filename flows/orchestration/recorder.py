@@ -12,6 +12,7 @@ Besides the generic stage record, the recorder writes each stage's own rows:
 from __future__ import annotations
 
 import json
+import re
 import traceback
 import uuid
 from pathlib import Path
@@ -93,7 +94,7 @@ class RunRecorder:
         """The train stage: its ``selector_metrics`` rows, then the stage record in MLflow child ``child``."""
         ckpts = result.manifest["checkpoints"]
         self.store.insert_rows("selector_metrics", [
-            {"run_id": self.run_id, "checkpoint": str(result.path / ckpts[f"{r['selector_retention']:g}"]),
+            {"run_id": self.run_id, "checkpoint": str(result.path / ckpts[r.get("checkpoint") or f"{r['selector_retention']:g}"]),
              "split": "held-out", "strategy": r["strategy"], "retention": r["retention"],
              "recon_mse": r["recon_mse"],
              "glyph_coverage": None if r["glyph_coverage"] != r["glyph_coverage"] else r["glyph_coverage"]}
@@ -117,9 +118,7 @@ class RunRecorder:
             self.stages_batch(stages)
             metrics = {}
             for c, o in results:
-                budget = c.pruning.budget
-                name = f"{c.benchmark}/{c.strategy}/r{c.retention:g}" + \
-                    ("" if budget == "per-crop" else f"/{budget}") + f"/seed{c.seed}"
+                name = chunk_metric_name(c)
                 metrics[f"{name}/score"] = o.manifest["summary"]["score"]
                 metrics[f"{name}/mean_visual_tokens"] = o.manifest["summary"]["mean_visual_tokens"]
                 if o.manifest["summary"].get("tokens_vs_stock") is not None:
@@ -129,18 +128,21 @@ class RunRecorder:
             metrics["seconds"] = sum(o.seconds for o in stages)
             self.tracker.log_metrics(child, metrics)
         samples, scores = [], []
+        interpolation = bool((self.config.get("eval") or {}).get("interpolation", False))
         for c, o in results:
             s = o.manifest["summary"]
             rows = json.loads((o.path / "samples.json").read_text())
             budget = c.pruning.budget
+            where = {"variant": c.pruning.variant, "threshold": float(c.pruning.threshold),
+                     "interpolation": interpolation}
             samples += [{"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "sample_id": r["sample_id"],
-                         "strategy": c.strategy, "retention": c.retention, "seed": c.seed, "budget": budget,
+                         "strategy": c.strategy, "retention": c.retention, "seed": c.seed, "budget": budget, **where,
                          "prediction": r["prediction"], "answer": r["answer"], "score": r["score"],
                          "visual_tokens": r.get("visual_tokens"),
                          "stock_visual_tokens": r.get("stock_visual_tokens")} for r in rows]
             stock = s.get("stock_visual_tokens")
             scores.append({"run_id": self.run_id, "model": model, "benchmark": c.benchmark, "strategy": c.strategy,
-                           "retention": c.retention, "seed": c.seed, "budget": budget, "metric": s["metric"],
+                           "retention": c.retention, "seed": c.seed, "budget": budget, **where, "metric": s["metric"],
                            "score": s["score"], "n_samples": s["n_samples"],
                            "mean_visual_tokens": s["mean_visual_tokens"], "prefill_ms": s["prefill_ms"],
                            "stock_visual_tokens": stock,
@@ -152,6 +154,17 @@ class RunRecorder:
         """The ids a report names: DuckDB run, MLflow run and experiment, tracking URI."""
         return {"run_id": self.run_id, "mlflow_run_id": self.mlflow_run_id,
                 "experiment_id": self.tracker.experiment_id, "tracking_uri": self.tracker.uri}
+
+
+def chunk_metric_name(chunk) -> str:
+    """An eval chunk's MLflow metric prefix: ``benchmark/strategy/rRETENTION[/budget][/variant][/tT]/seedK``
+    (the budget when not per-crop, the variant when not the defaults, with ``=`` and ``,`` as ``:`` and
+    ``.`` and any other character MLflow refuses in a name as ``_``; the threshold under the threshold budget, where r is the cap)."""
+    p = chunk.pruning
+    variant = re.sub(r"[^A-Za-z0-9_\-. :]", "_", p.variant.replace("=", ":").replace(",", "."))
+    return (f"{chunk.benchmark}/{chunk.strategy}/r{chunk.retention:g}" + ("" if p.budget == "per-crop" else f"/{p.budget}")
+            + (f"/{variant}" if variant else "") + (f"/t{p.threshold:g}" if p.budget == "threshold" else "")
+            + f"/seed{chunk.seed}")
 
 
 class MlflowCurves(Callback):

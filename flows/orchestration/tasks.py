@@ -64,7 +64,8 @@ def train_task(home: str, features_key: str, config: dict[str, Any], cache_key: 
                mlflow_run_id: str | None = None, force: bool = False) -> dict[str, Any]:
     h = Home.resolve(home)
     features = stage_result(h, "extract", features_key)
-    curves = (lambda p: []) if mlflow_run_id is None else (lambda p: [MlflowCurves(h, mlflow_run_id, f"p{p:g}")])
+    curves = (lambda p: []) if mlflow_run_id is None else \
+        (lambda p: [MlflowCurves(h, mlflow_run_id, p if isinstance(p, str) else f"p{p:g}")])
     return train(h, TrainConfig.from_dict(config), features, force=force, callbacks=curves).to_dict()
 
 

@@ -15,7 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"selector": ("tab:red", "o"), "random": ("tab:gray", "s"), "uniform-grid": ("tab:blue", "^")}
+STYLE = {"selector": ("tab:red", "o"), "selector-p0.25": ("tab:orange", "D"), "selector-range": ("tab:purple", "P"),
+         "random": ("tab:gray", "s"), "uniform-grid": ("tab:blue", "^")}
 
 
 SELECTOR_METRICS = (("recon_mse", "reconstruction MSE (standardized)"),
@@ -59,12 +60,23 @@ def selector_metrics_figure(rows: list[dict], title: str = ""):
 BUDGET_LINES = {"per-crop": "-", "global": "-.", "stock": ":"}  # line styles when a run holds several budgets
 
 
+VARIANT_MARKERS = ("D", "v", "P", "X", "*", "h")  # a strategy's further variants: its colour, another marker
+
+
+def _variant_marker(base: str, variants: list[str], variant: str) -> str:
+    """The default variant keeps the strategy's marker; each further one takes the next of VARIANT_MARKERS."""
+    others = [v for v in variants if v]
+    return base if not variant else VARIANT_MARKERS[others.index(variant) % len(VARIANT_MARKERS)]
+
+
 def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -> None:
-    """One benchmark's accuracy against retention: a line per swept strategy, a dashed level per fixed
-    one (full, none), each in its registered style (``pipeline.strategies``; a default for one without)."""
+    """One benchmark's accuracy against retention: a line per swept strategy, variant and budget, a dashed
+    level per fixed one (full, none), each in its registered style (``pipeline.strategies``; a default for
+    one without; a variant other than the defaults with another marker). Threshold results have no
+    retention: they are on the frontier plot (:func:`plot_frontier`)."""
     from pipeline import strategies
 
-    mine = [r for r in rows if r["benchmark"] == benchmark]
+    mine = [r for r in rows if r["benchmark"] == benchmark and r.get("budget", "per-crop") != "threshold"]
     metric = mine[0]["metric"] if mine else "score"
     known = strategies.names()
     present = sorted({r["strategy"] for r in mine}, key=lambda n: (known.index(n) if n in known else len(known), n))
@@ -76,16 +88,21 @@ def _eval_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -
             ax.axhline(pts[0], color=color, linestyle="--", label=spec.label)
             continue
         budgets = list(dict.fromkeys(r.get("budget", "per-crop") for r in mine if r["strategy"] == name))
-        for budget in budgets:  # several budgets in one run: a line each, told apart by its line style
-            by_r: dict[float, list[float]] = {}
-            for r in mine:
-                if r["strategy"] == name and r.get("budget", "per-crop") == budget:
-                    by_r.setdefault(r["retention"], []).append(r["score"])
-            xs = sorted(by_r)
-            label = name + (f" [{budget}]" if len(budgets) > 1 else "") + \
-                (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
-            ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=marker, color=color, label=label,
-                    linestyle=BUDGET_LINES.get(budget, "-") if len(budgets) > 1 else "-")
+        variants = list(dict.fromkeys(r.get("variant", "") for r in mine if r["strategy"] == name))
+        for variant in variants:
+            for budget in budgets:  # several budgets in one run: a line each, told apart by its line style
+                by_r: dict[float, list[float]] = {}
+                for r in mine:
+                    if r["strategy"] == name and r.get("budget", "per-crop") == budget and \
+                            r.get("variant", "") == variant:
+                        by_r.setdefault(r["retention"], []).append(r["score"])
+                if not by_r:
+                    continue
+                xs = sorted(by_r)
+                label = name + (f" [{variant}]" if variant else "") + (f" [{budget}]" if len(budgets) > 1 else "") + \
+                    (" (mean of seeds)" if any(len(v) > 1 for v in by_r.values()) else "")
+                ax.plot(xs, [sum(by_r[x]) / len(by_r[x]) for x in xs], marker=_variant_marker(marker, variants, variant),
+                        color=color, label=label, linestyle=BUDGET_LINES.get(budget, "-") if len(budgets) > 1 else "-")
     ax.set_title(benchmark if model is None else f"{benchmark} ({model})")
     ax.set_xlim(0, 1)
     ax.set_ylim(bottom=0)
@@ -104,9 +121,73 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _frontier_axes(ax, rows: list[dict], benchmark: str, model: str | None = None) -> None:
+    """One benchmark's score against mean visual tokens per image: a line per fixed-budget strategy, variant
+    and budget over its retentions (seeds averaged), a dashed line per threshold sweep (strategy and
+    variant, each point marked with its t), full and none as horizontal reference levels."""
+    from pipeline import strategies
+
+    mine = [r for r in rows if r["benchmark"] == benchmark]
+    metric = mine[0]["metric"] if mine else "score"
+    known = strategies.names()
+    present = sorted({r["strategy"] for r in mine}, key=lambda n: (known.index(n) if n in known else len(known), n))
+    several = len({r.get("budget", "per-crop") for r in mine if r.get("budget", "per-crop") != "threshold"
+                   and strategies.prunes(r["strategy"])}) > 1
+    for name in present:
+        color, marker = strategies.style(name)
+        spec = strategies.load().get(name)
+        own = [r for r in mine if r["strategy"] == name]
+        if spec is not None and not spec.prunes:
+            ax.axhline(own[0]["score"], color=color, linestyle="--",
+                       label=f"{spec.label} ({own[0]['mean_visual_tokens']:.0f} tokens)")
+            continue
+        variants = list(dict.fromkeys(r.get("variant", "") for r in own))
+        lines: dict[tuple, dict[float, list[dict]]] = {}
+        for r in own:
+            budget = r.get("budget", "per-crop")
+            x = r.get("threshold", 0.0) if budget == "threshold" else r["retention"]
+            lines.setdefault((r.get("variant", ""), budget), {}).setdefault(x, []).append(r)
+        for (variant, budget), by_x in lines.items():
+            pts = sorted((sum(r["mean_visual_tokens"] for r in g) / len(g), sum(r["score"] for r in g) / len(g), x)
+                         for x, g in by_x.items())
+            adaptive = budget == "threshold"
+            label = name + (f" [{variant}]" if variant else "") + \
+                (" @ thresholds" if adaptive else (f" [{budget}]" if several else ""))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, label=label,
+                    marker="*" if adaptive else _variant_marker(marker, variants, variant),
+                    linestyle=":" if adaptive else BUDGET_LINES.get(budget, "-") if several else "-")
+            if adaptive:
+                for tokens, score, t in pts:
+                    ax.annotate(f"t={t:g}", (tokens, score), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=color)
+    ax.set_title(f"{benchmark}: score vs tokens" + ("" if model is None else f" ({model})"))
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("mean visual tokens per image (what the LLM saw)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_frontier(rows: list[dict], path: Path, model: str | None = None) -> Path:
+    """The frontier plot of a run (one model): a panel per benchmark, :func:`_frontier_axes` -- accuracy
+    against the mean visual tokens per image, where fixed budgets, their variants and threshold sweeps
+    meet on one axis. ``rows``: eval chunk rows (``eval_summary``)."""
+    benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
+    cols = min(3, max(1, len(benchmarks)))
+    nrows = max(1, -(-len(benchmarks) // cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
+    for ax, b in zip(axes.flat, benchmarks):
+        _frontier_axes(ax, rows, b, model)
+    for ax in list(axes.flat)[len(benchmarks):]:
+        ax.axis("off")
+    return _save(fig, Path(path))
+
+
 def plot_eval(rows: list[dict], out_dir: Path, model: str | None = None) -> list[Path]:
     """Like the paper's Figs. 4-7: per benchmark, metric vs retention for each strategy with the
-    full-image (green dashed) and no-image (red dashed) levels; plus one grid of all benchmarks.
+    full-image (green dashed) and no-image (red dashed) levels; plus one grid of all benchmarks and the
+    frontier plot (``frontier.png``: score against mean visual tokens, threshold sweeps included).
     ``model`` (one family's run) goes into every title."""
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
     paths = []
@@ -122,6 +203,8 @@ def plot_eval(rows: list[dict], out_dir: Path, model: str | None = None) -> list
     for ax in list(axes.flat)[len(benchmarks):]:
         ax.axis("off")
     paths.append(_save(fig, Path(out_dir) / "eval-grid.png"))
+    if benchmarks:
+        paths.append(plot_frontier(rows, Path(out_dir) / "frontier.png", model))
     return paths
 
 

@@ -16,6 +16,19 @@ from storage.home import Home
 from storage.stages import write_json_atomic
 
 
+def result_label(row: dict) -> str:
+    """How a result is named in tables, plots and summary.json: the strategy, its variant in brackets when
+    not the defaults (``selector [allocation=image]``), and its threshold under the threshold budget
+    (``selector @ t=0.5``)."""
+    name = row["strategy"] + (f" [{row['variant']}]" if row.get("variant") else "")
+    return name + (f" @ t={row['threshold']:g}" if row.get("budget") == "threshold" else "")
+
+
+def fixed(row: dict) -> bool:
+    """A result under a fixed budget (per-crop, global, stock), one a retention sizes."""
+    return row.get("budget", "per-crop") != "threshold"
+
+
 def stock_token_lines(summary: list[dict]) -> list[str]:
     """Per benchmark, the visual tokens sent against the stock model's (the unpruned checkpoint with its own
     settings: LLaVA-OneVision's interpolation on): for full, for the largest pruned context, and the largest
@@ -36,9 +49,11 @@ def stock_token_lines(summary: list[dict]) -> list[str]:
             parts.append(f"full {full[0] / stock:.2f}x it")
         if pruned:
             top = max(pruned, key=lambda r: r["mean_visual_tokens"])
+            where = (f"{result_label(top)}, cap {top['retention']:g}" if not fixed(top) else
+                     f"{result_label(top)} at {top['retention']:g}")
             parts.append(f"largest pruned context {top['mean_visual_tokens'] / stock:.2f}x "
-                         f"({top['strategy']} at {top['retention']:g}, {top.get('budget', 'per-crop')} budget)")
-            for budget in dict.fromkeys(r.get("budget", "per-crop") for r in pruned):
+                         f"({where}, {top.get('budget', 'per-crop')} budget)")
+            for budget in dict.fromkeys(r.get("budget", "per-crop") for r in pruned if fixed(r)):
                 mine = [r for r in pruned if r.get("budget", "per-crop") == budget]
                 over = sorted({r["retention"] for r in mine if r["mean_visual_tokens"] > r["stock_visual_tokens"]})
                 under = [x for x in sorted({r["retention"] for r in mine}) if not over or x < over[0]]
@@ -54,6 +69,7 @@ def stock_table(rows: list[dict]) -> list[str]:
     stock model's context in brackets (``eval_table`` rows); [] when no row knows its stock count."""
     if not any(r.get("vs_stock") for r in rows):
         return []
+    rows = [r for r in rows if fixed(r)]  # threshold results: their own table (adaptive_table)
     retentions = sorted({r["retention"] for r in rows if prunes(r["strategy"])})
     several = len({r["budget"] for r in rows if prunes(r["strategy"])}) > 1
     lines = ["| benchmark | strategy | " + " | ".join(f"{r:g}" for r in retentions) + " | full | stock |",
@@ -62,7 +78,7 @@ def stock_table(rows: list[dict]) -> list[str]:
     full: dict[str, dict] = {}
     for r in rows:
         if prunes(r["strategy"]):
-            cells.setdefault((r["benchmark"], r["strategy"], r["budget"]), {})[r["retention"]] = r
+            cells.setdefault((r["benchmark"], result_label(r), r["budget"]), {})[r["retention"]] = r
         elif r["strategy"] == "full":
             full[r["benchmark"]] = r
 
@@ -79,9 +95,29 @@ def stock_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def adaptive_table(rows: list[dict], full: dict[str, float]) -> list[str]:
+    """Markdown: the threshold budget's results (``eval_table`` rows), one per (benchmark, strategy,
+    variant, threshold), with their mean visual tokens; [] without any."""
+    if not rows:
+        return []
+    out = ["", "Adaptive budget: each image keeps the tokens whose keep probability reaches the threshold t, "
+               "between the floor and the cap (fractions of its valid tokens), so the count follows the image; "
+               "compare with the fixed budgets at the same mean visual tokens (frontier plot).", "",
+           "| benchmark | result | cap | floor | score | mean visual tokens |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["benchmark"], r["strategy"], r.get("variant", ""), r["threshold"])):
+        f = full.get(r["benchmark"])
+        score = f"{r['score']:.3f}" + (f" ({r['score'] / f:.2f}×)" if f else "")
+        out.append(f"| {r['benchmark']} | {result_label(r)} | {r['retention']:g} | {r.get('floor', 0.0):g} | "
+                   f"{score} | {r['visual_tokens']:.1f} |")
+    return out
+
+
 def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
                     stock_lines: list[str] | None = None) -> str:
-    """``summary.md`` of the report stage: the pruned-evaluation table, the held-out selector table, the plots."""
+    """``summary.md`` of the report stage: the pruned-evaluation table (a row per strategy, variant and
+    budget), the threshold budget's results, the held-out selector table, the plots."""
+    adaptive = [r for r in rows if not fixed(r)]
+    rows = [r for r in rows if fixed(r)]
     retentions = sorted({r["retention"] for r in rows if prunes(r["strategy"])})
     full = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "full"}
     none = {r["benchmark"]: r["score"] for r in rows if r["strategy"] == "none"}
@@ -101,18 +137,20 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
     several = len({r.get("budget") for r in rows if prunes(r["strategy"])}) > 1
     for r in rows:
         if prunes(r["strategy"]):
-            cells.setdefault((r["benchmark"], r["strategy"], r.get("budget", "per-crop")), {})[r["retention"]] = r
-    for (bench, strategy, budget), by_r in cells.items():
+            cells.setdefault((r["benchmark"], r["strategy"], r.get("variant", ""), r.get("budget", "per-crop")),
+                             {})[r["retention"]] = r
+    for (bench, strategy, variant, budget), by_r in cells.items():
         vals = []
         for ret in retentions:
             r = by_r.get(ret)
             vals.append("" if r is None else f"{r['score']:.3f}" + ("" if r["rel"] is None else f" ({r['rel']:.2f}×)"))
         seeds = next(iter(by_r.values()))["seeds"]
-        name = strategy + (f" ({seeds} seeds)" if seeded(strategy) or seeds > 1 else "") + \
-            (f" [{budget} budget]" if several else "")
+        name = result_label({"strategy": strategy, "variant": variant}) + \
+            (f" ({seeds} seeds)" if seeded(strategy) or seeds > 1 else "") + (f" [{budget} budget]" if several else "")
         f, n = full.get(bench), none.get(bench)
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")
+    lines += adaptive_table(adaptive, full)
     tokens = stock_table(rows)
     if tokens:
         lines += ["", "Mean visual tokens the LLM saw; in brackets, over what the stock model (the unpruned "

@@ -11,7 +11,7 @@ from rich.table import Table
 from pipeline.evaluate import eval_table
 from pipeline.strategies import prunes
 
-from .report import stock_token_lines
+from .report import fixed, result_label, stock_token_lines
 
 
 def console() -> Console:
@@ -63,19 +63,25 @@ def print_eval_figures(figures: dict | None) -> None:
 
 
 def print_eval(summary: list[dict], title: str | None = None) -> None:
-    """The eval table of one model's chunks, with the Rel. line."""
+    """The eval table of one model's chunks, with the Rel. line: a row per (strategy, variant, budget,
+    retention), labelled e.g. ``selector [allocation=image]``; a threshold result as ``selector @ t=0.5``
+    with ``<=cap`` in the retention column and its mean visual tokens."""
+    from rich.markup import escape
+
     rows = eval_table(summary)
     budgets = {r["budget"] for r in rows if prunes(r["strategy"])}
-    several = len(budgets) > 1
+    several = len({b for b in budgets if b != "threshold"}) > 1
     show_budget = budgets - {"per-crop"} != set()  # the paper's per-crop alone: no column
     table = Table(title=title or "pruned evaluation")
     for col in ("benchmark", "strategy", *(("budget",) if show_budget else ()), "retention", "metric", "score",
                 "vs full", "tokens", "vs stock", "prefill ms", "cached"):
-        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "budget", "metric") else "right")
+        # a name too long for its column folds onto the next line, never cut short
+        table.add_column(col, justify="left" if col in ("benchmark", "strategy", "budget", "metric") else "right",
+                         overflow="fold" if col in ("benchmark", "strategy") else "ellipsis")
     for r in rows:
-        name = r["strategy"] + (f" x{r['seeds']}" if r["seeds"] > 1 else "")
+        name = result_label(r) + (f" x{r['seeds']}" if r["seeds"] > 1 else "")
         budget = ((r["budget"] if prunes(r["strategy"]) else ""),) if show_budget else ()
-        table.add_row(r["benchmark"], name, *budget, f"{r['retention']:g}",
+        table.add_row(r["benchmark"], escape(name), *budget, f"{r['retention']:g}" if fixed(r) else f"<={r['retention']:g}",
                       r["metric"], f"{r['score']:.3f}", "" if r["rel"] is None else f"{r['rel']:.2f}",
                       f"{r['visual_tokens']:.1f}", "" if r["vs_stock"] is None else f"{r['vs_stock']:.2f}",
                       f"{r['prefill_ms']:.1f}", "yes" if r["cached"] else "")
@@ -85,11 +91,12 @@ def print_eval(summary: list[dict], title: str | None = None) -> None:
     rel: dict[tuple, list[float]] = {}
     for r in rows:
         if prunes(r["strategy"]) and r["rel"] is not None:
-            rel.setdefault((r["strategy"] + (f"[{r['budget']}]" if several else ""), r["retention"]),
-                           []).append(r["rel"])
+            rel.setdefault((result_label(r) + (f"[{r['budget']}]" if several and fixed(r) else ""),
+                            r["retention"] if fixed(r) else None), []).append(r["rel"])
     if rel:
         print("  Rel. (mean over benchmarks of pruned/full): " + ", ".join(
-            f"{s}@{ret:g} {sum(v) / len(v):.2f}" for (s, ret), v in sorted(rel.items())))
+            f"{s}@{ret:g} {sum(v) / len(v):.2f}" if ret is not None else f"{s} {sum(v) / len(v):.2f}"
+            for (s, ret), v in sorted(rel.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0.0))))
     for line in stock_token_lines(summary):
         print("  " + line)
 

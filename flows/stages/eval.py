@@ -7,9 +7,12 @@ the CLS attention when a missing result needs it, and then computes every
 missing (strategy, retention, seed) result of the shard from those features.
 Each result is cached on its own, ``stages/eval-shard/<key>/`` (``samples.json``
 + manifest), keyed by the model stage, the data files, the selector checkpoint
-(for ``selector``), the budget, the sample limit, the shard's rows and the
-result's coordinates. Adding a strategy or a retention computes only what is
-new, with one more tower pass per image for that addition.
+(for ``selector``: the one its ``variant`` option picks), the budget (with the
+threshold and floor of the adaptive one), the strategy's changed options and the
+sha256 of any file they name, the sample limit, the generated split when not
+``test``, the shard's rows and the result's coordinates. Adding a strategy or a
+retention computes only what is new, with one more tower pass per image for that
+addition.
 
 Each (benchmark, strategy, retention, seed) -- a :class:`Chunk` -- is then the
 merge of its shards' results, ``stages/eval/<key>/``, with the benchmark's
@@ -24,6 +27,7 @@ with one warning line and counted (``skipped`` in the shard manifests and in
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -53,10 +57,11 @@ SELECTOR_NEEDED = "strategy {strategy!r} needs --selector (a train stage hash or
 
 # ---------------------------------------------------------------- inputs
 
-def data_files(benchmark: str, data: dict[str, str], home: Home, limit: int) -> list[Path]:
-    """The parquet file(s) of a benchmark: generated for synthetic ones, ``--data`` for real ones."""
+def data_files(benchmark: str, data: dict[str, str], home: Home, limit: int, split: str = "test") -> list[Path]:
+    """The parquet file(s) of a benchmark: generated for synthetic ones (their ``split``: val or test),
+    ``--data`` for real ones (the files decide their split)."""
     if benchmark in SYNTHETIC and benchmark not in data:
-        return [synthetic_benchmark(home, benchmark, "test", limit)]
+        return [synthetic_benchmark(home, benchmark, split, limit)]
     if benchmark not in data:
         raise ConfigError(f"benchmark {benchmark} needs --data PATH (a local lmms-lab parquet file or a directory "
                           f"of them), or --data {benchmark}=PATH when evaluating several benchmarks")
@@ -79,34 +84,71 @@ def eval_text_encoder(cfg: EvalConfig, model: StageResult, device: str = "cpu"):
     return load_text_encoder(cfg.text_encoder, model.manifest.get("describe", {}).get("vision_hidden"), device)
 
 
-def eval_selector(home: Home, ref: str, retention: float, model: StageResult) -> LoadedSelector:
-    """The ``--selector`` checkpoint for ``retention`` (nearest trained p), checked against the model's C and L."""
+def eval_selector(home: Home, ref: str, retention: float, model: StageResult,
+                  variant: str = "nearest") -> LoadedSelector:
+    """The ``--selector`` checkpoint for ``retention``, checked against the model's C and L. ``variant``
+    picks it from a train stage (``storage.selectors.resolve_selector``): nearest (the trained p nearest
+    ``retention``), range (the range-trained one) or p0.25 (exactly that p)."""
     from pipeline.train import selector_from_checkpoint
 
     d = model.manifest.get("describe", {})
-    return load_selector(resolve_selector(home, ref, retention), selector_from_checkpoint,
+    return load_selector(resolve_selector(home, ref, retention, variant), selector_from_checkpoint,
                          expect_channels=d.get("vision_hidden"), expect_tokens=d.get("tokens_per_crop"),
                          expect_family=d.get("family", DEFAULT_FAMILY))
 
 
 # ---------------------------------------------------------------- chunks and shards
 
-def result_coords(benchmark: str, pruning: Pruning, limit: int, interpolation: bool) -> dict[str, Any]:
+def result_coords(benchmark: str, pruning: Pruning, limit: int, interpolation: bool,
+                  split: str = "test") -> dict[str, Any]:
     """What one result is, as its keys and manifests record it: the benchmark, the Pruning (with the
-    strategy's version and the options that differ from its defaults), the sample limit, interpolation."""
+    strategy's version, the options that differ from its defaults, and under the threshold budget its
+    threshold and floor), the sample limit, interpolation, and the generated split when not ``test``.
+    Every coordinate at its default is left out, so the keys of the default run stay as they were."""
     spec = pruning.spec
     options = spec.changed_options(pruning.options)
+    adaptive = pruning.budget == "threshold"
     return {"benchmark": benchmark, "strategy": pruning.strategy, "retention": pruning.retention,
             "seed": pruning.seed, "budget": pruning.budget, "limit": limit,
+            **({"threshold": pruning.threshold, "floor": pruning.floor} if adaptive else {}),
             **({"strategy_version": spec.version} if spec.version else {}),
-            **({"options": options} if options else {}), **({"interpolation": True} if interpolation else {})}
+            **({"options": options} if options else {}), **({"interpolation": True} if interpolation else {}),
+            **({"split": split} if split != "test" else {})}
+
+
+def option_file_hashes(pruning: Pruning) -> dict[str, str]:
+    """{option: sha256[:16] of the file it names} for the strategy's file options (``Strategy.files``) set
+    to a non-empty path; a missing file is one line naming it."""
+    out = {}
+    resolved = pruning.spec.resolve_options(pruning.options) if pruning.spec.files else {}
+    for name in pruning.spec.files:
+        value = resolved.get(name)
+        if value in (None, ""):
+            continue
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"option {pruning.strategy}.{name}: no such file {path}")
+        out[name] = _file_sha(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha(path: str, size: int, mtime_ns: int) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class ResultKey:
     """Where one result's cache keys come from: its coordinates (benchmark, the Pruning, the sample limit,
-    interpolation) and its inputs (model stage, data fingerprint, compute, and -- for the strategies that
-    use them -- the selector checkpoint's sha256 and the text encoder's fingerprint)."""
+    interpolation, the generated split) and its inputs (model stage, data fingerprint, compute, and -- for
+    the strategies that use them -- the selector checkpoint's sha256, the text encoder's fingerprint and
+    the sha256 of every file an option names)."""
 
     benchmark: str
     pruning: Pruning
@@ -117,14 +159,17 @@ class ResultKey:
     selector: str | None = None
     text_encoder: str | None = None
     interpolation: bool = False
+    split: str = "test"
 
     def coords(self) -> dict[str, Any]:
-        return result_coords(self.benchmark, self.pruning, self.limit, self.interpolation)
+        return result_coords(self.benchmark, self.pruning, self.limit, self.interpolation, self.split)
 
     def inputs(self) -> dict[str, Any]:
+        files = option_file_hashes(self.pruning)
         return {"model": self.model, "data": self.data, "compute": self.compute,
                 **({"selector": self.selector} if self.selector else {}),
-                **({"text_encoder": self.text_encoder} if self.text_encoder else {})}
+                **({"text_encoder": self.text_encoder} if self.text_encoder else {}),
+                **({"option_files": files} if files else {})}
 
     def chunk_key(self, shard_size: int) -> str:
         """The key of the merged result: its coordinates, inputs and how its rows were cut into shards."""
@@ -147,6 +192,7 @@ class Chunk:
     device: str = "cpu"              # resolved --device and --dtype the model runs in
     dtype: str = "float32"
     shards: tuple[tuple[int, int, str], ...] = ()
+    split: str = "test"              # the generated split of a synthetic benchmark (its key records a non-test one)
 
     @property
     def strategy(self) -> str:
@@ -173,6 +219,7 @@ class Shard:
     device: str
     dtype: str
     results: tuple[tuple[Pruning, str], ...] = field(default=())
+    split: str = "test"
 
     @property
     def rows(self) -> int:
@@ -217,22 +264,37 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     text_fp = _text_encoder_fingerprint(cfg, model)
     sel_sha = {}
     for p in cfg.chunks():
-        if "selector" in p.spec.needs and p.retention not in sel_sha:
-            sel_sha[p.retention] = eval_selector(home, selector, p.retention, model).sha256
+        if "selector" in p.spec.needs and selector_slot(p) not in sel_sha:
+            sel_sha[selector_slot(p)] = chunk_selector(home, selector, p, model).sha256
     plan = []
     for bench in cfg.benchmarks:
-        files = data_files(bench, data, home, cfg.limit)
+        generated = bench in SYNTHETIC and bench not in data
+        files = data_files(bench, data, home, cfg.limit, cfg.split)
         shard_items(bench, files, 0, 1)  # fail fast with one line on a malformed file
         fp = files_fingerprint(files)
         n = min(cfg.limit, benchmark_size(bench, files))
         cuts = [(a, min(n, a + cfg.shard_size)) for a in range(0, n, cfg.shard_size)]
         for p in cfg.chunks():
             key = ResultKey(bench, p, cfg.limit, model.key, fp, f"{device}-{dtype}",
-                            sel_sha.get(p.retention) if "selector" in p.spec.needs else None,
-                            text_fp if p.spec.wants("relevance") else None, cfg.interpolation)
+                            sel_sha.get(selector_slot(p)) if "selector" in p.spec.needs else None,
+                            text_fp if p.spec.wants("relevance") else None, cfg.interpolation,
+                            cfg.split if generated else "test")
             plan.append(Chunk(bench, tuple(str(f) for f in files), p, key.chunk_key(cfg.shard_size), device, dtype,
-                              tuple((a, b, key.shard_key(a, b)) for a, b in cuts)))
+                              tuple((a, b, key.shard_key(a, b)) for a, b in cuts), key.split))
     return plan
+
+
+def selector_slot(pruning: Pruning) -> tuple[float, str]:
+    """Which selector checkpoint a result uses: (retention, the ``variant`` option). Under the threshold
+    budget the retention is the cap."""
+    return pruning.retention, str(pruning.options.get("variant", "nearest"))
+
+
+def chunk_selector(home: Home, ref: str | None, pruning: Pruning, model: StageResult) -> LoadedSelector:
+    """:func:`eval_selector` for one result: its retention (the cap under the threshold budget) and its
+    ``variant`` option (nearest trained p, the range-trained one, or p<value>)."""
+    retention, variant = selector_slot(pruning)
+    return eval_selector(home, ref, retention, model, variant=variant)
 
 
 def _text_encoder_fingerprint(cfg: EvalConfig, model: StageResult) -> str | None:
@@ -257,12 +319,14 @@ def plan_shards(plan: list[Chunk]) -> list[Shard]:
     """The work units of a plan: one per (benchmark, files, rows), with every result wanted on them."""
     units: dict[tuple, list[tuple[Pruning, str]]] = {}
     meta: dict[tuple, tuple[str, str]] = {}
+    split: dict[tuple, str] = {}
     for c in plan:
         for a, b, key in c.shards:
             unit = (c.benchmark, c.files, a, b)
             units.setdefault(unit, []).append((c.pruning, key))
             meta[unit] = (c.device, c.dtype)
-    return [Shard(bench, files, a, b, *meta[(bench, files, a, b)], tuple(results))
+            split[unit] = c.split
+    return [Shard(bench, files, a, b, *meta[(bench, files, a, b)], tuple(results), split[(bench, files, a, b)])
             for (bench, files, a, b), results in units.items()]
 
 
@@ -312,7 +376,7 @@ class _ShardWork:
     skipped: list[dict[str, Any]]
     relevance: Any
     tower_seconds: float
-    selectors: dict[float, Any] = field(default_factory=dict)
+    selectors: dict[tuple[float, str], Any] = field(default_factory=dict)
 
     @classmethod
     def encode(cls, home: Home, shard: Shard, model_key: str, cfg: EvalConfig,
@@ -341,13 +405,15 @@ class _ShardWork:
                    time.perf_counter() - t0)
 
     def selector_for(self, pruning: Pruning, ref: str | None) -> Any:
-        """The loaded selector of a strategy that needs one (nearest trained p), once per retention."""
+        """The loaded selector of a strategy that needs one (:func:`chunk_selector`), once per
+        (retention, variant)."""
         if "selector" not in pruning.spec.needs:
             return None
-        if pruning.retention not in self.selectors:
-            loaded = eval_selector(self.home, ref, pruning.retention, self.model_result)
-            self.selectors[pruning.retention] = loaded.selector.to(self.model.device)
-        return self.selectors[pruning.retention]
+        slot = selector_slot(pruning)
+        if slot not in self.selectors:
+            loaded = chunk_selector(self.home, ref, pruning, self.model_result)
+            self.selectors[slot] = loaded.selector.to(self.model.device)
+        return self.selectors[slot]
 
     def result(self, work: Path, pruning: Pruning, selector: str | None, figures: dict[str, Any]) -> dict[str, Any]:
         """Compute one result into ``work`` (``samples.json``); its manifest."""
@@ -362,7 +428,7 @@ class _ShardWork:
         write_json_atomic(work / "samples.json", res.samples)
         figures["padding"] += res.padding
         figures["positions"] += res.positions
-        return {"config": {**result_coords(s.benchmark, pruning, cfg.limit, cfg.interpolation),
+        return {"config": {**result_coords(s.benchmark, pruning, cfg.limit, cfg.interpolation, s.split),
                            "rows": [s.start, s.stop]},
                 "inputs": {"model": self.model_key, "files": list(s.files), "selector": selector,
                            **({"text_encoder": cfg.text_encoder} if pruning.spec.wants("relevance") else {})},
@@ -387,8 +453,11 @@ def merge_chunk(home: Home, chunk: Chunk, shard_results: list[StageResult], forc
         merged = merge_results(chunk.benchmark, parts)
         write_json_atomic(work / "samples.json", merged["samples"])
         skipped = sum(r.manifest.get("counts", {}).get("skipped", 0) for r in shard_results)
+        p = chunk.pruning
         return {"config": {"benchmark": chunk.benchmark, "strategy": chunk.strategy, "retention": chunk.retention,
-                           "seed": chunk.seed, "budget": chunk.pruning.budget},
+                           "seed": chunk.seed, "budget": p.budget,
+                           **({"variant": p.variant} if p.variant else {}),
+                           **({"threshold": p.threshold, "floor": p.floor} if p.budget == "threshold" else {})},
                 "inputs": {"shards": [r.key for r in shard_results], "files": list(chunk.files)},
                 "compute": {"device": chunk.device, "dtype": chunk.dtype}, "summary": merged["summary"],
                 "counts": {"samples": merged["summary"]["n_samples"], "shards": len(shard_results),
@@ -489,8 +558,10 @@ def content_key(shard: Shard) -> str:
 
 def eval_summary(results: list[tuple[Chunk, StageResult]]) -> list[dict[str, Any]]:
     """One row per chunk: its coordinates, whether it was cached, and its summary figures."""
-    return [{"benchmark": c.benchmark, "strategy": c.strategy, "retention": c.retention, "seed": c.seed,
-             "budget": c.pruning.budget, "cached": o.cached, **o.manifest["summary"]} for c, o in results]
+    return [{"benchmark": c.benchmark, "strategy": c.strategy, "variant": c.pruning.variant, "retention": c.retention,
+             "seed": c.seed, "budget": c.pruning.budget, "threshold": c.pruning.threshold,
+             **({"floor": c.pruning.floor} if c.pruning.budget == "threshold" else {}),
+             "cached": o.cached, **o.manifest["summary"]} for c, o in results]
 
 
 __all__ = ["Chunk", "Shard", "ResultKey", "EvalRun", "plan_eval", "plan_shards", "eval_shard", "merge_chunk",

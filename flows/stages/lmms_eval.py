@@ -26,7 +26,7 @@ from pipeline.evaluate import EvalConfig
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
 
-from .eval import Chunk, eval_selector, require_selector
+from .eval import Chunk, chunk_selector, require_selector
 
 LMMS_EVAL_VERSION = "1"
 INSTALL = "pip install torch==2.13.0 -c constraints.txt -e '.[lmms]'"
@@ -99,6 +99,11 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
     """One chunk per (task, strategy, retention, seed), each with its stage key."""
     from pipeline.device import compute
 
+    for p in cfg.chunks():  # the atr_llava model runs a strategy with its defaults and a fixed budget
+        if p.variant or p.budget == "threshold":
+            raise ConfigError(f"--harness lmms-eval runs {p.strategy} with its default options under a fixed budget; "
+                              f"drop {'--thresholds' if p.budget == 'threshold' else f'its options ({p.variant})'} "
+                              "or use --harness builtin")
     version = require_lmms_eval()
     check_tasks(tasks)
     require_selector(cfg.strategies, selector)
@@ -107,7 +112,7 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
     for task in tasks:
         fp = _data_fingerprint(data.get(task))
         for p in cfg.chunks():
-            sha = eval_selector(home, selector, p.retention, model).sha256 if "selector" in p.spec.needs else None
+            sha = chunk_selector(home, selector, p, model).sha256 if "selector" in p.spec.needs else None
             coords = {"task": task, "strategy": p.strategy, "retention": p.retention, "seed": p.seed, "limit": cfg.limit,
                       "budget": p.budget, **({"interpolation": True} if cfg.interpolation else {})}
             inputs = {"model": model.key, "data": fp, "compute": f"{device}-{dtype}", "lmms_eval": version,
@@ -172,7 +177,9 @@ def run_lmms_chunk(home: Home, chunk: Chunk, model: StageResult, cfg: EvalConfig
         write_json_atomic(work / "samples.json", rows)
         score = results.get(f"{metric},none")
         return {"config": {"task": chunk.benchmark, "strategy": chunk.strategy, "retention": chunk.retention,
-                           "seed": chunk.seed, "limit": cfg.limit},
+                           "seed": chunk.seed, "limit": cfg.limit, "budget": chunk.pruning.budget,
+                           "variant": chunk.pruning.variant, "threshold": chunk.pruning.threshold,
+                           "interpolation": cfg.interpolation},
                 "inputs": {"model": model.key, "files": list(chunk.files), "selector": selector},
                 "compute": {"device": chunk.device, "dtype": chunk.dtype},
                 "summary": {"metric": metric, "score": float(score) if isinstance(score, (int, float)) else float("nan"),

@@ -1,4 +1,5 @@
-"""The report stage: the run's tables (``summary.md``, ``summary.json``) and plots.
+"""The report stage: the run's tables (``summary.md``, ``summary.json``) and plots (the eval plots per
+benchmark, their grid and the frontier plot: score against mean visual tokens).
 
 Output ``stages/report/<key>/``; the key hashes the model and the keys of the
 train stage and of every eval chunk, so an unchanged run is a cache hit.
@@ -17,7 +18,7 @@ from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
 
 from ..present.plots import plot_eval
-from ..present.report import report_markdown, stock_token_lines
+from ..present.report import report_markdown, result_label, stock_token_lines
 from .eval import eval_summary
 
 REPORT_VERSION = "1"
@@ -39,8 +40,9 @@ def report(home: Home, model: str, feat: StageResult, train: StageResult, result
     def build(work: Path) -> dict[str, Any]:
         # "cached" is a property of one run, not of the report.
         chunks = eval_summary(results)
-        rows = [{k: v for k, v in r.items() if k != "cached"} for r in eval_table(chunks)]
-        summary = [{k: v for k, v in r.items() if k != "cached"} for r in chunks]
+        # every row names its result (label), variant, threshold (0: a fixed budget) and mean visual tokens
+        rows = [{**{k: v for k, v in r.items() if k != "cached"}, "label": result_label(r)} for r in eval_table(chunks)]
+        summary = [{**{k: v for k, v in r.items() if k != "cached"}, "label": result_label(r)} for r in chunks]
         write_json_atomic(work / "summary.json", {"eval": rows, "chunks": summary,
                                                    "selector_metrics": train.manifest["selector_metrics"]})
         plots = [p.name for p in plot_eval(summary, work, model)]

@@ -1,11 +1,13 @@
 """The train stage: selector(s) trained on feature shards, then held-out evaluation.
 
 Output ``stages/train/<key>/``:
-  selector-p0.25.safetensors + .json   one checkpoint per retention p
-  curves-p0.25.json                    logged training metrics
+  selector-p0.25.safetensors + .json   one checkpoint per retention p (meta trained_on "p")
+  selector-range.safetensors + .json   with TrainConfig.retention_range: one selector trained on the
+                                       whole range (meta trained_on "range", retention_range [min, max])
+  curves-p0.25.json, curves-range.json logged training metrics
   selector_metrics.json / .png         held-out selector vs random vs uniform grid
   _manifest.json
-While running, ``last-p0.25.safetensors`` (+ .json) holds the latest resumable
+While running, ``last-p0.25.safetensors`` / ``last-range.safetensors`` (+ .json) holds the latest resumable
 state (weights, AdamW moments, step, RNG); a killed run resumes from it.
 """
 
@@ -41,8 +43,17 @@ TRAIN_VERSION = "4"  # 2: crops read through DataLoader workers; 3: the reconstr
 EVAL_MAX_CROPS = 2048
 
 
-def checkpoint_name(retention: float) -> str:
-    return f"selector-p{retention:g}"
+RANGE = "range"  # the manifest's checkpoints key and the file tag of the range-trained selector
+
+
+def checkpoint_name(retention: float | str) -> str:
+    """selector-p0.25 for a per-p selector, selector-range for the range-trained one (``RANGE``)."""
+    return f"selector-{RANGE}" if retention == RANGE else f"selector-p{retention:g}"
+
+
+def _tag(retention: float | str) -> str:
+    """The file tag of a selector: p0.25 or range (last-<tag>, curves-<tag>)."""
+    return RANGE if retention == RANGE else f"p{retention:g}"
 
 
 def train_key(features: StageResult, cfg: TrainConfig) -> str:
@@ -116,10 +127,11 @@ def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, 
 
 
 def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool = False,
-          callbacks: Callable[[float], list[Callback]] = lambda p: []) -> StageResult:
-    """Train one selector per retention on the train split of ``features``, evaluate on held-out crops.
+          callbacks: Callable[[float | str], list[Callback]] = lambda p: []) -> StageResult:
+    """Train one selector per retention on the train split of ``features`` (and one on
+    ``config.retention_range`` when it is set), evaluate on held-out crops.
 
-    ``callbacks(p)`` adds training callbacks for the selector at p (the orchestration
+    ``callbacks(p)`` adds training callbacks for the selector at p ("range" for the range-trained one; the orchestration
     layer attaches MLflow curves). ``force`` retrains from scratch even when the stage
     is complete (``atr run --from train``)."""
     from pipeline.device import resolve_device
@@ -176,33 +188,39 @@ def _encoder(home: Home, features: StageResult, tokens: int, channels: int) -> d
 
 def _selectors(work: Path, cfg: TrainConfig, features: StageResult, encoder: dict[str, Any], statistics,
                device: str, callbacks: Callable[[float], list[Callback]]):
-    """One selector per retention: loaded when its checkpoint is in ``work``, else trained (resuming from
-    its last state); the selectors by retention and the seconds each training took."""
+    """One selector per retention, and the range-trained one when ``cfg.retention_range`` is set: each
+    loaded when its checkpoint is in ``work``, else trained (resuming from its last state); the selectors
+    by retention (float p, or ``RANGE``) and the seconds each training took."""
     tokens, channels = encoder["tokens"], encoder["channels"]
     selectors, timings = {}, {}
-    for p in cfg.retentions:
+    wanted = [float(p) for p in cfg.retentions] + ([RANGE] if cfg.retention_range is not None else [])
+    for p in wanted:
+        scfg = cfg.selector_for_range() if p == RANGE else cfg.selector_for(p)
         final = work / f"{checkpoint_name(p)}.safetensors"
         if final.is_file():
             tensors, _ = load_checkpoint(final, channels, tokens)
-            selectors[float(p)] = selector_from_tensors(cfg.selector_for(p), tokens, channels, tensors).to(device)
+            selectors[p] = selector_from_tensors(scfg, tokens, channels, tensors).to(device)
             continue
         t1 = time.perf_counter()
-        selectors[float(p)] = _fit_selector(work, cfg, p, features, encoder, statistics, device, callbacks)
-        timings[f"{p:g}"] = time.perf_counter() - t1
+        selectors[p] = _fit_selector(work, cfg, p, features, encoder, statistics, device, callbacks)
+        timings[RANGE if p == RANGE else f"{p:g}"] = time.perf_counter() - t1
     return selectors, timings
 
 
-def _fit_selector(work: Path, cfg: TrainConfig, p: float, features: StageResult, encoder: dict[str, Any],
+def _fit_selector(work: Path, cfg: TrainConfig, p: float | str, features: StageResult, encoder: dict[str, Any],
                   statistics, device: str, callbacks: Callable[[float], list[Callback]]):
-    """Train the selector at retention ``p`` (from ``last-p<p>.safetensors`` when a killed run left one),
-    save its checkpoint and drop the resumable state; the trained model."""
-    scfg = cfg.selector_for(p)
-    name = checkpoint_name(p)
+    """Train the selector at retention ``p``, or on ``cfg.retention_range`` when ``p`` is ``RANGE`` (from
+    ``last-<tag>.safetensors`` when a killed run left one), save its checkpoint and drop the resumable
+    state; the trained model. ``callbacks`` is called with the float p of per-p selectors only (its
+    callers label by ``f"p{p:g}"``); the range selector's curve is ``curves-range.json``."""
+    is_range = p == RANGE
+    scfg = cfg.selector_for_range() if is_range else cfg.selector_for(p)
+    name, tag = checkpoint_name(p), _tag(p)
     tokens, channels = encoder["tokens"], encoder["channels"]
     mean, std = statistics
     trainer = Trainer(scfg, tokens, channels, device=device, autocast=cfg.autocast)
     trainer.model.set_statistics(mean.to(device), std.to(device))
-    last = work / f"last-p{p:g}.safetensors"
+    last = work / f"last-{tag}.safetensors"
     if last.is_file():
         tensors, meta = load_checkpoint(last)
         trainer.load_state({k: v.to(device) if k.startswith("model.") else v for k, v in tensors.items()}, meta)
@@ -213,16 +231,20 @@ def _fit_selector(work: Path, cfg: TrainConfig, p: float, features: StageResult,
                                        seed=scfg.seed, buffer_size=cfg.shuffle_buffer, workers=cfg.loader_workers))
     for _ in range(trainer.step):
         next(batches)
-    attached = [_Progress(f"train p={p:g}"), _Curves(work / f"curves-p{p:g}.json"), _Resumable(last), *callbacks(p)]
-    with progress.bar(f"train p={p:g}", total=scfg.steps, unit="steps") as bar:
+    label = f"train p in [{scfg.retention_range[0]:g}, {scfg.retention_range[1]:g}]" if is_range else f"train p={p:g}"
+    attached = [_Progress(label), _Curves(work / f"curves-{tag}.json"), _Resumable(last),
+                *callbacks("range" if is_range else p)]
+    with progress.bar(label, total=scfg.steps, unit="steps") as bar:
         bar.advance(trainer.step)
         attached.append(_Advance(bar, trainer.step))
         try:
             model = trainer.fit(batches, attached, checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every)
         finally:
             batches.close()  # stops the loader's worker processes now: a failure's traceback still holds it
+    trained = ({"retention": None, "retention_range": list(scfg.retention_range), "trained_on": RANGE} if is_range
+               else {"retention": float(p), "trained_on": "p"})
     save_checkpoint(work / f"{name}.safetensors", selector_tensors(model), {
-        "name": name, "retention": float(p), "config": scfg.to_dict(), "tokens": tokens,
+        "name": name, **trained, "config": scfg.to_dict(), "tokens": tokens,
         "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
     last.unlink(missing_ok=True)
     last.with_suffix(".json").unlink(missing_ok=True)
@@ -237,7 +259,13 @@ def _evaluate_held_out(work: Path, cfg: TrainConfig, features: StageResult, sele
     held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
     if not held:
         raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
-    rows = held_out_metrics(selectors, held, cfg.eval_retentions, seeds=cfg.eval_seeds)
+    per_p = {p: m for p, m in selectors.items() if p != RANGE}
+    variants = {}
+    if len(per_p) > 1 and 0.25 in per_p:
+        variants["selector-p0.25"] = (0.25, per_p[0.25])  # the single selector trained at 0.25, at every r
+    if RANGE in selectors:
+        variants["selector-range"] = (RANGE, selectors[RANGE])
+    rows = held_out_metrics(per_p, held, cfg.eval_retentions, seeds=cfg.eval_seeds, variants=variants)
     write_json_atomic(work / "selector_metrics.json", rows)
 
     plot_selector_metrics(rows, work / "selector_metrics.png",
@@ -248,14 +276,18 @@ def _evaluate_held_out(work: Path, cfg: TrainConfig, features: StageResult, sele
 def _train_manifest(work: Path, cfg: TrainConfig, features: StageResult, encoder: dict[str, Any], n_tokens,
                     held: int, timings: dict[str, float], rows: list[dict], t0: float) -> dict[str, Any]:
     """The stage manifest, with each selector's logged curve's final loss."""
-    curves = {f"{p:g}": json.loads((work / f"curves-p{p:g}.json").read_text())
-              for p in cfg.retentions if (work / f"curves-p{p:g}.json").is_file()}
+    keys = {f"{p:g}": f"p{p:g}" for p in cfg.retentions} | ({RANGE: RANGE} if cfg.retention_range is not None else {})
+    curves = {k: json.loads((work / f"curves-{tag}.json").read_text())
+              for k, tag in keys.items() if (work / f"curves-{tag}.json").is_file()}
+    checkpoints = {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions}
+    if cfg.retention_range is not None:
+        checkpoints[RANGE] = f"{checkpoint_name(RANGE)}.safetensors"
     return {
         "config": cfg.to_dict(), "inputs": {"features": features.key}, "encoder": encoder,
         "code_version": code_version(), "stage_version": TRAIN_VERSION, "eval_mode": cfg.eval_mode,
-        "checkpoints": {f"{p:g}": f"{checkpoint_name(p)}.safetensors" for p in cfg.retentions},
+        "checkpoints": checkpoints,
         "statistics_tokens": n_tokens, "held_out_crops": held,
-        "counts": {"selectors": len(cfg.retentions), "held_out_crops": held},
+        "counts": {"selectors": len(checkpoints), "held_out_crops": held},
         "train_seconds": timings, "final_loss": {p: (c[-1]["loss"] if c else None) for p, c in curves.items()},
         "selector_metrics": rows, "seconds": time.perf_counter() - t0,
     }

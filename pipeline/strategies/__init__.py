@@ -52,6 +52,7 @@ from .core import (
     Request,
     Selection,
     Strategy,
+    Threshold,
     TowerOutputs,
     adaptive_keep,
     budget_counts,
@@ -81,7 +82,7 @@ from .core import (
     variant_text,
 )
 
-__all__ = ["BUDGETS", "FIXED_BUDGETS", "adaptive_keep", "variant_text", "ENTRY_POINT_GROUP", "NEEDS", "Batch", "Context", "Request", "Selection", "Strategy",
+__all__ = ["BUDGETS", "FIXED_BUDGETS", "Threshold", "adaptive_keep", "variant_text", "ENTRY_POINT_GROUP", "NEEDS", "Batch", "Context", "Request", "Selection", "Strategy",
            "TowerOutputs", "budget_counts", "check_budget", "check_strategy", "get", "image_budget", "keep_mask",
            "keep_masks", "label", "load", "load_plugins", "names", "peers", "pruners", "prunes", "register",
            "seeded", "seeded_generator", "select", "selections", "strategy", "style", "top_k", "tower_outputs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from .core import Request, strategy, top_k
+from .core import Request, adaptive_keep, strategy, top_k
 
 
 @strategy("full", retention=1.0, label="full image", style=("green", "_"), rank=0,
@@ -32,7 +32,7 @@ def random(req: Request) -> torch.Tensor:
 
 
 SELECTOR_VARIANTS = ("nearest", "range")  # or "p<value>": the checkpoint trained at exactly that p
-ALLOCATIONS = ("crop", "image")
+ALLOCATIONS = ("crop", "image", "grid")
 CALIBRATIONS = ("none", "crop-z")
 
 
@@ -84,14 +84,31 @@ def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
     scores = _keep_probability(selector, x) if adaptive else selector.keep_logits(x)
     out = []
     for r, s in zip(reqs, torch.split(scores, [r.features.shape[0] for r in reqs]), strict=True):
-        if adaptive:
-            out.append(r.keep_by_probability(s))
+        if adaptive:  # the whole image's tokens compete; with allocation=grid only the grid crops'
+            grid = r.options.get("allocation") == "grid" and r.valid.shape[0] > 1 and bool(r.valid[1:].any())
+            valid = torch.cat([torch.zeros_like(r.valid[:1]), r.valid[1:]]) if grid else r.valid
+            out.append(adaptive_keep(s, valid, r.threshold, r.floor, r.retention))
             continue
         s = calibrated(s, r.valid, r.options.get("calibration", "none"))
-        image = r.options.get("allocation", "crop") == "image"
-        out.append(top_k(s, r.counts().sum().reshape(1) if image else r.counts(), r.valid,
-                         per_crop=r.per_crop and not image))
+        out.append(_allocate(s, r))
     return out
+
+
+def _allocate(scores: torch.Tensor, r: Request) -> torch.Tensor:
+    """(crops, L) keep mask from calibrated logits under the request's budget and ``allocation``."""
+    allocation = r.options.get("allocation", "crop")
+    if allocation == "crop" or not r.per_crop and allocation == "image":
+        return top_k(scores, r.counts(), r.valid, per_crop=r.per_crop)
+    k = r.counts().sum().reshape(1)  # the image's K, whatever the budget
+    if allocation == "image" or scores.shape[0] == 1:
+        return top_k(scores, k, r.valid, per_crop=False)
+    # grid: K over the high-resolution crops only; the base crop (crop 0, the whole image at one crop's
+    # resolution) keeps nothing, unless the grid crops hold fewer than K valid tokens
+    grid_valid = r.valid.clone()
+    grid_valid[0] = False
+    if int(grid_valid.sum()) < int(k):
+        return top_k(scores, k, r.valid, per_crop=False)
+    return top_k(scores, k, grid_valid, per_crop=False)
 
 
 @strategy("selector", needs=("selector",), batch=_selector_batch, style=("tab:red", "o"), rank=3, adaptive=True,
@@ -99,14 +116,19 @@ def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
           choices={"allocation": ALLOCATIONS, "calibration": CALIBRATIONS}, check=_check_selector,
           help="the paper's trained selector: top-k by keep-logit (needs --selector); options: variant "
                "(nearest | range | p0.25: which checkpoint of a train stage), allocation (crop: k per crop, "
-               "the paper's | image: the image's K by logit over all crops), calibration (none | crop-z)")
+               "the paper's | image: the image's K by logit over all crops | grid: over the high-resolution "
+               "grid crops only), calibration (none | crop-z)")
 def selector(req: Request) -> torch.Tensor:
     """The paper's trained selector: the top-k tokens by keep-logit.
 
     Options: ``variant`` picks the checkpoint of a train stage (eval resolves it: ``nearest`` trained p,
     the ``range``-trained one, or ``p0.25``); ``allocation`` ``crop`` keeps k per crop (the paper's,
-    under the per-crop budget) and ``image`` keeps the image's K = sum of k by logit over all its crops;
+    under the per-crop budget), ``image`` keeps the image's K = sum of k by logit over all its crops and
+    ``grid`` the same K over its high-resolution grid crops only (the base crop -- the whole image squeezed
+    into one crop, a low-resolution duplicate of the grid crops -- keeps nothing when the image has grid
+    crops);
     ``calibration`` (:func:`calibrated`) makes logits comparable across crops first. Under the threshold
     budget it keeps the tokens whose keep probability (the Gumbel head's own decision) passes the
-    threshold, between the floor and the cap."""
+    threshold, between the floor and the cap, over the whole image (``allocation=grid``: over its grid
+    crops; ``calibration`` does not apply: probabilities are compared as the head gives them)."""
     return _selector_batch([req])[0]

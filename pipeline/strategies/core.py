@@ -35,6 +35,15 @@ BUDGETS = ("per-crop", "global", "stock", "threshold")
 # round(floor * valid) and at most round(r * valid) of them (r is the cap), so the count varies per image
 # (:func:`adaptive_keep`).
 FIXED_BUDGETS = BUDGETS[:3]
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The ``threshold`` budget, as ``select``/``selections`` take it in place of a budget name: the keep
+    probability a token needs and the least fraction of valid tokens kept (the retention is the cap)."""
+
+    value: float
+    floor: float = 0.0
 ENTRY_POINT_GROUP = "atr.strategies"
 
 # What a strategy may need (the fields of Context) and where eval gets each one (pipeline.evaluate).
@@ -376,17 +385,15 @@ def seeded_generator(seed: int, index: int, slot: int = 0) -> torch.Generator:
 # ---------------------------------------------------------------- the one selection path
 
 @torch.no_grad()
-def select(strategy: str, features: torch.Tensor, retention: float, budget: str = "per-crop",
+def select(strategy: str, features: torch.Tensor, retention: float, budget: "str | Threshold" = "per-crop",
            context: Context | None = None, valid: torch.Tensor | None = None,
-           options: Mapping[str, Any] | None = None, stock: int | None = None,
-           threshold: float = 0.0, floor: float = 0.0) -> Selection | None:
+           options: Mapping[str, Any] | None = None, stock: int | None = None) -> Selection | None:
     """What ``strategy`` sends the LLM of one image ``(crops, L, C)``; None for ``none``. ``stock``: the
     encoder tokens the stock model sends of this image (``Family.stock_tokens(...).features``), which the
-    ``stock`` budget needs; ``threshold`` and ``floor``: the ``threshold`` budget's (``retention`` is its
-    cap)."""
+    ``stock`` budget needs. ``budget`` a :class:`Threshold` is the ``threshold`` budget (``retention`` is
+    its cap)."""
     spec = get(strategy)
-    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options, stock,
-                                    threshold, floor)))
+    return _finish(spec.fn(_request(spec, features, retention, budget, context, valid, options, stock)))
 
 
 def check_threshold(spec: Strategy, budget: str, threshold: float, floor: float, cap: float) -> None:
@@ -404,10 +411,14 @@ def check_threshold(spec: Strategy, budget: str, threshold: float, floor: float,
         raise ConfigError(f"threshold floor must be in [0, cap={cap:g}], got {floor!r}")
 
 
-def _request(spec: Strategy, features: torch.Tensor, retention: float, budget: str, context: Context | None,
-             valid: torch.Tensor | None, options: Mapping[str, Any] | None, stock: int | None = None,
-             threshold: float = 0.0, floor: float = 0.0) -> Request:
+def _request(spec: Strategy, features: torch.Tensor, retention: float, budget: "str | Threshold",
+             context: Context | None, valid: torch.Tensor | None, options: Mapping[str, Any] | None,
+             stock: int | None = None) -> Request:
+    threshold, floor = (budget.value, budget.floor) if isinstance(budget, Threshold) else (0.0, 0.0)
+    budget = "threshold" if isinstance(budget, Threshold) else budget
     check_budget(budget)
+    if budget == "threshold" and not threshold:
+        raise ConfigError("the threshold budget needs its threshold: pass budget=Threshold(value, floor)")
     check_threshold(spec, budget, threshold, floor, retention)
     context = context or Context()
     crops, tokens = features.shape[:2]
@@ -442,12 +453,10 @@ class Batch:
     valid: Sequence[torch.Tensor | None] | None = None
     per_image: Sequence[Mapping[str, Any]] | None = None
     stock: Sequence[int | None] | None = None  # the ``stock`` budget: encoder tokens the stock model sends per image
-    threshold: float = 0.0  # the ``threshold`` budget: the keep probability a token needs
-    floor: float = 0.0      # the ``threshold`` budget: the least fraction of valid tokens kept
 
 
 @torch.no_grad()
-def selections(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: str = "per-crop",
+def selections(strategy: str, features: Sequence[torch.Tensor], retention: float, budget: "str | Threshold" = "per-crop",
                context: Context | None = None, batch: Batch | None = None,
                options: Mapping[str, Any] | None = None) -> list[Selection | None]:
     """:func:`select` for a batch of images, each ``(crops_i, L, C)``; one Selection (or None) per image
@@ -461,7 +470,7 @@ def selections(strategy: str, features: Sequence[torch.Tensor], retention: float
     valid = list(batch.valid) if batch.valid is not None else [None] * len(features)
     extra = list(batch.per_image) if batch.per_image is not None else [{}] * len(features)
     stock = list(batch.stock) if batch.stock is not None else [None] * len(features)
-    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options, s, batch.threshold, batch.floor)
+    reqs = [_request(spec, f, retention, budget, replace(context, **e), v, options, s)
             for f, e, v, s in zip(features, extra, valid, stock, strict=True)]
     if spec.batch is not None and reqs:
         return [_finish(o) for o in spec.batch(reqs)]
@@ -585,4 +594,4 @@ __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Req
            "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs",
            "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "stock_budget",
-           "stock_request", "top_k", "adaptive_keep", "check_threshold", "variant_text", "FIXED_BUDGETS"]
+           "stock_request", "top_k", "adaptive_keep", "check_threshold", "variant_text", "FIXED_BUDGETS", "Threshold"]
