@@ -24,26 +24,31 @@ class RunConfig(Config):
     ["tiny-trained", "tiny-ov-trained"]``: both families in one run, each with its own
     features, selectors, evaluation and report); ``extract`` says which images the selector
     is trained on (the paper: base-resolution crops, one per image); ``data`` maps
-    a real benchmark name to its lmms-lab parquet file or directory."""
+    a real benchmark name to its lmms-lab parquet file or directory. ``eval`` evaluates, beside the paper's
+    selector (k per crop), its image-level and grid allocations and the threshold budget at 0.3, 0.5, 0.7
+    and 0.9 (issue 30: the variants side by side; docs/selector.md)."""
 
     kind = "run"
 
     model: str | tuple = "tiny-trained"
     extract: ExtractConfig = ExtractConfig(images="synthetic:docs", limit=2048, crops="base")
     train: TrainConfig = TrainConfig()
-    eval: EvalConfig = EvalConfig()
+    eval: EvalConfig = EvalConfig(options={"selector": [{}, {"allocation": "image"}, {"allocation": "grid"}]},
+                                  thresholds=(0.3, 0.5, 0.7, 0.9))
     data: Mapping = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
-        """As ``Config.from_dict``, but a partial ``[extract]`` table fills in from this config's
-        own extract defaults (2048 base crops), not from ExtractConfig's."""
+        """As ``Config.from_dict``, but a partial ``[extract]`` or ``[eval]`` table fills in from this config's
+        own defaults (2048 base crops; the selector's allocation variants and the threshold sweep), not from
+        ExtractConfig's or EvalConfig's."""
         data = dict(data)
-        if isinstance(data.get("extract"), Mapping):
-            base = cls().extract.to_dict()
-            unknown = [k for k in data["extract"] if k not in base]
-            if not unknown:
-                data["extract"] = {**base, **data["extract"]}
+        for name in ("extract", "eval"):
+            if isinstance(data.get(name), Mapping):
+                base = getattr(cls(), name).to_dict()
+                unknown = [k for k in data[name] if k not in base]
+                if not unknown:
+                    data[name] = {**base, **data[name]}
         return super().from_dict(data)
 
     @property

@@ -28,3 +28,18 @@ def evaluate_chunk(model, processor, benchmark: str, items, strategy: str, reten
                          batch_size=batch_size if isinstance(batch_size, int) else AUTO_BATCH_CPU)
     return evaluate_features(model, processor, benchmark, shard, Pruning(strategy, retention, seed),
                              Inputs(relevance=relevance), Batching(batch_size))
+
+
+def random_selector_file(directory: Path) -> Path:
+    """A selector checkpoint in the train stage's format for the tiny presets (L = 16, C = 64), random
+    weights from seed 0, 1 + 1 layers: for tests of the plumbing, not of the selector."""
+    import torch
+
+    from pipeline.selector import SelectorConfig, TokenSelector
+    from storage.checkpoints import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=4)
+    sel = TokenSelector(cfg, tokens=16, channels=64)
+    return save_checkpoint(Path(directory) / "selector-p0.25.safetensors", sel.state_dict(),
+                           {"config": cfg.to_dict(), "tokens": 16, "channels": 64, "retention": 0.25})

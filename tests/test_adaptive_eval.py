@@ -18,17 +18,9 @@ from pipeline.evaluate import EvalConfig, Pruning
 def selector_file(tmp_path_factory):
     """A selector checkpoint in the train stage's format for tiny-trained (random weights: the plumbing is
     under test here, not the selector)."""
-    import torch
+    from eval_helpers import random_selector_file
 
-    from pipeline.selector import SelectorConfig, TokenSelector
-    from storage.checkpoints import save_checkpoint
-
-    torch.manual_seed(0)
-    cfg = SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=4)
-    sel = TokenSelector(cfg, tokens=16, channels=64)
-    path = tmp_path_factory.mktemp("sel") / "selector-p0.25.safetensors"
-    return save_checkpoint(path, sel.state_dict(), {"config": cfg.to_dict(), "tokens": 16, "channels": 64,
-                                                    "retention": 0.25})
+    return random_selector_file(tmp_path_factory.mktemp("sel"))
 
 
 # ---------------------------------------------------------------- config and chunks

@@ -14,17 +14,9 @@ from conftest import assert_one_line_errors
 def selector_file(tmp_path_factory):
     """A selector checkpoint in the train stage's format (random weights: the flow is under test here;
     the trained selector's figures are in docs/selector.md)."""
-    import torch
+    from eval_helpers import random_selector_file
 
-    from pipeline.selector import SelectorConfig, TokenSelector
-    from storage.checkpoints import save_checkpoint
-
-    torch.manual_seed(0)
-    cfg = SelectorConfig(selector_layers=1, reconstructor_layers=1, n_heads=4)
-    sel = TokenSelector(cfg, tokens=16, channels=64)
-    path = tmp_path_factory.mktemp("sel") / "selector-p0.25.safetensors"
-    return save_checkpoint(path, sel.state_dict(), {"config": cfg.to_dict(), "tokens": 16, "channels": 64,
-                                                    "retention": 0.25})
+    return random_selector_file(tmp_path_factory.mktemp("sel"))
 
 
 def test_eval_flow_records_rows_plots_and_reuses_chunks(prefect_api_url, session_home, selector_file):

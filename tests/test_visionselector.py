@@ -3,6 +3,7 @@ frozen tiny LLaVA, the strategy's budgets, checkpoint matching and the shipped c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -237,3 +238,18 @@ def test_train_visionselector_command_writes_a_checkpoint_eval_uses(cli_env, tmp
     assert_one_line_errors([(["train-visionselector", "--out", str(out), "--ratio", "2"], "ratio must be in (0, 1)"),
                             (["train-visionselector", "--out", str(out), "--steps", "0"], "steps must be positive")],
                            cli_env)
+
+
+def test_atr_run_leaves_visionselector_out_for_a_model_without_a_shipped_checkpoint(capfd):
+    from flows.orchestration.flows import _run_strategies
+    from pipeline.run_config import RunConfig
+
+    cfg = RunConfig().eval
+    assert "visionselector" in cfg.strategies
+    assert _run_strategies(cfg, "tiny-trained") is cfg and _run_strategies(cfg, "tiny-ov-trained") is cfg
+    other = _run_strategies(cfg, "llava-hf/llava-v1.6-mistral-7b-hf")
+    assert "visionselector" not in other.strategies and set(other.strategies) == set(cfg.strategies) - {"visionselector"}
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "visionselector left out for llava-hf/llava-v1.6-mistral-7b-hf" in err
+    given = dataclasses.replace(cfg, options={**cfg.options, "visionselector": {"checkpoint": "/x.safetensors"}})
+    assert _run_strategies(given, "llava-hf/llava-v1.6-mistral-7b-hf") is given

@@ -25,9 +25,11 @@ like a flow but run without Prefect (see ``flows.stages.speed``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +185,22 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
 
 # ---------------------------------------------------------------- atr run
 
+def _run_strategies(cfg: EvalConfig, model: str) -> EvalConfig:
+    """``atr run``'s eval config for one model: VisionSelector, a learned peer trained per model, is left out
+    (one warning line) for a model without a shipped checkpoint unless a checkpoint is given, so a run over
+    every strategy works on any model; ``atr train-visionselector`` trains one."""
+    from pipeline.strategies.visionselector import shipped_checkpoints
+
+    options = cfg.options.get("visionselector") or {}
+    given = any(o.get("checkpoint") for o in (options if isinstance(options, (list, tuple)) else [options]))
+    if "visionselector" not in cfg.strategies or given or model in {p.stem for p in shipped_checkpoints()}:
+        return cfg
+    print(f"atr run: visionselector left out for {model}: no shipped checkpoint for it (train one with "
+          f"`atr train-visionselector --model {model} --out DIR`, then --option visionselector.checkpoint=...)",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, strategies=tuple(s for s in cfg.strategies if s != "visionselector"))
+
+
 def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_set: list[str] | None) -> dict:
     h = Home.resolve(home)
     runtime.configure(h)  # a served deployment runs this in a fresh process
@@ -199,11 +217,12 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         recorder.stage(feat, metrics=extract_figures(feat))
         tcfg = tiny_schedule(cfg.train, model, set(user_set or []))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
-        plan = plan_eval(h, model_stage, cfg.eval, train.key, dict(cfg.data))
+        ecfg = _run_strategies(cfg.eval, model)
+        plan = plan_eval(h, model_stage, ecfg, train.key, dict(cfg.data))
         child = recorder.begin_stage("eval" if len(cfg.models) == 1 else f"eval {model}")
-        recorder.tracker.log_params(child, {"stage": "eval", "model": model, "config": cfg.eval.to_dict(),
+        recorder.tracker.log_params(child, {"stage": "eval", "model": model, "config": ecfg.to_dict(),
                                             "data": dict(cfg.data)})
-        run = eval_chunks(h, cfg.eval, model_stage, plan, train.key, force="eval" in force, mapper=TASK_MAPPER)
+        run = eval_chunks(h, ecfg, model_stage, plan, train.key, force="eval" in force, mapper=TASK_MAPPER)
         results = run.results
         recorder.eval(model, results, child=child)
         recorder.stage_metrics("eval", run.figures, child=child)
