@@ -5,8 +5,8 @@ it. The golden keys: the three home-independent keys of the default ``atr run``
 (prepare-model, extract, train) and the key formulas of the eval chunks, the
 report and the synthetic benchmark stage on fixed inputs.
 
-- report: as computed by the code before the layout moved (commit 2098605); a
-  home written by that code gave a full cache hit on ``atr run`` after the move.
+- report: REPORT_VERSION 2 (issue 30: the frontier plot and rows per variant and threshold; version 1,
+  a43732adfc352b19, was the key from before the layout moved, commit 2098605).
 - prepare-model, extract, benchmark, train (the real-geometry tiny world): the
   synthetic images changed (GENERATOR_VERSION 2, DejaVu fonts, sizes that fit no
   pinpoint, and the font files' hash is an input), tiny-trained was retrained
@@ -97,6 +97,6 @@ def test_report_and_benchmark_keys_are_unchanged(tmp_path):
     from flows.stages.benchmark import synthetic_benchmark
     from storage.home import Home
 
-    assert report_key("tiny-trained", "t" * 16, ["b", "a"])[0] == "a43732adfc352b19"
+    assert report_key("tiny-trained", "t" * 16, ["b", "a"])[0] == "38bda47752e27d2a"
     path = synthetic_benchmark(Home.resolve(tmp_path).ensure(), "synthetic-ocr", "test", 3)
     assert path.parent.name == "07ac550511e4ac1f" and path.name == "synthetic-ocr-test.parquet"

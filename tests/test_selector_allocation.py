@@ -134,3 +134,29 @@ def test_threshold_budget_with_grid_allocation_skips_the_base_crop(selector):
     prob = torch.sigmoid(selector.keep_logits(x))[1:]
     assert not got.mask[0].any()
     assert got.tokens == min(max(int((prob >= 0.3).sum()), 1), 24)  # the cap: 0.75 of the grid's 32 tokens
+
+
+def test_equal_cost_compares_every_result_with_the_selectors_envelope():
+    from flows.present.frontier import at_cost, envelope, frontier_gaps
+    from flows.present.report import equal_cost_lines
+
+    def row(strategy, retention, score, tokens, variant="", budget="per-crop", threshold=0.0):
+        return {"benchmark": "b", "strategy": strategy, "variant": variant, "budget": budget, "retention": retention,
+                "threshold": threshold, "score": score, "visual_tokens": tokens}
+
+    rows = [row("selector", 0.1, 0.70, 9.0), row("selector", 0.1, 0.95, 10.0, variant="allocation=grid"),
+            row("selector", 0.75, 0.80, 4.0, budget="threshold", threshold=0.5), row("selector", 0.25, 0.97, 18.0),
+            row("divprune", 0.1, 0.88, 8.0), row("divprune", 0.25, 0.97, 17.0), row("random", 0.05, 0.5, 3.0),
+            row("full", 1.0, 1.0, 80.0)]
+    env = envelope([(r["visual_tokens"], r["score"]) for r in rows if r["strategy"] == "selector"])
+    assert env == [(4.0, 0.80), (10.0, 0.95), (18.0, 0.97)]  # the 9-token point is dominated
+    assert at_cost(env, 8.0) == (pytest.approx(0.80 + 0.15 * 4 / 6), False)
+    assert at_cost(env, 3.0) == (0.80, True) and at_cost(env, 99.0) == (0.97, False)
+    gaps = {(g["strategy"], g["retention"]): g for g in frontier_gaps(rows)}
+    assert set(gaps) == {("divprune", 0.1), ("divprune", 0.25), ("random", 0.05)}  # not full, not the selector
+    assert gaps["divprune", 0.1]["gap"] == pytest.approx(0.88 - 0.90)
+    assert gaps["divprune", 0.25]["gap"] == pytest.approx(0.97 - (0.95 + 0.02 * 7 / 8))
+    lines = equal_cost_lines(rows)
+    assert lines[1] == "## At equal cost" and lines[-1].startswith("None")
+    worse = rows + [row("cdpruner", 0.1, 0.99, 9.5)]
+    assert "| b | cdpruner | 0.1 | 9.5 | 0.990 | 0.938 | +0.052 |" in equal_cost_lines(worse)

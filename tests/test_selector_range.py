@@ -249,3 +249,11 @@ def test_the_stage_trains_a_range_selector_beside_the_per_p_ones(features, tmp_p
                               f"checkpoint from atr train --retention-range MIN,MAX")
     _, meta = load_checkpoint(single.path / "selector-p0.25.safetensors")
     assert meta["trained_on"] == "p" and sorted(meta["config"]) == OLD_SELECTOR_KEYS
+
+
+def test_the_report_names_how_each_selector_was_trained():
+    from flows.present.report import selector_provenance
+
+    assert selector_provenance({"checkpoints": {"0.25": "s"}, "config": {}}) == "trained at p = 0.25"
+    both = {"checkpoints": {"0.25": "a", "0.5": "b", "range": "c"}, "config": {"retention_range": [0.05, 0.4]}}
+    assert selector_provenance(both) == "trained at p = 0.25, 0.5; one on p in [0.05, 0.4] (variant=range)"

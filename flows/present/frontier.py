@@ -16,6 +16,12 @@ from typing import Iterable, Mapping
 SELECTOR = "selector"
 
 
+def _tokens(row: Mapping) -> float | None:
+    """Mean visual tokens of a result: ``mean_visual_tokens`` (results store, chunk summaries) or
+    ``visual_tokens`` (the eval table)."""
+    return row.get("mean_visual_tokens", row.get("visual_tokens"))
+
+
 def _mean_by_point(rows: Iterable[Mapping]) -> list[dict]:
     """Seeds averaged: one point per (benchmark, strategy, variant, budget, retention, threshold)."""
     groups: dict[tuple, list[Mapping]] = {}
@@ -28,7 +34,7 @@ def _mean_by_point(rows: Iterable[Mapping]) -> list[dict]:
         out.append({"benchmark": bench, "strategy": strategy, "variant": variant, "budget": budget,
                     "retention": retention, "threshold": threshold,
                     "score": sum(float(r["score"]) for r in g) / len(g),
-                    "tokens": sum(float(r["mean_visual_tokens"]) for r in g) / len(g)})
+                    "tokens": sum(float(_tokens(r)) for r in g) / len(g)})
     return out
 
 
@@ -59,7 +65,7 @@ def frontier_gaps(rows: Iterable[Mapping], mine: str = SELECTOR) -> list[dict]:
     """One row per other swept strategy result: its benchmark, strategy, variant, retention, tokens and score,
     the selector envelope's score at its cost and the gap (its score minus the selector's; above 0: it
     beats every selector variant at equal or lower cost)."""
-    points = _mean_by_point(r for r in rows if r.get("mean_visual_tokens") is not None)
+    points = _mean_by_point(r for r in rows if _tokens(r) is not None)
     out = []
     for bench in dict.fromkeys(p["benchmark"] for p in points):
         sel = envelope([(p["tokens"], p["score"]) for p in points if p["benchmark"] == bench and p["strategy"] == mine])

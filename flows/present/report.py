@@ -15,6 +15,8 @@ from pipeline.strategies import prunes, seeded
 from storage.home import Home
 from storage.stages import write_json_atomic
 
+from .frontier import frontier_gaps
+
 
 def result_label(row: dict) -> str:
     """How a result is named in tables, plots and summary.json: the strategy, its variant in brackets when
@@ -112,6 +114,38 @@ def adaptive_table(rows: list[dict], full: dict[str, float]) -> list[str]:
     return out
 
 
+def equal_cost_lines(rows: list[dict], margin: float = 0.01) -> list[str]:
+    """The results that beat every selector variant at equal or lower mean visual tokens by more than
+    ``margin`` (``flows.present.frontier``): the selector's envelope over its variants, retentions and
+    thresholds, compared at each other result's cost. Empty without selector results."""
+    if not any(r["strategy"] == "selector" for r in rows):
+        return []
+    gaps = sorted((g for g in frontier_gaps(rows) if g["gap"] > margin), key=lambda g: (g["benchmark"], -g["gap"]))
+    lines = ["", "## At equal cost", "",
+             f"Results that beat the selector's best variant by more than {margin:g} at the same mean visual tokens "
+             "(the selector's envelope over every variant, retention and threshold, linear between its points; "
+             "'cheaper' marks a result cheaper than every selector point, compared with the cheapest):", ""]
+    if not gaps:
+        return lines + ["None: at every result's cost the selector is within "
+                        f"{margin:g} of it or ahead."]
+    lines += ["| benchmark | strategy | retention | tokens | score | selector at that cost | gap |", "|---|---|---|---|---|---|---|"]
+    for g in gaps:
+        lines.append(f"| {g['benchmark']} | {result_label(g)} | {g['retention']:g} | {g['tokens']:.1f} | {g['score']:.3f} | "
+                     f"{g['selector_score']:.3f}{' (cheaper)' if g['extrapolated'] else ''} | +{g['gap']:.3f} |")
+    return lines
+
+
+def selector_provenance(manifest: dict) -> str:
+    """How a train stage's selectors were trained, as the report names them: each at one p, and the one
+    trained on a range of p (``retention_range``), e.g. ``trained at p = 0.25, 0.5; on p in [0.05, 0.4]``."""
+    ps = [k for k in manifest["checkpoints"] if k != "range"]
+    rng = manifest.get("config", {}).get("retention_range")
+    parts = [f"trained at p = {', '.join(ps)}"] if ps else []
+    if "range" in manifest["checkpoints"] and rng:
+        parts.append(f"one on p in [{rng[0]:g}, {rng[1]:g}] (variant=range)")
+    return "; ".join(parts)
+
+
 def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
                     stock_lines: list[str] | None = None) -> str:
     """``summary.md`` of the report stage: the pruned-evaluation table (a row per strategy, variant and
@@ -124,7 +158,7 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
     fm, tm = feat.manifest, train.manifest
     lines = [f"# atr run report: {model}", "",
              f"- model: `{model}`",
-             f"- selector: train stage `{train.key}` (p = {', '.join(tm['checkpoints'])}, "
+             f"- selector: train stage `{train.key}` ({selector_provenance(tm)}, "
              f"{tm['config']['selector']['steps']} steps, eval mode {tm['eval_mode']})",
              f"- features: extract stage `{feat.key}` ({fm['counts']['samples']} images from "
              f"`{fm['config']['images']}`, {fm['config']['crops']} crops)", "",
@@ -151,6 +185,7 @@ def report_markdown(model: str, feat, train, rows: list[dict], plots: list[str],
         lines.append(f"| {bench} | {name} | " + " | ".join(vals) +
                      f" | {'' if f is None else f'{f:.3f}'} | {'' if n is None else f'{n:.3f}'} |")
     lines += adaptive_table(adaptive, full)
+    lines += equal_cost_lines(rows + adaptive)
     tokens = stock_table(rows)
     if tokens:
         lines += ["", "Mean visual tokens the LLM saw; in brackets, over what the stock model (the unpruned "

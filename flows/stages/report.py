@@ -21,7 +21,7 @@ from ..present.plots import plot_eval
 from ..present.report import report_markdown, result_label, stock_token_lines
 from .eval import eval_summary
 
-REPORT_VERSION = "1"
+REPORT_VERSION = "2"  # 2: the frontier plot, rows per variant and threshold (issue 30)
 
 
 def report_key(model: str, train_key: str, chunk_keys: list[str]) -> tuple[str, dict[str, str]]:
