@@ -18,8 +18,9 @@ SMALL = {
     "model": "tiny-trained",
     "extract": {"limit": 96, "shard_size": 32},
     "train": {"selector": {"steps": 20}, "eval_retentions": [0.25], "eval_seeds": 1, "checkpoint_every": 10},
+    # no selector variants and no threshold sweep: a partial [eval] table keeps atr run's own (RunConfig)
     "eval": {"strategies": ["full", "none", "random", "selector"], "retentions": [0.25], "seeds": 1, "limit": 12,
-             "batch_size": 12},
+             "batch_size": 12, "thresholds": [], "options": {}},
 }
 STAGE_ORDER = ["prepare-model", "extract", "train", "eval", "report"]
 
@@ -216,6 +217,10 @@ def test_print_config_round_trips_and_bad_configs_fail_in_one_line(cli_env, tmp_
     cfg, user_set = load_run_config(partial)
     assert cfg.extract.images == "synthetic:scenes" and cfg.extract.limit == 2048 and cfg.extract.crops == "base"
     assert cfg.train.selector.steps == 50 and user_set == ["steps"]
+    (tmp_path / "eval.toml").write_text("[eval]\nlimit = 50\n")  # a partial [eval] keeps atr run's variants
+    cfg, _ = load_run_config(tmp_path / "eval.toml")
+    assert cfg.eval.limit == 50 and cfg.eval.thresholds == RunConfig().eval.thresholds == (0.3, 0.5, 0.7, 0.9)
+    assert [dict(o) for o in cfg.eval.options["selector"]] == [{}, {"allocation": "image"}, {"allocation": "grid"}]
     (tmp_path / "typo.toml").write_text("[eval]\nretentons = [0.25]\n")
     (tmp_path / "range.toml").write_text("[eval]\nretentions = [1.5]\n")
     (tmp_path / "broken.toml").write_text("[eval\n")
@@ -247,7 +252,7 @@ def test_atr_run_command_prints_the_tables_and_the_report(cold, cli_env, tmp_pat
              "[train]", "eval_retentions = [0.25]", "eval_seeds = 1", "checkpoint_every = 10",
              "[train.selector]", "steps = 20",
              "[eval]", 'strategies = ["full", "none", "random", "selector"]', "retentions = [0.25]", "seeds = 1",
-             "limit = 12", "batch_size = 12"]
+             "limit = 12", "batch_size = 12", "thresholds = []", "[eval.options]"]
     (tmp_path / "small.toml").write_text("\n".join(lines) + "\n")
     env = {**cli_env, "ATR_HOME": str(home.root)}
     proc = atr_in_process(["run", "--config", str(tmp_path / "small.toml")], env)
