@@ -166,7 +166,7 @@ def _frontier_axes(ax, rows: list[dict], benchmark: str, model: str | None = Non
     ax.set_xlabel("mean visual tokens per image (what the LLM saw)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the axes: the curves stay readable
 
 
 def plot_frontier(rows: list[dict], path: Path, model: str | None = None) -> Path:
@@ -176,7 +176,7 @@ def plot_frontier(rows: list[dict], path: Path, model: str | None = None) -> Pat
     benchmarks = list(dict.fromkeys(r["benchmark"] for r in rows))
     cols = min(3, max(1, len(benchmarks)))
     nrows = max(1, -(-len(benchmarks) // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(9.5 * cols, 4.5 * nrows), squeeze=False)
     for ax, b in zip(axes.flat, benchmarks):
         _frontier_axes(ax, rows, b, model)
     for ax in list(axes.flat)[len(benchmarks):]:
