@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ConfigError
-from .core import Request, adaptive_keep, strategy, top_k
+from .core import Request, strategy, top_k
 
 
 @strategy("full", retention=1.0, label="full image", style=("green", "_"), rank=0,
@@ -67,12 +67,8 @@ def _keep_probability(selector, features: torch.Tensor) -> torch.Tensor:
     range-trained selector takes its offset at the middle of its range (the offset moves every logit of
     every image alike, so a threshold sweep traces the same frontier at any p; only the thresholds'
     labels shift)."""
-    rng = getattr(selector.cfg, "retention_range", None)
-    if rng and hasattr(selector, "keep_probability"):
-        return selector.keep_probability(features, (rng[0] + rng[1]) / 2)
-    if hasattr(selector, "keep_probability"):
-        return selector.keep_probability(features)
-    return torch.sigmoid(selector.keep_logits(features))
+    rng = selector.cfg.retention_range
+    return selector.keep_probability(features, (rng[0] + rng[1]) / 2 if rng else None)
 
 
 def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
@@ -85,9 +81,8 @@ def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
     out = []
     for r, s in zip(reqs, torch.split(scores, [r.features.shape[0] for r in reqs]), strict=True):
         if adaptive:  # the whole image's tokens compete; with allocation=grid only the grid crops'
-            grid = r.options.get("allocation") == "grid" and r.valid.shape[0] > 1 and bool(r.valid[1:].any())
-            valid = torch.cat([torch.zeros_like(r.valid[:1]), r.valid[1:]]) if grid else r.valid
-            out.append(adaptive_keep(s, valid, r.threshold, r.floor, r.retention))
+            grid = _grid_valid(r.valid) if r.options.get("allocation") == "grid" else None
+            out.append(r.keep_by_probability(s, grid))
             continue
         s = calibrated(s, r.valid, r.options.get("calibration", "none"))
         out.append(_allocate(s, r))
@@ -100,15 +95,19 @@ def _allocate(scores: torch.Tensor, r: Request) -> torch.Tensor:
     if allocation == "crop" or not r.per_crop and allocation == "image":
         return top_k(scores, r.counts(), r.valid, per_crop=r.per_crop)
     k = r.counts().sum().reshape(1)  # the image's K, whatever the budget
-    if allocation == "image" or scores.shape[0] == 1:
-        return top_k(scores, k, r.valid, per_crop=False)
-    # grid: K over the high-resolution crops only; the base crop (crop 0, the whole image at one crop's
-    # resolution) keeps nothing, unless the grid crops hold fewer than K valid tokens
-    grid_valid = r.valid.clone()
-    grid_valid[0] = False
-    if int(grid_valid.sum()) < int(k):
-        return top_k(scores, k, r.valid, per_crop=False)
-    return top_k(scores, k, grid_valid, per_crop=False)
+    grid = _grid_valid(r.valid) if allocation == "grid" else None
+    # grid: K over the high-resolution crops only; the base crop keeps nothing, unless the grid crops hold
+    # fewer than K valid tokens
+    use = grid if grid is not None and int(grid.sum()) >= int(k) else r.valid
+    return top_k(scores, k, use, per_crop=False)
+
+
+def _grid_valid(valid: torch.Tensor) -> torch.Tensor | None:
+    """(crops, L) the valid tokens of the grid crops alone: the base crop (crop 0, the whole image at one
+    crop's resolution) masked out; None for an image without grid crops holding a valid token."""
+    if valid.shape[0] < 2 or not bool(valid[1:].any()):
+        return None
+    return torch.cat([torch.zeros_like(valid[:1]), valid[1:]])
 
 
 @strategy("selector", needs=("selector",), batch=_selector_batch, style=("tab:red", "o"), rank=3, adaptive=True,

@@ -112,10 +112,12 @@ class Request:
         """:func:`budget_counts` of this request: k per crop (per-crop) or a 1-element K (global)."""
         return budget_counts(self.valid, self.retention, self.budget)
 
-    def keep_by_probability(self, probability: torch.Tensor) -> torch.Tensor:
+    def keep_by_probability(self, probability: torch.Tensor, candidates: torch.Tensor | None = None) -> torch.Tensor:
         """(crops, L) mask of the threshold budget from each token's keep probability (crops, L):
-        :func:`adaptive_keep` with this request's threshold, floor and cap (the retention)."""
-        return adaptive_keep(probability, self.valid, self.threshold, self.floor, self.retention)
+        :func:`adaptive_keep` with this request's threshold, floor and cap (the retention) over
+        ``candidates`` (crops, L; default: the valid tokens -- a strategy may narrow them, never widen)."""
+        return adaptive_keep(probability, self.valid if candidates is None else candidates & self.valid,
+                             self.threshold, self.floor, self.retention)
 
     def image_budget(self) -> int:
         """K: every token this image may send the LLM."""
