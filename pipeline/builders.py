@@ -85,7 +85,7 @@ def _preset_processor(preset, tokenizer):
     """The preset's processor: its family's image processor and processor around ``tokenizer``; a sized
     or shape preset's own mean/std and chat template (the checkpoint's) where it records them."""
     family = preset.family
-    image_processor = family.build_image_processor(preset.crop_size, preset.grid_pinpoints)
+    image_processor = family.preset_image_processor(preset)
     if getattr(preset, "image_mean", None):
         image_processor.image_mean, image_processor.image_std = list(preset.image_mean), list(preset.image_std)
     processor = family.processor(image_processor, tokenizer, IMAGE_TOKEN, preset.patch_size,
@@ -112,9 +112,11 @@ def build_tiny(preset: TinyPreset):
         num_key_value_heads=preset.text_kv_heads, max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        **family.text_kwargs(preset.text_hidden, preset.text_heads),
     )
     config = family.llava_config(vision, text, image_token_id, preset.grid_pinpoints, preset.vision_feature_layer,
                                  getattr(preset, "vision_aspect_ratio", None))
+    family.finish_config(config, tokenizer)
     torch.manual_seed(preset.seed)
     model = family.model_class()(config).eval()
     return model, _preset_processor(preset, tokenizer)

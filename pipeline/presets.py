@@ -102,6 +102,44 @@ class TinyOvPreset(TinyPreset):
                   f"grid pinpoint {(h, w)} is not a multiple of crop_size {self.crop_size}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyQwenPreset(TinyPreset):
+    """Dimensions of an in-project tiny Qwen2.5-VL: a windowed ViT of 8-px patches whose 2 x 2 merger makes one
+    token per 16-px cell (the tiny world's glyph cell), a Qwen2.5 LM with M-RoPE, and dynamic resolution
+    between ``min_pixels`` and ``max_pixels`` (both part of the preset, so of every key built on it).
+    ``crop_size`` is one merged token's side (patch x merge); Qwen has no crops or pinpoints."""
+
+    kind = "tiny-qwen25-preset"
+    model_type = "qwen2_5_vl"
+
+    name: str = "tiny-qwen25"
+    patch_size: int = 8
+    crop_size: int = 16
+    grid_pinpoints: tuple = ()
+    min_pixels: int = 32 * 32           # at least 2 x 2 merged tokens
+    max_pixels: int = 224 * 224         # the tiny world's images (<= 208 px a side) are never shrunk
+    vision_feature_layer: int = -1      # the merger reads the last block
+
+    def validate(self) -> None:
+        from .families._qwen import check_pixels
+
+        check(self.crop_size == 2 * self.patch_size, "crop_size is one merged token's side: 2 x patch_size")
+        check(self.tokenizer in ("v1", "v2"), f"tokenizer must be 'v1' or 'v2', got {self.tokenizer!r}")
+        check(self.vision_layers >= 1 and self.text_hidden // self.text_heads >= 8,
+              "a Qwen preset needs a tower block and an LM head_dim of at least 8 (M-RoPE's three sections)")
+        check_pixels(self.min_pixels, self.max_pixels, self.patch_size, 2, f"preset {self.name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyQwen3Preset(TinyQwenPreset):
+    """:class:`TinyQwenPreset` as a Qwen3-VL: a full-attention ViT with DeepStack and a Qwen3 LM."""
+
+    kind = "tiny-qwen3-preset"
+    model_type = "qwen3_vl"
+
+    name: str = "tiny-qwen3"
+
+
 # ``bench``: random weights, but the real model's token counts -- 336-px crops of 14-px
 # patches (576 tokens per crop), llava-v1.6's grid pinpoints, so up to 5 crops (base +
 # 2x2) and 2,928 visual tokens per square image -- with widths small enough that one full
@@ -113,7 +151,8 @@ BENCH_PRESET = TinyPreset(
     vision_hidden=256, vision_layers=6, vision_heads=4,
     text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=8,
 )
-PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset(), "bench": BENCH_PRESET, "tiny-ov": TinyOvPreset()}
+PRESETS: dict[str, TinyPreset] = {"tiny": TinyPreset(), "bench": BENCH_PRESET, "tiny-ov": TinyOvPreset(),
+                                  "tiny-qwen25": TinyQwenPreset(), "tiny-qwen3": TinyQwen3Preset()}
 
 
 # The published checkpoints' chat templates (their chat_template.json), which the sized and shape presets
@@ -313,6 +352,6 @@ def unknown_model_message(spec: str) -> str:
             f"with config.json, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf")
 
 
-__all__ = ["PRESET_VERSION", "TinyPreset", "TinyOvPreset", "BENCH_PRESET", "PRESETS", "SizedPreset", "SizedOvPreset",
+__all__ = ["PRESET_VERSION", "TinyPreset", "TinyOvPreset", "TinyQwenPreset", "TinyQwen3Preset", "BENCH_PRESET", "PRESETS", "SizedPreset", "SizedOvPreset",
            "SIZED_PRESETS", "ShapePreset", "ShapeOvPreset", "SHAPE_PRESETS", "MISTRAL_CHAT_TEMPLATE",
            "ONEVISION_QWEN2_CHAT_TEMPLATE", "TRAINED_PRESETS", "sized_preset_from_dict", "unknown_model_message"]

@@ -43,6 +43,8 @@ class ImageFeatures:
     keys: torch.Tensor | None = None  # (crops, L, head_dim): the feature layer's keys, mean over heads
     last_hidden: torch.Tensor | None = None  # (crops, L, C'): the embeds layer (the feature layer), post-norm (embeds=True)
     cls_tokens: torch.Tensor | None = None  # (crops, C): the CLS token's hidden state of the feature layer
+    grid: tuple[int, int, int] | None = None  # Qwen-VL: the image's (t, h, w) patch grid
+    deepstack: list[torch.Tensor] | None = None  # Qwen3-VL: (L, D) DeepStack features per layer, raster order
 
     @property
     def crops(self) -> int:
@@ -51,6 +53,12 @@ class ImageFeatures:
     @property
     def tokens_per_crop(self) -> int:
         return self.features.shape[1]
+
+
+def _own(model):
+    """The model's family where it brings its own pruned inference (``Family.own_runtime``: Qwen-VL), else None."""
+    family = family_of(model.config)
+    return family if family.own_runtime else None
 
 
 def _inner(model):
@@ -99,6 +107,8 @@ def encode_images(model, processor, images: Sequence[Any], attention: bool = Fal
     The tower keeps only the hidden states these need (the feature layer; with ``attention`` the
     feature layer's and layer 0's inputs; with ``embeds`` ``embeds_layer``) and stops after the last of
     them (``pipeline.extract.tower_hidden_states``): never every layer."""
+    if (own := _own(model)) is not None:
+        return own.encode_images(model, processor, images, attention, embeds, embeds_layer)
     cfg = model.config
     inner = _inner(model)
     crop = cfg.vision_config.image_size
@@ -189,6 +199,8 @@ def _layer_attention(tower, hidden_states, index: int, cls: bool = True) -> tupl
 def base_regions(model, crops: int, tokens: int, image_size: tuple[int, int]) -> torch.Tensor:
     """(L,) long: for each base-crop token, the grid crop (1-based crop index) that covers its centre in
     the original image, 0 where none does (a one-crop image: all 0). HiRED splits its budget by it."""
+    if (own := _own(model)) is not None:
+        return own.base_regions(model, crops, tokens, image_size)
     import numpy as np
 
     from .extract import token_boxes
@@ -259,6 +271,8 @@ def packing_layout(model, crops: int, tokens: int, image_size: tuple[int, int], 
     running the model's own ``pack_image_features`` on token *indices*, so unpadding and
     newline placement are HF's, not a copy. A grid the model shrinks by interpolation
     (LLaVA-OneVision with ``vision_aspect_ratio`` on) has no such map: refused in one line."""
+    if (own := _own(model)) is not None:
+        return own.packing_layout(model, crops, tokens, image_size, device)
     source, row, rows, interpolated = _layout(model, crops, tokens, image_size, device)
     if interpolated:
         raise InterpolatedGridError(interpolation_message(model, image_size))
@@ -280,6 +294,8 @@ def valid_tokens(model, crops: int, tokens: int, image_size: tuple[int, int], de
     Read off the model's own ``pack_image_features`` with interpolation off (unpadding does
     not depend on it): a grid crop that covers canvas padding loses those rows or columns
     before the LLM."""
+    if (own := _own(model)) is not None:
+        return own.valid_tokens(model, crops, tokens, image_size, device)
     source, _, _, _ = _layout(model, crops, tokens, image_size, device, interpolate=False)
     valid = torch.zeros(crops * tokens, dtype=torch.bool, device=source.device)
     valid[source[source >= 0]] = True
@@ -295,6 +311,8 @@ def stock_visual_tokens(model, crops: int, tokens: int, image_size: tuple[int, i
 
 def project(model, features: torch.Tensor) -> torch.Tensor:
     """(crops, L, D): the model's projector on tower features, the LLM-space tokens it would see."""
+    if (own := _own(model)) is not None:
+        return own.project(model, features)
     return _inner(model).multi_modal_projector(features)
 
 
@@ -307,6 +325,8 @@ def visual_embeddings(model, image: ImageFeatures, keep_mask: torch.Tensor | Non
     image's own (VisionZip's contextual tokens): projected, they follow the kept ones. No Python loop over crops or tokens: one projector
     call and one gather through :func:`packing_layout`. Differentiable (the tiny
     world trains through it); wrap in ``torch.no_grad()`` for inference."""
+    if (own := _own(model)) is not None:
+        return own.visual_embeddings(model, image, keep_mask, extra)
     inner = _inner(model)
     feats = image.features
     crops, tokens = feats.shape[:2]
@@ -375,6 +395,8 @@ def generate_ids(model, processor, prompts: Sequence[str], visual: Sequence[torc
     """(batch, new tokens) greedy token ids of :func:`generate_answers`, padded after EOS.
 
     ``stats`` (optional) accumulates ``padding`` (left-pad positions) and ``positions`` (batch x width)."""
+    if (own := _own(model)) is not None:
+        return own.generate_ids(model, processor, prompts, visual, max_new_tokens, streamer, stats)
     tok = processor.tokenizer
     embed = model.get_input_embeddings()
     image_token_id = model.config.image_token_id

@@ -16,7 +16,8 @@ One module per family holds its differences:
 Adding a family means one module here and its presets entry, nothing else: the module
 defines a :class:`~pipeline.families.base.Family` subclass answering every abstract
 method and capability, and a module-level ``FAMILY`` instance, which :data:`FAMILIES`
-finds on its own (every module of this package but ``base``); its presets are
+finds on its own (every module of this package but ``base`` and private ``_*`` helpers shared by
+several families, such as ``_qwen``); its presets are
 dataclasses in ``pipeline/presets.py`` that name it by ``model_type`` and are listed
 in ``PRESETS`` / ``SIZED_PRESETS``.
 """
@@ -33,7 +34,7 @@ def _discover() -> dict[str, Family]:
     """``model_type -> FAMILY`` of every family module in this package, in module-name order."""
     found: dict[str, Family] = {}
     for info in pkgutil.iter_modules(__path__):
-        if info.name == "base":
+        if info.name == "base" or info.name.startswith("_"):  # base and shared helpers (_qwen) are no family
             continue
         family = importlib.import_module(f"{__name__}.{info.name}").FAMILY
         found[family.model_type] = family

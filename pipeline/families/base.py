@@ -37,7 +37,7 @@ class VisualTokens(NamedTuple):
 
 # The capabilities (class attributes) every family declares in its own class body: callers ask these
 # instead of comparing family names (tests/test_families.py checks every family answers each).
-CAPABILITIES = ("can_interpolate", "multi_image_anyres")
+CAPABILITIES = ("can_interpolate", "multi_image_anyres", "has_crops", "own_runtime")
 
 
 class Family(abc.ABC):
@@ -62,6 +62,14 @@ class Family(abc.ABC):
     def multi_image_anyres(self) -> bool:
         """Does each image of a several-image prompt get its own AnyRes grid (base crop + grid)? False:
         the model sends such images as base views only, which the pruning harness does not model."""
+
+    # LLaVA families send AnyRes crops (a base crop plus a grid); HiRED splits its budget over them.
+    has_crops = True
+    # False: pruned inference is ``pipeline.prune``'s LLaVA code (crops, packing, spliced ``inputs_embeds``).
+    # True: the family brings its own (``encode_images``, ``visual_embeddings``, ``project``, ``valid_tokens``,
+    # ``packing_layout``, ``base_regions``, ``generate_ids`` with ``pipeline.prune``'s signatures, which
+    # dispatch to them): Qwen-VL's dynamic grids, M-RoPE positions and DeepStack.
+    own_runtime = False
 
     # ------------------------------------------------------------- classes
     @abc.abstractmethod
@@ -123,6 +131,13 @@ class Family(abc.ABC):
 
         return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
 
+    def text_kwargs(self, hidden: int, heads: int) -> dict[str, Any]:
+        """Family-specific LM config fields of a preset with this width and head count (Qwen-VL: M-RoPE)."""
+        return {}
+
+    def finish_config(self, config, tokenizer) -> None:
+        """Set the config's ids of the tokenizer's family-specific tokens (Qwen-VL: vision start/end, video)."""
+
     @abc.abstractmethod
     def llava_config(self, vision, text, image_token_id: int, pinpoints, feature_layer: int,
                      aspect: str | None = None):
@@ -131,6 +146,13 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def build_image_processor(self, crop: int, pinpoints):
         """The PIL image processor for ``crop``-pixel crops and these grid pinpoints (height, width)."""
+
+    def preset_image_processor(self, preset):
+        """The image processor of a tiny, sized or shape preset (LLaVA: its crop size and pinpoints)."""
+        return self.build_image_processor(preset.crop_size, preset.grid_pinpoints)
+
+    def note_processor(self, model, processor) -> None:
+        """Record on the model what token counts need from the processor (nothing for LLaVA)."""
 
     # ------------------------------------------------------------- token geometry
     @abc.abstractmethod

@@ -28,6 +28,8 @@ class LlavaNext(Family):
     chat_template = CHAT_TEMPLATE
     can_interpolate = False
     multi_image_anyres = True  # each image of a several-image prompt gets its own AnyRes grid
+    has_crops = True            # AnyRes: a base crop and a grid
+    own_runtime = False         # pruned inference: pipeline.prune's LLaVA code
     tiny_text_model = "llama"
     corpus_line = "USER: {image}{text} ASSISTANT: {answer}"
 

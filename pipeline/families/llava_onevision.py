@@ -53,6 +53,8 @@ class LlavaOnevision(Family):
     # Several images in one prompt get no AnyRes grid, only their base view (``batch_num_images`` in
     # transformers), which the pruning harness does not model.
     multi_image_anyres = False
+    has_crops = True            # AnyRes: a base crop and a grid
+    own_runtime = False         # pruned inference: pipeline.prune's LLaVA code
     tiny_text_model = "qwen2"
     corpus_line = "<|im_start|>user {image}{text}<|im_end|>\n<|im_start|>assistant\n {answer}<|im_end|>"
 

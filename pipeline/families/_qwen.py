@@ -1,0 +1,603 @@
+"""What Qwen2.5-VL and Qwen3-VL share: dynamic resolution, 2 x 2 merged tokens, M-RoPE, no crops.
+
+The two family modules (``qwen2_5_vl``, ``qwen3_vl``) subclass :class:`QwenFamily` and say only what
+differs (classes, window attention, DeepStack, patch size). This module is private (a leading
+underscore): ``pipeline.families`` discovers family modules only.
+
+How pruning works on these models (facts checked on tiny random-weight models, transformers 5.25):
+
+- **Tokens.** The processor resizes an image to multiples of ``patch x merge`` pixels within
+  ``[min_pixels, max_pixels]`` (``smart_resize``) and cuts it into patches; the tower's merger maps
+  each 2 x 2 group of patches to one LLM-width token. Those *merged* tokens, in raster order over
+  (h/2, w/2), are what the LLM sees: no CLS, no row newline, no crops. Budgets count merged tokens;
+  ``per-crop`` means the whole image (one "crop").
+- **Features.** ``ImageFeatures.features`` is (1, L, 4C): the tower's last hidden state before the
+  merger, each merged token's four patch states side by side (the merger's own grouping), in raster
+  order -- the paper's "encoder output before the projector", and the merger is the projector
+  (:meth:`QwenFamily.project`). Qwen2.5-VL's tower runs in window order; :meth:`raster` restores
+  raster order with ``get_vision_window_index`` (Qwen3-VL does not reorder).
+- **Exact positions.** The 3-D M-RoPE positions are computed on the *unpruned* prompt with the
+  model's own ``get_rope_index`` (``mm_token_type_ids`` marks image slots), then ids and positions
+  are gathered at the kept slots and left-padded. ``position_ids`` is (4, B, L): row 0 is the cumsum of
+  the attention mask over the pruned sequence (no gaps: gaps make the model treat the prompt as packed
+  sequences), rows 1-3 the gathered M-RoPE positions. ``generate`` extends every row by one per step,
+  so ``rope_deltas`` is never needed. The kept visual tokens go in through ``mm_encoder_outputs``
+  (never by splicing ``inputs_embeds``: without ``position_ids`` the model silently falls back to
+  1-D positions, and on Qwen3-VL splicing drops the DeepStack features).
+- **DeepStack** (Qwen3-VL): the tower's intermediate-layer features, merged by their own mergers, are
+  added to the first LLM layers at the image slots. The same keep index prunes every one of them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import UserError
+from .base import Family, VisualTokens
+
+IMAGE_TOKEN = "<image>"  # the tiny presets' image pad (the hub checkpoints' is <|image_pad|>)
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+class QwenInputError(UserError, ValueError):
+    """Input a Qwen family cannot take (videos, HiRED, a pixel budget below one merged token): one line."""
+
+
+@dataclasses.dataclass
+class KeptImage:
+    """What one pruned image sends the LLM of a Qwen model: ``embeds`` (K, D) the kept merged tokens (the
+    merger's output), ``keep`` (K,) their raster indices among the image's L merged tokens, ``grid`` its
+    (t, h, w) patch grid, ``deepstack`` Qwen3-VL's (K, D) DeepStack features per layer at the same slots,
+    ``extra`` (E, D) tokens that are not the image's own (VisionZip's contextual tokens), sent after the
+    kept ones at the position of the image's last slot."""
+
+    embeds: torch.Tensor
+    keep: torch.Tensor
+    grid: tuple[int, int, int]
+    deepstack: list[torch.Tensor] | None = None
+    extra: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """(visual tokens the LLM sees, D): kept plus extra, as a LLaVA image's embedding tensor has it."""
+        n = self.embeds.shape[0] + (0 if self.extra is None else self.extra.shape[0])
+        return torch.Size([n, self.embeds.shape[1]])
+
+
+def merged_grid(height: int, width: int, patch: int, merge: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(rows, cols) of merged tokens the stock processor gives an image of (height, width): its
+    ``smart_resize`` to multiples of ``patch x merge`` within the pixel limits, over ``patch x merge``."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    factor = patch * merge
+    h, w = smart_resize(int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return h // factor, w // factor
+
+
+def check_pixels(min_pixels: int, max_pixels: int, patch: int, merge: int, where: str = "") -> None:
+    """One line for pixel limits that cannot hold one merged token (or are out of order)."""
+    unit = (patch * merge) ** 2
+    at = f"{where}: " if where else ""
+    if not isinstance(max_pixels, int) or max_pixels < unit:
+        raise QwenInputError(f"{at}max_pixels {max_pixels!r} is below one merged token "
+                             f"({patch * merge} x {patch * merge} = {unit} pixels)")
+    if not isinstance(min_pixels, int) or not 0 < min_pixels <= max_pixels:
+        raise QwenInputError(f"{at}min_pixels {min_pixels!r} must be in (0, max_pixels={max_pixels}]")
+
+
+class QwenFamily(Family, abc.ABC):
+    """A Qwen-VL family: one dynamic-resolution image per placeholder, merged tokens, M-RoPE positions."""
+
+    tower = "Qwen-ViT"
+    # The capabilities (can_interpolate False, multi_image_anyres True: several images in one prompt each get
+    # their own dynamic grid, has_crops False, own_runtime True) are declared in each family's own class body.
+    tiny_text_model = "qwen2"
+    corpus_line = "<|im_start|>user\n" + VISION_START + "{image}" + VISION_END + "{text}<|im_end|>\n" \
+                  "<|im_start|>assistant\n{answer}<|im_end|>"
+    tower_prefixes = ("model.visual.", "visual.")
+    chat_template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+        "{{ '" + VISION_START + IMAGE_TOKEN + VISION_END + "' }}{% endif %}{% endfor %}"
+        "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+        "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    default_patch = 14
+
+    # ------------------------------------------------------------- per-model differences
+    @abc.abstractmethod
+    def processor_base(self):
+        """The stock processor class (``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``)."""
+
+    @abc.abstractmethod
+    def config_classes(self):
+        """(top-level config, vision config, text config) classes."""
+
+    def vision_kwargs(self, layers: int) -> dict[str, Any]:
+        """Family-specific vision-config fields of a tiny or sized preset with ``layers`` blocks."""
+        return {}
+
+    def raster(self, hidden: torch.Tensor, grid: torch.Tensor, cfg) -> torch.Tensor:
+        """(patches, C) tower states of the images of ``grid`` in tower order -> processor (raster-group) order."""
+        return hidden
+
+    def deepstack(self, out) -> list[torch.Tensor] | None:
+        """The tower output's DeepStack features (one (merged tokens, D) tensor per layer), or None."""
+        return None
+
+    def encoder_output(self, pooled: list[torch.Tensor], deepstack: list[list[torch.Tensor]] | None):
+        """What ``mm_encoder_outputs["image"]`` holds: the kept tokens per image (and DeepStack per layer)."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        if deepstack is not None:
+            raise ValueError(f"{self.label} has no DeepStack features to take")
+        return BaseModelOutputWithPooling(pooler_output=pooled)
+
+    def attention_block(self, cfg) -> int:
+        """The tower block whose attention VisionZip's CLS-free score reads: the last block."""
+        return cfg.vision_config.depth - 1
+
+    # ------------------------------------------------------------- classes and processor
+    def image_processor_class(self):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil
+
+    def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, aspect: str | None = None):
+        return image_text_processor(self)(image_processor=image_processor, tokenizer=tokenizer,
+                                          chat_template=self.chat_template)
+
+    def load_processor(self, model_dir):
+        """The processor of a saved dir without a video processor (no torchvision): the PIL image processor,
+        the tokenizer and the chat template."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        image_processor = self.image_processor_class().from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = None
+        if (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+        template = template or getattr(tokenizer, "chat_template", None)
+        return image_text_processor(self)(image_processor=image_processor, tokenizer=tokenizer,
+                                          chat_template=template)
+
+    def model_class(self):
+        return self._model_class()
+
+    @abc.abstractmethod
+    def _model_class(self):
+        """The ``*ForConditionalGeneration`` class."""
+
+    # ------------------------------------------------------------- tiny and sized presets
+    def tokenizer_tokens(self, image_token: str) -> dict:
+        """Qwen's chat and vision tokens; ``<|im_end|>`` ends an answer and there is no BOS."""
+        return {"special": ["<|im_start|>", "<|im_end|>", VISION_START, VISION_END, "<|video_pad|>"],
+                "bos": None, "eos": "<|im_end|>",
+                "extra": {"image_token": image_token, "video_token": "<|video_pad|>",
+                          "vision_bos_token": VISION_START, "vision_eos_token": VISION_END}}
+
+    def vision_config(self, *, hidden, intermediate, layers, heads, image_size, patch_size, projection_dim=None,
+                      hidden_act=None):
+        """The tower (``out_hidden_size`` is set to the LM's width by :meth:`llava_config`);
+        ``image_size`` and ``projection_dim`` are LLaVA's and unused."""
+        vision_class = self.config_classes()[1]
+        kw = {"hidden_act": hidden_act} if hidden_act else {}
+        return vision_class(depth=layers, hidden_size=hidden, intermediate_size=intermediate, num_heads=heads,
+                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                            **self.vision_kwargs(layers), **kw)
+
+    def text_config_class(self, text_model: str):
+        return self.config_classes()[2]
+
+    def text_kwargs(self, hidden: int, heads: int) -> dict[str, Any]:
+        """M-RoPE: sections of head_dim / 2 over (t, h, w), as the checkpoints' 16/24/24 of 64."""
+        half = hidden // heads // 2
+        t = half // 4
+        h = (half - t) // 2
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                    "mrope_section": [t, h, half - t - h]}}
+
+    def finish_config(self, config, tokenizer) -> None:
+        ids = {"vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END,
+               "video_token_id": "<|video_pad|>"}
+        for key, token in ids.items():
+            got = tokenizer.convert_tokens_to_ids(token)
+            if got is not None and got != tokenizer.unk_token_id:
+                setattr(config, key, got)
+
+    def llava_config(self, vision, text, image_token_id, pinpoints, feature_layer, aspect=None):
+        """The model's config: the tower's ``out_hidden_size`` is the LM's width; the special ids are the
+        tokenizer's (``image_token_id`` is its image pad; the vision start/end ids follow it in the tiny
+        tokenizer, set by :func:`pipeline.builders` through ``special_ids``)."""
+        top = self.config_classes()[0]
+        vision.out_hidden_size = text.hidden_size
+        return top(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
+                   tie_word_embeddings=False)
+
+    def build_image_processor(self, crop: int, pinpoints, *, patch: int | None = None, min_pixels: int | None = None,
+                              max_pixels: int | None = None):
+        """The PIL image processor with these pixel limits (``crop`` and ``pinpoints`` are LLaVA's and unused)."""
+        patch = patch or self.default_patch
+        kw = {}
+        if min_pixels is not None:
+            kw["min_pixels"] = min_pixels
+        if max_pixels is not None:
+            kw["max_pixels"] = max_pixels
+        if min_pixels is not None and max_pixels is not None:
+            check_pixels(min_pixels, max_pixels, patch, 2, "image processor")
+        return self.image_processor_class()(patch_size=patch, merge_size=2, temporal_patch_size=2, **kw)
+
+    def preset_image_processor(self, preset):
+        return self.build_image_processor(0, (), patch=preset.patch_size, min_pixels=preset.min_pixels,
+                                          max_pixels=preset.max_pixels)
+
+    # ------------------------------------------------------------- token geometry
+    def has_cls(self, cfg) -> bool:
+        return False
+
+    def side(self, cfg) -> int:
+        raise QwenInputError(f"{self.label} has no fixed crop: its token grid follows each image's size")
+
+    def covered(self, cfg) -> float:
+        return 1.0
+
+    def tokens_per_crop(self, cfg) -> int:
+        raise QwenInputError(f"{self.label} has no fixed crop: its token count follows each image's size")
+
+    def max_crops(self, cfg) -> int:
+        return 1
+
+    def pack(self, inner, features, image_sizes, image_newline, cfg, aspect=None):
+        raise QwenInputError(f"{self.label} does not pack crops: its merged tokens go in raster order")
+
+    def pixel_limits(self, cfg, stock: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
+        """(patch, min_pixels, max_pixels): ``stock`` (:meth:`stock_config`) where given, else the config's
+        ``atr_pixels`` (set by :meth:`note_processor`), else the image processor's defaults."""
+        patch = cfg.vision_config.patch_size
+        got = dict(stock or {}) or dict(getattr(cfg, "atr_pixels", None) or {})
+        if not got:
+            proc = self.image_processor_class()
+            size = dict(proc.size)
+            got = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+        return patch, int(got["min_pixels"]), int(got["max_pixels"])
+
+    def visual_tokens(self, cfg, image_size: tuple[int, int], aspect: str | None = None,
+                      stock: Mapping[str, Any] | None = None) -> VisualTokens:
+        """Merged tokens of one image of (height, width): the processor's ``smart_resize`` grid over 2 x 2."""
+        patch, lo, hi = self.pixel_limits(cfg, stock)
+        rows, cols = merged_grid(image_size[0], image_size[1], patch, cfg.vision_config.spatial_merge_size, lo, hi)
+        return VisualTokens(rows * cols, 0)
+
+    def stock_tokens(self, cfg, image_size, stock=None) -> VisualTokens:
+        return self.visual_tokens(cfg, image_size, stock=stock)
+
+    def note_processor(self, model, processor) -> None:
+        """Record the processor's pixel limits on the model's config (``atr_pixels``): token counts from
+        geometry then match what this processor makes."""
+        if processor is None:
+            return
+        size = dict(processor.image_processor.size)
+        model.config.atr_pixels = {"min_pixels": int(size["shortest_edge"]), "max_pixels": int(size["longest_edge"])}
+
+    def stock_config(self, model, processor) -> dict[str, Any]:
+        self.note_processor(model, processor)
+        return dict(getattr(model.config, "atr_pixels", None) or {})
+
+    def flops_dims(self, cfg):
+        from ..flops import qwen_dims
+
+        return qwen_dims(cfg)
+
+    def describe(self, cfg) -> dict[str, Any]:
+        vis, text = cfg.vision_config, cfg.text_config
+        return {"family": self.name, "model_type": cfg.model_type, "vision_model_type": vis.model_type,
+                "vision_hidden": vis.hidden_size, "vision_layers": vis.depth, "patch_size": vis.patch_size,
+                "spatial_merge_size": vis.spatial_merge_size, "has_cls": False,
+                "pixels": dict(getattr(cfg, "atr_pixels", None) or {}),
+                "text_model_type": text.model_type, "text_hidden": text.hidden_size,
+                "text_layers": text.num_hidden_layers}
+
+    @abc.abstractmethod
+    def tower_class(self):
+        """The tower's own class (``model.model.visual``)."""
+
+    def build_vision_tower(self, cfg):
+        """The tower alone (``model.model.visual``), built from ``cfg.vision_config`` as the model builds it."""
+        return self.tower_class()._from_config(cfg.vision_config)
+
+    @staticmethod
+    def visual_module(model):
+        """The tower of a whole model (``model.model.visual``) or of a tower-only load (``VisionTower``)."""
+        inner = getattr(model, "model", None)
+        return getattr(inner, "visual", None) or model.vision_tower
+
+    # ------------------------------------------------------------- pruned inference (pipeline.prune dispatches here)
+
+    def _check_images(self, images) -> None:
+        for image in images:
+            if not hasattr(image, "size") or getattr(image, "mode", "RGB") not in ("RGB", "L", "RGBA", "P"):
+                raise QwenInputError(f"{self.label} takes still images (PIL); got {type(image).__name__}: "
+                                     f"videos are not supported by the pruning harness")
+
+    def encode_images(self, model, processor, images: Sequence[Any], attention: bool = False, embeds: bool = False,
+                      embeds_layer: int | None = None) -> list:
+        """Per image, ``ImageFeatures`` with ``features`` (1, L, 4C) pre-merger states in raster order, ``valid``
+        all True, ``grid`` (t, h, w), Qwen3-VL's ``deepstack`` and, with ``attention``, VisionZip's CLS-free
+        score (the mean attention each merged token's patches receive in :meth:`attention_block`, a full-
+        attention block) and keys (mean over heads and the token's four patches)."""
+        from ..prune import ImageFeatures
+
+        if embeds:
+            raise QwenInputError(f"CDPruner's text relevance reads a CLIP tower's post-norm states, which "
+                                 f"{self.label} has none of: run cdpruner without --text-encoder (its DPP on the "
+                                 f"merged tokens)")
+        self._check_images(images)
+        self.note_processor(model, processor)
+        visual = self.visual_module(model)
+        param = next(visual.parameters())
+        enc = processor.image_processor(images=list(images), return_tensors="pt")
+        grid = enc["image_grid_thw"]
+        merge = visual.spatial_merge_size
+        captured: dict[str, Any] = {}
+        handle = None
+        if attention:
+            block = visual.blocks[self.attention_block(model.config)]
+
+            def grab(_module, args, kwargs):
+                captured["x"] = args[0] if args else kwargs["hidden_states"]
+                captured["pos"] = kwargs.get("position_embeddings")
+                captured["cu"] = kwargs.get("cu_seqlens")
+            handle = block.attn.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = visual(enc["pixel_values"].to(param.device, param.dtype), grid_thw=grid.to(param.device))
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = self.raster(out.last_hidden_state, grid, model.config)
+        channels = hidden.shape[-1]
+        counts = (grid.prod(-1) // merge ** 2).tolist()
+        grouped = torch.split(hidden.reshape(-1, merge ** 2 * channels), counts)
+        stacks = self.deepstack(out)
+        stacks = None if stacks is None else [torch.split(s, counts) for s in stacks]
+        scores = keys = None
+        if attention:
+            scores, keys = self._received(visual.blocks[self.attention_block(model.config)].attn, captured, grid,
+                                          model.config)
+            scores, keys = torch.split(scores, counts), torch.split(keys, counts)
+        result = []
+        for i, (feats, image) in enumerate(zip(grouped, images)):
+            w, h = image.size
+            f = ImageFeatures(feats[None], (h, w), None if scores is None else scores[i][None],
+                              torch.ones(1, feats.shape[0], dtype=torch.bool, device=feats.device),
+                              None, None if keys is None else keys[i][None])
+            f.grid = tuple(int(v) for v in grid[i].tolist())
+            f.deepstack = None if stacks is None else [s[i] for s in stacks]
+            result.append(f)
+        return result
+
+    def _received(self, attn, captured, grid, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """(merged tokens,) mean attention received and (merged tokens, head_dim) keys, in raster order, from
+        the captured input of one full-attention block (per image: ``cu_seqlens`` segments)."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        x = captured["x"]
+        n = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = captured["pos"]
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # (heads, n, hd)
+        cu = captured["cu"].tolist()
+        received = torch.zeros(n, dtype=torch.float32, device=x.device)
+        for a, b in zip(cu[:-1], cu[1:]):
+            for start in range(a, b, 256):
+                w = torch.softmax((q[:, start:min(b, start + 256)] @ k[:, a:b].transpose(-1, -2)) * attn.scaling, -1)
+                received[a:b] += w.mean(dim=0).sum(dim=0)
+            received[a:b] /= (b - a)
+        keys = k.mean(dim=0)  # (n, hd)
+        received = self.raster(received[:, None], grid, cfg)[:, 0]
+        keys = self.raster(keys, grid, cfg)
+        unit = cfg.vision_config.spatial_merge_size ** 2
+        return received.view(-1, unit).mean(-1), keys.view(-1, unit, keys.shape[-1]).mean(1)
+
+    def project(self, model, features: torch.Tensor) -> torch.Tensor:
+        """(1, L, 4C) pre-merger groups -> (1, L, D) merged tokens: the tower's own merger (the projector)."""
+        merger = self.visual_module(model).merger
+        lead = features.shape[:-1]
+        channels = features.shape[-1] // model.config.vision_config.spatial_merge_size ** 2
+        out = merger(features.reshape(-1, channels))
+        return out.reshape(*lead, out.shape[-1])
+
+    def valid_tokens(self, model, crops: int, tokens: int, image_size, device=None) -> torch.Tensor:
+        return torch.ones(crops, tokens, dtype=torch.bool, device=device)
+
+    def packing_layout(self, model, crops: int, tokens: int, image_size, device=None):
+        """No packing: the merged tokens go in raster order, no newlines."""
+        return (torch.arange(crops * tokens, device=device), torch.zeros(crops * tokens, dtype=torch.long,
+                                                                          device=device), 0)
+
+    def base_regions(self, model, crops: int, tokens: int, image_size) -> torch.Tensor:
+        raise QwenInputError(f"strategy 'hired' needs AnyRes crops (a base crop and a grid to split its budget "
+                             f"over); {self.label} has none: use visionzip, divprune, cdpruner or the selector")
+
+    def visual_embeddings(self, model, image, keep_mask: torch.Tensor | None = None,
+                          extra: torch.Tensor | None = None) -> KeptImage:
+        """The kept merged tokens of one image with their slots (and DeepStack features), as a :class:`KeptImage`."""
+        feats = image.features
+        tokens = feats.shape[1]
+        if keep_mask is None:
+            keep = torch.arange(tokens, device=feats.device)
+        else:
+            if keep_mask.shape != feats.shape[:2]:
+                raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} does not match features "
+                                 f"{tuple(feats.shape[:2])}")
+            keep = keep_mask.to(feats.device)[0].nonzero()[:, 0]
+        embeds = self.project(model, feats[:, keep])[0]
+        stacks = getattr(image, "deepstack", None)
+        deep = None if stacks is None else [s.to(feats.device)[keep] for s in stacks]
+        more = None
+        if extra is not None and extra.shape[0]:
+            more = self.project(model, extra.to(feats.device, feats.dtype)[None])[0].to(embeds.dtype)
+        return KeptImage(embeds, keep, image.grid, deep, more)
+
+    def generate_ids(self, model, processor, prompts: Sequence[str], visual, max_new_tokens: int = 16,
+                     streamer=None, stats: dict[str, int] | None = None) -> torch.Tensor:
+        """(batch, new tokens) greedy ids: each prompt's image placeholders expanded to the unpruned image's
+        slots, M-RoPE positions from ``get_rope_index`` on that, then only the kept slots, left-padded, with
+        the kept features through ``mm_encoder_outputs``."""
+        from ..prune import prompt_segments
+
+        tok = processor.tokenizer
+        cfg = model.config
+        image_id = cfg.image_token_id
+        inner = model.model
+        device = model.get_input_embeddings().weight.device
+        rows, positions, embeds, deeps = [], [], [], []
+        for prompt, vis in zip(prompts, visual, strict=True):
+            segments = prompt_segments(tok, prompt, image_id)
+            images = [] if vis is None else [vis] if isinstance(vis, KeptImage) else list(vis)
+            if images and len(images) != len(segments) - 1:
+                raise ValueError(f"{len(images)} images for a prompt with {len(segments) - 1} image placeholders: "
+                                 f"{prompt!r}")
+            if not images:  # no image: the placeholders are dropped, plain 1-D positions
+                ids = torch.cat([s for s in segments])
+                rows.append(ids)
+                positions.append(torch.arange(len(ids)).expand(3, -1))
+                continue
+            full, types, keep = [segments[0]], [torch.zeros(len(segments[0]), dtype=torch.long)], \
+                [torch.ones(len(segments[0]), dtype=torch.bool)]
+            for k, seg in enumerate(segments[1:]):
+                img = images[k]
+                t, h, w = img.grid
+                slots = t * h * w // cfg.vision_config.spatial_merge_size ** 2
+                kept = torch.zeros(slots, dtype=torch.bool)
+                kept[img.keep.cpu()] = True
+                full += [torch.full((slots,), image_id, dtype=torch.long), seg]
+                types += [torch.ones(slots, dtype=torch.long), torch.zeros(len(seg), dtype=torch.long)]
+                keep += [kept, torch.ones(len(seg), dtype=torch.bool)]
+            ids, kinds, kept_slots = torch.cat(full), torch.cat(types), torch.cat(keep)
+            grid = torch.tensor([list(img.grid) for img in images], dtype=torch.long)
+            pos, _ = inner.get_rope_index(ids[None].to(device), kinds[None].to(device), image_grid_thw=grid.to(device))
+            pos = pos[:, 0].cpu()
+            out_ids, out_pos = ids[kept_slots], pos[:, kept_slots]
+            # contextual (extra) tokens go after each image's kept slots, at its last slot's position
+            if any(img.extra is not None for img in images):
+                out_ids, out_pos = _insert_extra(ids, pos, kinds, kept_slots, images, image_id)
+            rows.append(out_ids)
+            positions.append(out_pos)
+            for img in images:
+                embeds.append(img.embeds if img.extra is None else torch.cat([img.embeds, img.extra]))
+                if img.deepstack is not None:
+                    deeps.append([d if img.extra is None else torch.cat([d, torch.zeros_like(img.extra)])
+                                  for d in img.deepstack])
+        width = max(len(r) for r in rows)
+        if stats is not None:
+            stats["padding"] = stats.get("padding", 0) + sum(width - len(r) for r in rows)
+            stats["positions"] = stats.get("positions", 0) + width * len(rows)
+        batch = len(rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.full((batch, width), pad, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        rope = torch.zeros(3, batch, width, dtype=torch.long)
+        for i, (r, p) in enumerate(zip(rows, positions)):
+            input_ids[i, width - len(r):] = r
+            mask[i, width - len(r):] = 1
+            rope[:, i, width - len(r):] = p
+        text = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = torch.cat([text[None], rope]).to(device)
+        kwargs: dict[str, Any] = {}
+        if embeds:
+            pooled = [e.to(device) for e in embeds]
+            if deeps and len(deeps) != len(embeds):
+                raise ValueError("every image of a batch needs its DeepStack features, or none does")
+            stacks = [[d[layer].to(device) for d in deeps] for layer in range(len(deeps[0]))] if deeps else None
+            kwargs["mm_encoder_outputs"] = {"image": self.encoder_output(pooled, stacks)}
+        result = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=streamer,
+                                **kwargs)
+        return result[:, width:]
+
+
+def _insert_extra(ids, pos, kinds, kept_slots, images, image_id):
+    """Ids and positions of a pruned prompt whose images carry extra (contextual) tokens: after each image's
+    kept slots, ``extra`` more image slots at that image's last slot's 3-D position."""
+    out_ids, out_pos = [], []
+    n = len(ids)
+    i, k = 0, 0
+    while i < n:
+        if kinds[i] == 1:
+            j = i
+            while j < n and kinds[j] == 1:
+                j += 1
+            span = torch.arange(i, j)
+            sel = span[kept_slots[i:j]]
+            out_ids.append(ids[sel])
+            out_pos.append(pos[:, sel])
+            extra = images[k].extra
+            if extra is not None and extra.shape[0]:
+                out_ids.append(torch.full((extra.shape[0],), image_id, dtype=torch.long))
+                out_pos.append(pos[:, j - 1:j].expand(-1, extra.shape[0]))
+            k += 1
+            i = j
+        else:
+            out_ids.append(ids[i:i + 1])
+            out_pos.append(pos[:, i:i + 1])
+            i += 1
+    return torch.cat(out_ids), torch.cat(out_pos, dim=1)
+
+
+_PROCESSORS: dict[str, Any] = {}
+
+
+def image_text_processor(family: QwenFamily):
+    """The family's stock processor for images and text only: without the video processor (which needs
+    torchvision and, missing, breaks construction). ``videos=`` is refused in one line instead of being
+    silently ignored. It saves the stock layout, so a saved dir loads with ``AutoProcessor`` wherever
+    torchvision is installed."""
+    if family.name not in _PROCESSORS:
+        from transformers.processing_utils import ProcessorMixin
+
+        base = family.processor_base()
+        label = family.label
+
+        class ImageTextProcessor(base):
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+                self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+                self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+                self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+                self.vision_start_token = getattr(tokenizer, "vision_bos_token", None) or VISION_START
+                self.vision_end_token = getattr(tokenizer, "vision_eos_token", None) or VISION_END
+                self.vision_start_token_id = tokenizer.convert_tokens_to_ids(self.vision_start_token)
+                self.vision_end_token_id = tokenizer.convert_tokens_to_ids(self.vision_end_token)
+                ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+            def __call__(self, images=None, text=None, videos=None, **kwargs):
+                if videos is not None:
+                    raise QwenInputError(f"videos are not supported: the {label} pruning harness takes still "
+                                         f"images only (got videos=)")
+                return super().__call__(images=images, text=text, **kwargs)
+
+            def to_dict(self):
+                out = super().to_dict()
+                out["processor_class"] = base.__name__
+                return out
+
+        ImageTextProcessor.__name__ = f"{base.__name__}ImageText"
+        _PROCESSORS[family.name] = ImageTextProcessor
+    return _PROCESSORS[family.name]
+
+
+__all__ = ["QwenFamily", "KeptImage", "QwenInputError", "merged_grid", "check_pixels", "image_text_processor",
+           "IMAGE_TOKEN"]
