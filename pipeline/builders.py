@@ -129,12 +129,16 @@ def save_tiny(preset: TinyPreset, out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
-def sized_config(preset: SizedPreset, image_token_id: int):
-    """The LLaVA config of a sized preset (the real checkpoint's dimensions, its family's classes)."""
+def sized_config(preset: SizedPreset, image_token_id: int, special_ids: dict[str, int] | None = None):
+    """The model config of a sized preset (the real checkpoint's dimensions, its family's classes), through the
+    family's hooks: ``vision_config`` with the preset's tower fields (``preset.vision_fields()``),
+    ``text_config_class`` and ``text_kwargs`` with its LM fields (``preset.text_fields()``: Qwen-VL's rope theta
+    and M-RoPE sections), ``llava_config``; ``special_ids`` (top-level ids such as Qwen-VL's vision start/end)
+    are set last."""
     family = preset.family
     vision = family.vision_config(hidden=preset.vision_hidden, intermediate=preset.vision_intermediate,
                                   layers=preset.vision_layers, heads=preset.vision_heads, image_size=preset.crop_size,
-                                  patch_size=preset.patch_size, projection_dim=768, hidden_act="quick_gelu")
+                                  patch_size=preset.patch_size, **preset.vision_fields())
     text_class = family.text_config_class(preset.text_model)
     # sliding_window only where the LM's config has one (Mistral's null, Qwen2's unused 131072; Llama: none)
     window = {"sliding_window": preset.sliding_window} if "sliding_window" in text_class().to_dict() else {}
@@ -142,20 +146,24 @@ def sized_config(preset: SizedPreset, image_token_id: int):
         vocab_size=preset.vocab_size, hidden_size=preset.text_hidden, intermediate_size=preset.text_intermediate,
         num_hidden_layers=preset.text_layers, num_attention_heads=preset.text_heads,
         num_key_value_heads=preset.text_kv_heads, max_position_embeddings=preset.max_position,
-        rope_theta=preset.rope_theta, rms_norm_eps=preset.rms_norm_eps, tie_word_embeddings=False, **window)
+        rope_theta=preset.rope_theta, rms_norm_eps=preset.rms_norm_eps, tie_word_embeddings=False,
+        **{**window, **family.text_kwargs(preset.text_hidden, preset.text_heads, **preset.text_fields())})
     config = family.llava_config(vision, text, image_token_id, preset.grid_pinpoints, preset.vision_feature_layer,
                                  getattr(preset, "vision_aspect_ratio", None))
     config.tie_word_embeddings = False  # the checkpoints' top-level value too
+    for key, value in (special_ids or {}).items():
+        setattr(config, key, value)
     return config
 
 
 def on_meta(preset: SizedPreset):
     """The sized model built on the meta device: shapes and parameter counts, no memory (the checkpoint's
-    own ``image_token_index``)."""
+    own ``image_token_index`` and special ids)."""
     import torch
 
+    config = sized_config(preset, image_token_id=preset.image_token_index, special_ids=preset.special_ids())
     with torch.device("meta"):
-        return preset.family.model_class()(sized_config(preset, image_token_id=preset.image_token_index)).eval()
+        return preset.family.model_class()(config).eval()
 
 
 def _saved_config(preset: SizedPreset):
@@ -163,6 +171,7 @@ def _saved_config(preset: SizedPreset):
     tokenizer's image, BOS, EOS and pad ids (the prompt's ids must be the ones the model looks for)."""
     tokenizer = build_tokenizer(PRESETS[preset.tokenizer_preset])
     config = sized_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    preset.family.finish_config(config, tokenizer)  # the tokenizer's own family-specific ids (Qwen: vision start/end)
     config.text_config.bos_token_id, config.text_config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.text_config.pad_token_id = tokenizer.pad_token_id
     return config, tokenizer

@@ -32,7 +32,9 @@ def content_hash(obj: Any, length: int = 16) -> str:
 
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # a field marked omit_at_default is left out at its default: adding it kept every earlier key
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_at_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, Mapping):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -165,8 +167,14 @@ class ExtractConfig(Config):
     dtype: str = "float16"           # how features are stored in the shards
     device: str = "auto"             # where the vision tower runs
     model_dtype: str = "auto"        # the tower's dtype (--dtype)
+    # families without crops (Qwen-VL): "premerger" (the 2 x 2 pre-merger groups, the paper's encoder output
+    # before the projector) or "merged" (the merger's output); left out of to_dict() at its default, so
+    # every key made before it existed stays (docs/qwen.md)
+    qwen_features: str = dataclasses.field(default="premerger", metadata={"omit_at_default": True})
 
     def validate(self) -> None:
+        check(self.qwen_features in ("premerger", "merged"),
+              f"--qwen-features must be premerger or merged, got {self.qwen_features!r}")
         check(self.limit is None or (isinstance(self.limit, int) and self.limit > 0),
               f"--limit must be a positive integer, got {self.limit!r}")
         check(self.crops in CROPS, f"--crops must be one of {', '.join(CROPS)}, got {self.crops!r}")

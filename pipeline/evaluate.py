@@ -1,4 +1,5 @@
-"""Pruned LLaVA-NeXT evaluation of one (benchmark, strategy, retention, seed) chunk.
+"""Pruned evaluation of one (benchmark, strategy, retention, seed) chunk, on any family
+(LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL).
 
 Pure compute: items in, per-sample predictions and scores out. The flow
 (``flows.evaluate``) caches chunks, records rows and draws plots.
@@ -11,11 +12,20 @@ processor's chat-template prompt; ``generate`` decodes greedily with left
 padding. ``prefill_ms`` is the time to the first generated token of a batch
 divided by its size (the prefill dominates it); ``visual_tokens`` counts what the
 LLM saw (kept tokens plus kept row-newlines).
+
+On Qwen-VL (``Family.own_runtime``: ``pipeline.families._qwen``) the same path holds
+with one "crop" per image: features (1, L, 4C) with L the image's merged tokens (it
+varies per image), ``valid`` all True, so ``per-crop`` is the whole image and every
+budget counts merged tokens; ``visual_embeddings`` gives a ``KeptImage`` (its
+``.shape[0]``: the tokens the LLM sees) and generation places them with their M-RoPE
+positions. A strategy that needs crops (``Strategy.crops``: HiRED) is refused in one
+line (``strategies.core.check_family``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -26,7 +36,7 @@ from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
 from .prune import base_regions, encode_images, project, visual_embeddings
 from .strategies import FIXED_BUDGETS, Batch, Context, Threshold, TowerOutputs, get, names, seeded_generator, selections
-from .strategies.core import TOWER_FIELDS
+from .strategies.core import TOWER_FIELDS, check_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,10 +164,13 @@ class EvalConfig(Config):
         return out
 
 
-def default_strategies(selector: bool = True) -> tuple[str, ...]:
+def default_strategies(selector: bool = True, family=None) -> tuple[str, ...]:
     """Every strategy; those that need a selector only when there is one to evaluate; those that read a trained
-    file (``Strategy.files``: visionselector's checkpoint, trained per model) only when named."""
-    return tuple(s for s in names() if (selector or "selector" not in get(s).needs) and not get(s).files)
+    file (``Strategy.files``: visionselector's checkpoint, trained per model) only when named; those that need
+    AnyRes crops (``Strategy.crops``: HiRED) only where ``family`` (when known) has them."""
+    crops = getattr(family, "has_crops", True)
+    return tuple(s for s in names() if (selector or "selector" not in get(s).needs) and not get(s).files
+                 and (crops or not get(s).crops))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +512,7 @@ def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pru
     """Each image's Selection, through the one selection path (``strategies.selections``)."""
     masks: dict[tuple[int, int], Any] = {}
     spec = pruning.spec
+    check_family([pruning.strategy], family_of(model))
     stock = family_of(model).stock_config(model, None) if pruning.budget == "stock" else None
     if spec.tower_attention and not shard.attention:
         raise ValueError(f"strategy {pruning.strategy!r} needs features encoded with attention")
@@ -507,6 +521,9 @@ def _select_units(model, shard: ShardFeatures, units: list[tuple[int, int]], pru
         feats = [shard.image_features(i)[slot] for i, slot in part]
         per_image = [strategy_inputs(model, pruning.strategy, f, shard.items[i].prompt, inputs.relevance)
                      for f, (i, _) in zip(feats, part)]
+        if getattr(inputs.selector, "feature_kind", None) == "merged":  # a Qwen selector of the merger's output
+            for extra, f in zip(per_image, feats):
+                extra.setdefault("projected", project(model, f.features))
         if spec.seeded:
             for extra, (i, slot) in zip(per_image, part):
                 extra["generator"] = seeded_generator(pruning.seed, shard.indices[i], slot)
@@ -565,6 +582,10 @@ def strategy_inputs(model, strategy: str, f, question: str = "", relevance=None)
         out["regions"] = base_regions(model, f.crops, f.tokens_per_crop, f.image_size)
     if spec_.wants("projected"):
         out["projected"] = project(model, f.features)
+    if spec_.wants("grid") and getattr(f, "grid", None) is not None:  # Qwen-VL: (t, h, w) patches -> merged (rows, cols)
+        _, h, w = f.grid
+        merge = math.isqrt(h * w // f.features.shape[1])
+        out["grid"] = (h // merge, w // merge)
     if spec_.wants("relevance") and relevance is not None:
         if f.last_hidden is None:
             raise ValueError(f"strategy {strategy!r} with a text encoder needs features encoded with embeds")

@@ -186,6 +186,104 @@ class FeatureExtractor:
         return projector_inputs(hidden, self.layer, self.strategy)
 
 
+QWEN_FEATURES = ("premerger", "merged")  # what a dynamic-grid family's selector reads (docs/qwen.md)
+
+
+@dataclass(frozen=True)
+class GridFeatures:
+    """One image's features on a dynamic-resolution family: ``features`` (1, L, C') float32, ``grid`` its
+    (rows, cols) of merged tokens in raster order (L = rows * cols), ``thw`` the tower's (t, h, w) patch grid."""
+
+    features: np.ndarray
+    grid: tuple[int, int]
+    thw: tuple[int, int, int]
+
+
+def grid_token_boxes(width: int, height: int, rows: int, cols: int) -> np.ndarray:
+    """(rows * cols, 4) pixel boxes of the merged tokens of a whole image resized (not padded) to a rows x
+    cols token grid, raster order: Qwen-VL's ``smart_resize`` stretches the image over its grid."""
+    xs, ys = np.linspace(0.0, width, cols + 1), np.linspace(0.0, height, rows + 1)
+    gx0, gy0 = np.meshgrid(xs[:-1], ys[:-1])
+    gx1, gy1 = np.meshgrid(xs[1:], ys[1:])
+    return np.stack([gx0, gy0, gx1, gy1], axis=-1).reshape(-1, 4)
+
+
+def grid_glyph_mask(width: int, height: int, rows: int, cols: int, glyph_boxes: Sequence[Box]) -> np.ndarray:
+    """(1, rows * cols) bool: merged token cell overlaps some glyph box with positive area."""
+    out = np.zeros((1, rows * cols), dtype=bool)
+    if not glyph_boxes:
+        return out
+    g = np.asarray(glyph_boxes, dtype=np.float64)
+    t = grid_token_boxes(width, height, rows, cols)[:, None, :]
+    w = np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0])
+    h = np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1])
+    out[0] = ((w > 0) & (h > 0)).any(axis=1)
+    return out
+
+
+class GridFeatureExtractor:
+    """Features of a dynamic-resolution family without crops (``Family.has_crops`` False: Qwen2.5-VL,
+    Qwen3-VL), per image ``(1, L, C')`` with its merged-token grid (rows, cols), L = rows * cols varying.
+
+    ``features="premerger"`` (the default): the tower's last hidden state before the merger, each merged
+    token's 2 x 2 patch states side by side in raster order, C' = 4C (the family's ``encode_images``) --
+    the paper's "encoder output before the projector", the merger being the projector. ``"merged"``: the
+    merger's output, C' = D (the LLM width; the family's ``project``, the merger). ``model`` is the whole model or
+    its tower alone (``pipeline.loading.VisionTower``). There are no crops: ``crops`` all and base both
+    give the whole image as one crop."""
+
+    grid_kind = "dynamic"
+
+    def __init__(self, model, processor, crops: str = "all", features: str = "premerger"):
+        from .families import family_of
+
+        if crops not in ("all", "base"):
+            raise ValueError(f"crops must be 'all' or 'base', got {crops!r}")
+        if features not in QWEN_FEATURES:
+            raise ConfigError(f"qwen_features must be one of {', '.join(QWEN_FEATURES)}, got {features!r}")
+        self.model, self.processor, self.crops, self.features = model, processor, crops, features
+        self.family = family_of(model.config)
+        vis = model.config.vision_config
+        self.merge = vis.spatial_merge_size
+        self.feature_dim = vis.out_hidden_size if features == "merged" else vis.hidden_size * self.merge ** 2
+        self.tokens_per_crop = None  # L follows each image's size
+
+    def encode(self, images: Sequence[Any]) -> list[GridFeatures]:
+        """Per image: (1, L, C') float32 features, its (rows, cols) and (t, h, w)."""
+        import torch
+
+        with torch.inference_mode():  # the family's own runtime: what pipeline.prune.encode_images dispatches to
+            got = self.family.encode_images(self.model, self.processor, list(images))
+            out = []
+            for f in got:
+                x = self.family.project(self.model, f.features) if self.features == "merged" else f.features
+                t, h, w = f.grid
+                rows, cols = h // self.merge, w // self.merge
+                if x.shape[:2] != (1, rows * cols):
+                    raise ValueError(f"features of shape {tuple(x.shape)} do not fit the grid {(rows, cols)}")
+                out.append(GridFeatures(x.float().cpu().numpy(), (rows, cols), (t, h, w)))
+        return out
+
+    def __call__(self, images: Sequence[Any]) -> list[np.ndarray]:
+        """Features for a batch of RGB PIL images: a list of float32 (1, L, C') arrays."""
+        return [g.features for g in self.encode(images)]
+
+
+def feature_extractor(model, processor, crops: str = "all", qwen_features: str = "premerger"):
+    """The extractor of ``model``'s family: :class:`FeatureExtractor` (fixed crops of L tokens: LLaVA) or,
+    for a family without crops, :class:`GridFeatureExtractor` (one dynamic token grid per image). A
+    ``qwen_features`` other than the default on a crop family is refused in one line."""
+    from .families import family_of
+
+    family = family_of(model.config)
+    if family.has_crops:
+        if qwen_features != "premerger":
+            raise ConfigError(f"qwen_features={qwen_features!r} applies to families without crops (Qwen-VL); "
+                              f"{family.label} features are its projector inputs")
+        return FeatureExtractor(model, processor, crops=crops)
+    return GridFeatureExtractor(model, processor, crops=crops, features=qwen_features)
+
+
 def feature_layers(layer) -> list[int]:
     """The hidden-state indices ``vision_feature_layer`` names (one int, or a list of them)."""
     return list(layer) if isinstance(layer, (list, tuple)) else [layer]

@@ -1,4 +1,4 @@
-"""FLOPs and KV-cache model of LLaVA-NeXT prefill, vision tower and token selector.
+"""FLOPs and KV-cache model of LLaVA-NeXT and Qwen-VL prefill, vision tower and token selector.
 
 Pure python (no torch): dimensions come from a transformers ``LlavaNextConfig``
 (:meth:`LlavaNextDims.from_config`) or are written out (:data:`VICUNA_7B`).
@@ -112,6 +112,97 @@ class LlavaNextDims:
                       heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
                       channels=getattr(v, "num_channels", 3), cls=int(cls_token))
         return cls(lm=lm, vision=vit, projector_in=v.hidden_size * n_layers)
+
+
+@dataclass(frozen=True)
+class QwenViTDims:
+    """A Qwen-VL tower: ``patch_size`` patches (``temporal_patch`` frames deep: an image is repeated over them),
+    ``layers`` blocks of width ``hidden`` whose MLP has ``mlp_matrices`` matrices (Qwen2.5-VL's gated SiLU: 3;
+    Qwen3-VL's GELU MLP: 2), then ``mergers`` patch mergers (each: norm, ``4C -> 4C -> out_hidden`` on every 2 x 2
+    group; Qwen3-VL has one per DeepStack layer besides the main one).
+
+    Attention: every block full over the image's patches when ``window`` is 0 (Qwen3-VL); otherwise only the
+    ``full_blocks`` are, and the others attend within windows of ``window`` x ``window`` patches (Qwen2.5-VL-7B:
+    112-px windows of 14-px patches, 8 x 8), cut from the top left as ``get_window_index`` cuts them (edge windows
+    are smaller). There is no fixed crop: the cost follows each image's patch grid (:func:`qwen_tower_flops`)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    patch_size: int
+    merge: int = 2
+    temporal_patch: int = 2
+    channels: int = 3
+    mlp_matrices: int = 3
+    window: int = 0
+    full_blocks: tuple = ()
+    mergers: int = 1
+    out_hidden: int = 0
+    cls: int = 0
+
+    def windowed_blocks(self) -> int:
+        return 0 if not self.window else self.layers - len(self.full_blocks)
+
+
+@dataclass(frozen=True)
+class QwenDims:
+    """A Qwen-VL model's cost model, with :class:`LlavaNextDims`' interface (``lm``, ``vision``, ``projector_in``):
+    ``lm`` is the LLM (its prefill FLOPs per visual token as for LLaVA: every merged token is one position),
+    ``vision`` the tower (:class:`QwenViTDims`), ``projector_in`` the merger's input width (4C)."""
+
+    lm: LMDims
+    vision: QwenViTDims
+    projector_in: int
+
+
+def qwen_dims(cfg) -> QwenDims:
+    """The cost model of a Qwen2.5-VL / Qwen3-VL config (``Family.flops_dims`` of the Qwen families): the LM from
+    ``text_config`` (GQA, ``head_dim``), the tower from ``vision_config`` (windowed blocks where it names
+    ``fullatt_block_indexes``; DeepStack mergers where it names ``deepstack_visual_indexes``; a gated MLP where
+    its activation is SiLU)."""
+    t, v = cfg.text_config, cfg.vision_config
+    lm = LMDims(layers=t.num_hidden_layers, hidden=t.hidden_size, intermediate=t.intermediate_size,
+                heads=t.num_attention_heads, kv_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+                vocab=t.vocab_size, head_dim=getattr(t, "head_dim", None))
+    full = tuple(getattr(v, "fullatt_block_indexes", None) or ())
+    window = (getattr(v, "window_size", 0) or 0) // v.patch_size if full else 0
+    deepstack = len(getattr(v, "deepstack_visual_indexes", None) or ())
+    vit = QwenViTDims(layers=v.depth, hidden=v.hidden_size, intermediate=v.intermediate_size, heads=v.num_heads,
+                      patch_size=v.patch_size, merge=v.spatial_merge_size, temporal_patch=v.temporal_patch_size,
+                      channels=getattr(v, "in_channels", 3), mlp_matrices=3 if v.hidden_act == "silu" else 2,
+                      window=window, full_blocks=full, mergers=1 + deepstack, out_hidden=v.out_hidden_size)
+    return QwenDims(lm=lm, vision=vit, projector_in=v.hidden_size * v.spatial_merge_size ** 2)
+
+
+def _window_spans(n: int, size: int) -> list[int]:
+    """Sizes of consecutive windows of ``size`` over ``n`` (the last one the remainder)."""
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
+def qwen_tower_flops(vit: QwenViTDims, rows: int, cols: int, frames: int = 1) -> dict:
+    """FLOPs of a Qwen-VL tower on one image of ``rows`` x ``cols`` patches (its ``image_grid_thw`` (t, h, w) is
+    (frames, rows, cols)), by part: ``patch`` embedding (a Conv3d over ``temporal_patch`` frames), ``linear``
+    (q, k, v, o and the MLP in every block), ``attention`` (QK^T and AV: the full P x P square in a full block,
+    the sum of each window's square in a windowed one), ``merger`` (every merger on every merged token), total."""
+    c, f, p = vit.hidden, vit.intermediate, frames * rows * cols
+    patch = 2 * p * (vit.channels * vit.temporal_patch * vit.patch_size ** 2) * c
+    linear = vit.layers * (2 * p * 4 * c * c + 2 * p * vit.mlp_matrices * c * f)
+    full = frames * (rows * cols) ** 2
+    if vit.window:
+        # get_window_index cuts merged-token windows of window / merge tokens; in patches: window x window
+        per = vit.window
+        windowed = frames * sum(a * a for a in _window_spans(rows, per)) * sum(b * b for b in _window_spans(cols, per))
+        pairs = len(vit.full_blocks) * full + vit.windowed_blocks() * windowed
+    else:
+        pairs = vit.layers * full
+    attention = 4 * c * pairs
+    tokens = p // vit.merge ** 2
+    unit = c * vit.merge ** 2
+    merger = vit.mergers * 2 * tokens * (unit * unit + unit * vit.out_hidden)
+    parts = {"patch": patch, "linear": linear, "attention": attention, "merger": merger}
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 # llava-hf/llava-v1.6-vicuna-7b-hf: Llama-2-7B (vocab 32064 with the image/pad tokens) + CLIP ViT-L/14-336.
@@ -247,7 +338,8 @@ def selector_share(sel: SelectorDims, crops: int, lm: LMDims, text_tokens: int, 
 
 
 __all__ = ["CONVENTIONS", "LMDims", "ViTDims", "SelectorDims", "LlavaNextDims", "VICUNA_7B", "CLIP_L_SELECTOR",
-           "SIGLIP_SO400M_SELECTOR", "SELECTOR_SHAPES", "H100_BF16_PEAK_FLOPS", "ASSUMED_UTILIZATION",
+           "SIGLIP_SO400M_SELECTOR", "SELECTOR_SHAPES", "QwenViTDims", "QwenDims", "qwen_dims",
+           "qwen_tower_flops", "H100_BF16_PEAK_FLOPS", "ASSUMED_UTILIZATION",
            "PAPER_TRAINING_CROPS", "lm_prefill_flops", "prefill_flops", "ideal_speedup", "vision_tower_flops",
            "selector_flops", "selector_training_flops", "selector_parameters", "training_seconds", "projector_flops",
            "kv_cache_bytes", "llava_next_visual_tokens", "selector_share"]

@@ -84,7 +84,9 @@ def materialize(model_dir: Path, device: str, dtype: str, allow_cpu: bool = Fals
             model = preset.family.model_class()(config)
     finally:
         torch.set_default_dtype(before)
-    return model.eval(), load_processor(model_dir, preset.family)
+    processor = load_processor(model_dir, preset.family)
+    preset.family.note_processor(model, processor)  # Qwen-VL: token counts follow the processor's pixel limits
+    return model.eval(), processor
 
 
 def load_processor(model_dir: str | os.PathLike, family=None):
@@ -106,7 +108,7 @@ def _read_config(model_dir: Path):
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu", allow_cpu: bool = False):
-    """``from_pretrained`` the model (its family's class: LLaVA-NeXT or LLaVA-OneVision) and its
+    """``from_pretrained`` the model (its family's class: LLaVA-NeXT, LLaVA-OneVision, Qwen-VL) and its
     processor (PIL backend) from a local dir (a sized preset's dir: :func:`materialize`)."""
     import torch
 
@@ -128,6 +130,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str = "float32", device: str
         processor = load_processor(model_dir, family)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model from {model_dir}: {first_line(exc)}") from None
+    family.note_processor(model, processor)  # Qwen-VL: token counts follow the processor's pixel limits
     return model.to(device).eval(), processor
 
 
@@ -164,7 +167,8 @@ class VisionTower:
     """The vision tower of a LLaVA checkpoint, loaded without its LM or projector: what extraction needs.
 
     ``config`` is the checkpoint's whole LLaVA config (feature layer, select strategy, pinpoints, family);
-    ``vision_tower`` is the tower module, the one ``model.model.vision_tower`` of the whole model holds.
+    ``vision_tower`` is the tower module, the one the whole model holds (``Family.tower_of``: LLaVA's
+    ``model.model.vision_tower``, Qwen-VL's ``model.model.visual`` with its merger).
     Code that reads a model's tower and config (``pipeline.extract.FeatureExtractor``) takes either."""
 
     def __init__(self, config, vision_tower):
@@ -356,7 +360,7 @@ def cached_tower(model_dir: str | os.PathLike, device: str | None = None, dtype:
     key = (str(model_dir), device, dtype)
     if key in _LOADED:
         model, processor = _LOADED[key]
-        return VisionTower(model.config, model.model.vision_tower), processor
+        return VisionTower(model.config, family_of(model.config).tower_of(model)), processor
     tower_key = (*key, "tower")
     if tower_key not in _LOADED:
         _LOADED.clear()
@@ -365,6 +369,7 @@ def cached_tower(model_dir: str | os.PathLike, device: str | None = None, dtype:
             processor = load_processor(key[0], family_of(tower.config))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"cannot load model from {key[0]}: {first_line(exc)}") from None
+        family_of(tower.config).note_processor(tower, processor)
         _LOADED[tower_key] = (tower, processor)
     return _LOADED[tower_key]
 

@@ -46,7 +46,8 @@ class RunConfig(Config):
         for name in ("extract", "eval"):
             if isinstance(data.get(name), Mapping):
                 base = getattr(cls(), name).to_dict()
-                unknown = [k for k in data[name] if k not in base]
+                fields = {f.name for f in dataclasses.fields(getattr(cls(), name))}  # to_dict may omit defaults
+                unknown = [k for k in data[name] if k not in base and k not in fields]
                 if not unknown:
                     data[name] = {**base, **data[name]}
         return super().from_dict(data)

@@ -19,6 +19,14 @@ learnable absolute positional embeddings: without them every masked slot would
 reconstruct identically. At inference the ``selector`` strategy
 (``pipeline.strategies.basic``) keeps, per crop, the top-k tokens by ``keep_logits``
 (k = round(retention * L)).
+
+Dynamic grids (Qwen-VL, ``tokens=None``): L follows each image's size, so there is no
+learned table of L positions; each token gets a fixed 2-D sincos position from its
+(row, col) in the image's raster grid (any grid size, no parameters), and a batch of
+images padded to its longest carries a key-padding mask: padded tokens are attended by
+no one and count in no loss term, so each image gets the logits it gets alone. LLaVA's
+fixed-L selectors are unchanged (same parameters, same calls: their checkpoints load as
+they did). docs/qwen.md says which features a Qwen selector reads and why.
 """
 
 from __future__ import annotations
@@ -127,10 +135,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``valid`` (B, L) bool: the key-padding mask of a padded batch (padded keys get no attention);
+        None: every token attends to every token (fixed-grid selectors: the call they always made)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        if valid is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :],
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, n, d))
 
 
@@ -144,27 +158,57 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.mlp = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), valid)
         return x + self.mlp(self.ln2(x))
 
 
 class Encoder(nn.Module):
-    """in-proj + positions + n blocks + final LN. (B, L, C) -> (B, L, d)."""
+    """in-proj + positions + n blocks + final LN. (B, L, C) -> (B, L, d).
 
-    def __init__(self, c: int, d: int, tokens: int, layers: int, cfg: SelectorConfig):
+    ``tokens`` L: a learned absolute table of L positions (a fixed crop grid, LLaVA). ``tokens`` None: a
+    dynamic grid (Qwen-VL: L follows each image's size); the caller passes each token's 2-D sincos position
+    (:func:`grid_layout`) and the batch's key-padding mask."""
+
+    def __init__(self, c: int, d: int, tokens: int | None, layers: int, cfg: SelectorConfig):
         super().__init__()
         self.inp = nn.Identity() if c == d else nn.Linear(c, d)
-        self.pos = nn.Parameter(torch.zeros(1, tokens, d))
-        nn.init.normal_(self.pos, std=0.02)
+        if tokens is not None:
+            self.pos = nn.Parameter(torch.zeros(1, tokens, d))
+            nn.init.normal_(self.pos, std=0.02)
+        else:
+            self.pos = None
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.inp(x) + self.pos
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.inp(x) + (self.pos if self.pos is not None else pos.to(x.dtype))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, valid)
         return self.ln(x)
+
+
+def sincos_1d(index: torch.Tensor, dim: int) -> torch.Tensor:
+    """(...,) integer positions -> (..., dim) sin/cos features at geometric frequencies (MAE's 1-D table)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=index.device) / (dim // 2))
+    angle = index.to(torch.float64)[..., None] * omega
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
+
+
+def grid_layout(grid: torch.Tensor, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions and key-padding mask of a padded batch of raster-order token grids.
+
+    ``grid`` (B, 2) the (rows, cols) of each item, ``length`` the padded L (>= rows * cols of every item).
+    Returns (B, L, dim) 2-D sincos positions (half the channels the row, half the column: any grid size,
+    no parameters) and (B, L) bool, True at each item's own rows * cols tokens."""
+    grid = torch.as_tensor(grid, dtype=torch.long).reshape(-1, 2)
+    index = torch.arange(length, device=grid.device)
+    cols = grid[:, 1:2].clamp_min(1)
+    rows, columns = index[None] // cols, index[None] % cols            # (B, L)
+    valid = index[None] < (grid[:, 0:1] * grid[:, 1:2])
+    pos = torch.cat([sincos_1d(rows, dim // 2), sincos_1d(columns, dim // 2)], dim=-1)
+    return pos * valid[..., None], valid
 
 
 class RetentionOffset(nn.Module):
@@ -188,13 +232,21 @@ class TokenSelector(nn.Module):
 
     ``tokens`` = L and ``channels`` = C are fixed at construction and checked on
     every call, so a checkpoint is never applied to another encoder's features.
+
+    ``tokens`` None makes a *dynamic-grid* selector (Qwen-VL, whose L follows each image's size): no
+    learned position table; every call takes ``grid`` (B, 2), each item's (rows, cols) of raster-order
+    tokens, which gives the 2-D sincos positions and, for a batch padded to its longest item, the
+    key-padding mask (:func:`grid_layout`). A padded token is attended by no one, counts in no loss term,
+    and gets keep-logit -inf; an item's logits are those it gets alone.
     """
 
-    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int):
+    def __init__(self, cfg: SelectorConfig, tokens: int | None, channels: int):
         super().__init__()
         d = cfg.d_model or channels
         check(d % cfg.n_heads == 0, f"d_model {d} is not divisible by n_heads {cfg.n_heads}")
-        self.cfg, self.tokens, self.channels = cfg, tokens, channels
+        check(tokens is not None or d % 4 == 0,
+              f"a dynamic-grid selector needs d_model divisible by 4 (2-D sincos positions), got {d}")
+        self.cfg, self.tokens, self.channels, self.d = cfg, tokens, channels, d
         self.register_buffer("feature_mean", torch.zeros(channels))
         self.register_buffer("feature_std", torch.ones(channels))
         self.selector = Encoder(channels, d, tokens, cfg.selector_layers, cfg)
@@ -209,6 +261,11 @@ class TokenSelector(nn.Module):
         self.out = nn.Linear(d, channels)
         self.apply(self._init)
 
+    @property
+    def dynamic(self) -> bool:
+        """Does it take any (rows, cols) grid (``tokens`` None), rather than a fixed L?"""
+        return self.tokens is None
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -221,20 +278,45 @@ class TokenSelector(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-6))
 
-    def _check(self, features: torch.Tensor) -> None:
+    def _check(self, features: torch.Tensor, grid: torch.Tensor | None = None) -> None:
+        if self.dynamic:
+            if features.ndim != 3 or features.shape[-1] != self.channels:
+                raise ValueError(f"features of shape {tuple(features.shape)} do not match this selector, which was "
+                                 f"trained on (images, L, C={self.channels}) token grids")
+            if grid is None:
+                raise ValueError("this selector reads dynamic token grids: pass grid, each image's (rows, cols)")
+            g = torch.as_tensor(grid).reshape(-1, 2)
+            if g.shape[0] != features.shape[0] or bool((g.prod(-1) > features.shape[1]).any()) \
+                    or bool((g < 1).any()):
+                raise ValueError(f"grid {g.tolist()} does not fit features of shape {tuple(features.shape)}")
+            return
         if features.ndim != 3 or features.shape[1:] != (self.tokens, self.channels):
             raise ValueError(f"features of shape {tuple(features.shape)} do not match this selector, which was "
                              f"trained on (crops, L={self.tokens}, C={self.channels})")
+
+    def layout(self, features: torch.Tensor, grid: torch.Tensor | None) -> tuple[torch.Tensor | None,
+                                                                               torch.Tensor | None]:
+        """(positions (B, L, d), valid (B, L)) of a dynamic-grid batch; (None, None) for a fixed grid."""
+        if not self.dynamic:
+            return None, None
+        pos, valid = grid_layout(torch.as_tensor(grid, device=features.device), features.shape[1], self.d)
+        return pos, valid
 
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
         """(B, L, C) raw -> (B, L, C) standardized (identity when cfg.standardize is off)."""
         x = features.to(self.feature_mean.dtype)
         return (x - self.feature_mean) / self.feature_std if self.cfg.standardize else x
 
-    def keep_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raw features -> (B, L) keep-logits: the ranking (the head alone, no offset)."""
-        self._check(features)
-        return self.head(self.selector(self.standardize(features))).squeeze(-1)
+    def _logits(self, x: torch.Tensor, pos, valid) -> torch.Tensor:
+        logits = self.head(self.selector(x, pos, valid)).squeeze(-1)
+        return logits if valid is None else logits.masked_fill(~valid, float("-inf"))
+
+    def keep_logits(self, features: torch.Tensor, grid: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, C) raw features -> (B, L) keep-logits: the ranking (the head alone, no offset).
+        Dynamic-grid selectors take ``grid`` (B, 2); padded tokens get -inf."""
+        self._check(features, grid)
+        pos, valid = self.layout(features, grid)
+        return self._logits(self.standardize(features), pos, valid)
 
     @property
     def is_range(self) -> bool:
@@ -251,11 +333,12 @@ class TokenSelector(nn.Module):
         check(0.0 < float(p) <= 1.0, f"retention must be in (0, 1], got {p!r}")
         return self.offset(float(p), like)
 
-    def keep_probability(self, features: torch.Tensor, p: float | None = None) -> torch.Tensor:
+    def keep_probability(self, features: torch.Tensor, p: float | None = None,
+                         grid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, C) raw features -> (B, L) the keep probability the Gumbel head samples from:
         sigmoid(keep_logits) for a single-p selector (``p`` is not used), sigmoid(keep_logits + offset(p))
         for a range selector (``p`` required)."""
-        logits = self.keep_logits(features).float()
+        logits = self.keep_logits(features, grid).float()
         return torch.sigmoid(logits + self._offset(p, logits))
 
     def sample_mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -263,20 +346,25 @@ class TokenSelector(nn.Module):
         two_class = torch.stack([logits, torch.zeros_like(logits)], dim=-1)  # [keep, drop]
         return F.gumbel_softmax(two_class, tau=self.cfg.temperature, hard=True)[..., 0]
 
-    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor | None = None,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L, C) standardized features, (B, L) mask -> (B, L, C) reconstruction."""
         m = mask.unsqueeze(-1).to(x.dtype)
         f_pr = m * x + (1 - m) * self.mask_embedding
-        return self.out(self.reconstructor(f_pr))
+        return self.out(self.reconstructor(f_pr, pos, valid))
 
-    def forward(self, features: torch.Tensor, p: float | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, features: torch.Tensor, p: float | None = None,
+                grid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training step on (B, L, C) raw features: loss = MSE + max(mean(M), p). ``p`` is the batch's
-        target ratio for a range selector (required there); a single-p selector uses ``cfg.retention``."""
-        self._check(features)
+        target ratio for a range selector (required there); a single-p selector uses ``cfg.retention``.
+        A dynamic-grid selector takes ``grid`` (B, 2); MSE and mean(M) are then over real tokens only."""
+        self._check(features, grid)
+        target = self.cfg.retention if self.offset is None else float(p) if p is not None else None
+        if self.dynamic:
+            return self._forward_grid(features, target, grid)
         x = self.standardize(features)
         # float32 logits: under bf16 autocast the Gumbel noise, the hard mask and its keep ratio stay exact
         logits = self.head(self.selector(x)).squeeze(-1).float()
-        target = self.cfg.retention if self.offset is None else float(p) if p is not None else None
         logits = logits + self._offset(target, logits)
         mask = self.sample_mask(logits)
         recon = self.reconstruct(x, mask)
@@ -286,13 +374,57 @@ class TokenSelector(nn.Module):
         # "keep" (the kept fraction) is the name this figure has in curves and MLflow.
         return {"loss": mse + rate, "mse": mse.detach(), "keep": keep_ratio.detach(), "logits": logits}
 
+    def _forward_grid(self, features: torch.Tensor, target, grid) -> dict[str, torch.Tensor]:
+        pos, valid = self.layout(features, grid)
+        v = valid.unsqueeze(-1).to(self.feature_mean.dtype)
+        x = self.standardize(features) * v  # padded slots: 0, never NaN, whatever the padding held
+        logits = self.head(self.selector(x, pos, valid)).squeeze(-1).float()
+        logits = logits + self._offset(target, logits)
+        mask = self.sample_mask(logits) * valid
+        recon = self.reconstruct(x, mask, pos, valid)
+        real = valid.sum()
+        mse = ((recon - x).pow(2) * v).sum() / (real * x.shape[-1])
+        keep_ratio = mask.sum() / real
+        rate = torch.clamp(keep_ratio, min=target)
+        return {"loss": mse + rate, "mse": mse.detach(), "keep": keep_ratio.detach(),
+                "logits": logits.masked_fill(~valid, float("-inf"))}
+
     @torch.no_grad()
-    def reconstruction_error(self, features: torch.Tensor, kept_indices: torch.Tensor) -> torch.Tensor:
-        """(B, L, C) raw features, (B, k) kept indices -> (B,) MSE of rebuilding all L tokens
-        from the kept ones (standardized space, mean over tokens and channels)."""
+    def reconstruction_error(self, features: torch.Tensor, kept_indices: torch.Tensor | None = None,
+                             grid: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, C) raw features, (B, k) kept indices (or ``kept`` a (B, L) bool mask) -> (B,) MSE of
+        rebuilding all L tokens from the kept ones (standardized space, mean over tokens and channels;
+        a dynamic-grid selector takes ``grid`` and averages over each item's own tokens)."""
         x = self.standardize(features)
-        mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, kept_indices, 1.0)
-        return (self.reconstruct(x, mask) - x).pow(2).mean(dim=(1, 2))
+        if kept is not None:
+            mask = kept.to(x.dtype)
+        else:
+            mask = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device).scatter_(1, kept_indices, 1.0)
+        if not self.dynamic:
+            return (self.reconstruct(x, mask) - x).pow(2).mean(dim=(1, 2))
+        self._check(features, grid)
+        pos, valid = self.layout(features, grid)
+        v = valid.unsqueeze(-1).to(x.dtype)
+        x = x * v
+        err = (self.reconstruct(x, mask * valid, pos, valid) - x).pow(2) * v
+        return err.sum(dim=(1, 2)) / (valid.sum(-1) * x.shape[-1])
+
+
+def pad_grids(items, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of (L_i, C) feature tensors -> ((B, max L, C) zero-padded, (B,) lengths)."""
+    items = [torch.as_tensor(f) for f in items]
+    length = max(f.shape[0] for f in items)
+    out = items[0].new_zeros((len(items), length, items[0].shape[-1]), dtype=dtype)
+    for i, f in enumerate(items):
+        out[i, :f.shape[0]] = f.to(dtype)
+    return out, torch.tensor([f.shape[0] for f in items])
+
+
+def grid_indices_rect(rows: int, cols: int, retention: float) -> torch.Tensor:
+    """(k,) a uniform-grid subsample of a rows x cols raster grid (ordered dither), sorted."""
+    k = keep_count(retention, rows * cols)
+    order = grid_order(max(rows, cols)).view(max(rows, cols), max(rows, cols))[:rows, :cols].reshape(-1)
+    return order.argsort()[:k].sort().values
 
 
 def grid_order(side: int) -> torch.Tensor:

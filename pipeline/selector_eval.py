@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from .selector import TokenSelector, grid_indices
+from .selector import TokenSelector, grid_indices, grid_indices_rect, pad_grids
 from .strategies import Batch, Context, seeded_generator, select, selections
 
 
@@ -109,6 +109,87 @@ def _own_reconstructor_scores(model: TokenSelector, x_all: torch.Tensor, g_all: 
             acc[1] += g.gather(1, kept).sum().item()
             acc[2] += g.sum().item()
     return acc[0], acc[1], acc[2]
+
+
+def held_out_grid_metrics(selectors: Mapping[float, TokenSelector],
+                          images: Iterable[tuple[np.ndarray, np.ndarray | None, tuple[int, int]]],
+                          retentions: Iterable[float], seeds: int = 3, batch_size: int = 64,
+                          variants: Mapping[str, tuple[float | str, TokenSelector]] | None = None) -> list[dict]:
+    """:func:`held_out_metrics` for dynamic-grid selectors (Qwen-VL): ``images`` are ``(features (L, C),
+    glyph mask (L,) or None, (rows, cols))`` with L = rows * cols varying per image. Each image is one
+    crop (per-crop = the whole image); the selector and random choose through ``strategies.selections``
+    with the image's grid, ``uniform-grid`` is an ordered dither over its rows x cols, and every kept set
+    is rebuilt by the reconstructor (batches padded to their longest image; MSE averaged per image over
+    its own tokens, then over images, in standardized space). Same rows, same keys."""
+    from .strategies import Context
+
+    retentions = [float(r) for r in retentions]
+    items = [(torch.from_numpy(np.asarray(f, dtype=np.float32)), None if m is None else torch.from_numpy(
+        np.asarray(m, dtype=bool)), tuple(int(v) for v in g)) for f, m, g in images]
+    if not items:
+        raise ValueError("no held-out images to evaluate")
+    has_glyphs = all(m is not None for _, m, _ in items)
+    n = len(items)
+
+    def score(model: TokenSelector, name_masks, r: float, acc: dict) -> None:
+        device = next(model.parameters()).device
+        for start in range(0, n, batch_size):
+            part = items[start:start + batch_size]
+            x, _ = pad_grids([f for f, _, _ in part])
+            x = x.to(device)
+            grid = torch.tensor([g for _, _, g in part], device=device)
+            for name, draws in name_masks(model, part, start, r).items():
+                a = acc.setdefault(name, [0.0, 0.0, 0.0])
+                for masks in draws:  # one (L_i,) bool mask per image
+                    kept = torch.zeros(x.shape[:2], dtype=torch.bool, device=device)
+                    for i, m in enumerate(masks):
+                        kept[i, :m.shape[0]] = m.to(device)
+                    a[0] += model.reconstruction_error(x, grid=grid, kept=kept).sum().item() / len(draws)
+                    if has_glyphs:
+                        for (_, g, _), m in zip(part, masks):
+                            a[1] += (g & m.cpu()).sum().item() / len(draws)
+                            a[2] += g.sum().item() / len(draws)
+
+    def chosen(model, part, start, r):
+        feats = [f[None].to(next(model.parameters()).device) for f, _, _ in part]
+        per_image = [{"grid": g} for _, _, g in part]
+        sel = selections("selector", feats, r, "per-crop", Context(selector=model), Batch(per_image=per_image))
+        return [[s.mask[0] for s in sel]]
+
+    def baselines(model, part, start, r):
+        feats = [f[None] for f, _, _ in part]
+        draws = []
+        for seed in range(seeds):
+            per_image = [{"generator": seeded_generator(seed, start + i)} for i in range(len(part))]
+            got = selections("random", feats, r, "per-crop", batch=Batch(per_image=per_image))
+            draws.append([s.mask[0] for s in got])
+        uniform = []
+        for _, _, (rows, cols) in part:
+            m = torch.zeros(rows * cols, dtype=torch.bool)
+            m[grid_indices_rect(rows, cols, r)] = True
+            uniform.append(m)
+        return {"uniform-grid": [uniform], "random": draws}
+
+    rows_out = []
+    for r in retentions:
+        p = min(selectors, key=lambda q: (abs(q - r), q))
+        model = selectors[p]
+        totals: dict[str, list[float]] = {}
+        score(model, lambda m, part, start, r_: {"selector": chosen(m, part, start, r_)}, r, totals)
+        score(model, baselines, r, totals)
+        for name in ("selector", "uniform-grid", "random"):
+            mse, kept, glyphs = totals[name]
+            rows_out.append({"strategy": name, "retention": r, "selector_retention": p, "recon_mse": mse / n,
+                             "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})
+        for name, (ckpt, variant) in (variants or {}).items():
+            own: dict[str, list[float]] = {}
+            score(variant, lambda m, part, start, r_: {name: chosen(m, part, start, r_)}, r, own)
+            mse, kept, glyphs = own[name]
+            trained_at = None if isinstance(ckpt, str) else float(ckpt)
+            rows_out.append({"strategy": name, "retention": r, "selector_retention": trained_at,
+                             "checkpoint": ckpt if isinstance(ckpt, str) else f"{ckpt:g}", "recon_mse": mse / n,
+                             "glyph_coverage": kept / glyphs if glyphs else float("nan"), "n_crops": n})
+    return rows_out
 
 
 def _random(x: torch.Tensor, retention: float, seed: int, start: int) -> torch.Tensor:

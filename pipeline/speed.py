@@ -250,15 +250,25 @@ def use_sdpa(model) -> str:
         impl = getattr(model.config, "_attn_implementation", impl)
     return str(impl)
 
+# A family without crops (Qwen-VL: dynamic resolution) gets a 1344 x 1680 (height x width) image: 48 x 60 = 2,880
+# merged tokens of 28 px on Qwen2.5-VL (the NeXT bench's 2,880 visual tokens), 42 x 52 = 2,184 of 32 px on
+# Qwen3-VL; a tiny preset's max_pixels shrinks it to its own budget.
+DYNAMIC_SPEED_IMAGE = (1344, 1680)
+
+
 def speed_image(model):
-    """A deterministic RGB image whose size is the grid pinpoint with the most crops (5 for llava-v1.6:
-    672x672 -> base + 2x2), so no crop is padding and the prompt has the model's largest visual token count."""
+    """A deterministic RGB image. A family with crops: the size of the grid pinpoint with the most crops (5 for
+    llava-v1.6: 672x672 -> base + 2x2), so no crop is padding and the prompt has the model's largest visual token
+    count. A family without crops (``Family.has_crops`` False): :data:`DYNAMIC_SPEED_IMAGE`."""
     import numpy as np
     from PIL import Image
 
-    pins = [tuple(p) for p in model.config.image_grid_pinpoints]
-    crop = model.config.vision_config.image_size
-    h, w = max(pins, key=lambda p: ((p[0] // crop) * (p[1] // crop), -p[0] * p[1]))
+    if family_of(model.config).has_crops:
+        pins = [tuple(p) for p in model.config.image_grid_pinpoints]
+        crop = model.config.vision_config.image_size
+        h, w = max(pins, key=lambda p: ((p[0] // crop) * (p[1] // crop), -p[0] * p[1]))
+    else:
+        h, w = DYNAMIC_SPEED_IMAGE
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
 
@@ -270,7 +280,27 @@ def speed_selector(tokens: int, channels: int, device):
     return TokenSelector(SelectorConfig(n_heads=heads), tokens, channels).to(device).eval()
 
 def _prefill_call(model, x):
+    """One prefill forward (logits of the last position) of a prompt as :func:`prompt_inputs` gives it."""
+    if isinstance(x, dict):
+        return lambda: model(**x, use_cache=True, logits_to_keep=1, return_dict=True)
     return lambda: model(inputs_embeds=x, use_cache=True, logits_to_keep=1, return_dict=True)
+
+
+def prompt_inputs(model, processor, prompt: str, head: torch.Tensor, tail: torch.Tensor, kept=None):
+    """One prompt's prefill input with the kept visual tokens ``kept`` (``prune.visual_embeddings``; None: the
+    text alone). LLaVA: the (1, n, D) ``inputs_embeds`` of the text around the image (``head``, ``tail``) and the
+    packed kept tokens. A family with its own runtime (``Family.own_runtime``: Qwen-VL) builds it itself
+    (``prompt_inputs``: ids, exact M-RoPE ``position_ids``, the kept tokens and DeepStack features through
+    ``mm_encoder_outputs``): spliced ``inputs_embeds`` would fall back to 1-D positions and drop DeepStack."""
+    family = family_of(model.config)
+    if family.own_runtime:
+        return family.prompt_inputs(model, processor, [prompt], [kept])
+    return torch.cat([head, tail] if kept is None else [head, kept, tail])[None]
+
+
+def input_length(x) -> int:
+    """Positions of a prompt from :func:`prompt_inputs`."""
+    return int(x["input_ids"].shape[1] if isinstance(x, dict) else x.shape[1])
 
 def cache_bytes(cache) -> int | None:
     """Bytes held by the K/V tensors of a transformers cache (None if its layout is unknown)."""
@@ -300,14 +330,16 @@ class _PrefillSetup:
     head: torch.Tensor
     tail: torch.Tensor
     keep_masks: dict[float, torch.Tensor]
-    prompts: dict[float, torch.Tensor]
+    prompts: dict[float, Any]    # retention -> prompt_inputs (inputs_embeds, or a family's own input dict)
+    prompt: str = ""
+    text: Any = None             # the prompt without its image (prompt_inputs with no kept tokens)
 
     @property
     def text_tokens(self) -> int:
-        return self.head.shape[0] + self.tail.shape[0]
+        return input_length(self.text)
 
     def visual_tokens(self, r: float) -> int:
-        return self.prompts[r].shape[1] - self.text_tokens
+        return input_length(self.prompts[r]) - self.text_tokens
 
 
 def _prefill_setup(model, processor, config: dict[str, Any]) -> _PrefillSetup:
@@ -330,10 +362,11 @@ def _prefill_setup(model, processor, config: dict[str, Any]) -> _PrefillSetup:
         ctx = Context(selector=selector)
         pruned = [r for r in config["retentions"] if r < 1.0]  # 1 keeps everything: the full prompt
         keep_masks = {r: keep_mask("selector", feats.features, r, "per-crop", ctx, feats.valid) for r in pruned}
-        prompts = {1.0: torch.cat([head, visual_embeddings(model, feats), tail])[None]}
+        prompts = {1.0: prompt_inputs(model, processor, prompt, head, tail, visual_embeddings(model, feats))}
         for r, mask in keep_masks.items():
-            prompts[r] = torch.cat([head, visual_embeddings(model, feats, mask), tail])[None]
-    return _PrefillSetup(image, feats, ctx, head, tail, keep_masks, prompts)
+            prompts[r] = prompt_inputs(model, processor, prompt, head, tail, visual_embeddings(model, feats, mask))
+        text = prompt_inputs(model, processor, prompt, head, tail)
+    return _PrefillSetup(image, feats, ctx, head, tail, keep_masks, prompts, prompt, text)
 
 
 def _prefill_candidates(model, processor, setup: _PrefillSetup, ttft: bool) -> dict[str, Callable[[], object]]:
@@ -343,7 +376,7 @@ def _prefill_candidates(model, processor, setup: _PrefillSetup, ttft: bool) -> d
 
     candidates = {f"prefill@{r:g}": _prefill_call(model, x) for r, x in setup.prompts.items()}
     # The prompt without its image: the fixed cost of one forward (Python, kernel launches) plus the text.
-    candidates["prefill@text"] = _prefill_call(model, torch.cat([setup.head, setup.tail])[None])
+    candidates["prefill@text"] = _prefill_call(model, setup.text)
     for r in setup.keep_masks:
         candidates[f"selector@{r:g}"] = functools.partial(keep_mask, "selector", setup.feats.features, r, "per-crop",
                                                           setup.ctx, setup.feats.valid)
@@ -361,8 +394,8 @@ def _first_token(model, processor, setup: _PrefillSetup, r: float):
 
     f = encode_images(model, processor, [setup.image])[0]
     mask = None if r == 1.0 else keep_mask("selector", f.features, r, "per-crop", setup.ctx, f.valid)
-    x = torch.cat([setup.head, visual_embeddings(model, f, mask), setup.tail])[None]
-    return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+    x = prompt_inputs(model, processor, setup.prompt, setup.head, setup.tail, visual_embeddings(model, f, mask))
+    return _prefill_call(model, x)().logits[:, -1].argmax(-1)
 
 
 def _prefill_row(setup: _PrefillSetup, r: float, times: dict[str, list[float]], lm, bytes_per: int,
@@ -442,8 +475,8 @@ def _choose(model, ctx, strategy: str, r: float, f):
     return select(strategy, f.features, r, "per-crop", c, f.valid)
 
 
-def _strategy_first_token(model, processor, image, head: torch.Tensor, tail: torch.Tensor, ctx, strategy: str,
-                          r: float):
+def _strategy_first_token(model, processor, image, prompt: str, head: torch.Tensor, tail: torch.Tensor, ctx,
+                          strategy: str, r: float):
     """One image-to-first-token round with ``strategy`` at ``r`` (the tower's CLS attention and keys where
     the strategy scores with them)."""
     from .prune import encode_images, visual_embeddings
@@ -451,8 +484,8 @@ def _strategy_first_token(model, processor, image, head: torch.Tensor, tail: tor
 
     f = encode_images(model, processor, [image], attention=get(strategy).tower_attention)[0]
     sel = _choose(model, ctx, strategy, r, f)
-    x = torch.cat([head, visual_embeddings(model, f, sel.mask, sel.extra), tail])[None]
-    return model(inputs_embeds=x, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+    x = prompt_inputs(model, processor, prompt, head, tail, visual_embeddings(model, f, sel.mask, sel.extra))
+    return _prefill_call(model, x)().logits[:, -1].argmax(-1)
 
 
 def strategy_timings(model, processor, strategies, retentions, repeats: int, warmup: int,
@@ -479,7 +512,7 @@ def strategy_timings(model, processor, strategies, retentions, repeats: int, war
         ctx = Context(selector=speed_selector(tokens, channels, feats.features.device))
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
-    first_token = functools.partial(_strategy_first_token, model, processor, image, head, tail, ctx)
+    first_token = functools.partial(_strategy_first_token, model, processor, image, prompt, head, tail, ctx)
 
     pruned = [r for r in retentions if r < 1.0]
     candidates, sent = {}, {}
@@ -502,19 +535,13 @@ def strategy_timings(model, processor, strategies, retentions, repeats: int, war
             "tokens_per_crop": tokens, "image_size": list(image.size)}
 
 
-def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_again: Callable[[], object],
-                       before_round: Callable[[], object]) -> dict[str, Any]:
-    """Interleaved rounds of the whole extract stage (``stage_again``), the bare vision-tower forward
-    on the same pixel batches, and the preprocessing alone (render/decode + image processor).
-
-    ``before_round`` runs outside the clock before each round (it removes the last stage output).
-    Returns the three timing lists, the image and crop counts and the tower's FLOPs."""
+def _crop_batches(model, processor, cfg, items):
+    """(bare tower, preprocessing, crops, tower FLOPs) of a family with fixed crops (LLaVA): the stage's own
+    tower pass on the pixel crops of each batch, up to the feature layer."""
     from .extract import FeatureExtractor
     from .flops import vision_tower_flops
-    from .images import open_source
 
     fx = FeatureExtractor(model, processor, crops=cfg.crops)
-    items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)
     images = [it.load().image for it in items]
     batches = [torch.cat(fx.pixel_crops(images[i:i + cfg.batch_size]))
                for i in range(0, len(images), cfg.batch_size)]
@@ -531,6 +558,54 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
         for i in range(0, len(imgs), cfg.batch_size):
             fx.pixel_crops(imgs[i:i + cfg.batch_size])
 
+    crops = sum(int(b.shape[0]) for b in batches)
+    return bare_tower, preprocess, crops, vision_tower_flops(family_of(model.config).flops_dims(model.config).vision,
+                                                             crops)
+
+
+def _grid_batches(model, processor, cfg, items):
+    """The same for a family without crops (Qwen-VL): the tower (``model.model.visual``) on each batch's patches
+    and their ``image_grid_thw``, one "crop" per image; FLOPs from each image's own patch grid."""
+    from .flops import qwen_tower_flops
+
+    visual = family_of(model.config).tower_of(model)
+    param = next(visual.parameters())
+    images = [it.load().image for it in items]
+    batches = []
+    for i in range(0, len(images), cfg.batch_size):
+        enc = processor.image_processor(images=images[i:i + cfg.batch_size], return_tensors="pt")
+        batches.append((enc["pixel_values"].to(param.device, param.dtype), enc["image_grid_thw"].to(param.device)))
+
+    def bare_tower():
+        with torch.inference_mode():
+            for pixels, grid in batches:
+                visual(pixels, grid_thw=grid)
+
+    def preprocess():
+        imgs = [it.load().image for it in items]
+        for i in range(0, len(imgs), cfg.batch_size):
+            processor.image_processor(images=imgs[i:i + cfg.batch_size], return_tensors="pt")
+
+    vit = family_of(model.config).flops_dims(model.config).vision
+    flops = sum(qwen_tower_flops(vit, int(h), int(w), int(t))["total"]
+                for _, grid in batches for t, h, w in grid.tolist())
+    return bare_tower, preprocess, len(images), flops
+
+
+def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_again: Callable[[], object],
+                       before_round: Callable[[], object]) -> dict[str, Any]:
+    """Interleaved rounds of the whole extract stage (``stage_again``), the bare vision-tower forward
+    on the same pixel batches, and the preprocessing alone (render/decode + image processor).
+
+    ``before_round`` runs outside the clock before each round (it removes the last stage output).
+    Returns the three timing lists, the image and crop counts (a family without crops: one per image) and the
+    tower's FLOPs."""
+    from .images import open_source
+
+    items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)
+    batches = _crop_batches if family_of(model.config).has_crops else _grid_batches
+    bare_tower, preprocess, crops, tower_flops = batches(model, processor, cfg, items)
+
     # The stage's cold run warmed the tower on these very batch shapes: no extra warm-up round.
     times: dict[str, list[float]] = {"stage": [], "bare_tower": [], "preprocess": []}
     for _ in range(rounds):
@@ -538,9 +613,7 @@ def extraction_timings(model, processor, cfg, rounds: int, device: str, stage_ag
         for name, seconds in interleaved({"stage": stage_again, "bare_tower": bare_tower,
                                           "preprocess": preprocess}, 1, 0, device).items():
             times[name] += seconds
-    crops = sum(int(b.shape[0]) for b in batches)
-    return {"times": times, "images": len(items), "crops": crops,
-            "tower_flops": vision_tower_flops(family_of(model.config).flops_dims(model.config).vision, crops)}
+    return {"times": times, "images": len(items), "crops": crops, "tower_flops": tower_flops}
 
 
 def selector_training_timings(dims, batch_size: int, steps: int, device: str, autocast: str = "none",
@@ -622,6 +695,7 @@ def selector_training_projection(dims, flops_per_second: float, steps: int, batc
             "seconds_gpu": work / gpu}
 
 
-__all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize",
+__all__ = ["interleaved", "median", "spread", "peak_memory", "LoadSampler", "LoadReport", "synchronize", "DYNAMIC_SPEED_IMAGE",
+           "prompt_inputs", "input_length",
            "use_sdpa", "speed_image", "speed_selector", "cache_bytes", "prefill_timings", "extraction_timings",
            "strategy_timings", "selector_training_timings", "selector_training_projection"]

@@ -1,5 +1,5 @@
-"""Train ``tiny-trained`` (LLaVA-NeXT) and ``tiny-ov-trained`` (LLaVA-OneVision): tiny models with the
-real HF classes that read the synthetic benchmarks.
+"""Train ``tiny-trained`` (LLaVA-NeXT), ``tiny-ov-trained`` (LLaVA-OneVision) and ``tiny-qwen25-trained``
+(Qwen2.5-VL): tiny models with the real HF classes that read the synthetic benchmarks.
 
 Both follow one recipe; the family decides the classes, the prompt format (its chat
 template) and the token geometry. The OneVision one trains with interpolation off,
@@ -26,6 +26,12 @@ frozen while the projector and the LM learn to answer questions about images.
    left; dropped tokens still carry nothing, so random pruning still loses the
    answer on OCR.
 
+On a family without crops (Qwen: ``has_crops`` False) the unit is the *merged* token, one 16-px cell of
+the processor's resized image (8-px patches, 2 x 2 merger): the probe reads the merger's input (the four
+patch states of a cell side by side, raster order), the merger is the projector and trains with the LM, and
+the training forward is the family's own ``train_forward`` (the ids, M-RoPE positions and
+``mm_encoder_outputs`` that ``generate_ids`` builds for ``generate``).
+
 Pure torch + transformers; progress is a callback.
 """
 
@@ -42,7 +48,7 @@ from .config import Config, check
 from .extract import crop_layout, projector_inputs, token_boxes
 from .builders import IMAGE_TOKEN, build_tiny
 from .families import FAMILIES, family_of
-from .presets import TinyOvPreset, TinyPreset
+from .presets import TinyOvPreset, TinyPreset, TinyQwenPreset
 from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
@@ -57,6 +63,14 @@ TINY_TRAINED_PRESET = TinyPreset(
 # world's one glyph per cell), a Qwen2 LM and OneVision's pinpoints up to 3 x 3.
 TINY_OV_TRAINED_PRESET = TinyOvPreset(
     name="tiny-ov-trained", patch_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
+)
+
+# tiny-qwen25-trained: the same widths as a Qwen2.5-VL: a windowed ViT of 8-px patches whose 2 x 2 merger makes
+# one token per 16-px glyph cell, a Qwen2.5 LM with M-RoPE, dynamic resolution (the tiny world's images are
+# never shrunk: max_pixels 224 x 224).
+TINY_QWEN25_TRAINED_PRESET = TinyQwenPreset(
+    name="tiny-qwen25-trained", patch_size=8, crop_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
     text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
 )
 
@@ -91,8 +105,12 @@ class TinyWorldConfig(Config):
     version: str = TINYWORLD_VERSION
 
     def validate(self) -> None:
-        check(self.preset.patch_size * 4 == self.preset.crop_size,
-              "the tiny world draws one glyph per crop_size/4 cell: use patch_size = crop_size / 4")
+        if self.preset.family.has_crops:
+            check(self.preset.patch_size * 4 == self.preset.crop_size,
+                  "the tiny world draws one glyph per crop_size/4 cell: use patch_size = crop_size / 4")
+        else:  # dynamic resolution: one merged token (crop_size = patch x merge pixels) per 16-px glyph cell
+            check(self.preset.crop_size == 16, "the tiny world draws one glyph per 16-px cell: use a merged "
+                                               "token of 16 px (patch_size 8)")
         for name in ("train_ocr", "train_scene", "tower_steps", "tower_batch", "steps", "batch_size",
                      "eval_samples", "eval_seeds"):
             check(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
@@ -112,22 +130,36 @@ class TinyOvWorldConfig(TinyWorldConfig):
     preset: TinyOvPreset = TINY_OV_TRAINED_PRESET
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyQwenWorldConfig(TinyWorldConfig):
+    """Everything that determines the ``tiny-qwen25-trained`` weights: the same recipe on a Qwen2.5-VL preset.
+    Its unit is the whole image (no crops): ``tower_batch`` counts images."""
+
+    kind: ClassVar[str] = "tiny-qwen25-world"
+
+    preset: TinyQwenPreset = TINY_QWEN25_TRAINED_PRESET
+    tower_batch: int = 16
+
+
 TRAINED_CONFIGS: dict[str, type[TinyWorldConfig]] = {"tiny-trained": TinyWorldConfig,
-                                                     "tiny-ov-trained": TinyOvWorldConfig}
+                                                     "tiny-ov-trained": TinyOvWorldConfig,
+                                                     "tiny-qwen25-trained": TinyQwenWorldConfig}
 
 
 # ---------------------------------------------------------------- data
 
 @dataclasses.dataclass
 class Encoded:
-    """One training sample, ready for the model: crops, prompt pieces, answer, glyph labels."""
+    """One training sample, ready for the model: crops (or a dynamic-resolution image's patches and grid),
+    prompt pieces, answer, glyph labels."""
 
-    pixels: torch.Tensor  # (crops, 3, S, S)
+    pixels: torch.Tensor  # (crops, 3, S, S); without crops (Qwen): the processor's (patches, C*T*P*P)
     image_size: tuple[int, int]  # (height, width)
     before: torch.Tensor  # prompt token ids before the <image> placeholder
     after: torch.Tensor  # prompt token ids after it
     answer: torch.Tensor  # " {answer}</s>" token ids (the loss targets)
     glyph_targets: torch.Tensor | None  # (crops, L) class per token (-100 unlabelled), OCR only
+    grid: tuple[int, int, int] | None = None  # without crops (Qwen): the image's (t, h, w) patch grid
 
 
 def prompt_for(question: str, processor=None, with_image: bool = True) -> str:
@@ -150,6 +182,14 @@ def encode(sample: Sample, processor, config) -> Encoded:
     before, after = split_prompt(tok, prompt, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     answer_ids = torch.tensor(tok(" " + sample.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
     w, h = sample.image.size
+    if not family.has_crops:  # dynamic resolution: one image, merged tokens over its resized grid
+        enc = processor.image_processor(images=[sample.image], return_tensors="pt")
+        grid = tuple(int(v) for v in enc["image_grid_thw"][0].tolist())
+        targets = None
+        if sample.glyph_boxes:
+            targets = merged_glyph_targets((h, w), grid, config.vision_config.patch_size,
+                                           config.vision_config.spatial_merge_size, sample.glyph_boxes)
+        return Encoded(enc["pixel_values"], (h, w), before, after, answer_ids, targets, grid)
     layout = crop_layout(w, h, config.vision_config.image_size, config.image_grid_pinpoints)
     pixels = processor.image_processor(images=[sample.image], return_tensors="pt")["pixel_values"][0]
     pixels = pixels[: len(layout.boxes)]
@@ -163,22 +203,44 @@ def glyph_targets(boxes, side: int, glyph_boxes, span: float = 1.0) -> torch.Ten
     """(crops, side*side) class per token: 1 + glyph index for the glyph covering most of the
     cell's share of ink (at least half of that glyph's ink box), else 0 (blank)."""
     out = torch.zeros(len(boxes), side * side, dtype=torch.long)
-    g = np.asarray([b[:4] for b in glyph_boxes], dtype=np.float64)
-    cls = np.asarray([1 + GLYPHS.index(b[4]) for b in glyph_boxes])
-    area = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
     for i, box in enumerate(boxes):
-        t = token_boxes(box, side, span)[:, None, :]
-        w = np.clip(np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0]), 0, None)
-        h = np.clip(np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1]), 0, None)
-        share = (w * h) / area  # (L, G): fraction of each glyph's ink box inside the cell
-        best = share.argmax(axis=1)
-        hit = share[np.arange(len(best)), best] >= 0.5
-        out[i] = torch.from_numpy(np.where(hit, cls[best], 0))
+        out[i] = _cell_classes(token_boxes(box, side, span), glyph_boxes)
     if len(boxes) > 1:
         # The base crop squashes the whole image into one crop: glyphs there are 2-3x
         # smaller than a cell and not reliably readable, so base tokens get no label.
         out[0] = -100
     return out
+
+
+def _cell_classes(cells: np.ndarray, glyph_boxes) -> torch.Tensor:
+    """(L,) class per cell box (L, 4): 1 + glyph index for the glyph with the largest share of its ink box
+    inside the cell when that share is at least half, else 0 (blank)."""
+    g = np.asarray([b[:4] for b in glyph_boxes], dtype=np.float64)
+    cls = np.asarray([1 + GLYPHS.index(b[4]) for b in glyph_boxes])
+    area = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
+    t = cells[:, None, :]
+    w = np.clip(np.minimum(t[..., 2], g[:, 2]) - np.maximum(t[..., 0], g[:, 0]), 0, None)
+    h = np.clip(np.minimum(t[..., 3], g[:, 3]) - np.maximum(t[..., 1], g[:, 1]), 0, None)
+    share = (w * h) / area  # (L, G): fraction of each glyph's ink box inside the cell
+    best = share.argmax(axis=1)
+    hit = share[np.arange(len(best)), best] >= 0.5
+    return torch.from_numpy(np.where(hit, cls[best], 0))
+
+
+def merged_glyph_targets(image_size: tuple[int, int], grid: tuple[int, int, int], patch: int, merge: int,
+                         glyph_boxes) -> torch.Tensor:
+    """(1, L) class per merged token of a dynamic-resolution image (raster order over (h/merge, w/merge)):
+    each token's cell of the resized image, mapped back to the original image's pixels, labelled as
+    :func:`glyph_targets` labels a crop's cells."""
+    height, width = image_size
+    _, gh, gw = grid
+    rows, cols = gh // merge, gw // merge
+    sy, sx = height / (gh * patch), width / (gw * patch)  # original pixels per resized pixel
+    cell = patch * merge
+    r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    r, c = r.reshape(-1).astype(np.float64), c.reshape(-1).astype(np.float64)
+    cells = np.stack([c * cell * sx, r * cell * sy, (c + 1) * cell * sx, (r + 1) * cell * sy], axis=1)
+    return _cell_classes(cells, glyph_boxes)[None]
 
 
 def training_samples(config: TinyWorldConfig) -> list[Sample]:
@@ -200,7 +262,10 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     """Per-token glyph probe on the feature layer: keeps each glyph's identity in its own token.
 
     Half of every batch are crops that hold a glyph token, so the rare glyph cells
-    are not drowned by blank ones."""
+    are not drowned by blank ones. Without crops (Qwen) the unit is the image and the
+    token the merged one (:func:`_pretrain_merged_tower`)."""
+    if not family_of(model.config).has_crops:
+        return _pretrain_merged_tower(model, data, config, progress)
     gen = torch.Generator().manual_seed(config.seed)
     pixels = torch.cat([d.pixels for d in data])
     side = family_of(model.config).side(model.config)
@@ -236,6 +301,67 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
         stats["tower_glyph_token_accuracy"] = float((pred == t)[t > 0].float().mean())
         stats["tower_blank_token_accuracy"] = float((pred == t)[t == 0].float().mean())
         # The probe must not fire on base-crop tokens either way: they are unlabelled.
+    return stats
+
+
+def merged_features(model, data: Sequence[Encoded]) -> torch.Tensor:
+    """(sum of L, 4C) the merger's input of dynamic-resolution images, in raster order: the tower's last
+    states, each merged token's four patch states side by side (``ImageFeatures.features`` of
+    ``encode_images``), computed in one tower call (differentiable)."""
+    family = family_of(model.config)
+    visual = family.visual_module(model)
+    param = next(visual.parameters())
+    grid = torch.tensor([list(d.grid) for d in data], dtype=torch.long)
+    out = visual(torch.cat([d.pixels for d in data]).to(param.device, param.dtype), grid_thw=grid.to(param.device))
+    hidden = family.raster(out.last_hidden_state, grid, model.config)
+    return hidden.reshape(-1, visual.spatial_merge_size ** 2 * hidden.shape[-1])
+
+
+def _merged_targets(d: Encoded) -> torch.Tensor:
+    """(L,) glyph class per merged token of one image (0 everywhere without glyphs)."""
+    if d.glyph_targets is not None:
+        return d.glyph_targets[0]
+    t, h, w = d.grid
+    return torch.zeros(t * h * w // 4, dtype=torch.long)
+
+
+def _pretrain_merged_tower(model, data: Sequence[Encoded], config: TinyWorldConfig,
+                           progress: Progress | None = None) -> dict:
+    """:func:`pretrain_tower` on merged tokens: a linear probe on the merger's input (4C wide) learns the glyph
+    in each token's 16-px cell; half of every batch of ``tower_batch`` images hold a glyph."""
+    gen = torch.Generator().manual_seed(config.seed)
+    targets = [_merged_targets(d) for d in data]
+    with_glyph = torch.tensor([i for i, t in enumerate(targets) if bool((t > 0).any())], dtype=torch.long)
+    visual = family_of(model.config).visual_module(model)
+    tower = [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
+    probe = torch.nn.Linear(visual.spatial_merge_size ** 2 * model.config.vision_config.hidden_size, 1 + len(GLYPHS))
+    opt = torch.optim.AdamW(tower + list(probe.parameters()), lr=config.tower_lr, weight_decay=config.weight_decay)
+    visual.train()
+    stats: dict[str, float] = {}
+    half = config.tower_batch // 2
+    for step in range(config.tower_steps):
+        for g in opt.param_groups:
+            g["lr"] = config.tower_lr * lr_factor(step, config.tower_steps // 10, config.tower_steps)
+        idx = torch.cat([torch.randint(0, len(data), (config.tower_batch - half,), generator=gen),
+                         with_glyph[torch.randint(0, len(with_glyph), (half,), generator=gen)]]).tolist()
+        logits = probe(merged_features(model, [data[i] for i in idx]))
+        loss = torch.nn.functional.cross_entropy(logits, torch.cat([targets[i] for i in idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = {"tower_loss": float(loss.detach())}
+        if progress:
+            progress("tower", step + 1, config.tower_steps, stats)
+    visual.eval()
+    with torch.no_grad():
+        pred, t = [], []
+        for start in range(0, min(len(data), 2048), 64):
+            chunk = data[start:start + 64]
+            pred.append(probe(merged_features(model, chunk)).argmax(-1))
+            t += [targets[start + i] for i in range(len(chunk))]
+        pred, t = torch.cat(pred), torch.cat(t)
+        stats["tower_glyph_token_accuracy"] = float((pred == t)[t > 0].float().mean())
+        stats["tower_blank_token_accuracy"] = float((pred == t)[t == 0].float().mean())
     return stats
 
 
@@ -281,6 +407,8 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
 
     Sequences are built exactly as ``pipeline.prune`` builds them at inference,
     so full and pruned inputs share one code path."""
+    if not family_of(model.config).has_crops:
+        return _train_merged_lm(model, processor, data, config, progress)
     tower = model.model.vision_tower
     for p in tower.parameters():
         p.requires_grad_(False)
@@ -320,6 +448,64 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
             progress("lm", step + 1, config.steps, stats)
     model.eval()
     for p in tower.parameters():
+        p.requires_grad_(True)
+    return stats
+
+
+def _train_merged_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
+                     progress: Progress | None = None) -> dict:
+    """:func:`train_lm` without crops (Qwen): the tower below the merger is frozen and its merged-token groups
+    computed once; the merger (the projector) and the LM train through the family's ``train_forward``: the
+    kept tokens through ``mm_encoder_outputs`` at their M-RoPE positions from ``get_rope_index``, as
+    ``generate_ids`` feeds ``generate``."""
+    from .prune import ImageFeatures, visual_embeddings
+
+    family = family_of(model.config)
+    visual = family.visual_module(model)
+    frozen = [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
+    for p in frozen:
+        p.requires_grad_(False)
+    feats = []
+    with torch.no_grad():
+        for start in range(0, len(data), 64):
+            chunk = data[start:start + 64]
+            flat = merged_features(model, chunk)
+            feats += [f[None] for f in torch.split(flat, [len(_merged_targets(d)) for d in chunk])]
+    items = [(f, d, torch.ones(f.shape[:2], dtype=torch.bool)) for f, d in zip(feats, data)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    pad = processor.tokenizer.pad_token_id or 0
+    model.train()
+    stats: dict[str, float] = {}
+    ema = None
+    for step in range(config.steps):
+        for g in opt.param_groups:
+            g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
+        idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
+        kept = []
+        for f, e, v in (items[i] for i in idx):
+            image = ImageFeatures(f, e.image_size, valid=v, grid=e.grid)
+            kept.append(visual_embeddings(model, image, _sample_keep_mask(f, e, v, config, gen)))
+        batch = [items[i][1] for i in idx]
+        loss = family.train_forward(model, [(e.before, e.after) for e in batch], kept, [e.answer for e in batch],
+                                    pad).loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        stats = {"loss": ema}
+        if progress:
+            progress("lm", step + 1, config.steps, stats)
+    model.eval()
+    for p in frozen:
         p.requires_grad_(True)
     return stats
 
@@ -449,7 +635,8 @@ def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", t
             "crops_changed": int(changed.any(-1).sum())}
 
 
-__all__ = ["TinyWorldConfig", "TinyOvWorldConfig", "TRAINED_CONFIGS", "TINY_OV_TRAINED_PRESET", "restore_stock",
+__all__ = ["TinyWorldConfig", "TinyOvWorldConfig", "TinyQwenWorldConfig", "TRAINED_CONFIGS", "TINY_OV_TRAINED_PRESET",
+           "TINY_QWEN25_TRAINED_PRESET", "merged_features", "merged_glyph_targets", "restore_stock",
            "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
            "locality", "PROMPT"]
 

@@ -1,8 +1,9 @@
 """Training loop for the token selector: AdamW, linear warm-up then cosine decay,
 callbacks for logging and checkpoints, NaN guard, exact resume from a state dict.
 
-Pure torch/numpy: data arrives as an iterator of (B, L, C) arrays, logging and
-checkpoint writing are callbacks supplied by the caller (``flows/``).
+Pure torch/numpy: data arrives as an iterator of (B, L, C) arrays (for a dynamic-grid
+selector, Qwen-VL's: ``(padded (B, max L, C), grids (B, 2))`` pairs, :func:`grid_batched`),
+logging and checkpoint writing are callbacks supplied by the caller (``flows/``).
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class Trainer:
     RNG states). ``autocast="bf16"`` runs the forward under bfloat16 autocast on CUDA (``self.autocast``;
     the CPU's autocast runs the same code when it is set by hand, as a test does)."""
 
-    def __init__(self, cfg: SelectorConfig, tokens: int, channels: int, device: str = "cpu",
+    def __init__(self, cfg: SelectorConfig, tokens: int | None, channels: int, device: str = "cpu",
                  autocast: str = "none"):
         torch.manual_seed(cfg.seed)  # seeds every CUDA device too
         self.cfg, self.device = cfg, device
@@ -216,11 +217,16 @@ class Trainer:
                 batch = next(batches)
             except StopIteration:
                 raise ConfigError("the feature stream ended before training finished") from None
+            grid = None
+            if isinstance(batch, (tuple, list)):  # a dynamic-grid batch: (padded features, (B, 2) grids)
+                batch, grid = batch
+                grid = torch.as_tensor(grid).to(self.device)
             x = self.to_device(batch)
             lr = self._set_lr()
             p = self.batch_retention()
             with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.autocast):
-                out = self.model(x, p)  # the backward below runs outside autocast, in the forward's dtypes
+                # the backward below runs outside autocast, in the forward's dtypes
+                out = self.model(x, p) if grid is None else self.model(x, p, grid)
             loss = out["loss"]
             if not torch.isfinite(loss):
                 what = f"retention {self.cfg.retention}" if p is None else f"retention range, p {p:.3f}"
@@ -298,7 +304,7 @@ def selector_tensors(model: TokenSelector) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def selector_from_tensors(cfg: SelectorConfig, tokens: int, channels: int,
+def selector_from_tensors(cfg: SelectorConfig, tokens: int | None, channels: int,
                           tensors: Mapping[str, torch.Tensor]) -> TokenSelector:
     model = TokenSelector(cfg, tokens, channels)
     model.load_state_dict(dict(tensors))
@@ -306,11 +312,15 @@ def selector_from_tensors(cfg: SelectorConfig, tokens: int, channels: int,
 
 
 def selector_from_checkpoint(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> TokenSelector:
-    """The selector a checkpoint's tensors and meta (config, tokens, channels) describe, in eval mode.
+    """The selector a checkpoint's tensors and meta (config, tokens, channels) describe, in eval mode
+    (``tokens`` null: a dynamic-grid selector, Qwen-VL's).
 
     Raises KeyError, TypeError, ValueError or RuntimeError when they do not fit;
     ``storage.selectors.load_selector`` turns that into one line naming the file."""
-    return selector_from_tensors(SelectorConfig.from_dict(meta["config"]), meta["tokens"], meta["channels"], tensors)
+    model = selector_from_tensors(SelectorConfig.from_dict(meta["config"]), meta["tokens"], meta["channels"], tensors)
+    if model.dynamic:  # which Qwen-VL features it reads: pre-merger groups (default) or the merger's output
+        model.feature_kind = meta.get("qwen_features") or (meta.get("encoder") or {}).get("qwen_features", "premerger")
+    return model
 
 
 def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str]) -> TrainConfig:
@@ -321,6 +331,29 @@ def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str]) -> Tr
         return cfg
     changes = {k: v for k, v in TINY_SCHEDULE.items() if k not in user_set}
     return dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, **changes)) if changes else cfg
+
+
+def grid_batched(items: Iterable[tuple[np.ndarray, Any]], batch_size: int,
+                 drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Dynamic-grid batches: consecutive ``(features (L_i, C), grid (rows, cols))`` items, L_i varying, as
+    ((B, max L_i, C) float32 zero-padded, (B, 2) int64 grids): what ``Trainer.fit`` takes for a
+    dynamic-grid selector (the grids give its positions and key-padding mask)."""
+    buf: list[tuple[np.ndarray, Any]] = []
+
+    def stack():
+        length = max(f.shape[0] for f, _ in buf)
+        out = np.zeros((len(buf), length, buf[0][0].shape[-1]), dtype=np.float32)
+        for i, (f, _) in enumerate(buf):
+            out[i, :f.shape[0]] = f
+        return out, np.asarray([list(g) for _, g in buf], dtype=np.int64)
+
+    for item in items:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield stack()
+            buf = []
+    if buf and not drop_last:
+        yield stack()
 
 
 def batched(items: Iterable[np.ndarray], batch_size: int, drop_last: bool = True) -> Iterator[np.ndarray]:

@@ -6,7 +6,10 @@ From a stage, ``variant`` picks the checkpoint: ``nearest`` (the default) the on
 trained at the retention nearest to the one asked for, ``range`` the one trained
 on a retention range (``atr train --retention-range``), ``p0.25`` exactly the one
 trained at 0.25. Loading reads only safetensors (``storage.checkpoints``) and checks
-the encoder width C and tokens per crop L before the weights are used.
+the family the selector was trained on (one line naming both when it differs), then the
+encoder width C and tokens per crop L, before the weights are used. Checkpoints record
+their family (``encoder.family``) and, for Qwen-VL's dynamic token grids, ``grid``
+dynamic with ``tokens`` null and the features read (``qwen_features``).
 """
 
 from __future__ import annotations
@@ -116,13 +119,53 @@ def _check_file_variant(path: Path, want: float | str) -> None:
         raise CheckpointError(f"{path} was trained {what}, not at p = {want:g} (variant=p{want:g})")
 
 
+def selector_family(meta: dict[str, Any]) -> str | None:
+    """The model family a selector checkpoint was trained on (its meta's ``family``, else its encoder's)."""
+    if not isinstance(meta, dict):
+        return None
+    return meta.get("family") or (meta.get("encoder") or {}).get("family")
+
+
+def selector_grid(meta: dict[str, Any]) -> str:
+    """``dynamic`` (a token grid per image: Qwen-VL) or ``fixed`` (L tokens per crop: LLaVA)."""
+    grid = meta.get("grid") or (meta.get("encoder") or {}).get("grid") if isinstance(meta, dict) else None
+    return "dynamic" if grid == "dynamic" else "fixed"
+
+
+def check_selector_family(path: Path, meta: dict[str, Any], expect_family: str | None) -> None:
+    """One CheckpointError line when the checkpoint was trained on another family's features (a NeXT selector on
+    Qwen features, a Qwen2.5-VL one on Qwen3-VL), naming both. Unknown families (old or foreign checkpoints,
+    no family given) pass: the shape checks still apply."""
+    family = selector_family(meta)
+    if expect_family is None or family is None or family == expect_family:
+        return
+    grid = selector_grid(meta)
+    shape = "(1, L, C) token grids" if grid == "dynamic" else f"(L, C) = {(meta.get('tokens'), meta.get('channels'))}"
+    raise CheckpointError(f"{path}: selector was trained on {family} features ({grid} grid, {shape}); this model is "
+                          f"{expect_family}: a selector serves only the family it was trained on, train one on "
+                          f"this model's features (atr train --model ...)")
+
+
 def load_selector(path: Path, build: Callable[[dict, dict], Any], expect_channels: int | None = None,
                   expect_tokens: int | None = None, expect_family: str | None = None) -> LoadedSelector:
     """Read the checkpoint at ``path`` and ``build(tensors, meta)`` the selector from it
     (``pipeline.train.selector_from_checkpoint``); a checkpoint that does not fit ends in one
-    CheckpointError line naming the file."""
-    tensors, meta = load_checkpoint(path, expect_channels=expect_channels, expect_tokens=expect_tokens,
-                                    expect_family=expect_family)
+    CheckpointError line naming the file.
+
+    The family is checked first (:func:`check_selector_family`: one line naming both families), then the shape.
+    A dynamic-grid selector (Qwen-VL; meta ``grid`` dynamic, ``tokens`` null) has no fixed L; its channels are
+    its features' width (4C pre-merger or D merged), so ``expect_channels`` (the tower width C) is compared
+    with the tower width it recorded (``encoder.tower_width``)."""
+    tensors, meta = load_checkpoint(path)
+    check_selector_family(path, meta, expect_family)
+    if selector_grid(meta) == "dynamic":
+        width = (meta.get("encoder") or {}).get("tower_width")
+        if expect_channels is not None and width is not None and width != expect_channels:
+            raise CheckpointError(f"{path}: selector was trained on the features of a tower of width {width}, this "
+                                  f"model's is {expect_channels}; train one on this model's features")
+    elif expect_channels is not None or expect_tokens is not None or expect_family is not None:
+        tensors, meta = load_checkpoint(path, expect_channels=expect_channels, expect_tokens=expect_tokens,
+                                        expect_family=expect_family)
     try:
         selector = build(tensors, meta)
     except (KeyError, TypeError, RuntimeError) as exc:  # a bad config inside: its own ConfigError line
@@ -130,4 +173,5 @@ def load_selector(path: Path, build: Callable[[dict, dict], Any], expect_channel
     return LoadedSelector(selector, meta, Path(path), hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16])
 
 
-__all__ = ["CHECKPOINT_SUFFIXES", "LoadedSelector", "VARIANTS", "parse_variant", "resolve_selector", "load_selector"]
+__all__ = ["CHECKPOINT_SUFFIXES", "LoadedSelector", "VARIANTS", "check_selector_family", "load_selector",
+           "parse_variant", "resolve_selector", "selector_family", "selector_grid"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import ast
 import pkgutil
+from types import SimpleNamespace
 
 import pytest
 
 import pipeline.families
+import pipeline.flops
 from conftest import REPO
 from pipeline.families import CAPABILITIES, DEFAULT_FAMILY, FAMILIES, Family, UnknownFamilyError, family_named
 from pipeline.presets import PRESETS, SIZED_PRESETS, sized_preset_from_dict
@@ -131,12 +133,43 @@ def test_every_family_answers_the_whole_interface(family):
         cfg = model.config
         assert isinstance(model, family.model_class()) and family.describe(cfg)["family"] == family.name
         assert family.describe(cfg)["model_type"] == family.model_type
-        assert isinstance(family.has_cls(cfg), bool) and family.tokens_per_crop(cfg) > 0
+        assert isinstance(family.has_cls(cfg), bool)
         assert 0 < family.covered(cfg) <= 1 and family.max_crops(cfg) >= 1
         assert isinstance(family.interpolation(cfg), bool)
         assert family.interpolation(cfg) <= family.can_interpolate  # only a family that can interpolate does
         assert (family.off_value(cfg) is not None) == family.can_interpolate
-        assert family.flops_dims(cfg).vision.tokens == family.side(cfg) ** 2 + family.has_cls(cfg)  # the tower's
+        if family.has_crops:  # fixed crops: the crop geometry, and the tower's tokens per crop in the cost model
+            assert family.tokens_per_crop(cfg) > 0
+            assert family.flops_dims(cfg).vision.tokens == family.side(cfg) ** 2 + family.has_cls(cfg)
+        else:
+            _answers_without_crops(family, preset, cfg)
+        if not (family.own_runtime and not hasattr(pipeline.flops, "qwen_dims")):
+            # (Qwen-VL's cost model, pipeline.flops.qwen_dims, is added beside this work; until it is there only
+            # this assertion is skipped for the families whose flops_dims calls it)
+            lm = family.flops_dims(cfg).lm
+            assert (lm.layers, lm.hidden) == (cfg.text_config.num_hidden_layers, cfg.text_config.hidden_size)
+
+
+def _answers_without_crops(family, preset, cfg):
+    """A family without crops (Qwen-VL: one dynamic-resolution grid per image) refuses the crop questions in one
+    line, covers the whole image as its one "crop", and counts an image's tokens from geometry exactly as its
+    preset's image processor does (image_grid_thw / merge^2), with no row newlines."""
+    from PIL import Image
+
+    from pipeline.errors import UserError
+
+    for question in (family.tokens_per_crop, family.side):
+        with pytest.raises(UserError) as err:
+            question(cfg)
+        assert "\n" not in str(err.value) and str(err.value)
+    assert family.covered(cfg) == 1 and family.max_crops(cfg) == 1
+    processor = family.preset_image_processor(preset)
+    family.note_processor(SimpleNamespace(config=cfg), SimpleNamespace(image_processor=processor))
+    merge = cfg.vision_config.spatial_merge_size
+    for height, width in ((64, 64), (100, 150), (600, 512), (77, 1300)):
+        grid = processor(images=[Image.new("RGB", (width, height))], return_tensors="pt")["image_grid_thw"][0]
+        tokens = family.visual_tokens(cfg, (height, width))
+        assert tokens.newlines == 0 and tokens.total == int(grid.prod()) // merge ** 2 > 0, (height, width)
 
 
 def test_every_preset_rebuilds_from_its_dict_in_its_own_class():

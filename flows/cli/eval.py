@@ -1,4 +1,5 @@
-"""``atr eval``: pruned LLaVA-NeXT evaluation on benchmarks, one tower pass per image, cached per result."""
+"""``atr eval``: pruned evaluation (LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL) on benchmarks, one tower
+pass per image, cached per result."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .common import (
 def eval_parser(sub, common) -> None:
     p = add_command(
         sub, common, "eval",
-        help="evaluate pruned LLaVA-NeXT / LLaVA-OneVision on benchmarks",
+        help="evaluate pruned LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL / Qwen3-VL on benchmarks",
         description="Evaluate the model on benchmarks with each token-reduction strategy at each "
                     "retention. The work unit is a shard of a benchmark's questions: the vision tower "
                     "runs once per image, and every missing (strategy, retention, seed) result of the "
@@ -35,7 +36,9 @@ def eval_parser(sub, common) -> None:
                "  atr eval --selector <train-hash> --strategies full,none,selector --variant selector:allocation=image "
                "--thresholds 0.3,0.5,0.7\n"
                "  atr eval --model llava-hf/llava-v1.6-mistral-7b-hf --selector sel.safetensors "
-               "--benchmark docvqa_val --data DocVQA/validation-00000-of-00006.parquet")
+               "--benchmark docvqa_val --data DocVQA/validation-00000-of-00006.parquet\n"
+               "  atr eval --model Qwen/Qwen2.5-VL-7B-Instruct --strategies full,random,visionzip,cdpruner "
+               "--retentions 0.25 --benchmark docvqa_val --data DocVQA/validation-00000-of-00006.parquet")
     p.add_argument("--model", default="tiny-trained", help=MODEL_HELP + " (default: tiny-trained)")
     p.add_argument("--selector", default=None,
                    help="selector for the 'selector' strategy: a train stage hash (prefix) or a .safetensors file")
@@ -94,7 +97,10 @@ def eval_parser(sub, common) -> None:
                         "stock: r * the encoder tokens the stock model (the unpruned checkpoint with its own settings: "
                         "LLaVA-OneVision's interpolation on) sends of the image, spread as global. Every strategy "
                         "sends the LLM that many tokens; the peers that split a budget themselves (HiRED, DivPrune, "
-                        "CDPruner) spread the image's total their way. Comma-separated: each budget is evaluated, "
+                        "CDPruner) spread the image's total their way. Qwen2.5-VL and Qwen3-VL have no crops: "
+                        "per-crop means the whole image (one crop), and every budget counts merged tokens (2 x 2 "
+                        "patches, what the LLM sees) of the processor's resized image; HiRED, which needs crops, is "
+                        "refused there. Comma-separated: each budget is evaluated, "
                         "side by side in one run (default: per-crop). The adaptive threshold budget is not one of these: "
                         "--thresholds gives it")
     p.add_argument("--limit", type=int, default=300, help="questions per benchmark (default: 300)")
@@ -110,6 +116,29 @@ def eval_parser(sub, common) -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds for the random strategy (default: 3)")
     add_compute_options(p)
     add_dask_options(p)
+
+
+def model_family(model: str):
+    """The family ``--model`` names, known before the model is prepared: a preset's, or a folder's (or a cached
+    hub snapshot's) config.json; None when it cannot be told yet (the eval planning asks the prepared model)."""
+    from pipeline.families import family_of
+    from pipeline.presets import PRESETS, SHAPE_PRESETS, SIZED_PRESETS
+    from pipeline.tinyworld import TRAINED_CONFIGS
+
+    if model in TRAINED_CONFIGS:
+        return TRAINED_CONFIGS[model]().preset.family
+    for table in (PRESETS, SIZED_PRESETS, SHAPE_PRESETS):
+        if model in table:
+            return table[model].family
+    try:
+        from pipeline.loading import load_model_config
+
+        from ..stages.prepare_model import model_spec
+
+        kind, identity = model_spec(model)
+        return family_of(load_model_config(identity["dir"])) if "dir" in identity else None
+    except Exception:  # noqa: BLE001 (not a folder yet, offline: preflight and the flow say why in one line)
+        return None
 
 
 def _parse_data(values: list[str], benchmarks: tuple[str, ...], is_real=None) -> dict[str, str]:
@@ -205,6 +234,7 @@ def parse_thresholds(text: str | None) -> tuple[float, ...]:
 
 def cmd_eval(home, args) -> int:
     from pipeline.evaluate import EvalConfig, default_batch_size, default_strategies
+    from pipeline.strategies.core import check_family
 
     from ..orchestration.flows import eval_flow
     from ..present import progress
@@ -212,10 +242,13 @@ def cmd_eval(home, args) -> int:
     from ..stages.eval import data_files
 
     benchmarks = tuple(b.strip() for b in args.benchmark.split(",") if b.strip())
+    family = model_family(args.model)
     if args.strategies:
         strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     else:
-        strategies = default_strategies(bool(args.selector))
+        strategies = default_strategies(bool(args.selector), family)
+    if family is not None:
+        check_family(strategies, family)  # HiRED on Qwen-VL: one line before any flow (planning checks it too)
     tasks = tuple(t.strip() for t in (args.tasks or "").split(",") if t.strip())
     if tasks and args.harness != "lmms-eval":
         raise UserError("--tasks names lmms-eval tasks: add --harness lmms-eval (the built-in harness takes --benchmark)")

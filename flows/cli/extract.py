@@ -28,6 +28,11 @@ def extract_parser(sub, common) -> None:
     p.add_argument("--crops", choices=["all", "base"], default="all",
                    help="all AnyRes crops (base + grid), or only the base crop as in the paper's selector "
                         "training (default: all)")
+    p.add_argument("--qwen-features", choices=["premerger", "merged"], default="premerger",
+                   help="families without crops (Qwen2.5-VL, Qwen3-VL): premerger, the tower's states before the "
+                        "merger in 2 x 2 groups (1 x L x 4C per image: the paper's encoder output before the "
+                        "projector), or merged, the merger's output (1 x L x D); see docs/qwen.md "
+                        "(default: premerger)")
     p.add_argument("--batch-size", type=int, default=16, help="images per vision-tower batch (default: 16)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (default: 64)")
     add_compute_options(p)
@@ -42,7 +47,7 @@ def cmd_extract(home, args) -> int:
 
     cfg = ExtractConfig(images=args.images, limit=args.limit or None, seed=args.seed, crops=args.crops,
                         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device,
-                        model_dtype=args.dtype)
+                        model_dtype=args.dtype, qwen_features=args.qwen_features)
     preflight(args.model, cfg.images, cfg.seed)
     t0 = time.perf_counter()
     progress.enable(True)
@@ -54,9 +59,11 @@ def cmd_extract(home, args) -> int:
     f = m["features"]
     state = "cached" if ext["cached"] else "computed"
     rate = m.get("images_per_second")
+    shape = (f"(1, L per image, {f['feature_dim']}; {f.get('qwen_features')})" if f.get("grid") == "dynamic"
+             else f"(crops, {f['tokens_per_crop']}, {f['feature_dim']})")
     print(f"extract {state} in {ext['seconds']:.2f}s (wall {wall:.1f}s): {c['samples']} samples in "
-          f"{c['shards']} shards, {c['skipped']} skipped; features {f['dtype']} (crops, {f['tokens_per_crop']}, "
-          f"{f['feature_dim']})" + (f"; {progress.rate_text(rate)}" if rate and not ext["cached"] else ""))
+          f"{c['shards']} shards, {c['skipped']} skipped; features {f['dtype']} {shape}"
+          + (f"; {progress.rate_text(rate)}" if rate and not ext["cached"] else ""))
     print(f"  output  {ext['path']}")
     print(f"  run     {out['run_id']} (mlflow {out['mlflow_run_id']})")
     return 0

@@ -34,6 +34,7 @@ def speed_parser(sub, common) -> None:
                "  atr speed --selector-training next,ov --extract-images 0 --strategies none  # real-dim selector "
                "training\n"
                "  atr speed --model bench-vicuna-7b                                   # real size, on a CUDA machine\n"
+               "  atr speed --model bench-qwen25-vl-7b --strategies none             # Qwen2.5-VL-7B's dims, on CUDA\n"
                "  atr speed --model llava-hf/llava-v1.6-vicuna-7b-hf --repeats 10     # on a CUDA machine\n"
                "  atr query \"SELECT name, retention, measured_speedup, ideal_speedup, value, unit FROM "
                "bench_results ORDER BY name\"")
@@ -43,11 +44,14 @@ def speed_parser(sub, common) -> None:
                                      "bench-vicuna-7b and bench-mistral-7b: random-init with the exact dimensions "
                                      "of llava-v1.6-vicuna-7b / -mistral-7b, built on the target device in the "
                                      "--dtype chosen: 13.2 / 14.1 GiB of weights in bf16 (auto on CUDA), 26.3 / "
-                                     "28.2 GiB in fp32 (auto on the CPU))")
+                                     "28.2 GiB in fp32 (auto on the CPU); bench-qwen25-vl-7b and bench-qwen3-vl-8b: "
+                                     "the same for Qwen2.5-VL-7B-Instruct / Qwen3-VL-8B-Instruct, 8.29 / 8.77 B "
+                                     "parameters, timed on a 1344 x 1680 image: 2,880 / 2,184 merged tokens; "
+                                     "tiny-qwen25 / tiny-qwen3 on the CPU)")
     add_retentions_option(p, "",
                           help=f"comma-separated fractions of encoder tokens kept per crop, each in (0, 1]; the "
                                f"full prompt (1) is always measured (default: {DEFAULT_RETENTIONS}; "
-                               f"{SIZED_RETENTIONS} for bench-vicuna-7b and bench-mistral-7b)")
+                               f"{SIZED_RETENTIONS} for the real-size bench-* presets)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="let bench-vicuna-7b / bench-mistral-7b run on the CPU (minutes per prefill): 26.3 / 28.2 GiB "
                         "of weights in fp32 (--dtype auto there), 13.2 / 14.1 GiB with --dtype bf16. A model whose "
@@ -133,7 +137,8 @@ def check_args(args) -> dict[str, Any]:
             "extract_images": args.extract_images, "extract_repeats": min(args.extract_repeats, args.repeats),
             "batch_size": args.batch_size, "shard_size": args.shard_size,
             "ttft": args.ttft, "load_threshold": args.load_threshold, "threads": args.threads,
-            "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu, "strategies": strategies}
+            "device": args.device, "model_dtype": args.dtype, "allow_cpu": args.allow_cpu, "strategies": strategies,
+            "strategies_default": args.strategies is None}
 
 
 def _selector_shapes(given: str | None) -> list[str] | None:

@@ -32,6 +32,10 @@ def train_parser(sub, common) -> None:
     p.add_argument("--crops", choices=["all", "base"], default="base",
                    help="crops to extract for training: base (the paper: one base-resolution crop per image) "
                         "or all (default: base)")
+    p.add_argument("--qwen-features", choices=["premerger", "merged"], default="premerger",
+                   help="features to extract first on a family without crops (Qwen-VL): premerger (the 2 x 2 "
+                        "pre-merger groups, the paper's encoder output before the projector) or merged (the "
+                        "merger's output); see docs/qwen.md (default: premerger)")
     add_retentions_option(p, "0.25", alias=True,
                           help="target keep ratio p, or a comma-separated list for one selector per p (default: "
                                "0.25; --retention is the same option)")
@@ -92,7 +96,7 @@ def cmd_train(home, args) -> int:
     extract = None
     if args.features is None:
         ext = ExtractConfig(images=args.images, limit=args.limit or None, crops=args.crops, device=args.device,
-                            model_dtype=args.dtype)
+                            model_dtype=args.dtype, qwen_features=args.qwen_features)
         preflight(args.model, ext.images, ext.seed)
         extract = ext.to_dict()
     else:

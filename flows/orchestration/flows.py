@@ -185,11 +185,23 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
 
 # ---------------------------------------------------------------- atr run
 
-def _run_strategies(cfg: EvalConfig, model: str) -> EvalConfig:
-    """``atr run``'s eval config for one model: VisionSelector, a learned peer trained per model, is left out
-    (one warning line) for a model without a shipped checkpoint unless a checkpoint is given, so a run over
-    every strategy works on any model; ``atr train-visionselector`` trains one."""
+def _run_strategies(cfg: EvalConfig, model: str, model_stage=None) -> EvalConfig:
+    """``atr run``'s eval config for one model: so that one config runs every family, a strategy that needs AnyRes
+    crops (HiRED) is left out (one warning line) for a model whose family has none (Qwen-VL), and VisionSelector,
+    a learned peer trained per model, is left out (one warning line) for a model without a shipped checkpoint
+    unless a checkpoint is given; ``atr train-visionselector`` trains one."""
+    from pipeline.families import FAMILIES
+    from pipeline.strategies import get
     from pipeline.strategies.visionselector import shipped_checkpoints
+
+    facts = ((model_stage.manifest or {}).get("describe") or {}) if model_stage is not None else {}
+    family = FAMILIES.get(facts.get("model_type"))
+    if family is not None and not family.has_crops:
+        dropped = [s for s in cfg.strategies if get(s).crops]
+        if dropped:
+            print(f"atr run: {', '.join(dropped)} left out for {model}: {family.label} has no AnyRes crops",
+                  file=sys.stderr)
+            cfg = dataclasses.replace(cfg, strategies=tuple(s for s in cfg.strategies if s not in dropped))
 
     options = cfg.options.get("visionselector") or {}
     given = any(o.get("checkpoint") for o in (options if isinstance(options, (list, tuple)) else [options]))
@@ -217,7 +229,7 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         recorder.stage(feat, metrics=extract_figures(feat))
         tcfg = tiny_schedule(cfg.train, model, set(user_set or []))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
-        ecfg = _run_strategies(cfg.eval, model)
+        ecfg = _run_strategies(cfg.eval, model, model_stage)
         plan = plan_eval(h, model_stage, ecfg, train.key, dict(cfg.data))
         child = recorder.begin_stage("eval" if len(cfg.models) == 1 else f"eval {model}")
         recorder.tracker.log_params(child, {"stage": "eval", "model": model, "config": ecfg.to_dict(),

@@ -251,7 +251,8 @@ def _crop_title(i: int, grid: tuple[int, int]) -> str:
     return f"grid crop r{r} c{c}"
 
 
-def _draw_panel(ax, image, box, side: int, kept: list[int], valid: list[int], cls_offset: int, edge: str) -> None:
+def _draw_panel(ax, image, box, side, kept: list[int], valid: list[int], cls_offset: int, edge: str) -> None:
+    """``side``: the crop's token grid, n (n x n) or (rows, cols) (Qwen-VL's merged grid of the whole image)."""
     import numpy as np
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
@@ -266,19 +267,20 @@ def _draw_panel(ax, image, box, side: int, kept: list[int], valid: list[int], cl
         if max(part.size) > 768:  # enough for a ~3 inch panel
             part.thumbnail((768, 768))
         ax.imshow(np.asarray(part), extent=(cx0, cx1, cy1, cy0), interpolation="nearest", zorder=0)
+    rows, cols = (side, side) if isinstance(side, int) else tuple(side)
     cells = [t - cls_offset for t in kept if t >= cls_offset]  # a CLS token (strategy "full") has no cell
-    keep_mask = np.zeros(side * side, dtype=bool)
+    keep_mask = np.zeros(rows * cols, dtype=bool)
     keep_mask[cells] = True
-    valid_mask = np.zeros(side * side, dtype=bool)
+    valid_mask = np.zeros(rows * cols, dtype=bool)
     valid_mask[[t - cls_offset for t in valid if t >= cls_offset]] = True
-    overlay = np.zeros((side, side, 4))
-    overlay[~keep_mask.reshape(side, side)] = DIM_RGBA
-    overlay[~valid_mask.reshape(side, side)] = PADDING_RGBA
+    overlay = np.zeros((rows, cols, 4))
+    overlay[~keep_mask.reshape(rows, cols)] = DIM_RGBA
+    overlay[~valid_mask.reshape(rows, cols)] = PADDING_RGBA
     ax.imshow(overlay, extent=(x0, x1, y1, y0), interpolation="nearest", zorder=1)
-    tw, th = (x1 - x0) / side, (y1 - y0) / side
-    rects = [Rectangle((x0 + (c % side) * tw, y0 + (c // side) * th), tw, th) for c in cells]
+    tw, th = (x1 - x0) / cols, (y1 - y0) / rows
+    rects = [Rectangle((x0 + (c % cols) * tw, y0 + (c // cols) * th), tw, th) for c in cells]
     ax.add_collection(PatchCollection(rects, facecolor="none", edgecolor=edge,
-                                      linewidth=max(0.4, min(1.2, 24 / side)), zorder=2))
+                                      linewidth=max(0.4, min(1.2, 24 / max(rows, cols))), zorder=2))
     ax.set_xlim(x0, x1)
     ax.set_ylim(y1, y0)
     ax.set_aspect("auto")
@@ -313,11 +315,13 @@ def mask_figure(res: dict[str, Any], image, retention: float, seed: int, image_n
     for i in range(n):
         valid, k = res["valid_indices"][i], res["k"][i]
         of = [f"{k}/{len(valid)} valid kept" + ("" if len(valid) == res["tokens"] else " (grey: padding)"),
-              _crop_title(i, grid)]
-        titles.append([fit_title(["selector", *of], width), fit_title([f"random (seed {seed})", *of], width)])
+              _crop_title(i, grid) if isinstance(side, int) else f"whole image: {side[0]} x {side[1]} merged tokens"]
+        titles.append([fit_title([res.get("strategy", "selector"), *of], width),
+                       fit_title([f"random (seed {seed})", *of], width)])
     lines = max(t.count("\n") + 1 for row in titles for t in row)
     head = fit_title([f"{image_name}  {image.size[0]}x{image.size[1]}  retention {retention:g}",
-                      f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})"], 2 * width)
+                      f"({res['checkpoint'].name}, trained p={res['trained_retention']:g})" if res.get("checkpoint")
+                      else f"({res.get('strategy', 'selector')})"], 2 * width)
     title_in = 1.4 * MASK_FONT_PT / 72  # one title line, with its leading
     height = n * (panel + lines * title_in + 0.1) + (head.count("\n") + 1) * title_in + 0.2
     fig = Figure(figsize=(2 * panel, height), layout="constrained")

@@ -1,4 +1,5 @@
-"""The eval stage: pruned LLaVA-NeXT evaluation, one tower pass per image per sweep.
+"""The eval stage: pruned evaluation (LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL, Qwen3-VL), one tower pass per
+image per sweep.
 
 The work unit is a **shard** of a benchmark's items (``EvalConfig.shard_size``
 rows). A shard unit (:func:`eval_shard`) reads only its rows from the parquet
@@ -10,7 +11,9 @@ Each result is cached on its own, ``stages/eval-shard/<key>/`` (``samples.json``
 (for ``selector``: the one its ``variant`` option picks), the budget (with the
 threshold and floor of the adaptive one), the strategy's changed options and the
 sha256 of any file they name, the sample limit, the generated split when not
-``test``, the shard's rows and the result's coordinates. Adding a strategy or a
+``test``, the shard's rows and the result's coordinates; on a dynamic-resolution family
+(Qwen-VL) also the processor's pixel limits (:func:`model_pixels`), which decide every
+image's token grid. Adding a strategy or a
 retention computes only what is new, with one more tower pass per image for that
 addition.
 
@@ -160,6 +163,7 @@ class ResultKey:
     text_encoder: str | None = None
     interpolation: bool = False
     split: str = "test"
+    pixels: Any = None  # a dynamic-resolution family's processor pixel limits (Qwen-VL; :func:`model_pixels`)
 
     def coords(self) -> dict[str, Any]:
         return result_coords(self.benchmark, self.pruning, self.limit, self.interpolation, self.split)
@@ -169,7 +173,8 @@ class ResultKey:
         return {"model": self.model, "data": self.data, "compute": self.compute,
                 **({"selector": self.selector} if self.selector else {}),
                 **({"text_encoder": self.text_encoder} if self.text_encoder else {}),
-                **({"option_files": files} if files else {})}
+                **({"option_files": files} if files else {}),
+                **({"pixels": dict(self.pixels)} if self.pixels else {})}
 
     def chunk_key(self, shard_size: int) -> str:
         """The key of the merged result: its coordinates, inputs and how its rows were cut into shards."""
@@ -252,6 +257,40 @@ def check_interpolation(model: StageResult, cfg: EvalConfig) -> None:
                           f"vision_aspect_ratio={facts.get('interpolation_off')!r}) or evaluate only full,none")
 
 
+def check_crops(model: StageResult, cfg: EvalConfig) -> None:
+    """One line, at planning (before any tower pass), for a strategy that needs AnyRes crops (HiRED) on a
+    family without them (Qwen-VL): the family is asked by the ``model_type`` the prepare-model stage recorded."""
+    from pipeline.strategies.core import check_family
+
+    facts = (model.manifest or {}).get("describe") or {}
+    family = FAMILIES.get(facts.get("model_type"))
+    if family is not None:
+        check_family(cfg.strategies, family)
+
+
+def model_pixels(model: StageResult) -> dict[str, int] | None:
+    """The pixel limits of a dynamic-resolution family (Qwen-VL's processor ``min_pixels``/``max_pixels``,
+    which decide every image's token grid), for the eval keys; None for a family without them (LLaVA: its
+    keys stay as they were). The prepare-model stage's ``describe`` records them (``Family.describe``:
+    ``pixels``) where the model was loaded with its processor; otherwise they are read from the processor
+    saved with the model (a user's folder or hub snapshot), through the family's ``note_processor``."""
+    facts = (model.manifest or {}).get("describe") or {}
+    if "pixels" not in facts:
+        return None
+    if facts["pixels"]:
+        return {k: int(v) for k, v in sorted(facts["pixels"].items())}
+    from types import SimpleNamespace
+
+    from pipeline.loading import load_model_config, load_processor
+
+    folder = model.model_dir
+    cfg = load_model_config(folder)
+    family = family_of(cfg)
+    family.note_processor(SimpleNamespace(config=cfg), load_processor(folder))
+    got = family.describe(cfg).get("pixels") or {}
+    return {k: int(v) for k, v in sorted(got.items())} or None
+
+
 def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | None,
               data: dict[str, str]) -> list[Chunk]:
     """Every result of an evaluation with its content-hashed key and its shards' keys (fails fast, one
@@ -261,6 +300,8 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
     device, dtype = compute(cfg.device, cfg.model_dtype)
     require_selector(cfg.strategies, selector)
     check_interpolation(model, cfg)
+    check_crops(model, cfg)
+    pixels = model_pixels(model)
     text_fp = _text_encoder_fingerprint(cfg, model)
     sel_sha = {}
     for p in cfg.chunks():
@@ -278,7 +319,7 @@ def plan_eval(home: Home, model: StageResult, cfg: EvalConfig, selector: str | N
             key = ResultKey(bench, p, cfg.limit, model.key, fp, f"{device}-{dtype}",
                             sel_sha.get(selector_slot(p)) if "selector" in p.spec.needs else None,
                             text_fp if p.spec.wants("relevance") else None, cfg.interpolation,
-                            cfg.split if generated else "test")
+                            cfg.split if generated else "test", pixels)
             plan.append(Chunk(bench, tuple(str(f) for f in files), p, key.chunk_key(cfg.shard_size), device, dtype,
                               tuple((a, b, key.shard_key(a, b)) for a, b in cuts), key.split))
     return plan

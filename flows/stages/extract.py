@@ -2,7 +2,10 @@
 
 Output ``stages/extract/<key>/feats-NNNNNN.tar``: per image ``feat.npy`` (fp16,
 crops x L x C: the tensor LLaVA-NeXT feeds its projector) and a ``json`` (image
-id, size, crop grid and boxes, glyph mask for synthetic documents). The key
+id, size, crop grid and boxes, glyph mask for synthetic documents). A family without
+crops (Qwen-VL) stores 1 x L x C' per image, L varying, with its merged-token grid
+(rows, cols) in the json (``pipeline.extract.GridFeatureExtractor``; the manifest's
+``features.grid`` is ``dynamic`` and it names no fixed L). The key
 hashes the model stage, the image source's fingerprint, the cache-relevant
 config and where it ran (CUDA fp16 features differ from CPU fp32 ones).
 
@@ -84,7 +87,7 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
     (``_shards/NNNNNN.json``: counts, skipped files, sha256) is written after the
     tar and the shard's channel sums; a shard with all three is done and is
     returned without model work when an interrupted run resumes."""
-    from pipeline.extract import ChannelSums, FeatureExtractor, glyph_mask
+    from pipeline.extract import ChannelSums, feature_extractor
     from pipeline.images import BadImage, open_source
 
     home = Home.resolve(home)
@@ -98,7 +101,8 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
     if items is None:
         items = open_source(cfg.images, seed=cfg.seed).items(cfg.limit)[lo:hi]
     tower, processor = cached_tower(plan.model_dir, plan.device, plan.dtype)  # the vision tower alone: no LM read
-    fx = FeatureExtractor(tower, processor, crops=cfg.crops)
+    fx = feature_extractor(tower, processor, crops=cfg.crops, qwen_features=cfg.qwen_features)
+    dynamic = getattr(fx, "grid_kind", None) == "dynamic"
     sums = ChannelSums(fx.feature_dim)  # so the train stage needs no second pass over the shards
     samples: list[tuple[str, Any, dict[str, Any]]] = []
     skipped: list[dict[str, str]] = []
@@ -113,19 +117,11 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
                 _warn(f"skipped {exc}")
         if loaded:
             t1 = time.perf_counter()
-            feats = fx([li.image for _, li in loaded])
+            feats = fx.encode([li.image for _, li in loaded]) if dynamic else fx([li.image for _, li in loaded])
             tower_seconds += time.perf_counter() - t1
             for (item, li), feat in zip(loaded, feats):
-                w, h = li.image.size
-                layout = fx.layout(w, h)
-                boxes = layout.boxes[:feat.shape[0]]
-                meta = {"image_id": item.image_id, "index": item.index, "source": item.source,
-                        "size": [w, h], "grid": list(layout.grid), "crops": int(feat.shape[0]),
-                        "boxes": [[round(v, 3) for v in b] for b in boxes],
-                        "glyph_mask": None if li.glyph_boxes is None else
-                        glyph_mask(boxes, fx.side, li.glyph_boxes, fx.span).astype(int).tolist(),
-                        "n_glyphs": None if li.glyph_boxes is None else len(li.glyph_boxes)}
-                stored = feat.astype(cfg.dtype)
+                meta = _grid_meta(item, li, feat) if dynamic else _crop_meta(fx, item, li, feat)
+                stored = (feat.features if dynamic else feat).astype(cfg.dtype)
                 samples.append((f"s{item.index:09d}", stored, meta))
                 sums.add(str(item.image_id), stored)
         if on_images:
@@ -133,12 +129,44 @@ def extract_shard(home: str | Home, plan: ExtractPlan, index: int, items: list |
     info = {"index": index, "images": len(items), "samples": len(samples), "skipped": skipped,
             "tower_seconds": tower_seconds, "seconds": 0.0, "device": str(next(tower.parameters()).device),
             "tokens_per_crop": fx.tokens_per_crop, "feature_dim": fx.feature_dim}
+    if dynamic:  # L follows each image: the record says so instead of a fixed tokens_per_crop
+        info.update(grid="dynamic", qwen_features=fx.features)
     # The tar lands first, its record second; a shard counts as done only with both.
     written = write_shard(work / shard_name(index), samples)
     info.update(sha256=written["sha256"], bytes=written["bytes"], name=written["name"],
                 channel_sums=write_shard_sums(work, index, sums.array), seconds=time.perf_counter() - t0)
     write_shard_record(work, index, info)
     return info
+
+
+def _crop_meta(fx, item, li, feat) -> dict[str, Any]:
+    """A fixed-crop family's sample json: image size, AnyRes crop grid and boxes, per-crop glyph mask."""
+    from pipeline.extract import glyph_mask
+
+    w, h = li.image.size
+    layout = fx.layout(w, h)
+    boxes = layout.boxes[:feat.shape[0]]
+    return {"image_id": item.image_id, "index": item.index, "source": item.source,
+            "size": [w, h], "grid": list(layout.grid), "crops": int(feat.shape[0]),
+            "boxes": [[round(v, 3) for v in b] for b in boxes],
+            "glyph_mask": None if li.glyph_boxes is None else
+            glyph_mask(boxes, fx.side, li.glyph_boxes, fx.span).astype(int).tolist(),
+            "n_glyphs": None if li.glyph_boxes is None else len(li.glyph_boxes)}
+
+
+def _grid_meta(item, li, feat) -> dict[str, Any]:
+    """A dynamic-grid family's sample json (Qwen-VL): ``grid`` the (rows, cols) of merged tokens in raster order
+    (L = rows * cols), ``thw`` the tower's patch grid, one crop: the whole image, and the per-token glyph mask."""
+    from pipeline.extract import grid_glyph_mask
+
+    w, h = li.image.size
+    rows, cols = feat.grid
+    return {"image_id": item.image_id, "index": item.index, "source": item.source,
+            "size": [w, h], "grid": [rows, cols], "thw": list(feat.thw), "crops": 1, "tokens": rows * cols,
+            "boxes": [[0.0, 0.0, float(w), float(h)]],
+            "glyph_mask": None if li.glyph_boxes is None else
+            grid_glyph_mask(w, h, rows, cols, li.glyph_boxes).astype(int).tolist(),
+            "n_glyphs": None if li.glyph_boxes is None else len(li.glyph_boxes)}
 
 
 def extract(home: Home, config: ExtractConfig, model_stage: StageResult, *, force: bool = False,
@@ -209,8 +237,7 @@ def extract_manifest(work: Path, plan: ExtractPlan, records: list[dict[str, Any]
         "stage_version": EXTRACT_VERSION,
         "counts": {"images": images, "samples": samples, "skipped": len(skipped), "shards": len(records)},
         "skipped": skipped,
-        "features": {"dtype": plan.config.dtype, "tokens_per_crop": records[0]["tokens_per_crop"],
-                     "feature_dim": records[0]["feature_dim"], "layout": "crops x tokens_per_crop x feature_dim"},
+        "features": _features_entry(plan, records[0]),
         "shards": [{"name": r["name"], "count": r["samples"], "bytes": r["bytes"], "sha256": r["sha256"]}
                    for r in records],
         "seconds": seconds,
@@ -224,6 +251,17 @@ def extract_manifest(work: Path, plan: ExtractPlan, records: list[dict[str, Any]
     }
     drop_shard_records(work)
     return manifest
+
+
+def _features_entry(plan: ExtractPlan, record: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``features``: dtype, L and C for fixed crops; for a dynamic-grid family (Qwen-VL) no
+    ``tokens_per_crop`` (so the reader checks no fixed L), ``grid`` dynamic and which features were taken."""
+    if record.get("grid") == "dynamic":
+        return {"dtype": plan.config.dtype, "feature_dim": record["feature_dim"], "grid": "dynamic",
+                "qwen_features": record["qwen_features"],
+                "layout": "1 x L x feature_dim per image, L = rows x cols of its json's grid (raster order)"}
+    return {"dtype": plan.config.dtype, "tokens_per_crop": record["tokens_per_crop"],
+            "feature_dim": record["feature_dim"], "layout": "crops x tokens_per_crop x feature_dim"}
 
 
 def _warn(message: str) -> None:

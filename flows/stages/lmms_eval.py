@@ -26,7 +26,7 @@ from pipeline.evaluate import EvalConfig
 from storage.home import Home
 from storage.stages import StageResult, code_version, run_stage, stage_key, write_json_atomic
 
-from .eval import Chunk, chunk_selector, require_selector
+from .eval import Chunk, check_crops, chunk_selector, model_pixels, require_selector
 
 LMMS_EVAL_VERSION = "1"
 INSTALL = "pip install torch==2.13.0 -c constraints.txt -e '.[lmms]'"
@@ -107,6 +107,8 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
     version = require_lmms_eval()
     check_tasks(tasks)
     require_selector(cfg.strategies, selector)
+    check_crops(model, cfg)  # HiRED on a family without crops (Qwen-VL): one line, before any task runs
+    pixels = model_pixels(model)  # Qwen-VL's processor pixel limits decide every image's grid
     device, dtype = compute(cfg.device, cfg.model_dtype)
     plan = []
     for task in tasks:
@@ -116,7 +118,7 @@ def plan_lmms(model: StageResult, cfg: EvalConfig, tasks: tuple[str, ...], selec
             coords = {"task": task, "strategy": p.strategy, "retention": p.retention, "seed": p.seed, "limit": cfg.limit,
                       "budget": p.budget, **({"interpolation": True} if cfg.interpolation else {})}
             inputs = {"model": model.key, "data": fp, "compute": f"{device}-{dtype}", "lmms_eval": version,
-                      **({"selector": sha} if sha else {})}
+                      **({"selector": sha} if sha else {}), **({"pixels": pixels} if pixels else {})}
             key = stage_key("eval-lmms", LMMS_EVAL_VERSION, coords, inputs)
             files = (str(data[task]),) if data.get(task) else ()
             plan.append(Chunk(task, files, p, key, device, dtype))

@@ -12,7 +12,9 @@ What is timed (medians of ``--repeats`` interleaved rounds after ``--warmup`` ro
 
 * **prefill**: one forward of the LM (``use_cache=True``, logits of the last position)
   over the full prompt's ``inputs_embeds`` and over the pruned one at each retention
-  (same text; the kept tokens packed by the model's own ``pack_image_features``);
+  (same text; LLaVA: the kept tokens packed by the model's own ``pack_image_features``; a family with its
+  own runtime, Qwen-VL: ids with exact M-RoPE positions and the kept tokens, DeepStack included, through
+  ``mm_encoder_outputs``, ``pipeline.speed.prompt_inputs``; its speed image is 1344 x 1680 px, no crops);
 * **selector + top-k**: ``strategies.keep_mask("selector", ...)`` on every crop of the
   image in one forward (a random-init selector: its cost does not depend on weights);
 * **extraction**: the extract stage (``flows.stages.extract.extract``: rendering,
@@ -80,7 +82,13 @@ def speed_config(config: dict[str, Any], model_stage: StageResult) -> dict[str, 
     param = next(model.parameters())
     device, dtype = str(param.device), str(param.dtype).replace("torch.", "")
     ttft = config["ttft"] if config["ttft"] is not None else device.startswith("cuda")
-    return {**config, "ttft": ttft, **selector_training_config(config, device),
+    strategies = list(config.get("strategies") or [])
+    if config.get("strategies_default") and not family_of(model).has_crops:
+        # the default list is every pruner the model can run: HiRED needs crops, which Qwen-VL has none of
+        from pipeline.strategies import get
+
+        strategies = [s for s in strategies if not get(s).crops]
+    return {**config, "ttft": ttft, "strategies": strategies, **selector_training_config(config, device),
             "model_key": model_stage.key, "device": device, "dtype": dtype,
             "load": list(resolved),  # the names the model was loaded under (one load per process)
             "attn_implementation": use_sdpa(model), **torch_facts()}

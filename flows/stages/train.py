@@ -9,6 +9,12 @@ Output ``stages/train/<key>/``:
   _manifest.json
 While running, ``last-p0.25.safetensors`` / ``last-range.safetensors`` (+ .json) holds the latest resumable
 state (weights, AdamW moments, step, RNG); a killed run resumes from it.
+
+Features of a family without crops (Qwen-VL: the manifest's ``features.grid`` is ``dynamic``) train a
+dynamic-grid selector (``tokens`` null): images of different L in padded batches with their (rows, cols)
+grids (:func:`grid_stream`, read in this process), held-out metrics per image
+(``pipeline.selector_eval.held_out_grid_metrics``), and checkpoints that record ``family``, ``grid``
+dynamic and ``qwen_features``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,9 @@ import numpy as np
 
 from pipeline.config import ConfigError
 from pipeline.families import DEFAULT_FAMILY
-from pipeline.selector_eval import held_out_metrics
-from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, is_held_out,
-                            selector_from_tensors, selector_tensors, statistics_from_sums)
+from pipeline.selector_eval import held_out_grid_metrics, held_out_metrics
+from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, batched, channel_statistics, grid_batched,
+                            is_held_out, selector_from_tensors, selector_tensors, statistics_from_sums)
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
 from storage.loader import feature_loader, unwrapped
@@ -98,19 +104,78 @@ class _Resumable(Callback):
         save_checkpoint(self.path, tensors, meta)
 
 
-def _features_family(home: Home, fm: dict) -> str | None:
-    """The model family the features come from (recorded with every selector checkpoint)."""
+def _features_describe(home: Home, fm: dict) -> dict | None:
+    """The prepare-model ``describe`` of the model the features come from, or None (features from another home)."""
     from storage.stages import StageDir
 
     try:
-        describe = StageDir(home, "prepare-model", fm["inputs"]["model"]).manifest()["describe"]
-        return describe.get("family", DEFAULT_FAMILY)
+        return StageDir(home, "prepare-model", fm["inputs"]["model"]).manifest()["describe"]
     except (KeyError, OSError, ValueError, TypeError, StageError):
         return None
 
 
+def _features_family(home: Home, fm: dict) -> str | None:
+    """The model family the features come from (recorded with every selector checkpoint)."""
+    describe = _features_describe(home, fm)
+    return None if describe is None else describe.get("family", DEFAULT_FAMILY)
+
+
+def is_dynamic(fm: dict) -> bool:
+    """Are these features dynamic token grids (Qwen-VL: 1 x L x C' per image, L varying)?"""
+    return (fm.get("features") or {}).get("grid") == "dynamic"
+
+
 def _in_train_split(percent: int, image_id: str) -> bool:
     return not is_held_out(image_id, percent)
+
+
+def _split_grids(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):
+    """Dynamic-grid features: per image of the split, ``(features (L, C), glyph mask (L,) or None, (rows, cols))``."""
+    n = 0
+    for sample in iter_features(stage_dir, manifest):
+        if is_held_out(str(sample.meta.get("image_id")), percent) != held_out:
+            continue
+        glyphs = sample.meta.get("glyph_mask")
+        yield (sample.features[0], None if glyphs is None else np.asarray(glyphs[0], dtype=bool),
+               tuple(int(v) for v in sample.meta["grid"]))
+        n += 1
+        if limit is not None and n >= limit:
+            return
+
+
+def grid_stream(stage_dir: Path, manifest: dict, keep_image: Callable[[str], bool], seed: int,
+                buffer_size: int) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+    """Dynamic-grid features of the images ``keep_image`` passes, ``(features (L, C), (rows, cols))`` each,
+    shuffled and cycled forever as ``storage.shards.stream_crops`` does (shards in a seeded order per pass,
+    a seeded shuffle buffer; pass p uses seed + p), so a resumed run skips exactly the batches it used."""
+    import random
+
+    shards = list(manifest.get("shards") or [])
+    epoch = 0
+    while True:
+        rng = random.Random(seed + epoch)
+        order = shards[:]
+        rng.shuffle(order)
+        buffer: list[tuple[np.ndarray, tuple[int, int]]] = []
+        emitted = 0
+        for shard in order:
+            for sample in iter_features(stage_dir, {**manifest, "shards": [shard]}):
+                if not keep_image(str(sample.meta.get("image_id"))):
+                    continue
+                item = (sample.features[0], tuple(int(v) for v in sample.meta["grid"]))
+                if len(buffer) < buffer_size:
+                    buffer.append(item)
+                    continue
+                i = rng.randrange(buffer_size)
+                yield buffer[i]
+                emitted += 1
+                buffer[i] = item
+        rng.shuffle(buffer)
+        emitted += len(buffer)
+        yield from buffer
+        if emitted == 0:
+            raise ShardError(f"{stage_dir}: no samples pass the split filter")
+        epoch += 1
 
 
 def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):
@@ -141,7 +206,7 @@ def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool
     key = train_key(features, cfg)
     device = resolve_device(cfg.device)
     fm = features.manifest
-    tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
+    tokens, channels = fm["features"].get("tokens_per_crop"), fm["features"]["feature_dim"]
 
     def build(work: Path) -> dict[str, Any]:
         with _discard_on_failure(work):
@@ -176,14 +241,21 @@ def _crop_statistics(features: StageResult, channels: int, percent: int):
     if sums is not None and sums.shape[1] == 1 + 2 * channels:  # accumulated during extraction
         return statistics_from_sums(sums, percent)
     # extracted before the sums existed, or sums that do not fit the manifest: one pass
+    if is_dynamic(fm):
+        return channel_statistics(f[None] for f, _, _ in _split_grids(fdir, fm, False, percent))
     return channel_statistics(batched((f for f, _ in _split_crops(fdir, fm, False, percent)), 256, drop_last=False))
 
 
 def _encoder(home: Home, features: StageResult, tokens: int, channels: int) -> dict[str, Any]:
     """What every selector checkpoint records about the encoder its features come from."""
     fm = features.manifest
-    return {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"), "features_key": features.key,
-            "tokens": tokens, "channels": channels, "family": _features_family(home, fm)}
+    encoder = {"model_key": fm["inputs"]["model"], "model_dir": fm.get("model_dir"), "features_key": features.key,
+               "tokens": tokens, "channels": channels, "family": _features_family(home, fm)}
+    if is_dynamic(fm):  # Qwen-VL: which features, and the tower width eval checks against (storage.selectors)
+        describe = _features_describe(home, fm) or {}
+        encoder.update(grid="dynamic", qwen_features=fm["features"].get("qwen_features", "premerger"),
+                       tower_width=describe.get("vision_hidden"))
+    return encoder
 
 
 def _selectors(work: Path, cfg: TrainConfig, features: StageResult, encoder: dict[str, Any], statistics,
@@ -226,9 +298,14 @@ def _fit_selector(work: Path, cfg: TrainConfig, p: float | str, features: StageR
         trainer.load_state({k: v.to(device) if k.startswith("model.") else v for k, v in tensors.items()}, meta)
     # Shards are decoded in DataLoader worker processes while this one trains. The crop
     # order is a function of the seed alone: a resumed run skips the batches already used.
-    batches = unwrapped(feature_loader(Path(features.path), features.manifest, scfg.batch_size,
-                                       keep_image=functools.partial(_in_train_split, cfg.held_out_percent),
-                                       seed=scfg.seed, buffer_size=cfg.shuffle_buffer, workers=cfg.loader_workers))
+    in_train = functools.partial(_in_train_split, cfg.held_out_percent)
+    if is_dynamic(features.manifest):  # L varies per image: padded batches with their grids, read in this process
+        batches = grid_batched(grid_stream(Path(features.path), features.manifest, in_train, scfg.seed,
+                                           cfg.shuffle_buffer), scfg.batch_size)
+    else:
+        batches = unwrapped(feature_loader(Path(features.path), features.manifest, scfg.batch_size, keep_image=in_train,
+                                           seed=scfg.seed, buffer_size=cfg.shuffle_buffer,
+                                           workers=cfg.loader_workers))
     for _ in range(trainer.step):
         next(batches)
     label = f"train p in [{scfg.retention_range[0]:g}, {scfg.retention_range[1]:g}]" if is_range else f"train p={p:g}"
@@ -243,9 +320,11 @@ def _fit_selector(work: Path, cfg: TrainConfig, p: float | str, features: StageR
             batches.close()  # stops the loader's worker processes now: a failure's traceback still holds it
     trained = ({"retention": None, "retention_range": list(scfg.retention_range), "trained_on": RANGE} if is_range
                else {"retention": float(p), "trained_on": "p"})
+    grid = ({"family": encoder.get("family"), "grid": "dynamic", "qwen_features": encoder.get("qwen_features")}
+            if encoder.get("grid") == "dynamic" else {})  # a fixed-grid (LLaVA) checkpoint's meta is as it was
     save_checkpoint(work / f"{name}.safetensors", selector_tensors(model), {
         "name": name, **trained, "config": scfg.to_dict(), "tokens": tokens,
-        "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version()})
+        "channels": channels, "encoder": encoder, "steps": trainer.step, "code_version": code_version(), **grid})
     last.unlink(missing_ok=True)
     last.with_suffix(".json").unlink(missing_ok=True)
     return model
@@ -255,8 +334,9 @@ def _evaluate_held_out(work: Path, cfg: TrainConfig, features: StageResult, sele
     """Selectors vs random vs the uniform grid on up to EVAL_MAX_CROPS held-out crops, written to
     ``selector_metrics.json`` / ``.png``; the number of crops and the metric rows."""
     fdir, fm, pct = Path(features.path), features.manifest, cfg.held_out_percent
-    tokens, channels = fm["features"]["tokens_per_crop"], fm["features"]["feature_dim"]
-    held = list(_split_crops(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
+    tokens, channels = fm["features"].get("tokens_per_crop"), fm["features"]["feature_dim"]
+    dynamic = is_dynamic(fm)
+    held = list((_split_grids if dynamic else _split_crops)(fdir, fm, True, pct, limit=EVAL_MAX_CROPS))
     if not held:
         raise ConfigError(f"no held-out crops in {fdir} ({pct}% split): extract more images")
     per_p = {p: m for p, m in selectors.items() if p != RANGE}
@@ -265,11 +345,13 @@ def _evaluate_held_out(work: Path, cfg: TrainConfig, features: StageResult, sele
         variants["selector-p0.25"] = (0.25, per_p[0.25])  # the single selector trained at 0.25, at every r
     if RANGE in selectors:
         variants["selector-range"] = (RANGE, selectors[RANGE])
-    rows = held_out_metrics(per_p, held, cfg.eval_retentions, seeds=cfg.eval_seeds, variants=variants)
+    metrics = held_out_grid_metrics if dynamic else held_out_metrics
+    rows = metrics(per_p, held, cfg.eval_retentions, seeds=cfg.eval_seeds, variants=variants)
     write_json_atomic(work / "selector_metrics.json", rows)
 
-    plot_selector_metrics(rows, work / "selector_metrics.png",
-                          title=f"held-out selector metrics ({len(held)} crops, L={tokens}, C={channels})")
+    what = (f"{len(held)} images, L per image, C={channels}" if dynamic
+            else f"{len(held)} crops, L={tokens}, C={channels}")
+    plot_selector_metrics(rows, work / "selector_metrics.png", title=f"held-out selector metrics ({what})")
     return len(held), rows
 
 

@@ -51,13 +51,13 @@ class QwenInputError(UserError, ValueError):
 @dataclasses.dataclass
 class KeptImage:
     """What one pruned image sends the LLM of a Qwen model: ``embeds`` (K, D) the kept merged tokens (the
-    merger's output), ``keep`` (K,) their raster indices among the image's L merged tokens, ``grid`` its
+    merger's output), ``kept_indices`` (K,) their raster indices among the image's L merged tokens, ``grid`` its
     (t, h, w) patch grid, ``deepstack`` Qwen3-VL's (K, D) DeepStack features per layer at the same slots,
     ``extra`` (E, D) tokens that are not the image's own (VisionZip's contextual tokens), sent after the
     kept ones at the position of the image's last slot."""
 
     embeds: torch.Tensor
-    keep: torch.Tensor
+    kept_indices: torch.Tensor
     grid: tuple[int, int, int]
     deepstack: list[torch.Tensor] | None = None
     extra: torch.Tensor | None = None
@@ -74,9 +74,23 @@ def merged_grid(height: int, width: int, patch: int, merge: int, min_pixels: int
     ``smart_resize`` to multiples of ``patch x merge`` within the pixel limits, over ``patch x merge``."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+    check_shape(height, width)
     factor = patch * merge
     h, w = smart_resize(int(height), int(width), factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return h // factor, w // factor
+
+
+MAX_ASPECT = 200  # smart_resize's limit: a longer side over 200 x the shorter one raises ValueError
+
+
+def check_shape(height: int, width: int) -> None:
+    """One line for an image the stock processor cannot resize: empty, or an aspect ratio above 200."""
+    height, width = int(height), int(width)
+    if min(height, width) < 1:
+        raise QwenInputError(f"empty image ({height} x {width} pixels)")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise QwenInputError(f"image of {height} x {width} pixels: the Qwen-VL processor refuses aspect ratios above "
+                             f"{MAX_ASPECT}:1; crop or pad it first")
 
 
 def check_pixels(min_pixels: int, max_pixels: int, patch: int, merge: int, where: str = "") -> None:
@@ -108,6 +122,9 @@ class QwenFamily(Family, abc.ABC):
         "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     )
     default_patch = 14
+    # (min_pixels, max_pixels) of the hub checkpoint's preprocessor_config.json: what a processor built without
+    # limits gets, and what token counts assume for a config no processor was noted on (a meta-device model).
+    stock_pixels: tuple[int, int] = (56 * 56, 28 * 28 * 16384)
 
     # ------------------------------------------------------------- per-model differences
     @abc.abstractmethod
@@ -149,7 +166,7 @@ class QwenFamily(Family, abc.ABC):
         return Qwen2VLImageProcessorPil
 
     def processor(self, image_processor, tokenizer, image_token: str, patch_size: int, aspect: str | None = None):
-        return image_text_processor(self)(image_processor=image_processor, tokenizer=tokenizer,
+        return qwen_processor_class(self)(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=self.chat_template)
 
     def load_processor(self, model_dir):
@@ -169,7 +186,7 @@ class QwenFamily(Family, abc.ABC):
         elif (model_dir / "chat_template.json").is_file():
             template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
         template = template or getattr(tokenizer, "chat_template", None)
-        return image_text_processor(self)(image_processor=image_processor, tokenizer=tokenizer,
+        return qwen_processor_class(self)(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=template)
 
     def model_class(self):
@@ -188,25 +205,28 @@ class QwenFamily(Family, abc.ABC):
                           "vision_bos_token": VISION_START, "vision_eos_token": VISION_END}}
 
     def vision_config(self, *, hidden, intermediate, layers, heads, image_size, patch_size, projection_dim=None,
-                      hidden_act=None):
+                      hidden_act=None, **fields):
         """The tower (``out_hidden_size`` is set to the LM's width by :meth:`llava_config`);
-        ``image_size`` and ``projection_dim`` are LLaVA's and unused."""
+        ``image_size`` and ``projection_dim`` are LLaVA's and unused. ``fields`` (a sized preset's own
+        special blocks, window, position embeddings) replace :meth:`vision_kwargs`' choices."""
         vision_class = self.config_classes()[1]
-        kw = {"hidden_act": hidden_act} if hidden_act else {}
+        kw = {**self.vision_kwargs(layers), **({"hidden_act": hidden_act} if hidden_act else {}), **fields}
         return vision_class(depth=layers, hidden_size=hidden, intermediate_size=intermediate, num_heads=heads,
-                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
-                            **self.vision_kwargs(layers), **kw)
+                            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, **kw)
 
     def text_config_class(self, text_model: str):
         return self.config_classes()[2]
 
-    def text_kwargs(self, hidden: int, heads: int) -> dict[str, Any]:
-        """M-RoPE: sections of head_dim / 2 over (t, h, w), as the checkpoints' 16/24/24 of 64."""
+    def text_kwargs(self, hidden: int, heads: int, rope_theta: float = 1000000.0, mrope_section=None,
+                    **given) -> dict[str, Any]:
+        """M-RoPE: sections of head_dim / 2 over (t, h, w), as the checkpoints' 16/24/24 of 64 (a sized preset
+        gives its own ``rope_theta`` and ``mrope_section``; other ``given`` fields pass through)."""
         half = hidden // heads // 2
         t = half // 4
         h = (half - t) // 2
-        return {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                    "mrope_section": [t, h, half - t - h]}}
+        section = list(mrope_section) if mrope_section is not None else [t, h, half - t - h]
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": float(rope_theta), "mrope_section": section},
+                **given}
 
     def finish_config(self, config, tokenizer) -> None:
         ids = {"vision_start_token_id": VISION_START, "vision_end_token_id": VISION_END,
@@ -229,14 +249,11 @@ class QwenFamily(Family, abc.ABC):
                               max_pixels: int | None = None):
         """The PIL image processor with these pixel limits (``crop`` and ``pinpoints`` are LLaVA's and unused)."""
         patch = patch or self.default_patch
-        kw = {}
-        if min_pixels is not None:
-            kw["min_pixels"] = min_pixels
-        if max_pixels is not None:
-            kw["max_pixels"] = max_pixels
-        if min_pixels is not None and max_pixels is not None:
-            check_pixels(min_pixels, max_pixels, patch, 2, "image processor")
-        return self.image_processor_class()(patch_size=patch, merge_size=2, temporal_patch_size=2, **kw)
+        min_pixels = self.stock_pixels[0] if min_pixels is None else min_pixels
+        max_pixels = self.stock_pixels[1] if max_pixels is None else max_pixels
+        check_pixels(min_pixels, max_pixels, patch, 2, "image processor")
+        return self.image_processor_class()(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=min_pixels, max_pixels=max_pixels)
 
     def preset_image_processor(self, preset):
         return self.build_image_processor(0, (), patch=preset.patch_size, min_pixels=preset.min_pixels,
@@ -263,13 +280,12 @@ class QwenFamily(Family, abc.ABC):
 
     def pixel_limits(self, cfg, stock: Mapping[str, Any] | None = None) -> tuple[int, int, int]:
         """(patch, min_pixels, max_pixels): ``stock`` (:meth:`stock_config`) where given, else the config's
-        ``atr_pixels`` (set by :meth:`note_processor`), else the image processor's defaults."""
+        ``atr_pixels`` (set by :meth:`note_processor`; ``pipeline.loading`` notes the loaded processor), else the
+        hub checkpoint's (:attr:`stock_pixels`)."""
         patch = cfg.vision_config.patch_size
         got = dict(stock or {}) or dict(getattr(cfg, "atr_pixels", None) or {})
         if not got:
-            proc = self.image_processor_class()
-            size = dict(proc.size)
-            got = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+            got = {"min_pixels": self.stock_pixels[0], "max_pixels": self.stock_pixels[1]}
         return patch, int(got["min_pixels"]), int(got["max_pixels"])
 
     def visual_tokens(self, cfg, image_size: tuple[int, int], aspect: str | None = None,
@@ -316,6 +332,9 @@ class QwenFamily(Family, abc.ABC):
         """The tower alone (``model.model.visual``), built from ``cfg.vision_config`` as the model builds it."""
         return self.tower_class()._from_config(cfg.vision_config)
 
+    def tower_of(self, model):
+        return model.model.visual
+
     @staticmethod
     def visual_module(model):
         """The tower of a whole model (``model.model.visual``) or of a tower-only load (``VisionTower``)."""
@@ -325,10 +344,18 @@ class QwenFamily(Family, abc.ABC):
     # ------------------------------------------------------------- pruned inference (pipeline.prune dispatches here)
 
     def _check_images(self, images) -> None:
+        """PIL images of any mode (the processor converts them to RGB, CMYK JPEGs included); a list or
+        4-D array of frames is a video, refused in one line, as is anything else."""
+        from PIL import Image
+
         for image in images:
-            if not hasattr(image, "size") or getattr(image, "mode", "RGB") not in ("RGB", "L", "RGBA", "P"):
-                raise QwenInputError(f"{self.label} takes still images (PIL); got {type(image).__name__}: "
-                                     f"videos are not supported by the pruning harness")
+            if isinstance(image, Image.Image):
+                check_shape(image.height, image.width)
+                continue
+            if isinstance(image, (list, tuple)) or len(getattr(image, "shape", ())) == 4:
+                raise QwenInputError(f"videos are not supported: the {self.label} pruning harness takes still "
+                                     f"images only (got frames: {type(image).__name__})")
+            raise QwenInputError(f"{self.label} takes PIL images; got {type(image).__name__}")
 
     def encode_images(self, model, processor, images: Sequence[Any], attention: bool = False, embeds: bool = False,
                       embeds_layer: int | None = None) -> list:
@@ -336,12 +363,12 @@ class QwenFamily(Family, abc.ABC):
         all True, ``grid`` (t, h, w), Qwen3-VL's ``deepstack`` and, with ``attention``, VisionZip's CLS-free
         score (the mean attention each merged token's patches receive in :meth:`attention_block`, a full-
         attention block) and keys (mean over heads and the token's four patches)."""
-        from ..prune import ImageFeatures
+        from ..visual import ImageFeatures
 
         if embeds:
-            raise QwenInputError(f"CDPruner's text relevance reads a CLIP tower's post-norm states, which "
-                                 f"{self.label} has none of: run cdpruner without --text-encoder (its DPP on the "
-                                 f"merged tokens)")
+            raise QwenInputError(f"a text encoder's relevance reads a CLIP tower's post-norm states, which "
+                                 f"{self.label} has none of: run without --text-encoder (the unconditioned DPP on "
+                                 f"the merged tokens)")
         self._check_images(images)
         self.note_processor(model, processor)
         visual = self.visual_module(model)
@@ -427,8 +454,8 @@ class QwenFamily(Family, abc.ABC):
                                                                           device=device), 0)
 
     def base_regions(self, model, crops: int, tokens: int, image_size) -> torch.Tensor:
-        raise QwenInputError(f"strategy 'hired' needs AnyRes crops (a base crop and a grid to split its budget "
-                             f"over); {self.label} has none: use visionzip, divprune, cdpruner or the selector")
+        raise QwenInputError(f"this strategy needs AnyRes crops (a base crop and a grid to split its budget "
+                             f"over); {self.label} has none: use a strategy that does not need crops")
 
     def visual_embeddings(self, model, image, keep_mask: torch.Tensor | None = None,
                           extra: torch.Tensor | None = None) -> KeptImage:
@@ -436,26 +463,79 @@ class QwenFamily(Family, abc.ABC):
         feats = image.features
         tokens = feats.shape[1]
         if keep_mask is None:
-            keep = torch.arange(tokens, device=feats.device)
+            kept_indices = torch.arange(tokens, device=feats.device)
         else:
             if keep_mask.shape != feats.shape[:2]:
-                raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} does not match features "
+                raise ValueError(f"kept_indices mask shape {tuple(keep_mask.shape)} does not match features "
                                  f"{tuple(feats.shape[:2])}")
-            keep = keep_mask.to(feats.device)[0].nonzero()[:, 0]
-        embeds = self.project(model, feats[:, keep])[0]
+            kept_indices = keep_mask.to(feats.device)[0].nonzero()[:, 0]
+        embeds = self.project(model, feats[:, kept_indices])[0]
         stacks = getattr(image, "deepstack", None)
-        deep = None if stacks is None else [s.to(feats.device)[keep] for s in stacks]
+        deep = None if stacks is None else [s.to(feats.device)[kept_indices] for s in stacks]
         more = None
         if extra is not None and extra.shape[0]:
             more = self.project(model, extra.to(feats.device, feats.dtype)[None])[0].to(embeds.dtype)
-        return KeptImage(embeds, keep, image.grid, deep, more)
+        return KeptImage(embeds, kept_indices, image.grid, deep, more)
 
-    def generate_ids(self, model, processor, prompts: Sequence[str], visual, max_new_tokens: int = 16,
-                     streamer=None, stats: dict[str, int] | None = None) -> torch.Tensor:
-        """(batch, new tokens) greedy ids: each prompt's image placeholders expanded to the unpruned image's
-        slots, M-RoPE positions from ``get_rope_index`` on that, then only the kept slots, left-padded, with
-        the kept features through ``mm_encoder_outputs``."""
-        from ..prune import prompt_segments
+    def train_forward(self, model, prompts: Sequence[Sequence[torch.Tensor]], visual: Sequence[KeptImage],
+                      answers: Sequence[torch.Tensor], pad_token_id: int = 0):
+        """Teacher-forced forward of one-image prompts with their answers, loss on the answer ids: what
+        :meth:`generate_ids` feeds ``generate``, made differentiable (the tiny world's instruction tuning).
+
+        ``prompts[i]`` is the (before, after) id segments around the image placeholder; ``visual[i]`` the
+        image's kept tokens. As in :meth:`generate_ids`: the placeholder becomes the unpruned image's slots,
+        M-RoPE positions come from ``get_rope_index`` on the whole unpruned sequence (prompt and answer),
+        only kept slots stay, rows are left-padded, ``position_ids`` (4, B, L) has the mask's cumsum as row 0
+        and the kept features go in through ``mm_encoder_outputs``. Returns the model's output (``.loss``)."""
+        cfg = model.config
+        image_id = cfg.image_token_id
+        device = model.get_input_embeddings().weight.device
+        unit = cfg.vision_config.spatial_merge_size ** 2
+        rows, positions, targets, embeds, deeps = [], [], [], [], []
+        for (before, after), img, answer in zip(prompts, visual, answers, strict=True):
+            t, h, w = img.grid
+            slots = t * h * w // unit
+            kept = torch.zeros(slots, dtype=torch.bool)
+            kept[img.kept_indices.cpu()] = True
+            answer = answer.cpu().long()
+            text = torch.cat([after.cpu(), answer])
+            ids = torch.cat([before.cpu(), torch.full((slots,), image_id, dtype=torch.long), text])
+            kinds = torch.cat([torch.zeros(len(before), dtype=torch.long), torch.ones(slots, dtype=torch.long),
+                               torch.zeros(len(text), dtype=torch.long)])
+            slot_kept = torch.cat([torch.ones(len(before), dtype=torch.bool), kept, torch.ones(len(text), dtype=torch.bool)])
+            labels = torch.cat([torch.full((len(ids) - len(answer),), -100, dtype=torch.long), answer])
+            pos, _ = model.model.get_rope_index(ids[None].to(device), kinds[None].to(device),
+                                                image_grid_thw=torch.tensor([[t, h, w]], device=device))
+            rows.append(ids[slot_kept])
+            positions.append(pos[:, 0].cpu()[:, slot_kept])
+            targets.append(labels[slot_kept])
+            embeds.append(img.embeds.to(device))
+            if img.deepstack is not None:
+                deeps.append(img.deepstack)
+        width = max(len(r) for r in rows)
+        batch = len(rows)
+        input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+        label_ids = torch.full((batch, width), -100, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        rope = torch.zeros(3, batch, width, dtype=torch.long)
+        for i, (r, p, y) in enumerate(zip(rows, positions, targets)):
+            input_ids[i, width - len(r):], label_ids[i, width - len(r):] = r, y
+            mask[i, width - len(r):] = 1
+            rope[:, i, width - len(r):] = p
+        position_ids = torch.cat([((mask.cumsum(-1) - 1).clamp(min=0))[None], rope]).to(device)
+        if deeps and len(deeps) != len(embeds):
+            raise ValueError("every image of a batch needs its DeepStack features, or none does")
+        stacks = [[d[layer].to(device) for d in deeps] for layer in range(len(deeps[0]))] if deeps else None
+        return model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids,
+                     mm_encoder_outputs={"image": self.encoder_output(embeds, stacks)}, labels=label_ids.to(device))
+
+    def prompt_inputs(self, model, processor, prompts: Sequence[str], visual,
+                      stats: dict[str, int] | None = None) -> dict[str, Any]:
+        """The model inputs of pruned prompts (what :meth:`generate_ids` hands ``generate``, and what one prefill
+        forward takes): ``input_ids``, ``attention_mask``, ``position_ids`` (4, B, L) and, with images,
+        ``mm_encoder_outputs``. Each prompt's image placeholders are expanded to the unpruned image's slots,
+        M-RoPE positions come from ``get_rope_index`` on that, then only the kept slots stay, left-padded."""
+        from ..visual import prompt_segments
 
         tok = processor.tokenizer
         cfg = model.config
@@ -474,18 +554,23 @@ class QwenFamily(Family, abc.ABC):
                 rows.append(ids)
                 positions.append(torch.arange(len(ids)).expand(3, -1))
                 continue
-            full, types, keep = [segments[0]], [torch.zeros(len(segments[0]), dtype=torch.long)], \
+            full, types, slot_kept = [segments[0]], [torch.zeros(len(segments[0]), dtype=torch.long)], \
                 [torch.ones(len(segments[0]), dtype=torch.bool)]
             for k, seg in enumerate(segments[1:]):
                 img = images[k]
                 t, h, w = img.grid
                 slots = t * h * w // cfg.vision_config.spatial_merge_size ** 2
                 kept = torch.zeros(slots, dtype=torch.bool)
-                kept[img.keep.cpu()] = True
+                order = img.kept_indices.cpu()
+                if len(order) != len(img.embeds) or bool((order[1:] <= order[:-1]).any()) or \
+                        (len(order) and not 0 <= int(order[0]) <= int(order[-1]) < slots):
+                    raise ValueError(f"KeptImage.kept_indices must be {len(img.embeds)} increasing slot indices in "
+                                     f"[0, {slots}) (the embeds' raster order), got {order.tolist()[:8]}...")
+                kept[order] = True
                 full += [torch.full((slots,), image_id, dtype=torch.long), seg]
                 types += [torch.ones(slots, dtype=torch.long), torch.zeros(len(seg), dtype=torch.long)]
-                keep += [kept, torch.ones(len(seg), dtype=torch.bool)]
-            ids, kinds, kept_slots = torch.cat(full), torch.cat(types), torch.cat(keep)
+                slot_kept += [kept, torch.ones(len(seg), dtype=torch.bool)]
+            ids, kinds, kept_slots = torch.cat(full), torch.cat(types), torch.cat(slot_kept)
             grid = torch.tensor([list(img.grid) for img in images], dtype=torch.long)
             pos, _ = inner.get_rope_index(ids[None].to(device), kinds[None].to(device), image_grid_thw=grid.to(device))
             pos = pos[:, 0].cpu()
@@ -505,7 +590,7 @@ class QwenFamily(Family, abc.ABC):
             stats["padding"] = stats.get("padding", 0) + sum(width - len(r) for r in rows)
             stats["positions"] = stats.get("positions", 0) + width * len(rows)
         batch = len(rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        pad, eos = stop_ids(model, tok)
         input_ids = torch.full((batch, width), pad, dtype=torch.long)
         mask = torch.zeros(batch, width, dtype=torch.long)
         rope = torch.zeros(3, batch, width, dtype=torch.long)
@@ -515,18 +600,44 @@ class QwenFamily(Family, abc.ABC):
             rope[:, i, width - len(r):] = p
         text = (mask.cumsum(-1) - 1).clamp(min=0)
         position_ids = torch.cat([text[None], rope]).to(device)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                                  "position_ids": position_ids}
         if embeds:
             pooled = [e.to(device) for e in embeds]
             if deeps and len(deeps) != len(embeds):
                 raise ValueError("every image of a batch needs its DeepStack features, or none does")
             stacks = [[d[layer].to(device) for d in deeps] for layer in range(len(deeps[0]))] if deeps else None
             kwargs["mm_encoder_outputs"] = {"image": self.encoder_output(pooled, stacks)}
-        result = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                position_ids=position_ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, streamer=streamer,
-                                **kwargs)
-        return result[:, width:]
+        return kwargs
+
+    def generate_ids(self, model, processor, prompts: Sequence[str], visual, max_new_tokens: int = 16,
+                     streamer=None, stats: dict[str, int] | None = None) -> torch.Tensor:
+        """(batch, new tokens) greedy ids: ``generate`` on :meth:`prompt_inputs` (the kept features through
+        ``mm_encoder_outputs``, exact M-RoPE positions)."""
+        kwargs = self.prompt_inputs(model, processor, prompts, visual, stats)
+        pad, eos = stop_ids(model, processor.tokenizer)
+        result = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=pad, eos_token_id=eos, streamer=streamer)
+        return result[:, kwargs["input_ids"].shape[1]:]
+
+
+def stop_ids(model, tokenizer) -> tuple[int, list[int] | None]:
+    """(pad id, eos ids) for ``generate``: the model's ``generation_config`` eos ids (the hub checkpoints stop on
+    ``<|im_end|>`` *and* ``<|endoftext|>``; stock ``generate`` uses both, the tokenizer names only one) plus the
+    tokenizer's; pad is the tokenizer's, else the generation config's, else the first eos, else 0 (a hub
+    tokenizer may have no pad token: padding is masked, so any id serves)."""
+    gen = getattr(model, "generation_config", None)
+    eos: list[int] = []
+    for got in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        for i in ([got] if isinstance(got, int) else list(got or [])):
+            if i not in eos:
+                eos.append(int(i))
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = getattr(gen, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return int(pad), (eos or None)
 
 
 def _insert_extra(ids, pos, kinds, kept_slots, images, image_id):
@@ -560,7 +671,7 @@ def _insert_extra(ids, pos, kinds, kept_slots, images, image_id):
 _PROCESSORS: dict[str, Any] = {}
 
 
-def image_text_processor(family: QwenFamily):
+def qwen_processor_class(family: QwenFamily):
     """The family's stock processor for images and text only: without the video processor (which needs
     torchvision and, missing, breaks construction). ``videos=`` is refused in one line instead of being
     silently ignored. It saves the stock layout, so a saved dir loads with ``AutoProcessor`` wherever
@@ -599,5 +710,5 @@ def image_text_processor(family: QwenFamily):
     return _PROCESSORS[family.name]
 
 
-__all__ = ["QwenFamily", "KeptImage", "QwenInputError", "merged_grid", "check_pixels", "image_text_processor",
-           "IMAGE_TOKEN"]
+__all__ = ["QwenFamily", "KeptImage", "QwenInputError", "merged_grid", "check_pixels", "check_shape",
+           "qwen_processor_class", "IMAGE_TOKEN", "stop_ids"]

@@ -68,7 +68,9 @@ class Family(abc.ABC):
     # False: pruned inference is ``pipeline.prune``'s LLaVA code (crops, packing, spliced ``inputs_embeds``).
     # True: the family brings its own (``encode_images``, ``visual_embeddings``, ``project``, ``valid_tokens``,
     # ``packing_layout``, ``base_regions``, ``generate_ids`` with ``pipeline.prune``'s signatures, which
-    # dispatch to them): Qwen-VL's dynamic grids, M-RoPE positions and DeepStack.
+    # dispatch to them; and ``prompt_inputs``, the model inputs of pruned prompts that ``generate_ids`` hands
+    # ``generate``, which ``atr speed`` times one prefill forward of): Qwen-VL's dynamic grids, M-RoPE positions
+    # and DeepStack.
     own_runtime = False
 
     # ------------------------------------------------------------- classes
@@ -102,6 +104,10 @@ class Family(abc.ABC):
 
         return AutoModel.from_config(cfg.vision_config)
 
+    def tower_of(self, model):
+        """The vision tower module of a whole model (the one :meth:`build_vision_tower` builds alone)."""
+        return model.model.vision_tower
+
     # ------------------------------------------------------------- tiny and sized presets (pipeline.builders)
     @property
     @abc.abstractmethod
@@ -122,8 +128,11 @@ class Family(abc.ABC):
 
     @abc.abstractmethod
     def vision_config(self, *, hidden: int, intermediate: int, layers: int, heads: int, image_size: int,
-                      patch_size: int, projection_dim: int | None = None, hidden_act: str | None = None):
-        """The vision tower's config with these dimensions."""
+                      patch_size: int, projection_dim: int | None = None, hidden_act: str | None = None,
+                      **fields: Any):
+        """The vision tower's config with these dimensions. ``fields``: further fields of the tower's config that
+        a sized preset records (``SizedPreset.vision_fields``: Qwen2.5-VL's full-attention blocks and window,
+        Qwen3-VL's DeepStack blocks); a family without such fields takes none."""
 
     def text_config_class(self, text_model: str):
         """The config class of an LM (``llama``, ``mistral``, ``qwen2``)."""
@@ -131,8 +140,10 @@ class Family(abc.ABC):
 
         return {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text_model]
 
-    def text_kwargs(self, hidden: int, heads: int) -> dict[str, Any]:
-        """Family-specific LM config fields of a preset with this width and head count (Qwen-VL: M-RoPE)."""
+    def text_kwargs(self, hidden: int, heads: int, **given: Any) -> dict[str, Any]:
+        """Family-specific LM config fields of a preset with this width and head count (Qwen-VL: M-RoPE).
+        ``given``: a sized preset's own values of them (``SizedPreset.text_fields``; Qwen-VL: ``rope_theta``,
+        ``mrope_section``), which replace the ones derived from the width."""
         return {}
 
     def finish_config(self, config, tokenizer) -> None:

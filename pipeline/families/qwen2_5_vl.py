@@ -21,6 +21,7 @@ class Qwen25VL(QwenFamily):
     label = "Qwen2.5-VL"
     model_type = "qwen2_5_vl"
     default_patch = 14
+    stock_pixels = (56 * 56, 28 * 28 * 16384)  # Qwen/Qwen2.5-VL-7B-Instruct: min_pixels 3136, max_pixels 12845056
     can_interpolate = False
     multi_image_anyres = True   # each image of a several-image prompt gets its own dynamic grid
     has_crops = False
@@ -54,11 +55,12 @@ class Qwen25VL(QwenFamily):
         return {"fullatt_block_indexes": [i for i in range(layers) if i % 4 == 3 or i == layers - 1]}
 
     def vision_config(self, *, hidden, intermediate, layers, heads, image_size, patch_size, projection_dim=None,
-                      hidden_act=None):
-        """Windows of 4 x 4 merged tokens, as the 7B's 112 px of 14-px patches."""
+                      hidden_act=None, **fields):
+        """Windows of 4 x 4 merged tokens, as the 7B's 112 px of 14-px patches (unless ``fields`` gives one)."""
         vision = super().vision_config(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
-                                       image_size=image_size, patch_size=patch_size, hidden_act=hidden_act)
-        vision.window_size = patch_size * vision.spatial_merge_size * 4
+                                       image_size=image_size, patch_size=patch_size, hidden_act=hidden_act, **fields)
+        if "window_size" not in fields:
+            vision.window_size = patch_size * vision.spatial_merge_size * 4
         return vision
 
     def attention_block(self, cfg) -> int:

@@ -20,6 +20,7 @@ class Qwen3VL(QwenFamily):
     label = "Qwen3-VL"
     model_type = "qwen3_vl"
     default_patch = 16
+    stock_pixels = (64 * 32 * 32, 16384 * 32 * 32)  # Qwen/Qwen3-VL-8B-Instruct: shortest/longest_edge 65536/16777216
     can_interpolate = False
     multi_image_anyres = True   # each image of a several-image prompt gets its own dynamic grid
     has_crops = False
@@ -52,8 +53,8 @@ class Qwen3VL(QwenFamily):
         picks = sorted({max(0, round(layers * f) - 1) for f in (1 / 3, 2 / 3, 0.9)})
         return {"deepstack_visual_indexes": picks}
 
-    def text_kwargs(self, hidden: int, heads: int) -> dict:
-        out = super().text_kwargs(hidden, heads)
+    def text_kwargs(self, hidden: int, heads: int, **given) -> dict:
+        out = super().text_kwargs(hidden, heads, **given)
         out["rope_parameters"]["mrope_interleaved"] = True
         out["head_dim"] = hidden // heads
         return out

@@ -71,15 +71,59 @@ def _keep_probability(selector, features: torch.Tensor) -> torch.Tensor:
     return selector.keep_probability(features, (rng[0] + rng[1]) / 2 if rng else None)
 
 
+def _grid_scores(selector, reqs: list[Request], adaptive: bool) -> list[torch.Tensor]:
+    """A dynamic-grid selector (Qwen-VL: one crop per image, L varying): one forward over the images padded
+    to the longest, each with its own (rows, cols) (``Context.grid``) and the key-padding mask, so each image
+    gets the scores it gets alone; per image (1, L_i). A selector trained on the merger's output
+    (``feature_kind`` merged) reads ``Context.projected`` where given (eval), else the features as they
+    come (already merged: the train stage's held-out images)."""
+    from ..config import ConfigError
+    from ..selector import pad_grids
+
+    merged = getattr(selector, "feature_kind", None) == "merged"
+    feats, grids = [], []
+    for r in reqs:
+        if r.features.shape[0] != 1:
+            raise ConfigError(f"a dynamic-grid selector takes one token grid per image, got {r.features.shape[0]} "
+                              f"crops: it was trained on a family without crops (Qwen-VL)")
+        grid = r.context.grid
+        if grid is None:
+            raise ConfigError("strategy 'selector' with a dynamic-grid selector needs each image's token grid "
+                              "(rows, cols): encode the image with a family without crops (Qwen-VL)")
+        # merged: eval passes the merger's output as ``projected`` beside the pre-merger features; features
+        # extracted as merged (the train stage's held-out crops) come as the features themselves
+        x = r.context.projected if merged and r.context.projected is not None else r.features
+        if x.shape[-1] != selector.channels:
+            what = "the merger's output" if merged else "pre-merger groups"
+            raise ConfigError(f"this selector was trained on {what} of width {selector.channels}; these features "
+                              f"have width {x.shape[-1]}" + (" (pass the merger's output as projected)" if merged
+                                                            else ""))
+        feats.append(x[0].float())
+        grids.append(tuple(int(v) for v in grid))
+    x, lengths = pad_grids(feats)
+    x = x.to(reqs[0].features.device)
+    grid = torch.tensor(grids, device=x.device)
+    if adaptive:
+        rng = selector.cfg.retention_range
+        scores = selector.keep_probability(x, (rng[0] + rng[1]) / 2 if rng else None, grid)
+    else:
+        scores = selector.keep_logits(x, grid)
+    return [scores[i:i + 1, :int(n)] for i, n in enumerate(lengths)]
+
+
 def _selector_batch(reqs: list[Request]) -> list[torch.Tensor]:
     """One selector forward over all crops of all images (it attends within each crop, so every image
     gets the mask it gets alone)."""
     selector = reqs[0].need("selector")
-    x = torch.cat([r.features for r in reqs]).float()
     adaptive = reqs[0].adaptive
-    scores = _keep_probability(selector, x) if adaptive else selector.keep_logits(x)
+    if getattr(selector, "dynamic", False):
+        per_image = _grid_scores(selector, reqs, adaptive)
+    else:
+        x = torch.cat([r.features for r in reqs]).float()
+        scores = _keep_probability(selector, x) if adaptive else selector.keep_logits(x)
+        per_image = torch.split(scores, [r.features.shape[0] for r in reqs])
     out = []
-    for r, s in zip(reqs, torch.split(scores, [r.features.shape[0] for r in reqs]), strict=True):
+    for r, s in zip(reqs, per_image, strict=True):
         if adaptive:  # the whole image's tokens compete; with allocation=grid only the grid crops'
             grid = _grid_valid(r.valid) if r.options.get("allocation") == "grid" else None
             out.append(r.keep_by_probability(s, grid))
@@ -110,7 +154,8 @@ def _grid_valid(valid: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([torch.zeros_like(valid[:1]), valid[1:]])
 
 
-@strategy("selector", needs=("selector",), batch=_selector_batch, style=("tab:red", "o"), rank=3, adaptive=True,
+@strategy("selector", needs=("selector",), uses=("grid",), batch=_selector_batch, style=("tab:red", "o"), rank=3,
+          adaptive=True,
           params={"variant": "nearest", "allocation": "crop", "calibration": "none"},
           choices={"allocation": ALLOCATIONS, "calibration": CALIBRATIONS}, check=_check_selector,
           help="the paper's trained selector: top-k by keep-logit (needs --selector); options: variant "
@@ -129,5 +174,8 @@ def selector(req: Request) -> torch.Tensor:
     ``calibration`` (:func:`calibrated`) makes logits comparable across crops first. Under the threshold
     budget it keeps the tokens whose keep probability (the Gumbel head's own decision) passes the
     threshold, between the floor and the cap, over the whole image (``allocation=grid``: over its grid
-    crops; ``calibration`` does not apply: probabilities are compared as the head gives them)."""
+    crops; ``calibration`` does not apply: probabilities are compared as the head gives them).
+
+    On a family without crops (Qwen-VL) ``per-crop`` means the whole image: a dynamic-grid selector scores
+    the image's L merged tokens (1, L) from its pre-merger groups and its (rows, cols) grid."""
     return _selector_batch([req])[0]

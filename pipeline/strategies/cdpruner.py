@@ -31,7 +31,10 @@ def cdpruner(projected: torch.Tensor, relevance: torch.Tensor | None, retention:
     (B = crops) with each crop's budget; ``--budget global`` runs one DPP over the whole image with
     K (:func:`image_budget`). ``relevance=None`` is the unconditioned DPP (their DPPruner ablation):
     L = S. What differs: only valid tokens are candidates and newlines follow the kept rows (their
-    NeXT code turns off unpadding and newlines: fixed 672x672, ``_unpad`` stripped).
+    NeXT code turns off unpadding and newlines: fixed 672x672, ``_unpad`` stripped). On Qwen-VL the
+    kernel is over the merger's output (the merged tokens the LLM sees) of the whole image, one crop;
+    its relevance needs a CLIP tower's post-norm states, which Qwen has none of, so only the
+    unconditioned DPP runs there (``--text-encoder`` is refused in one line).
 
     Memory: a DPP over more than ``dense_limit`` kernel elements (a whole OneVision page under
     ``--budget global``) never builds its (N, N) kernel: the greedy reads one kernel row per pick,

@@ -49,7 +49,7 @@ ENTRY_POINT_GROUP = "atr.strategies"
 # What a strategy may need (the fields of Context) and where eval gets each one (pipeline.evaluate).
 TOWER_FIELDS = ("cls_attention", "early_attention", "keys", "cls_tokens")  # the tower computes these with attention
 MODEL_FIELDS = ("regions", "projected")                                   # computed from the model per image
-NEEDS = ("selector", "generator", "relevance", *TOWER_FIELDS, *MODEL_FIELDS)
+NEEDS = ("selector", "generator", "relevance", "grid", *TOWER_FIELDS, *MODEL_FIELDS)
 DEFAULT_STYLES = (("tab:pink", "h"), ("tab:green", "p"), ("black", "d"), ("tab:olive", "<"), ("tab:gray", ">"))
 
 
@@ -66,6 +66,7 @@ class Context:
     projected: torch.Tensor | None = None  # (crops, L, D) the projector's output: LLM-space tokens
     relevance: torch.Tensor | None = None  # (crops, L) relevance of each token to the question (cdpruner)
     cls_tokens: torch.Tensor | None = None  # (crops, C) the feature layer's CLS token per crop (visionzip)
+    grid: tuple[int, int] | None = None  # a dynamic-grid family (Qwen-VL): the image's (rows, cols) of tokens
 
 
 @dataclass
@@ -152,6 +153,8 @@ class Strategy:
     batch: Callable[[list[Request]], list[Any]] | None = None  # many images at once (selector)
     adaptive: bool = False            # takes the threshold budget (has a keep probability per token)
     files: tuple[str, ...] = ()       # options whose value names a file: eval keys hold the file's sha256
+    crops: bool = False               # needs AnyRes crops (a base crop and a grid): refused on a family without
+                                      # them (``Family.has_crops`` False: Qwen-VL), see :func:`check_family`
     check: Callable[[Mapping[str, Any]], None] | None = None  # validates resolved options (one ConfigError line)
     help: str = ""
     rank: float = 100.0               # listing order (built-ins first)
@@ -334,6 +337,21 @@ def seeded(name: str) -> bool:
 def peers() -> tuple[str, ...]:
     """The published pruners."""
     return tuple(n for n, s in load().items() if s.peer)
+
+
+def check_family(strategies: Sequence[str], family) -> None:
+    """One line for a strategy the model's ``family`` cannot run: one that needs AnyRes crops
+    (``Strategy.crops``: HiRED) on a family without them (``family.has_crops`` False: Qwen-VL, whose
+    image is one dynamic-resolution grid). Asked up front (eval planning, the lmms-eval plugin, ``atr
+    mask``), before any tower pass."""
+    for name in strategies:
+        spec = get(name)
+        if spec.crops and not getattr(family, "has_crops", True):
+            able = ", ".join(n for n, s in load().items() if s.prunes and not s.crops and "selector" not in s.needs
+                             and not s.files)
+            raise ConfigError(f"strategy {name!r} needs AnyRes crops (a base crop and a grid to split its budget "
+                              f"over); {family.label} has none (one dynamic-resolution image): use {able} or "
+                              f"the selector")
 
 
 def check_strategy(name: str) -> str:
@@ -593,7 +611,7 @@ def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: 
 
 __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Request", "Strategy", "Batch",
            "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
-           "prunes", "seeded", "peers", "check_strategy", "check_budget", "style", "label", "tower_outputs",
+           "prunes", "seeded", "peers", "check_family", "check_strategy", "check_budget", "style", "label", "tower_outputs",
            "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "stock_budget",
            "stock_request", "top_k", "adaptive_keep", "check_threshold", "variant_text", "FIXED_BUDGETS", "Threshold"]

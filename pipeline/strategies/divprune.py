@@ -44,7 +44,8 @@ def divprune(projected: torch.Tensor, retention: float, budget: str, valid: torc
     diversity puts it. What differs: the reference prunes the packed sequence (after LLaVA-NeXT's
     unpadding, so padding is never a candidate there either, but with the row newlines among the
     candidates); here the candidates are the image's valid encoder tokens, and row newlines follow the
-    kept rows as for every strategy. Memory: O(N) per pick beyond the features
+    kept rows as for every strategy. On Qwen-VL the projected tokens are the merger's output (the merged
+    tokens the LLM sees, at its width) of the whole image, which is one crop. Memory: O(N) per pick beyond the features
     (:func:`_max_min`); ``dense_limit`` is the distance-matrix size up to which it is built whole."""
     crops, tokens = projected.shape[:2]
     k = torch.tensor([image_budget(valid, retention, budget)], device=projected.device)

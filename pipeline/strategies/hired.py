@@ -9,8 +9,9 @@ from .core import Request, image_budget, strategy, top_k
 HIRED_ALPHA = 0.5  # HiRED's share of the budget for the base (full-image) crop
 
 
-@strategy("hired", needs=("cls_attention", "early_attention"), uses=("regions",), version="1", label="HiRED",
-          peer="Arif et al., AAAI 2025", style=("tab:olive", "P"), rank=7, params={"alpha": HIRED_ALPHA},
+# crops: HiRED splits its budget between a base crop and a grid, so a family without crops (Qwen-VL) refuses it
+@strategy("hired", needs=("cls_attention", "early_attention"), uses=("regions",), crops=True, version="1",
+          label="HiRED", peer="Arif et al., AAAI 2025", style=("tab:olive", "P"), rank=7, params={"alpha": HIRED_ALPHA},
           help="HiRED: the base crop gets alpha of the budget, layer-0 CLS attention splits the rest across crops")
 def _hired(req: Request) -> torch.Tensor:
     return hired(req.need("cls_attention"), req.need("early_attention"), req.context.regions, req.retention,

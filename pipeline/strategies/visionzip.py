@@ -79,6 +79,16 @@ def visionzip(features: torch.Tensor, cls_attention: torch.Tensor, keys: torch.T
     * Only valid tokens are candidates (padding the unpadding drops is neither kept nor merged);
       ``--budget global`` runs the same over the whole image (VisionZip itself is per crop).
 
+    On Qwen2.5-VL / Qwen3-VL (no CLS, no crops; docs/peers.md, "The peers on Qwen"): ``cls_attention`` is
+    the CLS-free score, the mean attention each merged token's four patches *receive* in one full-attention
+    tower block (``Family.attention_block``: Qwen2.5-VL's last ``fullatt_block_indexes`` block, Qwen3-VL's
+    last block), ``keys`` that block's keys (mean over heads and the four patches), ``cls_tokens`` None (all d
+    dominant tokens are merged tokens), and the image is one crop, so per-crop and global agree. The
+    contextual tokens are merged from the pre-merger features (each merged token's four patch states, the
+    encoder output VisionZip merges) and go through the merger as the kept ones do; the LLM gets them after
+    the kept tokens at the position of the image's last slot (``_qwen.generate_ids``), with no DeepStack
+    feature of their own (zeros: Qwen3-VL adds nothing at their slots).
+
     ``options``: the ablation switches ``merge`` (see :func:`_contextual`) and ``split``."""
     options = dict(options or {})
     crops, tokens = features.shape[:2]
