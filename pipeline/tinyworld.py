@@ -418,6 +418,25 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
         feats = [tower_features(model, d.pixels) for d in data]
     valid = [valid_tokens(model, f.shape[0], f.shape[1], d.image_size) for f, d in zip(feats, data)]
     items = list(zip(feats, data, valid))
+
+    def step_loss(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
+        batch = [items[i] for i in idx]
+        keep_masks = [_sample_keep_mask(f, e, v, config, gen) for f, e, v in batch]
+        embeds, mask, labels = _batch(model, [(f, e) for f, e, _ in batch], keep_masks)
+        return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    stats = _fit(model, config, step_loss, progress)
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    return stats
+
+
+def _fit(model, config: TinyWorldConfig, step_loss: Callable[[torch.Generator], torch.Tensor],
+         progress: Progress | None = None) -> dict:
+    """The LM phase's loop, shared by every family: AdamW over the trainable parameters (no decay on biases
+    and norms), warmup + cosine lr, ``step_loss(generator)`` per step (the generator, seeded by ``seed + 1``,
+    draws the batch and its pruning), clipping at 1, an EMA of the loss for progress; the model ends in eval."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -430,11 +449,7 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
     for step in range(config.steps):
         for g in opt.param_groups:
             g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
-        idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
-        batch = [items[i] for i in idx]
-        keep_masks = [_sample_keep_mask(f, e, v, config, gen) for f, e, v in batch]
-        embeds, mask, labels = _batch(model, [(f, e) for f, e, _ in batch], keep_masks)
-        loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        loss = step_loss(gen)
         if not torch.isfinite(loss):
             raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
         opt.zero_grad(set_to_none=True)
@@ -447,8 +462,6 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
         if progress:
             progress("lm", step + 1, config.steps, stats)
     model.eval()
-    for p in tower.parameters():
-        p.requires_grad_(True)
     return stats
 
 
@@ -472,39 +485,19 @@ def _train_merged_lm(model, processor, data: Sequence[Encoded], config: TinyWorl
             flat = merged_features(model, chunk)
             feats += [f[None] for f in torch.split(flat, [len(_merged_targets(d)) for d in chunk])]
     items = [(f, d, torch.ones(f.shape[:2], dtype=torch.bool)) for f, d in zip(feats, data)]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
-    gen = torch.Generator().manual_seed(config.seed + 1)
     pad = processor.tokenizer.pad_token_id or 0
-    model.train()
-    stats: dict[str, float] = {}
-    ema = None
-    for step in range(config.steps):
-        for g in opt.param_groups:
-            g["lr"] = config.lr * lr_factor(step, config.warmup, config.steps)
+
+    def step_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
         kept = []
         for f, e, v in (items[i] for i in idx):
             image = ImageFeatures(f, e.image_size, valid=v, grid=e.grid)
             kept.append(visual_embeddings(model, image, _sample_keep_mask(f, e, v, config, gen)))
         batch = [items[i][1] for i in idx]
-        loss = family.train_forward(model, [(e.before, e.after) for e in batch], kept, [e.answer for e in batch],
+        return family.train_forward(model, [(e.before, e.after) for e in batch], kept, [e.answer for e in batch],
                                     pad).loss
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"tiny-world training diverged at step {step} (loss {float(loss)}); lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        stats = {"loss": ema}
-        if progress:
-            progress("lm", step + 1, config.steps, stats)
-    model.eval()
+
+    stats = _fit(model, config, step_loss, progress)
     for p in frozen:
         p.requires_grad_(True)
     return stats

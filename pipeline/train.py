@@ -27,6 +27,10 @@ from .selector import SelectorConfig, TokenSelector, check_retention_range, omit
 # so training fits in about 2 minutes.
 # It applies when the features come from a tiny preset and the user set none of these.
 TINY_SCHEDULE = {"steps": 2000, "batch_size": 32, "lr": 4e-3, "warmup_steps": 50}
+# A tiny Qwen preset's selector reads 4C = 256-wide pre-merger groups; at d_model = C' = 256 one step took
+# ~10 s here (a 2000-step schedule: hours). Width 64 is what the other tiny presets' selectors have (their
+# C), ~1 s a step.
+TINY_DYNAMIC_SELECTOR = {"d_model": 64}
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -323,13 +327,16 @@ def selector_from_checkpoint(tensors: Mapping[str, torch.Tensor], meta: Mapping[
     return model
 
 
-def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str]) -> TrainConfig:
-    """``cfg`` with :data:`TINY_SCHEDULE` for features of a tiny preset ``model`` (keys in ``user_set`` stay)."""
+def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str], dynamic: bool = False) -> TrainConfig:
+    """``cfg`` with :data:`TINY_SCHEDULE` for features of a tiny preset ``model`` (keys in ``user_set`` stay).
+    ``dynamic`` (Qwen-VL's dynamic grids, whose features are 4 x the tower width) adds
+    :data:`TINY_DYNAMIC_SELECTOR`: the selector width the other tiny presets' selectors have."""
     from .presets import PRESETS, TRAINED_PRESETS
 
     if model not in PRESETS and model not in TRAINED_PRESETS:
         return cfg
-    changes = {k: v for k, v in TINY_SCHEDULE.items() if k not in user_set}
+    schedule = {**TINY_SCHEDULE, **(TINY_DYNAMIC_SELECTOR if dynamic else {})}
+    changes = {k: v for k, v in schedule.items() if k not in user_set}
     return dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, **changes)) if changes else cfg
 
 

@@ -15,11 +15,13 @@ from typing import Any, Callable
 
 from pipeline.config import ConfigError
 
-MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained: a LLaVA-NeXT / LLaVA-OneVision trained in-project "
-              "and able to read; tiny / tiny-ov: random weights, for fast tests; shape-next-mistral / shape-ov-qwen2: "
-              "the real towers and processors with a one-layer LM), a local directory saved with "
-              "save_pretrained, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf or "
-              "llava-hf/llava-onevision-qwen2-7b-ov-hf (must be in the local HF cache when offline)")
+MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained / tiny-qwen25-trained: a LLaVA-NeXT / LLaVA-OneVision / "
+              "Qwen2.5-VL trained in-project; tiny / tiny-ov / tiny-qwen25 / tiny-qwen3: random weights, for fast "
+              "tests; shape-next-mistral / shape-ov-qwen2: the real towers and processors with a one-layer LM; "
+              "bench-*: real dimensions, random weights, for timing on CUDA), a local directory saved with "
+              "save_pretrained, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf, "
+              "llava-hf/llava-onevision-qwen2-7b-ov-hf, Qwen/Qwen2.5-VL-7B-Instruct or Qwen/Qwen3-VL-8B-Instruct "
+              "(must be in the local HF cache when offline)")
 
 
 def add_command(sub, common, name: str, help: str, description: str, epilog: str | None = None,

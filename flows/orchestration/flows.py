@@ -50,7 +50,7 @@ from ..stages.eval import eval_chunks, eval_summary, plan_eval
 from ..stages.extract import extract, extract_figures
 from ..stages.report import report
 from ..stages.speed import jsonable, speed, speed_config, speed_metrics
-from ..stages.train import features_model_name, train_artifacts, train_figures
+from ..stages.train import features_model_name, is_dynamic, train_artifacts, train_figures
 from .dask import cluster_device, task_runner
 from .recorder import RunRecorder, quality_figures
 from .tasks import TASK_MAPPER, prepare_model_run, train_run
@@ -134,7 +134,8 @@ def train_flow(home: str, config: dict[str, Any], features: str | None = None, m
             feat = _extract_stage(h, model_stage, ExtractConfig.from_dict(extract or {}))
             recorder.stage(feat)
             feat_model = model
-        return _train_recorded(h, recorder, feat, tiny_schedule(cfg, feat_model, set(user_set or [])))
+        return _train_recorded(h, recorder, feat, tiny_schedule(cfg, feat_model, set(user_set or []),
+                                                                is_dynamic(feat.manifest)))
 
     result, folder = _recorded(recorder, body)
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, **result.to_dict(),
@@ -227,7 +228,7 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         recorder.stage(model_stage)
         feat = _extract_stage(h, model_stage, cfg.extract, force="extract" in force)
         recorder.stage(feat, metrics=extract_figures(feat))
-        tcfg = tiny_schedule(cfg.train, model, set(user_set or []))
+        tcfg = tiny_schedule(cfg.train, model, set(user_set or []), is_dynamic(feat.manifest))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
         ecfg = _run_strategies(cfg.eval, model, model_stage)
         plan = plan_eval(h, model_stage, ecfg, train.key, dict(cfg.data))

@@ -172,20 +172,8 @@ class QwenFamily(Family, abc.ABC):
     def load_processor(self, model_dir):
         """The processor of a saved dir without a video processor (no torchvision): the PIL image processor,
         the tokenizer and the chat template."""
-        import json
-        from pathlib import Path
-
-        from transformers import AutoTokenizer
-
-        model_dir = Path(model_dir)
+        model_dir, tokenizer, template = self.saved_parts(model_dir)
         image_processor = self.image_processor_class().from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        template = None
-        if (model_dir / "chat_template.jinja").is_file():
-            template = (model_dir / "chat_template.jinja").read_text()
-        elif (model_dir / "chat_template.json").is_file():
-            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
-        template = template or getattr(tokenizer, "chat_template", None)
         return qwen_processor_class(self)(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=template)
 

@@ -87,6 +87,25 @@ class Family(abc.ABC):
         """The stock processor built from its parts with :attr:`chat_template` (tiny and sized presets).
         ``aspect``: the ``vision_aspect_ratio`` of a family that interpolates (None: its stock one)."""
 
+    @staticmethod
+    def saved_parts(model_dir):
+        """(image-processor dir, tokenizer, chat template) of a saved dir, for a family that builds its processor
+        from parts (no video processor): the template from ``chat_template.jinja``, else ``chat_template.json``,
+        else the tokenizer's."""
+        import json
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        model_dir = Path(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        template = None
+        if (model_dir / "chat_template.jinja").is_file():
+            template = (model_dir / "chat_template.jinja").read_text()
+        elif (model_dir / "chat_template.json").is_file():
+            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+        return model_dir, tokenizer, template or getattr(tokenizer, "chat_template", None)
+
     def load_processor(self, model_dir):
         """The processor of a saved model dir (PIL backend: no torchvision)."""
         from transformers import AutoProcessor

@@ -80,22 +80,12 @@ class LlavaOnevision(Family):
         """The processor of a OneVision dir without a video processor: the PIL image processor,
         the tokenizer, the chat template and ``processor_config.json``'s settings."""
         import json
-        from pathlib import Path
 
-        from transformers import AutoTokenizer
-
-        model_dir = Path(model_dir)
+        model_dir, tokenizer, template = self.saved_parts(model_dir)
         settings = {}
         if (model_dir / "processor_config.json").is_file():
             settings = json.loads((model_dir / "processor_config.json").read_text())
         image_processor = self.image_processor_class().from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        template = None
-        if (model_dir / "chat_template.jinja").is_file():
-            template = (model_dir / "chat_template.jinja").read_text()
-        elif (model_dir / "chat_template.json").is_file():
-            template = json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
-        template = template or getattr(tokenizer, "chat_template", None)
         known = ("num_image_tokens", "vision_feature_select_strategy", "image_token", "vision_aspect_ratio")
         return image_text_processor()(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
                                       **{k: settings[k] for k in known if k in settings})
