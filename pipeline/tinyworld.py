@@ -278,21 +278,11 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     params = list(tower.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=config.tower_lr, weight_decay=config.weight_decay)
     tower.train()
-    stats: dict[str, float] = {}
-    half = config.tower_batch // 2
-    for step in range(config.tower_steps):
-        for g in opt.param_groups:
-            g["lr"] = config.tower_lr * lr_factor(step, config.tower_steps // 10, config.tower_steps)
-        idx = torch.cat([torch.randint(0, pixels.shape[0], (config.tower_batch - half,), generator=gen),
-                         with_glyph[torch.randint(0, len(with_glyph), (half,), generator=gen)]])
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         logits = probe(tower_features(model, pixels[idx]))
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stats = {"tower_loss": float(loss.detach())}
-        if progress:
-            progress("tower", step + 1, config.tower_steps, stats)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets[idx].flatten())
+
+    stats = _fit_probe(config, opt, gen, pixels.shape[0], with_glyph, batch_loss, progress)
     tower.eval()
     with torch.no_grad():
         idx = torch.arange(min(pixels.shape[0], 8192))
@@ -337,21 +327,12 @@ def _pretrain_merged_tower(model, data: Sequence[Encoded], config: TinyWorldConf
     probe = torch.nn.Linear(visual.spatial_merge_size ** 2 * model.config.vision_config.hidden_size, 1 + len(GLYPHS))
     opt = torch.optim.AdamW(tower + list(probe.parameters()), lr=config.tower_lr, weight_decay=config.weight_decay)
     visual.train()
-    stats: dict[str, float] = {}
-    half = config.tower_batch // 2
-    for step in range(config.tower_steps):
-        for g in opt.param_groups:
-            g["lr"] = config.tower_lr * lr_factor(step, config.tower_steps // 10, config.tower_steps)
-        idx = torch.cat([torch.randint(0, len(data), (config.tower_batch - half,), generator=gen),
-                         with_glyph[torch.randint(0, len(with_glyph), (half,), generator=gen)]]).tolist()
-        logits = probe(merged_features(model, [data[i] for i in idx]))
-        loss = torch.nn.functional.cross_entropy(logits, torch.cat([targets[i] for i in idx]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stats = {"tower_loss": float(loss.detach())}
-        if progress:
-            progress("tower", step + 1, config.tower_steps, stats)
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        chosen = idx.tolist()
+        logits = probe(merged_features(model, [data[i] for i in chosen]))
+        return torch.nn.functional.cross_entropy(logits, torch.cat([targets[i] for i in chosen]))
+
+    stats = _fit_probe(config, opt, gen, len(data), with_glyph, batch_loss, progress)
     visual.eval()
     with torch.no_grad():
         pred, t = [], []
@@ -429,6 +410,28 @@ def train_lm(model, processor, data: Sequence[Encoded], config: TinyWorldConfig,
     stats = _fit(model, config, step_loss, progress)
     for p in tower.parameters():
         p.requires_grad_(True)
+    return stats
+
+
+def _fit_probe(config: TinyWorldConfig, opt, gen: torch.Generator, count: int, with_glyph: torch.Tensor,
+               batch_loss: Callable[[torch.Tensor], torch.Tensor], progress: Progress | None = None) -> dict:
+    """The tower phase's loop, shared by every family: ``tower_steps`` steps of warmup + cosine lr, each on a
+    batch of ``tower_batch`` units (crops, or whole images without crops) drawn from ``count``, half of them
+    from ``with_glyph`` (the units holding a glyph), ``batch_loss(indices)`` the probe's cross-entropy."""
+    stats: dict[str, float] = {}
+    half = config.tower_batch // 2
+    for step in range(config.tower_steps):
+        for g in opt.param_groups:
+            g["lr"] = config.tower_lr * lr_factor(step, config.tower_steps // 10, config.tower_steps)
+        idx = torch.cat([torch.randint(0, count, (config.tower_batch - half,), generator=gen),
+                         with_glyph[torch.randint(0, len(with_glyph), (half,), generator=gen)]])
+        loss = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stats = {"tower_loss": float(loss.detach())}
+        if progress:
+            progress("tower", step + 1, config.tower_steps, stats)
     return stats
 
 

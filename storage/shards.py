@@ -24,7 +24,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import webdataset as wds
@@ -273,12 +273,24 @@ def iter_features(stage_dir: Path, manifest: dict[str, Any]) -> Iterator[Feature
 
 def stream_crops(stage_dir: Path, manifest: dict[str, Any], keep_image: "Callable[[str], bool]",
                  seed: int, buffer_size: int, repeat: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Per-crop ``(features (L, C), glyph_mask (L,) or None)`` from the shards, shuffled.
+    """Per-crop ``(features (L, C), glyph_mask (L,) or None)`` from the shards, shuffled
+    (:func:`stream_samples`: every crop of a sample is one item)."""
 
-    Shards are visited in a seeded random order each pass, every crop of every
-    sample whose image id passes ``keep_image`` enters a shuffle buffer of
-    ``buffer_size``, and a random buffer entry is emitted for each one added.
-    With ``repeat`` the stream cycles forever (pass p uses seed + p)."""
+    def crops(sample):
+        glyphs = sample.meta.get("glyph_mask")
+        for c in range(sample.features.shape[0]):
+            yield sample.features[c], None if glyphs is None else np.asarray(glyphs[c], dtype=bool)
+
+    return stream_samples(stage_dir, manifest, keep_image, seed, buffer_size, crops, repeat)
+
+
+def stream_samples(stage_dir: Path, manifest: dict[str, Any], keep_image: "Callable[[str], bool]", seed: int,
+                   buffer_size: int, items: "Callable[[Any], Iterable[Any]]", repeat: bool = True) -> Iterator[Any]:
+    """``items(sample)`` of every sample whose image id passes ``keep_image``, shuffled.
+
+    Shards are visited in a seeded random order each pass, every item enters a shuffle buffer of
+    ``buffer_size``, and a random buffer entry is emitted for each one added. With ``repeat`` the
+    stream cycles forever (pass p uses seed + p), so a resumed run skips exactly the items it used."""
     import random
 
     shards = list(manifest.get("shards") or [])
@@ -287,22 +299,20 @@ def stream_crops(stage_dir: Path, manifest: dict[str, Any], keep_image: "Callabl
         rng = random.Random(seed + epoch)
         order = shards[:]
         rng.shuffle(order)
-        buffer: list[tuple[np.ndarray, np.ndarray | None]] = []
+        buffer: list[Any] = []
         emitted = 0
         for shard in order:
             for sample in iter_features(stage_dir, {**manifest, "shards": [shard]}):
                 if not keep_image(str(sample.meta.get("image_id"))):
                     continue
-                glyphs = sample.meta.get("glyph_mask")
-                for c in range(sample.features.shape[0]):
-                    crop = (sample.features[c], None if glyphs is None else np.asarray(glyphs[c], dtype=bool))
+                for item in items(sample):
                     if len(buffer) < buffer_size:
-                        buffer.append(crop)
+                        buffer.append(item)
                         continue
                     i = rng.randrange(buffer_size)
                     yield buffer[i]
                     emitted += 1
-                    buffer[i] = crop
+                    buffer[i] = item
         rng.shuffle(buffer)
         emitted += len(buffer)
         yield from buffer

@@ -37,7 +37,7 @@ from pipeline.train import (Callback, TrainConfig, Trainer, TrainingDiverged, ba
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.home import Home
 from storage.loader import feature_loader, unwrapped
-from storage.shards import ShardError, iter_features, read_channel_sums
+from storage.shards import ShardError, iter_features, read_channel_sums, stream_samples
 from storage.stages import (StageError, StageResult, code_version, find_stage, read_manifest, run_stage, stage_key,
                             write_json_atomic)
 
@@ -146,36 +146,11 @@ def _split_grids(stage_dir: Path, manifest: dict, held_out: bool, percent: int, 
 def grid_stream(stage_dir: Path, manifest: dict, keep_image: Callable[[str], bool], seed: int,
                 buffer_size: int) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
     """Dynamic-grid features of the images ``keep_image`` passes, ``(features (L, C), (rows, cols))`` each,
-    shuffled and cycled forever as ``storage.shards.stream_crops`` does (shards in a seeded order per pass,
-    a seeded shuffle buffer; pass p uses seed + p), so a resumed run skips exactly the batches it used."""
-    import random
-
-    shards = list(manifest.get("shards") or [])
-    epoch = 0
-    while True:
-        rng = random.Random(seed + epoch)
-        order = shards[:]
-        rng.shuffle(order)
-        buffer: list[tuple[np.ndarray, tuple[int, int]]] = []
-        emitted = 0
-        for shard in order:
-            for sample in iter_features(stage_dir, {**manifest, "shards": [shard]}):
-                if not keep_image(str(sample.meta.get("image_id"))):
-                    continue
-                item = (sample.features[0], tuple(int(v) for v in sample.meta["grid"]))
-                if len(buffer) < buffer_size:
-                    buffer.append(item)
-                    continue
-                i = rng.randrange(buffer_size)
-                yield buffer[i]
-                emitted += 1
-                buffer[i] = item
-        rng.shuffle(buffer)
-        emitted += len(buffer)
-        yield from buffer
-        if emitted == 0:
-            raise ShardError(f"{stage_dir}: no samples pass the split filter")
-        epoch += 1
+    shuffled and cycled forever as ``storage.shards.stream_crops`` does (``stream_samples``: shards in a seeded
+    order per pass, a seeded shuffle buffer; pass p uses seed + p), so a resumed run skips exactly the batches
+    it used."""
+    return stream_samples(stage_dir, manifest, keep_image, seed, buffer_size,
+                          lambda sample: [(sample.features[0], tuple(int(v) for v in sample.meta["grid"]))])
 
 
 def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):

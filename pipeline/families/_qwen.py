@@ -500,22 +500,20 @@ class QwenFamily(Family, abc.ABC):
             embeds.append(img.embeds.to(device))
             if img.deepstack is not None:
                 deeps.append(img.deepstack)
-        width = max(len(r) for r in rows)
-        batch = len(rows)
-        input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-        label_ids = torch.full((batch, width), -100, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        rope = torch.zeros(3, batch, width, dtype=torch.long)
-        for i, (r, p, y) in enumerate(zip(rows, positions, targets)):
-            input_ids[i, width - len(r):], label_ids[i, width - len(r):] = r, y
-            mask[i, width - len(r):] = 1
-            rope[:, i, width - len(r):] = p
-        position_ids = torch.cat([((mask.cumsum(-1) - 1).clamp(min=0))[None], rope]).to(device)
+        kwargs = left_padded(rows, positions, pad_token_id, device)
+        label_ids = torch.full(kwargs["input_ids"].shape, -100, dtype=torch.long)
+        for i, y in enumerate(targets):
+            label_ids[i, label_ids.shape[1] - len(y):] = y
+        kwargs["mm_encoder_outputs"] = {"image": self.image_outputs(embeds, deeps, device)}
+        return model(**kwargs, labels=label_ids.to(device))
+
+    def image_outputs(self, embeds: Sequence[torch.Tensor], deeps: Sequence[Sequence[torch.Tensor]], device):
+        """``mm_encoder_outputs["image"]`` of a batch: every image's kept tokens and, where the family has
+        them, its DeepStack features regrouped per layer (every image has them, or none does)."""
         if deeps and len(deeps) != len(embeds):
             raise ValueError("every image of a batch needs its DeepStack features, or none does")
         stacks = [[d[layer].to(device) for d in deeps] for layer in range(len(deeps[0]))] if deeps else None
-        return model(input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=position_ids,
-                     mm_encoder_outputs={"image": self.encoder_output(embeds, stacks)}, labels=label_ids.to(device))
+        return self.encoder_output([e.to(device) for e in embeds], stacks)
 
     def prompt_inputs(self, model, processor, prompts: Sequence[str], visual,
                       stats: dict[str, int] | None = None) -> dict[str, Any]:
@@ -577,25 +575,9 @@ class QwenFamily(Family, abc.ABC):
         if stats is not None:
             stats["padding"] = stats.get("padding", 0) + sum(width - len(r) for r in rows)
             stats["positions"] = stats.get("positions", 0) + width * len(rows)
-        batch = len(rows)
-        pad, eos = stop_ids(model, tok)
-        input_ids = torch.full((batch, width), pad, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        rope = torch.zeros(3, batch, width, dtype=torch.long)
-        for i, (r, p) in enumerate(zip(rows, positions)):
-            input_ids[i, width - len(r):] = r
-            mask[i, width - len(r):] = 1
-            rope[:, i, width - len(r):] = p
-        text = (mask.cumsum(-1) - 1).clamp(min=0)
-        position_ids = torch.cat([text[None], rope]).to(device)
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-                                  "position_ids": position_ids}
+        kwargs = left_padded(rows, positions, stop_ids(model, tok)[0], device)
         if embeds:
-            pooled = [e.to(device) for e in embeds]
-            if deeps and len(deeps) != len(embeds):
-                raise ValueError("every image of a batch needs its DeepStack features, or none does")
-            stacks = [[d[layer].to(device) for d in deeps] for layer in range(len(deeps[0]))] if deeps else None
-            kwargs["mm_encoder_outputs"] = {"image": self.encoder_output(pooled, stacks)}
+            kwargs["mm_encoder_outputs"] = {"image": self.image_outputs(embeds, deeps, device)}
         return kwargs
 
     def generate_ids(self, model, processor, prompts: Sequence[str], visual, max_new_tokens: int = 16,
@@ -607,6 +589,23 @@ class QwenFamily(Family, abc.ABC):
         result = model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=pad, eos_token_id=eos, streamer=streamer)
         return result[:, kwargs["input_ids"].shape[1]:]
+
+
+def left_padded(rows: Sequence[torch.Tensor], positions: Sequence[torch.Tensor], pad: int, device) -> dict[str, Any]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` (4, B, L) of pruned rows (ids and their (3, n)
+    M-RoPE positions), left-padded: row 0 of the positions is the cumsum of the mask over the pruned sequence
+    (no gaps: gaps read as packed sequences), rows 1-3 the gathered M-RoPE positions."""
+    width, batch = max(len(r) for r in rows), len(rows)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    rope = torch.zeros(3, batch, width, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, positions)):
+        input_ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+        rope[:, i, width - len(r):] = p
+    text = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            "position_ids": torch.cat([text[None], rope]).to(device)}
 
 
 def stop_ids(model, tokenizer) -> tuple[int, list[int] | None]:
