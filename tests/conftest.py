@@ -336,3 +336,19 @@ def assert_one_line_errors(cases, env, cwd=REPO, in_process=True):
         assert proc.returncode == 2, (argv, proc.stderr)
         assert lines[-1].startswith("error: ") and needle in lines[-1], (argv, proc.stderr)
         assert "Traceback" not in proc.stderr, proc.stderr
+
+
+# tiny-qwen25 (random weights) prepared in the session home and loaded once per module (Qwen eval and selector tests)
+@pytest.fixture(scope="module")
+def qwen_stage(session_home):
+    from flows.stages.prepare_model import prepare_model
+
+    return prepare_model(session_home, "tiny-qwen25")
+
+
+@pytest.fixture(scope="module")
+def qwen_model(qwen_stage):
+    from pipeline.loading import load_model
+
+    model, processor = load_model(qwen_stage.model_dir)
+    return model.eval(), processor

@@ -25,36 +25,21 @@ def _image(h: int, w: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def qwen_stage(session_home):
-    from flows.stages.prepare_model import prepare_model
-
-    return prepare_model(session_home, "tiny-qwen25")
-
-
-@pytest.fixture(scope="module")
-def qwen(qwen_stage):
-    from pipeline.loading import load_model
-
-    model, processor = load_model(qwen_stage.model_dir)
-    return model.eval(), processor
-
-
-@pytest.fixture(scope="module")
-def shard(qwen):
+def shard(qwen_model):
     """Four questions on images of four aspect ratios, encoded once with attention (VisionZip's score)."""
     from pipeline.benchmarks import EvalItem
     from pipeline.evaluate import encode_shard
     from pipeline.strategies import tower_outputs
 
-    model, processor = qwen
+    model, processor = qwen_model
     items = [EvalItem(f"q{i}", _image(h, w, i), "what is written in the image ?", ["a"])
              for i, (h, w) in enumerate(SIZES)]
     outputs = tower_outputs(["full", "random", "visionzip", "divprune", "cdpruner"])
     return encode_shard(model, processor, items, outputs=outputs, batch_size=4)
 
 
-def test_qwen_features_are_merged_tokens_of_the_resized_image(qwen, shard):
-    model, _ = qwen
+def test_qwen_features_are_merged_tokens_of_the_resized_image(qwen_model, shard):
+    model, _ = qwen_model
     for f, (h, w) in zip(shard.features, SIZES):
         t, gh, gw = f.grid
         rows, cols = gh // 2, gw // 2
@@ -67,13 +52,13 @@ def test_qwen_features_are_merged_tokens_of_the_resized_image(qwen, shard):
 
 @pytest.mark.parametrize("budget", ["per-crop", "global", "stock"])
 @pytest.mark.parametrize("strategy", ["random", "visionzip", "divprune", "cdpruner", "attention", "diversity"])
-def test_peers_keep_round_r_times_the_merged_tokens(qwen, shard, strategy, budget):
+def test_peers_keep_round_r_times_the_merged_tokens(qwen_model, shard, strategy, budget):
     """Every strategy sends round(0.25 * L) merged tokens of each image under every fixed budget (per-crop is
     the whole image: Qwen has one "crop"; stock is the same grid, the processor never shrinks it further)."""
     from pipeline.evaluate import Inputs, Pruning, _select_units
     from pipeline.prune import visual_embeddings
 
-    model, _ = qwen
+    model, _ = qwen_model
     units = [(i, 0) for i in range(len(shard.items))]
     masks = _select_units(model, shard, units, Pruning(strategy, 0.25, 0, budget), Inputs())
     for (i, _), f in zip(units, shard.features):
@@ -89,12 +74,12 @@ def test_peers_keep_round_r_times_the_merged_tokens(qwen, shard, strategy, budge
             assert (0 if sel.extra is None else sel.extra.shape[0]) == contextual
 
 
-def test_divprune_and_cdpruner_read_the_merged_llm_width_tokens(qwen, shard):
+def test_divprune_and_cdpruner_read_the_merged_llm_width_tokens(qwen_model, shard):
     """'projected' on Qwen is the merger's output: the tokens the LLM sees, at the LLM's width, in raster
     order -- the tower's own pooled output for the image."""
     from pipeline.evaluate import strategy_inputs
 
-    model, processor = qwen
+    model, processor = qwen_model
     f = shard.features[1]  # 100 x 150, seed 1
     enc = processor.image_processor(images=[_image(100, 150, 1)], return_tensors="pt")
     stock = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"]).pooler_output
@@ -104,10 +89,10 @@ def test_divprune_and_cdpruner_read_the_merged_llm_width_tokens(qwen, shard):
         assert torch.allclose(got[0], stock, atol=1e-5)
 
 
-def test_visionzip_dominant_tokens_are_the_most_attended(qwen, shard):
+def test_visionzip_dominant_tokens_are_the_most_attended(qwen_model, shard):
     from pipeline.evaluate import Inputs, Pruning, _select_units
 
-    model, _ = qwen
+    model, _ = qwen_model
     masks = _select_units(model, shard, [(2, 0)], Pruning("visionzip", 0.5, 0, "per-crop"), Inputs())
     sel, f = masks[2, 0], shard.features[2]
     dominant = int(sel.mask.sum())
@@ -115,14 +100,14 @@ def test_visionzip_dominant_tokens_are_the_most_attended(qwen, shard):
     assert set(top.tolist()) == set(sel.mask[0].nonzero()[:, 0].tolist())
 
 
-def test_visionzip_score_is_attention_received_over_the_whole_image(qwen, shard):
+def test_visionzip_score_is_attention_received_over_the_whole_image(qwen_model, shard):
     """The CLS-free score comes from a full-attention block (Qwen2.5-VL: its last ``fullatt_block_indexes``
     block): every query's softmax spans the whole image, so the mean attention received sums to 1 over the
     image's patches, 1/4 over its merged tokens (the mean of four patches). A windowed block would give 1 per
     window: 6 windows of 8 x 8 patches on this 96 x 144 image."""
     from pipeline.families import family_of
 
-    model, _ = qwen
+    model, _ = qwen_model
     vis = model.config.vision_config
     assert family_of(model).attention_block(model.config) == vis.fullatt_block_indexes[-1] == vis.depth - 1
     for f in shard.features:
@@ -153,13 +138,13 @@ def test_qwen3_peers_generate_with_deepstack(session_home, strategy):
     assert all(d.shape == (lengths[1], model.config.text_config.hidden_size) for d in kept.deepstack)
 
 
-def test_hired_is_refused_in_one_line_before_any_work(qwen, qwen_stage, shard):
+def test_hired_is_refused_in_one_line_before_any_work(qwen_model, qwen_stage, shard):
     from flows.stages.eval import check_crops
     from pipeline.config import ConfigError
     from pipeline.evaluate import EvalConfig, Inputs, Pruning, _select_units, default_strategies
     from pipeline.families import family_of
 
-    model, _ = qwen
+    model, _ = qwen_model
     with pytest.raises(ConfigError, match=r"strategy 'hired' needs AnyRes crops .* Qwen2.5-VL has none") as e:
         check_crops(qwen_stage, EvalConfig(strategies=("full", "hired")))
     assert "\n" not in str(e.value)

@@ -15,21 +15,6 @@ from pipeline.train import Trainer, grid_batched
 SIZES = [(64, 64), (100, 150), (208, 90), (48, 200)]  # PIL (width, height)
 
 
-@pytest.fixture(scope="module")
-def qwen_stage(session_home):
-    from flows.stages.prepare_model import prepare_model
-
-    return prepare_model(session_home, "tiny-qwen25")
-
-
-@pytest.fixture(scope="module")
-def qwen_model(qwen_stage):
-    from pipeline.loading import load_model
-
-    model, processor = load_model(qwen_stage.model_dir)
-    return model.eval(), processor
-
-
 def _images():
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in SIZES]

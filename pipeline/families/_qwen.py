@@ -177,13 +177,6 @@ class QwenFamily(Family, abc.ABC):
         return qwen_processor_class(self)(image_processor=image_processor, tokenizer=tokenizer,
                                           chat_template=template)
 
-    def model_class(self):
-        return self._model_class()
-
-    @abc.abstractmethod
-    def _model_class(self):
-        """The ``*ForConditionalGeneration`` class."""
-
     # ------------------------------------------------------------- tiny and sized presets
     def tokenizer_tokens(self, image_token: str) -> dict:
         """Qwen's chat and vision tokens; ``<|im_end|>`` ends an answer and there is no BOS."""
@@ -227,7 +220,7 @@ class QwenFamily(Family, abc.ABC):
     def llava_config(self, vision, text, image_token_id, pinpoints, feature_layer, aspect=None):
         """The model's config: the tower's ``out_hidden_size`` is the LM's width; the special ids are the
         tokenizer's (``image_token_id`` is its image pad; the vision start/end ids follow it in the tiny
-        tokenizer, set by :func:`pipeline.builders` through ``special_ids``)."""
+        tokenizer, set by :meth:`finish_config`)."""
         top = self.config_classes()[0]
         vision.out_hidden_size = text.hidden_size
         return top(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=image_token_id,
@@ -366,8 +359,8 @@ class QwenFamily(Family, abc.ABC):
         merge = visual.spatial_merge_size
         captured: dict[str, Any] = {}
         handle = None
-        if attention:
-            block = visual.blocks[self.attention_block(model.config)]
+        block = visual.blocks[self.attention_block(model.config)] if attention else None
+        if block is not None:
 
             def grab(_module, args, kwargs):
                 captured["x"] = args[0] if args else kwargs["hidden_states"]
@@ -387,18 +380,16 @@ class QwenFamily(Family, abc.ABC):
         stacks = None if stacks is None else [torch.split(s, counts) for s in stacks]
         scores = keys = None
         if attention:
-            scores, keys = self._received(visual.blocks[self.attention_block(model.config)].attn, captured, grid,
-                                          model.config)
+            scores, keys = self._received(block.attn, captured, grid, model.config)
             scores, keys = torch.split(scores, counts), torch.split(keys, counts)
         result = []
         for i, (feats, image) in enumerate(zip(grouped, images)):
             w, h = image.size
-            f = ImageFeatures(feats[None], (h, w), None if scores is None else scores[i][None],
-                              torch.ones(1, feats.shape[0], dtype=torch.bool, device=feats.device),
-                              None, None if keys is None else keys[i][None])
-            f.grid = tuple(int(v) for v in grid[i].tolist())
-            f.deepstack = None if stacks is None else [s[i] for s in stacks]
-            result.append(f)
+            result.append(ImageFeatures(
+                feats[None], (h, w), cls_attention=None if scores is None else scores[i][None],
+                valid=torch.ones(1, feats.shape[0], dtype=torch.bool, device=feats.device),
+                keys=None if keys is None else keys[i][None], grid=tuple(int(v) for v in grid[i].tolist()),
+                deepstack=None if stacks is None else [s[i] for s in stacks]))
         return result
 
     def _received(self, attn, captured, grid, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,7 +445,7 @@ class QwenFamily(Family, abc.ABC):
             kept_indices = torch.arange(tokens, device=feats.device)
         else:
             if keep_mask.shape != feats.shape[:2]:
-                raise ValueError(f"kept_indices mask shape {tuple(keep_mask.shape)} does not match features "
+                raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} does not match features "
                                  f"{tuple(feats.shape[:2])}")
             kept_indices = keep_mask.to(feats.device)[0].nonzero()[:, 0]
         embeds = self.project(model, feats[:, kept_indices])[0]
@@ -475,28 +466,14 @@ class QwenFamily(Family, abc.ABC):
         M-RoPE positions come from ``get_rope_index`` on the whole unpruned sequence (prompt and answer),
         only kept slots stay, rows are left-padded, ``position_ids`` (4, B, L) has the mask's cumsum as row 0
         and the kept features go in through ``mm_encoder_outputs``. Returns the model's output (``.loss``)."""
-        cfg = model.config
-        image_id = cfg.image_token_id
         device = model.get_input_embeddings().weight.device
-        unit = cfg.vision_config.spatial_merge_size ** 2
         rows, positions, targets, embeds, deeps = [], [], [], [], []
         for (before, after), img, answer in zip(prompts, visual, answers, strict=True):
-            t, h, w = img.grid
-            slots = t * h * w // unit
-            kept = torch.zeros(slots, dtype=torch.bool)
-            kept[img.kept_indices.cpu()] = True
             answer = answer.cpu().long()
-            text = torch.cat([after.cpu(), answer])
-            ids = torch.cat([before.cpu(), torch.full((slots,), image_id, dtype=torch.long), text])
-            kinds = torch.cat([torch.zeros(len(before), dtype=torch.long), torch.ones(slots, dtype=torch.long),
-                               torch.zeros(len(text), dtype=torch.long)])
-            slot_kept = torch.cat([torch.ones(len(before), dtype=torch.bool), kept, torch.ones(len(text), dtype=torch.bool)])
-            labels = torch.cat([torch.full((len(ids) - len(answer),), -100, dtype=torch.long), answer])
-            pos, _ = model.model.get_rope_index(ids[None].to(device), kinds[None].to(device),
-                                                image_grid_thw=torch.tensor([[t, h, w]], device=device))
-            rows.append(ids[slot_kept])
-            positions.append(pos[:, 0].cpu()[:, slot_kept])
-            targets.append(labels[slot_kept])
+            ids, pos = self._pruned_row(model, [before.cpu(), torch.cat([after.cpu(), answer])], [img])
+            rows.append(ids)
+            positions.append(pos)
+            targets.append(torch.cat([torch.full((len(ids) - len(answer),), -100, dtype=torch.long), answer]))
             embeds.append(img.embeds.to(device))
             if img.deepstack is not None:
                 deeps.append(img.deepstack)
@@ -526,7 +503,6 @@ class QwenFamily(Family, abc.ABC):
         tok = processor.tokenizer
         cfg = model.config
         image_id = cfg.image_token_id
-        inner = model.model
         device = model.get_input_embeddings().weight.device
         rows, positions, embeds, deeps = [], [], [], []
         for prompt, vis in zip(prompts, visual, strict=True):
@@ -540,30 +516,7 @@ class QwenFamily(Family, abc.ABC):
                 rows.append(ids)
                 positions.append(torch.arange(len(ids)).expand(3, -1))
                 continue
-            full, types, slot_kept = [segments[0]], [torch.zeros(len(segments[0]), dtype=torch.long)], \
-                [torch.ones(len(segments[0]), dtype=torch.bool)]
-            for k, seg in enumerate(segments[1:]):
-                img = images[k]
-                t, h, w = img.grid
-                slots = t * h * w // cfg.vision_config.spatial_merge_size ** 2
-                kept = torch.zeros(slots, dtype=torch.bool)
-                order = img.kept_indices.cpu()
-                if len(order) != len(img.embeds) or bool((order[1:] <= order[:-1]).any()) or \
-                        (len(order) and not 0 <= int(order[0]) <= int(order[-1]) < slots):
-                    raise ValueError(f"KeptImage.kept_indices must be {len(img.embeds)} increasing slot indices in "
-                                     f"[0, {slots}) (the embeds' raster order), got {order.tolist()[:8]}...")
-                kept[order] = True
-                full += [torch.full((slots,), image_id, dtype=torch.long), seg]
-                types += [torch.ones(slots, dtype=torch.long), torch.zeros(len(seg), dtype=torch.long)]
-                slot_kept += [kept, torch.ones(len(seg), dtype=torch.bool)]
-            ids, kinds, kept_slots = torch.cat(full), torch.cat(types), torch.cat(slot_kept)
-            grid = torch.tensor([list(img.grid) for img in images], dtype=torch.long)
-            pos, _ = inner.get_rope_index(ids[None].to(device), kinds[None].to(device), image_grid_thw=grid.to(device))
-            pos = pos[:, 0].cpu()
-            out_ids, out_pos = ids[kept_slots], pos[:, kept_slots]
-            # contextual (extra) tokens go after each image's kept slots, at its last slot's position
-            if any(img.extra is not None for img in images):
-                out_ids, out_pos = _insert_extra(ids, pos, kinds, kept_slots, images, image_id)
+            out_ids, out_pos = self._pruned_row(model, segments, images)
             rows.append(out_ids)
             positions.append(out_pos)
             for img in images:
@@ -579,6 +532,38 @@ class QwenFamily(Family, abc.ABC):
         if embeds:
             kwargs["mm_encoder_outputs"] = {"image": self.image_outputs(embeds, deeps, device)}
         return kwargs
+
+    def _pruned_row(self, model, segments: Sequence[torch.Tensor], images: Sequence[KeptImage]):
+        """(ids, (3, n) M-RoPE positions) of one pruned prompt: text ``segments`` around its images, each
+        image's placeholder expanded to its unpruned slots, positions from the model's ``get_rope_index`` on
+        that whole sequence, then only the kept slots (each image's extra tokens after them, at its last
+        slot's position). Refuses kept indices that are not increasing slots of the image."""
+        cfg = model.config
+        image_id = cfg.image_token_id
+        device = model.get_input_embeddings().weight.device
+        full, types, slot_kept = [segments[0]], [torch.zeros(len(segments[0]), dtype=torch.long)], \
+            [torch.ones(len(segments[0]), dtype=torch.bool)]
+        for img, seg in zip(images, segments[1:], strict=True):
+            t, h, w = img.grid
+            slots = t * h * w // cfg.vision_config.spatial_merge_size ** 2
+            kept = torch.zeros(slots, dtype=torch.bool)
+            order = img.kept_indices.cpu()
+            if len(order) != len(img.embeds) or bool((order[1:] <= order[:-1]).any()) or \
+                    (len(order) and not 0 <= int(order[0]) <= int(order[-1]) < slots):
+                raise ValueError(f"KeptImage.kept_indices must be {len(img.embeds)} increasing slot indices in "
+                                 f"[0, {slots}) (the embeds' raster order), got {order.tolist()[:8]}...")
+            kept[order] = True
+            full += [torch.full((slots,), image_id, dtype=torch.long), seg]
+            types += [torch.ones(slots, dtype=torch.long), torch.zeros(len(seg), dtype=torch.long)]
+            slot_kept += [kept, torch.ones(len(seg), dtype=torch.bool)]
+        ids, kinds, kept_slots = torch.cat(full), torch.cat(types), torch.cat(slot_kept)
+        grid = torch.tensor([list(img.grid) for img in images], dtype=torch.long)
+        pos, _ = model.model.get_rope_index(ids[None].to(device), kinds[None].to(device),
+                                            image_grid_thw=grid.to(device))
+        pos = pos[:, 0].cpu()
+        if any(img.extra is not None for img in images):  # contextual tokens after each image's kept slots
+            return _insert_extra(ids, pos, kinds, kept_slots, images, image_id)
+        return ids[kept_slots], pos[:, kept_slots]
 
     def generate_ids(self, model, processor, prompts: Sequence[str], visual, max_new_tokens: int = 16,
                      streamer=None, stats: dict[str, int] | None = None) -> torch.Tensor:

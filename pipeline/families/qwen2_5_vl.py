@@ -27,7 +27,7 @@ class Qwen25VL(QwenFamily):
     has_crops = False
     own_runtime = True          # pruned inference: _qwen (M-RoPE positions, mm_encoder_outputs)
 
-    def _model_class(self):
+    def model_class(self):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration

@@ -27,7 +27,7 @@ class Qwen3VL(QwenFamily):
     own_runtime = True          # pruned inference: _qwen (M-RoPE positions, mm_encoder_outputs)
     tiny_text_model = "qwen3"
 
-    def _model_class(self):
+    def model_class(self):
         from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
