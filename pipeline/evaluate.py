@@ -36,7 +36,7 @@ from .config import EVAL_RETENTIONS, Config, check, check_compute
 from .families import family_of
 from .prune import base_regions, encode_images, project, visual_embeddings
 from .strategies import FIXED_BUDGETS, Batch, Context, Threshold, TowerOutputs, get, names, seeded_generator, selections
-from .strategies.core import TOWER_FIELDS, check_family
+from .strategies.core import TOWER_FIELDS, check_family, unavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +168,8 @@ def default_strategies(selector: bool = True, family=None) -> tuple[str, ...]:
     """Every strategy; those that need a selector only when there is one to evaluate; those that read a trained
     file (``Strategy.files``: visionselector's checkpoint, trained per model) only when named; those that need
     AnyRes crops (``Strategy.crops``: HiRED) only where ``family`` (when known) has them."""
-    crops = getattr(family, "has_crops", True)
     return tuple(s for s in names() if (selector or "selector" not in get(s).needs) and not get(s).files
-                 and (crops or not get(s).crops))
+                 and unavailable(s, family) is None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -272,12 +272,18 @@ def speed_image(model):
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), "RGB")
 
-def speed_selector(tokens: int, channels: int, device):
-    """A random-init paper selector (3 layers, d = C, FFN 4C, 16 heads where C allows) for (crops, L, C) features."""
+def speed_selector(tokens: int, channels: int, device, model=None):
+    """A random-init paper selector (3 layers, d = C, FFN 4d, 16 heads where d allows) for (crops, L, C) features.
+    A ``model`` without crops (Qwen-VL, whose features are 4 x its tower's width) gets d = the tower width, as
+    ``atr train`` gives it (``pipeline.train.tiny_schedule``): the 7B's 5120 would be a 1.9 B-parameter selector."""
     from .selector import SelectorConfig, TokenSelector
 
-    heads = max(h for h in range(1, 17) if channels % h == 0)
-    return TokenSelector(SelectorConfig(n_heads=heads), tokens, channels).to(device).eval()
+    d = None
+    if model is not None and not family_of(model.config).has_crops:
+        d = int(model.config.vision_config.hidden_size)
+    width = d or channels
+    heads = max(h for h in range(1, 17) if width % h == 0)
+    return TokenSelector(SelectorConfig(d_model=d, n_heads=heads), tokens, channels).to(device).eval()
 
 def _prefill_call(model, x):
     """One prefill forward (logits of the last position) of a prompt as :func:`prompt_inputs` gives it."""
@@ -353,7 +359,7 @@ def _prefill_setup(model, processor, config: dict[str, Any]) -> _PrefillSetup:
     with torch.inference_mode():
         feats = encode_images(model, processor, [image])[0]
         crops, tokens, channels = feats.features.shape
-        selector = speed_selector(tokens, channels, feats.features.device)
+        selector = speed_selector(tokens, channels, feats.features.device, model)
         embed = model.get_input_embeddings()
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         if after is None:
@@ -509,7 +515,7 @@ def strategy_timings(model, processor, strategies, retentions, repeats: int, war
     with torch.inference_mode():
         feats = encode_images(model, processor, [image], attention=True)[0]
         crops, tokens, channels = feats.features.shape
-        ctx = Context(selector=speed_selector(tokens, channels, feats.features.device))
+        ctx = Context(selector=speed_selector(tokens, channels, feats.features.device, model))
         before, after = split_prompt(processor.tokenizer, prompt, model.config.image_token_id)
         head, tail = embed(before.to(embed.weight.device)), embed(after.to(embed.weight.device))
     first_token = functools.partial(_strategy_first_token, model, processor, image, prompt, head, tail, ctx)

@@ -27,10 +27,6 @@ from .selector import SelectorConfig, TokenSelector, check_retention_range, omit
 # so training fits in about 2 minutes.
 # It applies when the features come from a tiny preset and the user set none of these.
 TINY_SCHEDULE = {"steps": 2000, "batch_size": 32, "lr": 4e-3, "warmup_steps": 50}
-# A tiny Qwen preset's selector reads 4C = 256-wide pre-merger groups; at d_model = C' = 256 one step took
-# ~10 s here (a 2000-step schedule: hours). Width 64 is what the other tiny presets' selectors have (their
-# C), ~1 s a step.
-TINY_DYNAMIC_SELECTOR = {"d_model": 64}
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -327,16 +323,23 @@ def selector_from_checkpoint(tensors: Mapping[str, torch.Tensor], meta: Mapping[
     return model
 
 
-def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str], dynamic: bool = False) -> TrainConfig:
+def tiny_schedule(cfg: TrainConfig, model: str | None, user_set: set[str], tower_width: int | None = None
+                  ) -> TrainConfig:
     """``cfg`` with :data:`TINY_SCHEDULE` for features of a tiny preset ``model`` (keys in ``user_set`` stay).
-    ``dynamic`` (Qwen-VL's dynamic grids, whose features are 4 x the tower width) adds
-    :data:`TINY_DYNAMIC_SELECTOR`: the selector width the other tiny presets' selectors have."""
+
+    ``tower_width`` (dynamic-grid features: Qwen-VL's) sets the selector's width ``d_model`` to the vision
+    tower's width unless the user set one, for every model: those features are 4 x the tower width (the 2 x 2
+    pre-merger patch states side by side) or the LLM's width (the merger's output), and d = C' would make a
+    7B's selector 1.9 B parameters (and a tiny one's step ~10 s here). The paper's d = C on CLIP-L is its tower
+    width too."""
     from .presets import PRESETS, TRAINED_PRESETS
 
-    if model not in PRESETS and model not in TRAINED_PRESETS:
-        return cfg
-    schedule = {**TINY_SCHEDULE, **(TINY_DYNAMIC_SELECTOR if dynamic else {})}
-    changes = {k: v for k, v in schedule.items() if k not in user_set}
+    changes: dict[str, Any] = {}
+    if model in PRESETS or model in TRAINED_PRESETS:
+        changes.update(TINY_SCHEDULE)
+    if tower_width is not None and cfg.selector.d_model is None:
+        changes["d_model"] = int(tower_width)
+    changes = {k: v for k, v in changes.items() if k not in user_set}
     return dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, **changes)) if changes else cfg
 
 

@@ -66,6 +66,10 @@ def test_prepare_model_writes_config_processor_and_marker_only(session_home, nam
     assert cfg.vision_start_token_id == tok.convert_tokens_to_ids("<|vision_start|>")
     size = dict(processor.image_processor.size)
     assert (size["shortest_edge"], size["longest_edge"]) == (preset.min_pixels, preset.max_pixels)
+    # the published preprocessor_config.json's normalisation: OpenAI CLIP's for Qwen2.5-VL, 0.5 for Qwen3-VL
+    norm = {"bench-qwen25-vl-7b": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+            "bench-qwen3-vl-8b": ([0.5] * 3, [0.5] * 3)}[name]
+    assert (list(processor.image_processor.image_mean), list(processor.image_processor.image_std)) == norm
     d = result.manifest["describe"]
     assert d["family"] == preset.family.name and d["vision_layers"] == preset.vision_layers
 

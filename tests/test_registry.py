@@ -83,6 +83,38 @@ def test_declarations_are_checked_in_one_line():
         get("visionzip").resolve_options({"merge": "median"})
 
 
+def test_atr_run_leaves_out_what_a_model_cannot_run_through_the_declaration(capfd):
+    """``available`` (the strategy's own check) and ``crops`` (on a family without crops) are all ``atr run``
+    reads to leave a strategy out for one model: a plugin needs no edit of the flow."""
+    import dataclasses
+
+    from flows.orchestration.flows import _run_strategies
+    from pipeline.evaluate import EvalConfig, default_strategies
+    from pipeline.families import family_of
+    from pipeline.strategies import unavailable
+
+    @strategy("test-needs-file", available=lambda model, options: None if (options or {}).get("table") or
+              model == "tiny-trained" else f"no table for {model}", params={"table": ""})
+    def needs_file(req: Request) -> torch.Tensor:
+        return req.top(req.features.norm(dim=-1))
+
+    try:
+        cfg = EvalConfig(strategies=("full", "hired", "test-needs-file"))
+        assert _run_strategies(cfg, "tiny-trained") is cfg
+        other = _run_strategies(cfg, "tiny-ov-trained")
+        assert other.strategies == ("full", "hired")
+        given = dataclasses.replace(cfg, options={"test-needs-file": {"table": "t.csv"}})
+        assert _run_strategies(given, "tiny-ov-trained") is given
+        err = capfd.readouterr().err
+        assert err == "atr run: test-needs-file left out for tiny-ov-trained: no table for tiny-ov-trained\n"
+        qwen = family_of("qwen2_5_vl")
+        assert unavailable("hired", qwen) == "Qwen2.5-VL has no AnyRes crops" and unavailable("hired") is None
+        assert unavailable("test-needs-file", qwen) is None  # the hook runs only for a named model
+        assert "hired" not in default_strategies(family=qwen) and "test-needs-file" in default_strategies()
+    finally:
+        unregister("test-needs-file")
+
+
 def test_a_strategy_from_this_file_runs_through_atr_eval_and_atr_speed(norm_strategy, run_cli, tmp_path):
     home = tmp_path / "home"
     argv = ["eval", "--home", str(home), "--benchmark", "synthetic-ocr", "--strategies", f"full,random,{NAME}",

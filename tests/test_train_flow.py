@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import signal
@@ -215,3 +217,10 @@ def test_tiny_schedule_applies_to_both_tiny_presets_only():
         assert tiny_schedule(cfg, model, {"steps"}).selector.steps == cfg.selector.steps
     assert tiny_schedule(cfg, "llava-hf/llava-v1.6-mistral-7b-hf", set()) == cfg
     assert tiny_schedule(cfg, None, set()) == cfg  # features from another home: the model is unknown
+    # dynamic-grid features (Qwen-VL): d = the tower's width for every model, unless the user set it
+    qwen = tiny_schedule(cfg, "Qwen/Qwen2.5-VL-7B-Instruct", set(), tower_width=1280)
+    assert qwen.selector.d_model == 1280 and qwen.selector.steps == cfg.selector.steps
+    assert tiny_schedule(cfg, "tiny-qwen25-trained", set(), 64).selector.d_model == 64
+    assert tiny_schedule(cfg, "Qwen/Qwen2.5-VL-7B-Instruct", {"d_model"}, 1280) == cfg
+    given = dataclasses.replace(cfg, selector=dataclasses.replace(cfg.selector, d_model=512))
+    assert tiny_schedule(given, "Qwen/Qwen2.5-VL-7B-Instruct", set(), 1280) == given

@@ -50,7 +50,7 @@ from ..stages.eval import eval_chunks, eval_summary, plan_eval
 from ..stages.extract import extract, extract_figures
 from ..stages.report import report
 from ..stages.speed import jsonable, speed, speed_config, speed_metrics
-from ..stages.train import features_model_name, is_dynamic, train_artifacts, train_figures
+from ..stages.train import dynamic_tower_width, features_model_name, train_artifacts, train_figures
 from .dask import cluster_device, task_runner
 from .recorder import RunRecorder, quality_figures
 from .tasks import TASK_MAPPER, prepare_model_run, train_run
@@ -135,7 +135,7 @@ def train_flow(home: str, config: dict[str, Any], features: str | None = None, m
             recorder.stage(feat)
             feat_model = model
         return _train_recorded(h, recorder, feat, tiny_schedule(cfg, feat_model, set(user_set or []),
-                                                                is_dynamic(feat.manifest)))
+                                                                dynamic_tower_width(h, feat)))
 
     result, folder = _recorded(recorder, body)
     return {"run_id": recorder.run_id, "mlflow_run_id": recorder.mlflow_run_id, **result.to_dict(),
@@ -187,31 +187,21 @@ def eval_flow(home: str, model: str, config: dict[str, Any], selector: str | Non
 # ---------------------------------------------------------------- atr run
 
 def _run_strategies(cfg: EvalConfig, model: str, model_stage=None) -> EvalConfig:
-    """``atr run``'s eval config for one model: so that one config runs every family, a strategy that needs AnyRes
-    crops (HiRED) is left out (one warning line) for a model whose family has none (Qwen-VL), and VisionSelector,
-    a learned peer trained per model, is left out (one warning line) for a model without a shipped checkpoint
-    unless a checkpoint is given; ``atr train-visionselector`` trains one."""
+    """``atr run``'s eval config for one model: so that one config runs every family, a strategy the model cannot
+    run (``pipeline.strategies.unavailable``: HiRED on a family without AnyRes crops, VisionSelector without a
+    checkpoint for the model, a plugin's own ``available`` hook) is left out with one warning line each."""
     from pipeline.families import FAMILIES
-    from pipeline.strategies import get
-    from pipeline.strategies.visionselector import shipped_checkpoints
+    from pipeline.strategies import unavailable
 
     facts = ((model_stage.manifest or {}).get("describe") or {}) if model_stage is not None else {}
     family = FAMILIES.get(facts.get("model_type"))
-    if family is not None and not family.has_crops:
-        dropped = [s for s in cfg.strategies if get(s).crops]
-        if dropped:
-            print(f"atr run: {', '.join(dropped)} left out for {model}: {family.label} has no AnyRes crops",
-                  file=sys.stderr)
-            cfg = dataclasses.replace(cfg, strategies=tuple(s for s in cfg.strategies if s not in dropped))
-
-    options = cfg.options.get("visionselector") or {}
-    given = any(o.get("checkpoint") for o in (options if isinstance(options, (list, tuple)) else [options]))
-    if "visionselector" not in cfg.strategies or given or model in {p.stem for p in shipped_checkpoints()}:
-        return cfg
-    print(f"atr run: visionselector left out for {model}: no shipped checkpoint for it (train one with "
-          f"`atr train-visionselector --model {model} --out DIR`, then --option visionselector.checkpoint=...)",
-          file=sys.stderr)
-    return dataclasses.replace(cfg, strategies=tuple(s for s in cfg.strategies if s != "visionselector"))
+    dropped = []
+    for name in cfg.strategies:
+        why = unavailable(name, family, model, cfg.options.get(name))
+        if why:
+            print(f"atr run: {name} left out for {model}: {why}", file=sys.stderr)
+            dropped.append(name)
+    return dataclasses.replace(cfg, strategies=tuple(s for s in cfg.strategies if s not in dropped)) if dropped else cfg
 
 
 def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_set: list[str] | None) -> dict:
@@ -228,7 +218,7 @@ def _pipeline(home: str, config: dict[str, Any], from_stage: str | None, user_se
         recorder.stage(model_stage)
         feat = _extract_stage(h, model_stage, cfg.extract, force="extract" in force)
         recorder.stage(feat, metrics=extract_figures(feat))
-        tcfg = tiny_schedule(cfg.train, model, set(user_set or []), is_dynamic(feat.manifest))
+        tcfg = tiny_schedule(cfg.train, model, set(user_set or []), dynamic_tower_width(h, feat))
         train, _ = _train_recorded(h, recorder, feat, tcfg, force="train" in force)
         ecfg = _run_strategies(cfg.eval, model, model_stage)
         plan = plan_eval(h, model_stage, ecfg, train.key, dict(cfg.data))

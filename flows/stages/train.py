@@ -125,6 +125,16 @@ def is_dynamic(fm: dict) -> bool:
     return (fm.get("features") or {}).get("grid") == "dynamic"
 
 
+def dynamic_tower_width(home: Home, features) -> int | None:
+    """Dynamic-grid features (Qwen-VL): the width of the vision tower they come from (its ``describe``; without
+    it, a quarter of the pre-merger groups' width); None for fixed crops."""
+    fm = features.manifest
+    if not is_dynamic(fm):
+        return None
+    width = (_features_describe(home, fm) or {}).get("vision_hidden")
+    return int(width) if width else int(fm["features"]["feature_dim"]) // 4
+
+
 def _in_train_split(percent: int, image_id: str) -> bool:
     return not is_held_out(image_id, percent)
 

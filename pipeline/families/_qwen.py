@@ -125,6 +125,9 @@ class QwenFamily(Family, abc.ABC):
     # (min_pixels, max_pixels) of the hub checkpoint's preprocessor_config.json: what a processor built without
     # limits gets, and what token counts assume for a config no processor was noted on (a meta-device model).
     stock_pixels: tuple[int, int] = (56 * 56, 28 * 28 * 16384)
+    # (image_mean, image_std) of the hub checkpoint's preprocessor_config.json; None: the processor class's own
+    # (OpenAI CLIP's, which Qwen2.5-VL uses)
+    image_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     # ------------------------------------------------------------- per-model differences
     @abc.abstractmethod
@@ -233,8 +236,10 @@ class QwenFamily(Family, abc.ABC):
         min_pixels = self.stock_pixels[0] if min_pixels is None else min_pixels
         max_pixels = self.stock_pixels[1] if max_pixels is None else max_pixels
         check_pixels(min_pixels, max_pixels, patch, 2, "image processor")
+        norm = {} if self.image_norm is None else {"image_mean": list(self.image_norm[0]),
+                                                   "image_std": list(self.image_norm[1])}
         return self.image_processor_class()(patch_size=patch, merge_size=2, temporal_patch_size=2,
-                                            min_pixels=min_pixels, max_pixels=max_pixels)
+                                            min_pixels=min_pixels, max_pixels=max_pixels, **norm)
 
     def preset_image_processor(self, preset):
         return self.build_image_processor(0, (), patch=preset.patch_size, min_pixels=preset.min_pixels,

@@ -21,6 +21,7 @@ class Qwen3VL(QwenFamily):
     model_type = "qwen3_vl"
     default_patch = 16
     stock_pixels = (64 * 32 * 32, 16384 * 32 * 32)  # Qwen/Qwen3-VL-8B-Instruct: shortest/longest_edge 65536/16777216
+    image_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # Qwen/Qwen3-VL-8B-Instruct: image_mean / image_std
     can_interpolate = False
     multi_image_anyres = True   # each image of a several-image prompt gets its own dynamic grid
     has_crops = False

@@ -78,6 +78,7 @@ from .core import (
     style,
     top_k,
     tower_outputs,
+    unavailable,
     unregister,
     variant_text,
 )
@@ -86,4 +87,4 @@ __all__ = ["BUDGETS", "FIXED_BUDGETS", "Threshold", "adaptive_keep", "variant_te
            "TowerOutputs", "budget_counts", "check_budget", "check_strategy", "get", "image_budget", "keep_mask",
            "keep_masks", "label", "load", "load_plugins", "names", "peers", "pruners", "prunes", "register",
            "seeded", "seeded_generator", "select", "selections", "strategy", "style", "top_k", "tower_outputs",
-           "unregister"]
+           "unavailable", "unregister"]

@@ -156,6 +156,9 @@ class Strategy:
     crops: bool = False               # needs AnyRes crops (a base crop and a grid): refused on a family without
                                       # them (``Family.has_crops`` False: Qwen-VL), see :func:`check_family`
     check: Callable[[Mapping[str, Any]], None] | None = None  # validates resolved options (one ConfigError line)
+    available: Callable[[str, Any], str | None] | None = None  # (model, its options in an eval config: a dict
+                                      # or a list of them) -> why it cannot run for that model, None when it can;
+                                      # atr run leaves it out with that line (see :func:`unavailable`)
     help: str = ""
     rank: float = 100.0               # listing order (built-ins first)
 
@@ -245,6 +248,8 @@ def register(spec: Strategy) -> Strategy:
     if unknown:
         raise ConfigError(f"strategy {spec.name!r} needs {', '.join(unknown)}, which atr cannot give; "
                           f"known: {', '.join(NEEDS)}")
+    if not _LOADED and not getattr(spec.fn, "__module__", "").startswith(f"{__package__}."):
+        load()  # the built-ins first: a clash with one is refused whatever was imported before
     old = _REGISTRY.get(spec.name)
     if old is not None and old.fn is not spec.fn and getattr(old.fn, "__qualname__", None) != spec.fn.__qualname__:
         raise ConfigError(f"strategy {spec.name!r} is declared twice ({_where(old.fn)} and {_where(spec.fn)})")
@@ -337,6 +342,20 @@ def seeded(name: str) -> bool:
 def peers() -> tuple[str, ...]:
     """The published pruners."""
     return tuple(n for n, s in load().items() if s.peer)
+
+
+def unavailable(name: str, family=None, model: str | None = None, options: Any = None) -> str | None:
+    """Why strategy ``name`` cannot run for a model of ``family`` (None: unknown), or None when it can: a
+    strategy that needs AnyRes crops on a family without them, then (only when ``model`` is given) the
+    strategy's own ``available`` hook with ``model`` and its ``options``. ``atr run`` leaves such a strategy
+    out for that model (one warning line each) so that one config runs every family; the default strategy
+    list leaves out the crop-needing ones for a known family."""
+    spec = get(name)
+    if spec.crops and family is not None and not getattr(family, "has_crops", True):
+        return f"{family.label} has no AnyRes crops"
+    if model is not None and spec.available is not None:
+        return spec.available(model, options)
+    return None
 
 
 def check_family(strategies: Sequence[str], family) -> None:
@@ -611,7 +630,7 @@ def top_k(scores: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, per_crop: 
 
 __all__ = ["BUDGETS", "ENTRY_POINT_GROUP", "NEEDS", "Context", "Selection", "Request", "Strategy", "Batch",
            "TowerOutputs", "strategy", "register", "unregister", "load", "load_plugins", "get", "names", "pruners",
-           "prunes", "seeded", "peers", "check_family", "check_strategy", "check_budget", "style", "label", "tower_outputs",
+           "prunes", "seeded", "peers", "unavailable", "check_family", "check_strategy", "check_budget", "style", "label", "tower_outputs",
            "seeded_generator",
            "select", "selections", "keep_mask", "keep_masks", "budget_counts", "image_budget", "stock_budget",
            "stock_request", "top_k", "adaptive_keep", "check_threshold", "variant_text", "FIXED_BUDGETS", "Threshold"]

@@ -196,8 +196,18 @@ def image_scores(loaded: Loaded, projected: torch.Tensor, valid: torch.Tensor) -
 
 # version: bump it when the shipped checkpoints (pipeline/assets/visionselector/) are retrained -- a checkpoint
 # given with the option enters the cache keys by its content hash (files), the shipped default does not.
+def _available(model: str, options) -> str | None:
+    """atr run's check: a model runs VisionSelector with a given checkpoint, or with a shipped one named after
+    it; otherwise one line on how to train one."""
+    given = any(o.get("checkpoint") for o in (options if isinstance(options, (list, tuple)) else [options or {}]))
+    if given or model in {p.stem for p in shipped_checkpoints()}:
+        return None
+    return (f"no shipped checkpoint for it (train one with `atr train-visionselector --model {model} --out DIR`, "
+            f"then --option visionselector.checkpoint=...)")
+
+
 @strategy("visionselector", peer="Zhu et al., arXiv 2510.16598", version="1", params={"checkpoint": ""},
-          files=("checkpoint",), needs=("projected",), style=("darkcyan", "H"), rank=10, label="VisionSelector",
+          files=("checkpoint",), available=_available, needs=("projected",), style=("darkcyan", "H"), rank=10, label="VisionSelector",
           help="VisionSelector: top-K of the image by a light scorer trained through the frozen LLM's loss "
                "(option checkpoint: a file from atr train-visionselector; default: the shipped one that fits "
                "the model)")
