@@ -620,7 +620,7 @@ SHAPE_PRESETS: dict[str, SizedPreset] = {
     "shape-ov-qwen2": ShapeOvPreset(),
 }
 # Presets whose weights are trained in-project (pipeline.tinyworld); built by the prepare-model stage.
-TRAINED_PRESETS = ("tiny-trained", "tiny-ov-trained", "tiny-qwen25-trained")
+TRAINED_PRESETS = ("tiny-trained", "tiny-ov-trained", "tiny-qwen25-trained", "tiny-qwen3-trained")
 
 
 def sized_preset_from_dict(data: dict[str, Any], family: str) -> SizedPreset:

@@ -1,5 +1,5 @@
-"""Train ``tiny-trained`` (LLaVA-NeXT), ``tiny-ov-trained`` (LLaVA-OneVision) and ``tiny-qwen25-trained``
-(Qwen2.5-VL): tiny models with the real HF classes that read the synthetic benchmarks.
+"""Train ``tiny-trained`` (LLaVA-NeXT), ``tiny-ov-trained`` (LLaVA-OneVision), ``tiny-qwen25-trained``
+(Qwen2.5-VL) and ``tiny-qwen3-trained`` (Qwen3-VL): tiny models with the real HF classes that read the synthetic benchmarks.
 
 Both follow one recipe; the family decides the classes, the prompt format (its chat
 template) and the token geometry. The OneVision one trains with interpolation off,
@@ -48,7 +48,7 @@ from .config import Config, check
 from .extract import crop_layout, projector_inputs, token_boxes
 from .builders import IMAGE_TOKEN, build_tiny
 from .families import FAMILIES, family_of
-from .presets import TinyOvPreset, TinyPreset, TinyQwenPreset
+from .presets import TinyOvPreset, TinyPreset, TinyQwen3Preset, TinyQwenPreset
 from .synthetic import GLYPHS, Sample, generate_samples
 from .train import lr_factor
 
@@ -71,6 +71,13 @@ TINY_OV_TRAINED_PRESET = TinyOvPreset(
 # never shrunk: max_pixels 224 x 224).
 TINY_QWEN25_TRAINED_PRESET = TinyQwenPreset(
     name="tiny-qwen25-trained", patch_size=8, crop_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
+    text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
+)
+
+# tiny-qwen3-trained: tiny-qwen25-trained's widths as a Qwen3-VL: a full-attention ViT with DeepStack (its mergers
+# stay at their seeded init: the LM learns to read the main tokens with DeepStack added), a Qwen3 LM.
+TINY_QWEN3_TRAINED_PRESET = TinyQwen3Preset(
+    name="tiny-qwen3-trained", patch_size=8, crop_size=16, vision_hidden=64, vision_layers=2, vision_heads=4,
     text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2, tokenizer="v2",
 )
 
@@ -141,9 +148,19 @@ class TinyQwenWorldConfig(TinyWorldConfig):
     tower_batch: int = 16
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyQwen3WorldConfig(TinyQwenWorldConfig):
+    """Everything that determines the ``tiny-qwen3-trained`` weights: the Qwen recipe on a Qwen3-VL preset."""
+
+    kind: ClassVar[str] = "tiny-qwen3-world"
+
+    preset: TinyQwen3Preset = TINY_QWEN3_TRAINED_PRESET
+
+
 TRAINED_CONFIGS: dict[str, type[TinyWorldConfig]] = {"tiny-trained": TinyWorldConfig,
                                                      "tiny-ov-trained": TinyOvWorldConfig,
-                                                     "tiny-qwen25-trained": TinyQwenWorldConfig}
+                                                     "tiny-qwen25-trained": TinyQwenWorldConfig,
+                                                     "tiny-qwen3-trained": TinyQwen3WorldConfig}
 
 
 # ---------------------------------------------------------------- data
@@ -294,17 +311,19 @@ def pretrain_tower(model, data: Sequence[Encoded], config: TinyWorldConfig, prog
     return stats
 
 
-def merged_features(model, data: Sequence[Encoded]) -> torch.Tensor:
+def merged_features(model, data: Sequence[Encoded], deepstack: bool = False):
     """(sum of L, 4C) the merger's input of dynamic-resolution images, in raster order: the tower's last
     states, each merged token's four patch states side by side (``ImageFeatures.features`` of
-    ``encode_images``), computed in one tower call (differentiable)."""
+    ``encode_images``), computed in one tower call (differentiable). With ``deepstack``: also Qwen3-VL's
+    DeepStack features, one (sum of L, D) tensor per layer at the same tokens (None for a family without)."""
     family = family_of(model.config)
     visual = family.visual_module(model)
     param = next(visual.parameters())
     grid = torch.tensor([list(d.grid) for d in data], dtype=torch.long)
     out = visual(torch.cat([d.pixels for d in data]).to(param.device, param.dtype), grid_thw=grid.to(param.device))
     hidden = family.raster(out.last_hidden_state, grid, model.config)
-    return hidden.reshape(-1, visual.spatial_merge_size ** 2 * hidden.shape[-1])
+    flat = hidden.reshape(-1, visual.spatial_merge_size ** 2 * hidden.shape[-1])
+    return (flat, family.deepstack(out)) if deepstack else flat
 
 
 def _merged_targets(d: Encoded) -> torch.Tensor:
@@ -481,20 +500,25 @@ def _train_merged_lm(model, processor, data: Sequence[Encoded], config: TinyWorl
     frozen = [p for name, p in visual.named_parameters() if not name.startswith("merger.")]
     for p in frozen:
         p.requires_grad_(False)
-    feats = []
+    feats, stacks = [], []
     with torch.no_grad():
         for start in range(0, len(data), 64):
             chunk = data[start:start + 64]
-            flat = merged_features(model, chunk)
-            feats += [f[None] for f in torch.split(flat, [len(_merged_targets(d)) for d in chunk])]
+            flat, deep = merged_features(model, chunk, deepstack=True)
+            counts = [len(_merged_targets(d)) for d in chunk]
+            feats += [f[None] for f in torch.split(flat, counts)]
+            # Qwen3-VL: each image's DeepStack rows, frozen with the tower (their mergers too)
+            per_layer = [torch.split(layer, counts) for layer in deep] if deep is not None else None
+            stacks += [None if per_layer is None else [layer[i] for layer in per_layer] for i in range(len(chunk))]
     items = [(f, d, torch.ones(f.shape[:2], dtype=torch.bool)) for f, d in zip(feats, data)]
     pad = processor.tokenizer.pad_token_id or 0
 
     def step_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(items), (config.batch_size,), generator=gen).tolist()
         kept = []
-        for f, e, v in (items[i] for i in idx):
-            image = ImageFeatures(f, e.image_size, valid=v, grid=e.grid)
+        for i in idx:
+            f, e, v = items[i]
+            image = ImageFeatures(f, e.image_size, valid=v, grid=e.grid, deepstack=stacks[i])
             kept.append(visual_embeddings(model, image, _sample_keep_mask(f, e, v, config, gen)))
         batch = [items[i][1] for i in idx]
         return family.train_forward(model, [(e.before, e.after) for e in batch], kept, [e.answer for e in batch],
@@ -632,7 +656,7 @@ def locality(model, processor, image, cell: tuple[int, int], glyph: str = "W", t
 
 
 __all__ = ["TinyWorldConfig", "TinyOvWorldConfig", "TinyQwenWorldConfig", "TRAINED_CONFIGS", "TINY_OV_TRAINED_PRESET",
-           "TINY_QWEN25_TRAINED_PRESET", "merged_features", "merged_glyph_targets", "restore_stock",
+           "TINY_QWEN25_TRAINED_PRESET", "TINY_QWEN3_TRAINED_PRESET", "TinyQwen3WorldConfig", "merged_features", "merged_glyph_targets", "restore_stock",
            "TINY_TRAINED_PRESET", "train_tiny_world", "ask", "quality", "quality_card", "encode", "prompt_for",
            "locality", "PROMPT"]
 

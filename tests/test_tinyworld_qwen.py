@@ -1,7 +1,5 @@
-"""tiny-qwen25-trained: the tiny-world recipe on Qwen2.5-VL (merged tokens, M-RoPE) and its training forward.
-
-No checkpoint ships yet: the default config's run reached OCR full 0.760 (docs/tiny-world.md), below the issue's
-0.85, so ``atr prepare-model --model tiny-qwen25-trained`` trains it here."""
+"""tiny-qwen25-trained and tiny-qwen3-trained: the tiny-world recipe on Qwen2.5-VL / Qwen3-VL (merged tokens,
+M-RoPE, DeepStack) and its training forward. Their quality cards are in docs/tiny-world.md."""
 
 from __future__ import annotations
 
@@ -92,14 +90,16 @@ def test_train_forward_is_what_generate_sees(random_qwen):
     assert torch.isfinite(out.loss)
 
 
-def test_a_short_qwen_training_runs_both_phases():
+@pytest.mark.parametrize("world", ["tiny-qwen25-trained", "tiny-qwen3-trained"])
+def test_a_short_qwen_training_runs_both_phases(world):
     """The recipe at tiny sizes: the tower (below the merger) learns in phase 1 and is frozen in phase 2,
-    where the merger (the projector) and the LM learn; losses are finite and the model still answers."""
+    where the merger (the projector) and the LM learn; losses are finite and the model still answers.
+    Qwen3-VL's DeepStack rows go into every training step (frozen with the tower)."""
     from pipeline.builders import build_tiny
-    from pipeline.tinyworld import pretrain_tower, train_lm, training_samples
+    from pipeline.tinyworld import TRAINED_CONFIGS, pretrain_tower, train_lm, training_samples
 
-    cfg = TinyQwenWorldConfig(train_ocr=24, train_scene=8, tower_steps=3, tower_batch=4, steps=3, batch_size=4,
-                              warmup=1)
+    cfg = TRAINED_CONFIGS[world](train_ocr=24, train_scene=8, tower_steps=3, tower_batch=4, steps=3, batch_size=4,
+                                 warmup=1)
     torch.manual_seed(0)
     model, processor = build_tiny(cfg.preset)
     data = [encode(s, processor, model.config) for s in training_samples(cfg)]
@@ -122,5 +122,8 @@ def test_a_short_qwen_training_runs_both_phases():
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
     assert torch.isfinite(torch.tensor(lm_stats["loss"])) and torch.isfinite(torch.tensor(tower_stats["tower_loss"]))
     assert 0 <= tower_stats["tower_glyph_token_accuracy"] <= 1
+    deep = [n for n in start if "deepstack" in n and n.endswith("weight")]
+    assert bool(deep) == (world == "tiny-qwen3-trained")
+    assert all(torch.equal(start[n], lm[n]) for n in deep)  # DeepStack mergers stay at their seeded init
     row = quality(model, processor, generate_samples("synthetic-scene", "val", 4), "full", batch_size=4)
     assert row["n_samples"] == 4 and row["mean_visual_tokens"] > 0

@@ -15,8 +15,8 @@ from typing import Any, Callable
 
 from pipeline.config import ConfigError
 
-MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained / tiny-qwen25-trained: a LLaVA-NeXT / LLaVA-OneVision / "
-              "Qwen2.5-VL trained in-project; tiny / tiny-ov / tiny-qwen25 / tiny-qwen3: random weights, for fast "
+MODEL_HELP = ("model: a preset (tiny-trained / tiny-ov-trained / tiny-qwen25-trained / tiny-qwen3-trained: a "
+              "LLaVA-NeXT / LLaVA-OneVision / Qwen2.5-VL / Qwen3-VL trained in-project; tiny / tiny-ov / tiny-qwen25 / tiny-qwen3: random weights, for fast "
               "tests; shape-next-mistral / shape-ov-qwen2: the real towers and processors with a one-layer LM; "
               "bench-*: real dimensions, random weights, for timing on CUDA), a local directory saved with "
               "save_pretrained, or a Hugging Face id such as llava-hf/llava-v1.6-mistral-7b-hf, "
