@@ -119,7 +119,8 @@ def _toml_key(k: str) -> str:
 
 
 _COMMENTS = {
-    "model": "preset (tiny-trained, tiny-ov-trained, tiny, tiny-ov), a save_pretrained directory, or a HF id "
+    "model": "preset (tiny-trained, tiny-ov-trained, tiny-qwen25-trained, tiny-qwen3-trained, tiny, tiny-ov, tiny-qwen25, "
+             "tiny-qwen3), a save_pretrained directory, or a HF id "
              "(llava-hf/llava-v1.6-mistral-7b-hf); a list runs several, e.g. [\"tiny-trained\", \"tiny-ov-trained\"]",
     "extract": "selector training images: synthetic:docs, synthetic:scenes or a folder (COCO train2017)",
     "train": "one selector per retention p; loss = MSE + max(mean(M), p)",
