@@ -12,14 +12,14 @@ from .common import MODEL_HELP, add_command, preflight
 def prepare_model_parser(sub, common) -> None:
     p = add_command(
         sub, common, "prepare-model",
-        help="build, train or register a LLaVA-NeXT / LLaVA-OneVision model (cached)",
+        help="build, train or register a LLaVA-NeXT / LLaVA-OneVision / Qwen-VL model (cached)",
         description="Build a preset with save_pretrained into a content-hashed stage directory, "
                     "or register a local/HF model after checking that from_pretrained loads it. "
-                    "tiny-trained and tiny-ov-trained are copied from the checkpoints shipped in "
-                    "pipeline/assets when their training config matches; otherwise (or with --retrain) "
-                    "they are trained here on the synthetic benchmarks' train splits (CPU, about 7 and "
-                    "9 minutes on 2 cores) and evaluated on their test splits. bench-vicuna-7b, "
-                    "bench-mistral-7b and bench-ov-7b save the real checkpoints' config and processor only (no "
+                    "tiny-trained, tiny-ov-trained, tiny-qwen25-trained and tiny-qwen3-trained are copied "
+                    "from the checkpoints shipped in pipeline/assets when their training config matches; "
+                    "otherwise (or with --retrain) they are trained here on the synthetic benchmarks' train "
+                    "splits (CPU, about 7, 9, 14 and 15 minutes on 2 cores) and evaluated on their test splits. "
+                    "bench-vicuna-7b, bench-mistral-7b, bench-ov-7b, bench-qwen25-vl-7b and bench-qwen3-vl-8b save the real checkpoints' config and processor only (no "
                     "weights); shape-next-mistral and shape-ov-qwen2 save a loadable checkpoint in the llava-hf "
                     "layout: the real tower, processor and chat template, the LM cut to one layer, seeded random "
                     "weights in bf16 (1.6 and 3.5 GB; about 1 and 2 minutes on one thread).")
