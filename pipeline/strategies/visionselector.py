@@ -194,8 +194,6 @@ def image_scores(loaded: Loaded, projected: torch.Tensor, valid: torch.Tensor) -
 
 # ---------------------------------------------------------------- the strategy
 
-# version: bump it when the shipped checkpoints (pipeline/assets/visionselector/) are retrained -- a checkpoint
-# given with the option enters the cache keys by its content hash (files), the shipped default does not.
 def _available(model: str, options) -> str | None:
     """atr run's check: a model runs VisionSelector with a given checkpoint, or with a shipped one named after
     it; otherwise one line on how to train one."""
@@ -206,6 +204,8 @@ def _available(model: str, options) -> str | None:
             f"then --option visionselector.checkpoint=...)")
 
 
+# version: bump it when the shipped checkpoints (pipeline/assets/visionselector/) are retrained -- a checkpoint
+# given with the option enters the cache keys by its content hash (files), the shipped default does not.
 @strategy("visionselector", peer="Zhu et al., arXiv 2510.16598", version="1", params={"checkpoint": ""},
           files=("checkpoint",), available=_available, needs=("projected",), style=("darkcyan", "H"), rank=10, label="VisionSelector",
           help="VisionSelector: top-K of the image by a light scorer trained through the frozen LLM's loss "
