@@ -254,3 +254,17 @@ def test_gpu_check_runs_atr_speed_on_both_qwen_presets(tmp_path):
     for name in ("bench-qwen25-vl-7b", "bench-qwen3-vl-8b"):
         assert f"atr speed --model {name} --device cuda" in steps[f"speed-{name.removeprefix('bench-')}"]
     assert proc.stdout.splitlines()[-1].endswith("all presets")
+    # two parts, each within one 10-minute device call: the Qwen runs alone, the rest alone
+    timeouts = {}
+    for part in ("llava", "qwen"):
+        out = subprocess.run(["bash", ".ci/gpu-check", "--dry-run", "--part", part, str(tmp_path / part)], cwd=repo,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = [line.split("\t") for line in out.stdout.splitlines() if line.count("\t") == 2]
+        timeouts[part] = {name: int(limit.rstrip("s")) for name, limit, _ in rows}
+        assert sum(timeouts[part].values()) <= 570
+    assert set(timeouts["qwen"]) == {"speed-qwen25-vl-7b", "speed-qwen3-vl-8b", "bench-results"}
+    assert set(timeouts["llava"]) | set(timeouts["qwen"]) == set(steps)
+    bad = subprocess.run(["bash", ".ci/gpu-check", "--dry-run", "--part", "gpu"], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == "gpu-check: --part must be llava or qwen, got 'gpu'"
