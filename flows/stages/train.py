@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import shutil
 import time
@@ -139,18 +140,21 @@ def _in_train_split(percent: int, image_id: str) -> bool:
     return not is_held_out(image_id, percent)
 
 
+def _split_samples(stage_dir: Path, manifest: dict, held_out: bool, percent: int):
+    """The stored samples of one split (held-out or train, by image id), each with its glyph mask rows or None."""
+    for sample in iter_features(stage_dir, manifest):
+        if is_held_out(str(sample.meta.get("image_id")), percent) == held_out:
+            yield sample, sample.meta.get("glyph_mask")
+
+
+def _glyph_row(glyphs, row: int) -> np.ndarray | None:
+    return None if glyphs is None else np.asarray(glyphs[row], dtype=bool)
+
+
 def _split_grids(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):
     """Dynamic-grid features: per image of the split, ``(features (L, C), glyph mask (L,) or None, (rows, cols))``."""
-    n = 0
-    for sample in iter_features(stage_dir, manifest):
-        if is_held_out(str(sample.meta.get("image_id")), percent) != held_out:
-            continue
-        glyphs = sample.meta.get("glyph_mask")
-        yield (sample.features[0], None if glyphs is None else np.asarray(glyphs[0], dtype=bool),
-               tuple(int(v) for v in sample.meta["grid"]))
-        n += 1
-        if limit is not None and n >= limit:
-            return
+    return itertools.islice(((sample.features[0], _glyph_row(glyphs, 0), tuple(int(v) for v in sample.meta["grid"]))
+                             for sample, glyphs in _split_samples(stage_dir, manifest, held_out, percent)), limit)
 
 
 def grid_stream(stage_dir: Path, manifest: dict, keep_image: Callable[[str], bool], seed: int,
@@ -164,16 +168,10 @@ def grid_stream(stage_dir: Path, manifest: dict, keep_image: Callable[[str], boo
 
 
 def _split_crops(stage_dir: Path, manifest: dict, held_out: bool, percent: int, limit: int | None = None):
-    n = 0
-    for sample in iter_features(stage_dir, manifest):
-        if is_held_out(str(sample.meta.get("image_id")), percent) != held_out:
-            continue
-        glyphs = sample.meta.get("glyph_mask")
-        for c in range(sample.features.shape[0]):
-            yield sample.features[c], None if glyphs is None else np.asarray(glyphs[c], dtype=bool)
-            n += 1
-            if limit is not None and n >= limit:
-                return
+    """Fixed-crop features: per crop of the split's images, ``(features (L, C), glyph mask (L,) or None)``."""
+    return itertools.islice(((sample.features[c], _glyph_row(glyphs, c))
+                             for sample, glyphs in _split_samples(stage_dir, manifest, held_out, percent)
+                             for c in range(sample.features.shape[0])), limit)
 
 
 def train(home: Home, config: TrainConfig, features: StageResult, *, force: bool = False,
